@@ -1,0 +1,304 @@
+"""Block-quantised weight formats: MXFP4 (OpenAI/HF), NVFP4 and MXFP8 (ComfyUI), per-tensor FP8.
+
+Only dequantisation runs at inference time; the ``quantize_*`` writers exist to synthesise test and
+benchmark files in exactly the layouts ComfyUI / comfy-kitchen and transformers write
+(spec text_encoder.md §8, checkpoints.md §3).
+
+Conventions: a weight is ``[..., out, in]`` (Linear orientation); leading dims are expert banks.
+Block scales of NVFP4 and MXFP8 are stored *swizzled* in 128x4 tiles (:func:`unswizzle_scales`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+#: FP4 E2M1 code -> value. Codes 8..15 are the negated values of 0..7 (8 is -0).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+#: Quantisation formats this package can read.
+SUPPORTED_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4", "mxfp4")
+
+_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+
+
+def _pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tensor:
+    """[256, 2] table: byte -> (value of element 2j, value of element 2j+1)."""
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    b = torch.arange(256, device=device)
+    lo, hi = values[b & 0xF], values[b >> 4]
+    pair = torch.stack((lo, hi), dim=-1) if low_first else torch.stack((hi, lo), dim=-1)
+    return pair.to(dtype)
+
+
+def padded_scale_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Swizzled storage shape ``[ceil(rows/128)*128, ceil(cols/4)*4]`` of a ``[rows, cols]`` scale matrix."""
+    return -(-rows // 128) * 128, -(-cols // 4) * 4
+
+
+def unswizzle_scales(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Undo the 128x4-tile block-scale swizzle.
+
+    scales: ``[..., Rp, Cp]`` or ``[..., Rp*Cp]`` (any dtype; bits are moved, never converted)
+    returns: ``[..., rows, cols]``
+
+    Logical element (r, c) sits at flat index
+    ``((r//128)*(Cp/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4``.
+    """
+    rp, cp = padded_scale_shape(rows, cols)
+    if scales.dim() >= 2 and tuple(scales.shape[-2:]) == (rp, cp):
+        lead = scales.shape[:-2]
+    elif scales.shape[-1] == rp * cp:
+        lead = scales.shape[:-1]
+    else:
+        raise ValueError(
+            f"block scales of shape {tuple(scales.shape)} do not hold a swizzled [{rows}, {cols}] matrix "
+            f"(expected [..., {rp}, {cp}] or [..., {rp * cp}])"
+        )
+    t = scales.reshape(*lead, rp // 128, cp // 4, 32, 4, 4)
+    n = len(lead)
+    perm = list(range(n)) + [n, n + 3, n + 2, n + 1, n + 4]
+    t = t.permute(*perm).reshape(*lead, rp, cp)
+    return t[..., :rows, :cols]
+
+
+def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unswizzle_scales`: ``[..., R, C]`` -> zero-padded swizzled ``[..., Rp, Cp]``."""
+    *lead, rows, cols = scales.shape
+    rp, cp = padded_scale_shape(rows, cols)
+    padded = torch.zeros(*lead, rp, cp, dtype=scales.dtype, device=scales.device)
+    padded[..., :rows, :cols] = scales
+    n = len(lead)
+    t = padded.reshape(*lead, rp // 128, 4, 32, cp // 4, 4)
+    perm = list(range(n)) + [n, n + 3, n + 2, n + 1, n + 4]
+    return t.permute(*perm).reshape(*lead, rp, cp)
+
+
+# -- MXFP4 (OpenAI / transformers) ------------------------------------------------------------------
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MXFP4 -> dense.
+
+    blocks: uint8 ``[..., out, G, 16]`` (element 2j in the low nibble of byte j, 2j+1 in the high)
+    scales: uint8 ``[..., out, G]`` E8M0 exponents (value 2^(s-127))
+    returns: ``[..., out, 32*G]`` in ``dtype`` (exact in bf16 and fp32)
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} / {scales.dtype}")
+    *lead, out, groups, nb = blocks.shape
+    if nb != 16 or tuple(scales.shape) != (*lead, out, groups):
+        raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
+    table = _pair_table(dtype, low_first=True, device=blocks.device)
+    values = torch.nn.functional.embedding(blocks.to(torch.int32), table)  # [..., out, G, 16, 2]
+    values = values.reshape(*lead, out, groups, 32)
+    scale = torch.exp2(scales.to(torch.float32) - 127.0).to(dtype)
+    values.mul_(scale.unsqueeze(-1))
+    return values.reshape(*lead, out, groups * 32)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[..., out, in]`` (in % 32 == 0) -> (blocks uint8 ``[..., out, in/32, 16]``, scales uint8).
+
+    Scale per 32-block is 2^(floor(log2 amax) - 2); codes are the nearest E2M1 value.
+    For tests and benchmarks.
+    """
+    *lead, out, inp = weight.shape
+    if inp % 32:
+        raise ValueError(f"MXFP4 needs in_features % 32 == 0, got {inp}")
+    w = weight.detach().float().reshape(*lead, out, inp // 32, 32)
+    amax = w.abs().amax(dim=-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-38))) - 2, torch.zeros_like(amax))
+    e = (exp + 127).clamp(0, 254)
+    codes = _nearest_e2m1(w / torch.exp2(e - 127).unsqueeze(-1))
+    pairs = codes.reshape(*lead, out, inp // 32, 16, 2)
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, e.to(torch.uint8)
+
+
+def _nearest_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (int64, 0..15) of each element of x (saturating at +-6)."""
+    mag = torch.bucketize(x.abs(), _E2M1_BOUNDS.to(x.device))
+    return mag | ((x < 0).to(torch.int64) << 3)
+
+
+# -- NVFP4 (ComfyUI / comfy-kitchen) ----------------------------------------------------------------
+
+def dequantize_nvfp4(
+    weight: torch.Tensor,
+    block_scales: torch.Tensor,
+    global_scale: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """NVFP4 -> dense.
+
+    weight: uint8 ``[..., out, in/2]`` (element 2j in the HIGH nibble, 2j+1 in the low nibble)
+    block_scales: E4M3 scales (uint8 bits or float8_e4m3fn), swizzled ``[..., Rp, Cp]`` or flat,
+        logical ``[..., out, in/16]``
+    global_scale: fp32, 0-d or ``[E]`` matching the first leading dim
+    returns: ``[..., out, in]`` = code value * float(block scale) * global scale, g*b formed in fp32.
+    """
+    if weight.dtype != torch.uint8:
+        raise ValueError(f"NVFP4 weight must be uint8, got {weight.dtype}")
+    *lead, out, half = weight.shape
+    if out != out_features or half * 2 != in_features or in_features % 16:
+        raise ValueError(
+            f"NVFP4 weight of shape {tuple(weight.shape)} does not hold a [{out_features}, {in_features}] matrix"
+        )
+    bits = block_scales.view(torch.uint8) if block_scales.dtype != torch.uint8 else block_scales
+    scale = unswizzle_scales(bits, out_features, in_features // 16)
+    scale = scale.contiguous().view(torch.float8_e4m3fn).to(torch.float32)  # [..., out, in/16]
+    g = global_scale.to(device=scale.device, dtype=torch.float32)
+    if g.dim() == 1 and lead:
+        g = g.reshape(g.shape[0], *([1] * (len(lead) - 1 + 2)))
+    elif g.numel() == 1:
+        g = g.reshape(())
+    scale = scale * g
+    table = _pair_table(torch.float32, low_first=False, device=weight.device)
+    values = torch.nn.functional.embedding(weight.to(torch.int32), table)  # [..., out, in/2, 2]
+    values = values.reshape(*lead, out, in_features // 16, 16)
+    values.mul_(scale.unsqueeze(-1))
+    return values.reshape(*lead, out, in_features).to(dtype)
+
+
+def quantize_nvfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense ``[E, out, in]`` -> (weight uint8 ``[E, out, in/2]``, swizzled E4M3 scale bits uint8
+    ``[E, Rp, Cp]``, global scale fp32 ``[E]``), following comfy-kitchen's writer:
+    g = amax / (6*448), b = e4m3(block_amax / (6*g)) capped at 448, codes = nearest(x / (g*b)).
+    For tests and benchmarks.
+    """
+    e, out, inp = weight.shape
+    if inp % 16:
+        raise ValueError(f"NVFP4 needs in_features % 16 == 0, got {inp}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=(1, 2))
+    g = torch.where(amax > 0, amax / (6.0 * 448.0), torch.ones_like(amax))
+    blocks = w.reshape(e, out, inp // 16, 16)
+    bamax = blocks.abs().amax(dim=-1)
+    b = (bamax / (6.0 * g.view(e, 1, 1))).clamp(max=448.0).to(torch.float8_e4m3fn)
+    denom = b.float() * g.view(e, 1, 1)
+    x = torch.where(denom.unsqueeze(-1) > 0, blocks / denom.clamp_min(1e-30).unsqueeze(-1), torch.zeros_like(blocks))
+    codes = _nearest_e2m1(x).reshape(e, out, inp // 2, 2)
+    packed = ((codes[..., 0] << 4) | codes[..., 1]).to(torch.uint8)
+    scales = swizzle_scales(b.view(torch.uint8))
+    return packed, scales, g.to(torch.float32)
+
+
+# -- MXFP8 and FP8 (ComfyUI DiT layers) -------------------------------------------------------------
+
+def dequantize_mxfp8(
+    weight: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """MXFP8 -> dense.
+
+    weight: float8_e4m3fn ``[out_p, in_p]`` (zero-padded to multiples of 32 where needed)
+    scales: E8M0 exponent bytes (uint8, or float8_e8m0fnu bits), swizzled, logical ``[out_p, in_p/32]``;
+        byte 0 means a scale of exactly 0
+    returns: ``[out_features, in_features]`` in ``dtype`` (padding sliced off)
+    """
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"MXFP8 weight must be float8_e4m3fn, got {weight.dtype}")
+    out_p, in_p = weight.shape
+    if in_p % 32 or out_p < out_features or in_p < in_features:
+        raise ValueError(f"MXFP8 weight of shape {tuple(weight.shape)} cannot hold [{out_features}, {in_features}]")
+    bits = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
+    e = unswizzle_scales(bits, out_p, in_p // 32).to(torch.float32)
+    scale = torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127.0))
+    w = weight.to(torch.float32).reshape(out_p, in_p // 32, 32) * scale.unsqueeze(-1)
+    return w.reshape(out_p, in_p)[:out_features, :in_features].to(dtype)
+
+
+def quantize_mxfp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``[out, in]`` -> (float8_e4m3fn weight zero-padded to multiples of 32, swizzled uint8 E8M0
+    scales), following comfy-kitchen's writer: e = 127 + smallest k with block_amax <= 448*2^k,
+    clamped to 0..254; all-zero blocks get e = 0. For tests and benchmarks.
+    """
+    out, inp = weight.shape
+    out_p, in_p = -(-out // 32) * 32, -(-inp // 32) * 32
+    w = torch.zeros(out_p, in_p, dtype=torch.float32)
+    w[:out, :inp] = weight.detach().float()
+    blocks = w.reshape(out_p, in_p // 32, 32)
+    amax = blocks.abs().amax(dim=-1)
+    k = torch.ceil(torch.log2(amax.clamp_min(1e-38) / 448.0))
+    e = torch.where(amax > 0, (k + 127).clamp(0, 254), torch.zeros_like(amax))
+    scale = torch.exp2(e - 127.0)
+    q = (blocks / scale.unsqueeze(-1)).clamp(-448.0, 448.0)
+    q = torch.where(amax.unsqueeze(-1) > 0, q, torch.zeros_like(q))
+    return q.reshape(out_p, in_p).to(torch.float8_e4m3fn), swizzle_scales(e.to(torch.uint8))
+
+
+def dequantize_float8(weight: torch.Tensor, scale: torch.Tensor | float | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Per-tensor scaled FP8 -> dense: ``float(w) * s`` formed in fp32, cast to ``dtype``."""
+    w = weight.to(torch.float32)
+    if scale is not None:
+        s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
+        w = w * s.to(device=w.device, dtype=torch.float32)
+    return w.to(dtype)
+
+
+def quantize_float8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense -> (float8_e4m3fn weight, fp32 scalar scale = amax / 448)."""
+    w = weight.detach().float()
+    amax = w.abs().max()
+    scale = amax / 448.0 if amax > 0 else torch.tensor(1.0)
+    return (w / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale.reshape(()).to(torch.float32)
+
+
+# -- comfy_quant markers ----------------------------------------------------------------------------
+
+def parse_comfy_quant(marker: torch.Tensor) -> dict:
+    """Decode a ``<layer>.comfy_quant`` tensor (the UTF-8 bytes of a JSON object) into a dict.
+
+    Raises ValueError when it is not a JSON object with a ``format`` field.
+    """
+    if marker.dtype != torch.uint8 or marker.dim() != 1:
+        raise ValueError(f"comfy_quant marker must be a 1-D uint8 tensor, got {marker.dtype} {tuple(marker.shape)}")
+    try:
+        cfg = json.loads(bytes(marker.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"comfy_quant marker is not JSON ({e})") from e
+    if not isinstance(cfg, dict) or "format" not in cfg:
+        raise ValueError("comfy_quant marker has no `format` field")
+    return cfg
+
+
+def comfy_quant_tensor(cfg: dict) -> torch.Tensor:
+    """Encode a marker dict the way ComfyUI writes it (default JSON spacing)."""
+    return torch.tensor(list(json.dumps(cfg).encode("utf-8")), dtype=torch.uint8)
+
+
+def unsupported_format_message(name: str, layer: str, fmt: str) -> str:
+    return (
+        f"`{name}`: layer `{layer}` uses quantisation format `{fmt}`, which this pack does not support "
+        f"(supported: {', '.join(SUPPORTED_FORMATS)})."
+    )
+
+
+def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 exponent bytes -> fp32 powers of two (byte 0 -> 0, as the MXFP8 writer uses it)."""
+    e = e.to(torch.float32)
+    return torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127.0))
+
+
+__all__ = [
+    "E2M1_VALUES",
+    "SUPPORTED_FORMATS",
+    "padded_scale_shape",
+    "unswizzle_scales",
+    "swizzle_scales",
+    "dequantize_mxfp4",
+    "quantize_mxfp4",
+    "dequantize_nvfp4",
+    "quantize_nvfp4",
+    "dequantize_mxfp8",
+    "quantize_mxfp8",
+    "dequantize_float8",
+    "quantize_float8",
+    "parse_comfy_quant",
+    "comfy_quant_tensor",
+    "unsupported_format_message",
+    "e8m0_to_float",
+]
+
