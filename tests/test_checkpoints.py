@@ -1,0 +1,179 @@
+"""Checkpoint resolution, header reading, prefix stripping, detection and error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import GOLDEN
+from lens_model import checkpoints, quant
+from lens_model.checkpoints import CheckpointError, open_checkpoint
+
+DIT_FILE = GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+def test_dit_folder_and_prefixed_bf16_file_have_the_same_bare_keys():
+    folder = open_checkpoint(GOLDEN / "transformer", "dit")
+    single = open_checkpoint(GOLDEN / "lens_tiny_comfy_bf16.safetensors", "dit")
+    assert folder.prefix == "" and single.prefix == "model.diffusion_model."
+    assert sorted(folder.keys()) == sorted(single.keys()) and len(folder) == 68
+    assert folder.config["_class_name"] == "LensTransformer2DModel"
+    assert single.config is None
+    assert single.dtype("img_in.weight") == "BF16"
+    assert single.stored_key("img_in.weight") == "model.diffusion_model.img_in.weight"
+
+
+def test_read_equals_safetensors_library():
+    src = open_checkpoint(DIT_FILE, "dit")
+    with safe_open(DIT_FILE, "pt") as f:
+        for key in ("img_in.weight", "txt_norm.0.weight", "transformer_blocks.1.img_mlp.w2.weight"):
+            assert torch.equal(src.read(key), f.get_tensor(key))
+    assert src.read("img_in.weight", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_read_rows_reads_only_the_requested_rows():
+    src = open_checkpoint(GOLDEN / "text_encoder", "te")
+    full = src.read("embed_tokens.weight")
+    idx = torch.tensor([[5, 3, 5], [0, 511, 7]])
+    assert torch.equal(src.read_rows("embed_tokens.weight", idx), full[idx])
+
+
+def test_pipeline_root_resolves_component_subfolders(tmp_path):
+    root = tmp_path / "Lens-Diffusers"
+    root.mkdir()
+    (root / "model_index.json").write_text("{}")
+    shutil.copytree(GOLDEN / "transformer", root / "transformer")
+    shutil.copytree(GOLDEN / "vae", root / "vae")
+    assert open_checkpoint(root, "dit").root == root / "transformer"
+    assert open_checkpoint(root, "vae").root == root / "vae"
+
+
+def test_te_prefix_and_unprefixed_lm_head():
+    src = open_checkpoint(GOLDEN / "text_encoder", "te")
+    assert src.prefix == "model."
+    assert "layers.0.self_attn.sinks" in src and "lm_head.weight" in src
+    assert src.config["model_type"] == "gpt_oss"
+
+
+def _split_into_shards(tmp_path, source_file, n=2):
+    with safe_open(source_file, "pt") as f:
+        keys = sorted(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    weight_map = {}
+    for i in range(n):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::n]}
+        save_file(part, str(tmp_path / name))
+        weight_map.update({k: name for k in part})
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(GOLDEN / "transformer" / "config.json", tmp_path / "config.json")
+    return tensors
+
+
+def test_sharded_folder_index_and_shard_file_resolve_to_the_whole_set(tmp_path):
+    tensors = _split_into_shards(tmp_path, DIT_FILE)
+    for target in (tmp_path, tmp_path / "diffusion_pytorch_model.safetensors.index.json",
+                   tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors"):
+        src = open_checkpoint(target, "dit")
+        assert len(src.files) == 2 and sorted(src.keys()) == sorted(tensors)
+        assert torch.equal(src.read("proj_out.weight"), tensors["proj_out.weight"])
+        assert src.config is not None
+
+
+def test_missing_shard_is_named(tmp_path):
+    _split_into_shards(tmp_path, DIT_FILE)
+    (tmp_path / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="00002-of-00002.safetensors.*not in"):
+        open_checkpoint(tmp_path, "dit")
+
+
+@pytest.mark.parametrize(
+    "path,component,words",
+    [
+        (GOLDEN / "text_encoder", "dit", ["gpt-oss text encoder", "models/text_encoders"]),
+        (GOLDEN / "vae", "dit", ["FLUX.2 VAE", "models/vae"]),
+        (DIT_FILE, "vae", ["Lens diffusion model", "models/diffusion_models"]),
+        (DIT_FILE, "te", ["Lens diffusion model", "not the gpt-oss-20b text encoder"]),
+    ],
+)
+def test_wrong_component_is_refused_with_a_helpful_message(path, component, words):
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path, component)
+    for w in words:
+        assert w in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_flux1_vae_is_named(tmp_path):
+    f = tmp_path / "ae.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(4, 16, 3, 3), "encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(f))
+    with pytest.raises(CheckpointError, match="without FLUX.2 batch-norm"):
+        open_checkpoint(f, "vae")
+
+
+def test_truncated_file(tmp_path):
+    f = tmp_path / "lens_turbo_bf16.safetensors"
+    data = DIT_FILE.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        open_checkpoint(f, "dit")
+    f.write_bytes(data[:6])
+    with pytest.raises(CheckpointError, match="incomplete download"):
+        open_checkpoint(f, "dit")
+
+
+def test_gguf_and_pickle_are_refused(tmp_path):
+    g = tmp_path / "lens-Q4_K.gguf"
+    g.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="GGUF files are not supported"):
+        open_checkpoint(g, "dit")
+    g2 = tmp_path / "renamed.safetensors"
+    g2.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="GGUF"):
+        open_checkpoint(g2, "dit")
+    p = tmp_path / "model.ckpt"
+    p.write_bytes(b"\x80\x02")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        open_checkpoint(p, "dit")
+    with pytest.raises(FileNotFoundError):
+        open_checkpoint(tmp_path / "nope.safetensors", "dit")
+
+
+def test_quant_layers_from_markers_and_metadata(tmp_path):
+    with safe_open(DIT_FILE, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["proj_out.comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+    tensors["img_in.comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+    prefixed = {"model.diffusion_model." + k: v for k, v in tensors.items()}
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
+        "model.diffusion_model.img_in": {"format": "mxfp8"}}})}
+    f = tmp_path / "q.safetensors"
+    checkpoints.write_safetensors(f, prefixed, meta)
+    layers = checkpoints.quant_layers(open_checkpoint(f, "dit"))
+    assert layers == {"proj_out": {"format": "mxfp8"}, "img_in": {"format": "mxfp8"}}
+
+
+def test_writer_round_trips_float8_and_is_readable_by_safetensors(tmp_path):
+    t = {"a": torch.randn(3, 4).to(torch.float8_e4m3fn), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16()}
+    f = tmp_path / "w.safetensors"
+    checkpoints.write_safetensors(f, t, {"k": "v"})
+    with safe_open(f, "pt") as g:
+        for k in t:
+            assert torch.equal(g.get_tensor(k).view(torch.uint8), t[k].view(torch.uint8))
+        assert g.metadata() == {"k": "v"}
+    infos, meta = checkpoints.read_safetensors_header(f)
+    assert infos["a"].dtype == "F8_E4M3" and meta == {"k": "v"}
+
+
+def test_identity_changes_when_the_file_changes(tmp_path):
+    f = tmp_path / "x.safetensors"
+    shutil.copy(DIT_FILE, f)
+    before = checkpoints.path_identity(f)
+    import os
+    os.utime(f, ns=(1, 1))
+    assert checkpoints.path_identity(f) != before
