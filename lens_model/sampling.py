@@ -1,0 +1,428 @@
+"""Flow-matching schedule, Euler sampler, norm-rescaled CFG, noise and img2img for Lens.
+
+Reference: Microsoft Lens ``pipeline.py`` @ 5bf0f0c (``compute_empirical_mu`` and the ``__call__``
+loop) with diffusers ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``; spec
+``sampling.md``. A ComfyUI-core-compatible variant of the schedule and of CFG is provided for parity
+checks (sampling.md §9), but the upstream behaviour is the default everywhere.
+
+Conventions:
+- latents are in the ComfyUI LATENT layout ``[B, 128, h, w]`` (h = H/16, w = W/16); token n of the
+  upstream ``[B, h·w, 128]`` layout is position (n // w, n % w);
+- flow matching x_σ = (1 − σ)·x₀ + σ·ε, the DiT predicts the velocity v = ε − x₀, so
+  x₀ = x_σ − σ·v and an Euler step is x ← x + (σ_next − σ)·v;
+- text features are ``context [B, S, 4E]`` (layer-major) with ``context_mask [B, S]`` bool; S may be 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 128
+"""Channels of a Lens latent (32 VAE channels × 2×2 patch)."""
+
+MU_TOKEN_THRESHOLD = 4300
+"""Above this many image tokens the empirical μ no longer depends on the step count."""
+
+# FLUX.2's empirical-μ constants (sampling.md §1).
+_A1, _B1 = 8.73809524e-05, 1.89833333
+_A2, _B2 = 0.00016927, 0.45666666
+
+# ComfyUI core ModelSamplingFlux node defaults (sampling.md §9).
+COMFY_MAX_SHIFT = 1.15
+COMFY_BASE_SHIFT = 0.5
+COMFY_TABLE_SIZE = 10000
+
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------
+
+def image_tokens(height: int, width: int) -> int:
+    """Number of image tokens N = (H/16)·(W/16) for a pixel size."""
+    return (int(height) // 16) * (int(width) // 16)
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    """Upstream's empirical schedule shift μ (FLUX.2 constants), as a Python float (float64).
+
+    Above 4300 tokens μ = a2·N + b2. At or below, μ lies on the line through (10, a1·N + b1) and
+    (200, a2·N + b2), evaluated at ``steps`` (extrapolated below 10 steps, as upstream does). The
+    jump at 4300 tokens is upstream behaviour and is reproduced on purpose (sampling.md §3).
+    """
+    n_tok = int(image_tokens)
+    steps = _check_steps(steps)
+    if n_tok > MU_TOKEN_THRESHOLD:
+        return float(_A2 * n_tok + _B2)
+    m_200 = _A2 * n_tok + _B2
+    m_10 = _A1 * n_tok + _B1
+    slope = (m_200 - m_10) / 190.0
+    intercept = m_200 - 200.0 * slope
+    return float(slope * steps + intercept)
+
+
+def _exp_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """Exponential time shift σ = e^μ / (e^μ + (1/t − 1)), t in (0, 1], float64."""
+    e = math.exp(mu)
+    return e / (e + (1.0 / t - 1.0))
+
+
+def lens_sigmas(height: int, width: int, steps: int, mu: Optional[float] = None) -> torch.Tensor:
+    """Canonical Lens σ schedule: float32 tensor ``[steps + 1]`` from 1.0 down to a trailing 0.0.
+
+    t_k = linspace(1, 1/n, n), σ_k = e^μ / (e^μ + (1/t_k − 1)), then σ_n = 0. μ defaults to
+    :func:`empirical_mu` of N = (H/16)·(W/16) and n; pass ``mu`` to override it ("schedule μ
+    override"). Computed in float64 and rounded once to float32 (diffusers works in float32; the
+    two agree to ≤ 1e-7).
+    """
+    steps = _check_steps(steps)
+    if mu is None:
+        mu = empirical_mu(image_tokens(height, width), steps)
+    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    sig = _exp_shift(float(mu), t)
+    return torch.cat([sig, sig.new_zeros(1)]).to(torch.float32)
+
+
+def comfyui_mu(height: int, width: int,
+               max_shift: float = COMFY_MAX_SHIFT, base_shift: float = COMFY_BASE_SHIFT) -> float:
+    """μ of core's ``ModelSamplingFlux(max_shift, base_shift, width, height)`` node.
+
+    μ = (W·H/256)·m + b with m = (max_shift − base_shift)/(4096 − 256), b = base_shift − 256·m.
+    Note the node takes *pixel* sizes: the official template feeds 1448² here (μ 1.843037) although
+    its latent ends up 1440² (μ 1.827760).
+    """
+    m = (max_shift - base_shift) / (4096 - 256)
+    b = base_shift - m * 256
+    return float((width * height / (8 * 8 * 2 * 2)) * m + b)
+
+
+def comfyui_sigmas(height: int, width: int, steps: int, mu: Optional[float] = None,
+                   max_shift: float = COMFY_MAX_SHIFT,
+                   base_shift: float = COMFY_BASE_SHIFT) -> torch.Tensor:
+    """σ schedule of ComfyUI core: ModelSamplingFlux + the "simple" scheduler, float32 ``[steps+1]``.
+
+    Core tabulates σ(t) = e^μ / (e^μ + (1/t − 1)) at t = i/10000, i = 1..10000, and the "simple"
+    scheduler takes entry ``table[-(1 + int(k · (10000 / n)))]`` for k = 0..n−1, then appends 0,
+    i.e. t_k = 1 − j_k/10000 with j_k = int(k·(10000/n)).
+
+    j_k is computed with core's float expression on purpose. It equals ⌊k·10000/n⌋ (the formula in
+    sampling.md §9) except where k·10000/n is an integer that the float product lands just below
+    (e.g. n = 76, k = 57 gives 7499, not 7500; 12 such (n, k) pairs for n ≤ 200, none for n | 10000);
+    there core picks the neighbouring table entry (Δt = 1e-4) and so do we. Core evaluates the
+    table in float32; we evaluate in float64 and round once (difference ≤ 1e-7).
+    """
+    steps = _check_steps(steps)
+    if mu is None:
+        mu = comfyui_mu(height, width, max_shift, base_shift)
+    stride = COMFY_TABLE_SIZE / steps
+    idx = [int(k * stride) for k in range(steps)]
+    t = torch.tensor([(COMFY_TABLE_SIZE - j) / COMFY_TABLE_SIZE for j in idx], dtype=torch.float64)
+    sig = _exp_shift(float(mu), t)
+    return torch.cat([sig, sig.new_zeros(1)]).to(torch.float32)
+
+
+def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
+                   mode: str = "upstream", mu: Optional[float] = None) -> torch.Tensor:
+    """Partial schedule for img2img with denoise strength s in (0, 1], float32 ``[steps + 1]``.
+
+    ComfyUI's rule (sampling.md §7): n_total = ⌊n / s⌋ (computed as ``int(steps / denoise)``, like
+    core's KSampler), build the full schedule for n_total steps (μ from N and n_total in "upstream"
+    mode, :func:`comfyui_sigmas` in "comfyui" mode) and keep the last n + 1 values σ_start … 0.
+    s = 1 gives exactly the text-to-image schedule.
+    """
+    steps = _check_steps(steps)
+    denoise = float(denoise)
+    if not (0.0 < denoise <= 1.0):
+        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
+    total = max(int(steps / denoise), steps)
+    if mode == "upstream":
+        full = lens_sigmas(height, width, total, mu=mu)
+    elif mode == "comfyui":
+        full = comfyui_sigmas(height, width, total, mu=mu)
+    else:
+        raise ValueError(f"img2img_sigmas mode must be 'upstream' or 'comfyui', got {mode!r}")
+    return full[-(steps + 1):].clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------------------
+
+def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream") -> torch.Tensor:
+    """Initial noise ``[B, 128, h, w]`` float32 on the CPU (sampling.md §6).
+
+    - "upstream": ``torch.Generator("cpu").manual_seed(seed)``, ``randn([B, h·w, 128])`` in token
+      layout, then ``view(B, h, w, 128).permute(0, 3, 1, 2)``. Upstream draws in the DiT dtype
+      (bf16); we always draw fp32 (whether a bf16 draw equals a rounded fp32 draw is unverified).
+    - "comfy": core's ``prepare_noise``: ``randn([B, 128, h, w])`` from a generator seeded like
+      ``torch.manual_seed(seed)``. The same seed gives a different image from "upstream".
+
+    A private generator is used, so the global RNG state is left untouched.
+    """
+    if batch < 1 or h < 1 or w < 1:
+        raise ValueError(f"make_noise needs batch, h, w >= 1, got {batch}, {h}, {w}")
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    if layout == "upstream":
+        tok = torch.randn([batch, h * w, LATENT_CHANNELS], generator=gen, dtype=torch.float32)
+        return tok.view(batch, h, w, LATENT_CHANNELS).permute(0, 3, 1, 2).contiguous()
+    if layout == "comfy":
+        return torch.randn([batch, LATENT_CHANNELS, h, w], generator=gen, dtype=torch.float32)
+    raise ValueError(f"noise layout must be 'upstream' or 'comfy', got {layout!r}")
+
+
+def noise_image_latents(noise: torch.Tensor, image_latents: torch.Tensor, sigma) -> torch.Tensor:
+    """Start latent for img2img: x = σ·noise + (1 − σ)·z_img, float32 ``[B, 128, h, w]``.
+
+    ``image_latents`` (BN-normalised VAE mean, [B or 1, 128, h, w]) broadcasts over the noise batch.
+    """
+    if noise.shape[1:] != image_latents.shape[1:]:
+        raise ValueError(f"img2img latents {tuple(image_latents.shape)} do not match the noise "
+                         f"{tuple(noise.shape)}; the image must have the generation size")
+    sigma = float(sigma)
+    z = image_latents.to(device=noise.device, dtype=torch.float32)
+    return sigma * noise.float() + (1.0 - sigma) * z
+
+
+# --------------------------------------------------------------------------------------------------
+# CFG
+# --------------------------------------------------------------------------------------------------
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mode: str = "upstream",
+                x: Optional[torch.Tensor] = None, sigma=None, dim: int = 1) -> torch.Tensor:
+    """Guided velocity from the conditional and unconditional velocities (float32).
+
+    ``cond``, ``uncond``: ``[B, 128, h, w]`` velocities (norms over ``dim``, the 128 channels; pass
+    ``dim=-1`` for token layout ``[B, N, 128]``).
+
+    - "upstream" (sampling.md §4), in velocity space: comb = u + g·(c − u), then per token
+      v = comb·‖c‖/‖comb‖ (denominator clamp_min(1e-12)); where ‖comb‖ = 0, v = comb. No clamp on
+      the ratio, so v has the conditional norm but the guided direction. g = 1 returns c exactly.
+    - "comfyui": core's x₀-space CFG followed by ``CFGNorm(strength 1)`` as a post-CFG function:
+      x₀_c = x − σ·c, x₀_u = x − σ·u, D = x₀_u + g·(x₀_c − x₀_u),
+      D ← D·clamp(‖x₀_c‖/(‖D‖ + 1e-8), 0, 1) (attenuate only), returned as a velocity
+      v = (x − D)/σ. Needs ``x`` (the step's input latent) and ``sigma`` (> 0; at σ = 0 the comb is
+      returned). Core applies the clamp also at g = 1, where it is a no-op to ~1e-8 relative.
+    """
+    c = cond.float()
+    u = uncond.float()
+    g = float(scale)
+    if mode == "upstream":
+        if g == 1.0:
+            return c
+        comb = u + g * (c - u)
+        c_norm = torch.linalg.vector_norm(c, dim=dim, keepdim=True)
+        comb_norm = torch.linalg.vector_norm(comb, dim=dim, keepdim=True)
+        ratio = torch.where(comb_norm > 0, c_norm / comb_norm.clamp_min(1e-12),
+                            torch.ones_like(comb_norm))
+        return comb * ratio
+    if mode == "comfyui":
+        if x is None or sigma is None:
+            raise ValueError("cfg_combine(mode='comfyui') needs the step input x and its sigma")
+        s = float(sigma)
+        if s == 0.0:
+            return u + g * (c - u)
+        xf = x.float()
+        x0_c = xf - s * c
+        x0_u = xf - s * u
+        d = x0_u + (x0_c - x0_u) * g
+        n_c = torch.linalg.vector_norm(x0_c, dim=dim, keepdim=True)
+        n_d = torch.linalg.vector_norm(d, dim=dim, keepdim=True)
+        d = d * (n_c / (n_d + 1e-8)).clamp(min=0.0, max=1.0)
+        return (xf - d) / s
+    raise ValueError(f"cfg mode must be 'upstream' or 'comfyui', got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text alignment helpers
+# --------------------------------------------------------------------------------------------------
+
+def empty_text(batch: int, channels: int, device=None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero-length text stream: context ``[B, 0, C]`` and mask ``[B, 0]`` bool (empty negative)."""
+    return (torch.zeros(batch, 0, channels, device=device, dtype=dtype),
+            torch.zeros(batch, 0, device=device, dtype=torch.bool))
+
+
+def pad_text(context: torch.Tensor, mask: torch.Tensor,
+             length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``context [B, S, C]`` / ``mask [B, S]`` to ``length`` tokens with zero features and
+    mask False. Padding never changes a DiT result (masked keys get weight exp(−inf) = 0)."""
+    b, s, c = context.shape
+    mask = mask.to(torch.bool)
+    if length < s:
+        raise ValueError(f"pad_text cannot shrink {s} tokens to {length}")
+    if length == s:
+        return context, mask
+    ctx = torch.cat([context, context.new_zeros(b, length - s, c)], dim=1)
+    msk = torch.cat([mask, mask.new_zeros(b, length - s)], dim=1)
+    return ctx, msk
+
+
+def align_text(context_a: torch.Tensor, mask_a: torch.Tensor, context_b: torch.Tensor,
+               mask_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad two text streams (e.g. positive and negative) to a common S = max(S_a, S_b)."""
+    s = max(context_a.shape[1], context_b.shape[1])
+    ca, ma = pad_text(context_a, mask_a, s)
+    cb, mb = pad_text(context_b, mask_b, s)
+    return ca, ma, cb, mb
+
+
+def expand_batch(context: torch.Tensor, mask: torch.Tensor, batch: int,
+                 what: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand text rows to ``batch`` images: repeat-interleave each prompt's row
+    ([p0, p0, …, p1, p1, …]; sampling.md §5). A single row broadcasts to every image."""
+    rows = context.shape[0]
+    if mask.shape[:2] != context.shape[:2]:
+        raise ValueError(f"{what} mask shape {tuple(mask.shape)} does not match context "
+                         f"{tuple(context.shape)}")
+    if rows == batch:
+        return context, mask
+    if rows == 0 or batch % rows:
+        raise ValueError(f"{what} has {rows} rows, which cannot be spread over a noise batch of "
+                         f"{batch} (need a divisor of {batch})")
+    k = batch // rows
+    return context.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler
+# --------------------------------------------------------------------------------------------------
+
+def _model_dtype_device(transformer, fallback_device) -> tuple[torch.dtype, torch.device]:
+    dtype = getattr(transformer, "dtype", None)
+    device = getattr(transformer, "device", None)
+    if dtype is None or device is None:
+        params = getattr(transformer, "parameters", None)
+        p = next(iter(params()), None) if callable(params) else None
+        if dtype is None:
+            dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        if device is None:
+            device = p.device if p is not None else fallback_device
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        dtype = torch.bfloat16  # quantised storage: compute dtype is bf16 unless the model says so
+    return dtype, torch.device(device)
+
+
+def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
+           context_mask: torch.Tensor, negative_context: Optional[torch.Tensor] = None,
+           negative_mask: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+           callback: Optional[StepCallback] = None, cfg_mode: str = "upstream",
+           batch_cfg: bool = False) -> torch.Tensor:
+    """Run the Lens Euler sampler; returns the final latents ``[B, 128, h, w]`` float32 on the
+    transformer's device (BN-normalised, ready for ``vae.decode``).
+
+    Args:
+        transformer: callable ``(x [B,128,h,w], sigma [B], context [B,S,4E], mask [B,S] bool) ->
+            v [B,128,h,w]`` exposing ``.dtype`` / ``.device`` (or parameters).
+        noise: ``[B, 128, h, w]`` start latent at σ_0 (pure noise for txt2img, see
+            :func:`noise_image_latents` for img2img).
+        sigmas: ``[n + 1]`` schedule ending in 0 (:func:`lens_sigmas`, :func:`img2img_sigmas`, …).
+        context, context_mask: positive text ``[Bp, S, 4E]`` / ``[Bp, S]``; Bp must divide B and
+            rows are repeat-interleaved over the images (Bp = 1 broadcasts).
+        negative_context, negative_mask: negative text ``[Bn, S_neg, 4E]``; None means the empty
+            negative (a zero-length text stream, S = 0). Bn = 1 broadcasts.
+        guidance_scale: g. At g = 1 the unconditional pass is skipped (identical result).
+        callback: ``callback(step, total, x, denoised)`` after each Euler step, with ``step`` the
+            0-based index k of the step just taken (progress = step + 1 of total), ``x`` the new
+            latent x_{k+1} and ``denoised`` = x_k − σ_k·v (the x₀ preview). Exceptions it raises
+            (e.g. ComfyUI's interrupt) propagate unchanged.
+        cfg_mode: "upstream" (per-token norm rescale in velocity space) or "comfyui" (x₀-space CFG
+            + CFGNorm clamp), see :func:`cfg_combine`.
+        batch_cfg: False (default) runs cond and uncond as two passes of B, which halves the peak
+            activation memory; True runs them as one 2B batch (upstream's way) with the text padded
+            to a common length by zero features and mask False. Both agree to rounding.
+
+    The running latent stays float32 between steps; the model is called with x cast to its dtype,
+    its output is upcast to float32, CFG and the Euler update x ← x + (σ_{k+1} − σ_k)·v are float32.
+    """
+    if noise.dim() != 4 or noise.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"noise must be [B, {LATENT_CHANNELS}, h, w], got {tuple(noise.shape)}")
+    sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+    if sig.numel() < 2:
+        raise ValueError(f"sigmas needs at least 2 values (n + 1 for n steps), got {sig.numel()}")
+    if cfg_mode not in ("upstream", "comfyui"):
+        raise ValueError(f"cfg_mode must be 'upstream' or 'comfyui', got {cfg_mode!r}")
+    g = float(guidance_scale)
+    batch = noise.shape[0]
+    dtype, device = _model_dtype_device(transformer, noise.device)
+
+    ctx, msk = expand_batch(context, context_mask, batch, "positive prompt")
+    ctx = ctx.to(device=device, dtype=dtype)
+    msk = msk.to(device=device, dtype=torch.bool)
+    use_uncond = g != 1.0
+    if use_uncond:
+        if negative_context is None:
+            nctx, nmsk = empty_text(batch, ctx.shape[-1], device=device, dtype=dtype)
+        else:
+            if negative_mask is None:
+                negative_mask = torch.ones(negative_context.shape[:2], dtype=torch.bool)
+            if negative_context.shape[-1] != ctx.shape[-1]:
+                raise ValueError(f"negative features have {negative_context.shape[-1]} channels, "
+                                 f"the positive {ctx.shape[-1]}")
+            nctx, nmsk = expand_batch(negative_context, negative_mask, batch, "negative prompt")
+            nctx = nctx.to(device=device, dtype=dtype)
+            nmsk = nmsk.to(device=device, dtype=torch.bool)
+        if batch_cfg:
+            pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)
+            joint_ctx = torch.cat([pc, nc], dim=0)
+            joint_msk = torch.cat([pm, nm], dim=0)
+
+    x = noise.to(device=device, dtype=torch.float32)
+    n = sig.numel() - 1
+    with torch.no_grad():
+        for k in range(n):
+            s_k = float(sig[k])
+            t = torch.full((batch,), s_k, dtype=torch.float32, device=device)
+            xin = x.to(dtype)
+            if use_uncond and batch_cfg:
+                out = transformer(torch.cat([xin, xin]), torch.cat([t, t]), joint_ctx, joint_msk)
+                v_c, v_u = out.float().chunk(2)
+            else:
+                v_c = transformer(xin, t, ctx, msk).float()
+                v_u = transformer(xin, t, nctx, nmsk).float() if use_uncond else None
+            if v_u is not None:
+                v = cfg_combine(v_c, v_u, g, cfg_mode, x=x, sigma=s_k)
+            elif cfg_mode == "comfyui":
+                v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x, sigma=s_k)
+            else:
+                v = v_c
+            del v_u
+            denoised = x - s_k * v if callback is not None else None
+            x = x + (sig[k + 1] - sig[k]).item() * v
+            if callback is not None:
+                callback(k, n, x, denoised)
+    return x
+
+
+def sample_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, 128, h, w]`` → upstream token layout ``[B, h·w, 128]`` (row-major)."""
+    b, c, h, w = latents.shape
+    return latents.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def tokens_to_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Upstream token layout ``[B, h·w, 128]`` → ``[B, 128, h, w]``."""
+    b, n, c = tokens.shape
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not form a {h}×{w} grid")
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+__all__: Sequence[str] = (
+    "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
+    "make_noise", "noise_image_latents", "cfg_combine", "empty_text", "pad_text", "align_text",
+    "expand_batch", "sample", "image_tokens", "sample_to_tokens", "tokens_to_latents",
+)

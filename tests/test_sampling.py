@@ -1,0 +1,368 @@
+"""Schedule, noise, CFG, img2img and sampler-loop tests (spec sampling.md §1-§7, §9, §11)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_model.sampling import (
+    align_text, cfg_combine, comfyui_mu, comfyui_sigmas, empirical_mu, empty_text, expand_batch,
+    img2img_sigmas, lens_sigmas, make_noise, noise_image_latents, pad_text, sample,
+    sample_to_tokens, tokens_to_latents,
+)
+
+GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
+SCHEDULE = json.loads((GOLDEN / "schedule.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ schedules
+
+def test_schedule_json_has_50_rows():
+    assert len(SCHEDULE) == 50
+
+
+@pytest.mark.parametrize("row", SCHEDULE, ids=lambda r: f"{r['height']}x{r['width']}-{r['steps']}")
+def test_schedule_golden(row):
+    assert row["image_tokens"] == (row["height"] // 16) * (row["width"] // 16)
+    mu = empirical_mu(row["image_tokens"], row["steps"])
+    assert isinstance(mu, float)
+    assert abs(mu - row["mu"]) <= 1e-9
+    sig = lens_sigmas(row["height"], row["width"], row["steps"])
+    assert sig.dtype == torch.float32 and sig.shape == (row["steps"] + 1,)
+    assert sig[0].item() == 1.0 and sig[-1].item() == 0.0
+    assert torch.allclose(sig, torch.tensor(row["sigmas"]), atol=1e-6, rtol=0)
+
+
+def test_mu_jump_at_4300_tokens():
+    # 1056x1040 (4290 tokens) is on the n-dependent line; 1056x1056 (4356) on the flat branch.
+    assert empirical_mu(4290, 4) == pytest.approx(2.307630, abs=1e-6)
+    assert empirical_mu(4356, 4) == pytest.approx(1.194007, abs=1e-6)
+    assert empirical_mu(4300, 4) > 2.0          # 4300 itself is still the line branch
+    assert empirical_mu(4301, 4) < 1.3
+    # Above the threshold, mu does not depend on the step count.
+    assert empirical_mu(8100, 1) == empirical_mu(8100, 50)
+
+
+def test_lens_sigmas_one_step_and_mu_override():
+    assert lens_sigmas(1024, 1024, 1).tolist() == [1.0, 0.0]
+    # mu = 0 means no shift: sigma = t = linspace(1, 1/n, n).
+    assert torch.allclose(lens_sigmas(1024, 1024, 4, mu=0.0),
+                          torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), atol=1e-7)
+    # The override replaces the empirical value: 1024^2 at 4 steps with the 1056^2 mu.
+    assert torch.allclose(lens_sigmas(1024, 1024, 4, mu=1.19400678),
+                          lens_sigmas(1056, 1056, 4), atol=0)
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5])
+def test_bad_steps_rejected(steps):
+    with pytest.raises(ValueError, match="steps"):
+        lens_sigmas(1024, 1024, steps)
+
+
+def test_comfyui_sigmas_1024_4_steps():
+    sig = comfyui_sigmas(1024, 1024, 4)
+    assert sig.dtype == torch.float32
+    assert torch.allclose(sig, torch.tensor([1.0, 0.9045, 0.7595, 0.5128, 0.0]), atol=1e-4)
+
+
+def test_comfyui_mu_values():
+    assert comfyui_mu(1024, 1024) == pytest.approx(1.15, abs=1e-12)
+    assert comfyui_mu(1440, 1440) == pytest.approx(1.827760, abs=1e-6)
+    assert comfyui_mu(1448, 1448) == pytest.approx(1.843037, abs=1e-6)
+    # The linear rule coincides with upstream's > 4300 branch to ~1e-5 (sampling.md §9).
+    assert comfyui_mu(1440, 1440) == pytest.approx(empirical_mu(8100, 20), abs=1e-4)
+
+
+def test_comfyui_sigmas_table_indexing():
+    # n divides 10000: t_k = 1 - k/n exactly, so mu = 0 gives the plain grid.
+    assert torch.allclose(comfyui_sigmas(64, 64, 5, mu=0.0),
+                          torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]), atol=1e-7)
+    # n = 3: t = 1, 1 - 0.3333, 1 - 0.6666 (table resolution 1e-4), unlike linspace(1, 1/3, 3).
+    assert torch.allclose(comfyui_sigmas(64, 64, 3, mu=0.0),
+                          torch.tensor([1.0, 0.6667, 0.3334, 0.0]), atol=1e-6)
+    # Core's float index int(57 * (10000/76)) = 7499 picks t = 0.2501 (not 0.25).
+    assert comfyui_sigmas(64, 64, 76, mu=0.0)[57].item() == pytest.approx(0.2501, abs=1e-7)
+
+
+def test_img2img_denoise_one_is_txt2img():
+    for h, w, n in [(1024, 1024, 4), (1440, 1440, 20), (48, 80, 6)]:
+        assert torch.equal(img2img_sigmas(h, w, n, 1.0), lens_sigmas(h, w, n))
+        assert torch.equal(img2img_sigmas(h, w, n, 1.0, mode="comfyui"), comfyui_sigmas(h, w, n))
+
+
+def test_img2img_partial_schedule():
+    # 4 steps at denoise 0.5 -> the 8-step 1024^2 schedule (mu from 8 steps), last 5 values.
+    row = next(r for r in SCHEDULE if (r["height"], r["width"], r["steps"]) == (1024, 1024, 8))
+    sig = img2img_sigmas(1024, 1024, 4, 0.5)
+    assert torch.allclose(sig, torch.tensor(row["sigmas"][4:]), atol=1e-6)
+    # floor(4 / 0.3) = 13 total steps; the start sigma shrinks with the strength.
+    assert img2img_sigmas(1024, 1024, 4, 0.3).shape == (5,)
+    starts = [img2img_sigmas(1024, 1024, 4, s)[0].item() for s in (1.0, 0.8, 0.5, 0.2)]
+    assert starts == sorted(starts, reverse=True) and starts[0] == 1.0
+    for s in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="denoise"):
+            img2img_sigmas(1024, 1024, 4, s)
+
+
+def test_noise_image_latents():
+    noise = torch.full((2, 128, 2, 3), 2.0)
+    z = torch.full((1, 128, 2, 3), -1.0)
+    x = noise_image_latents(noise, z, 0.25)
+    assert x.shape == (2, 128, 2, 3)
+    assert torch.allclose(x, torch.full_like(x, 0.25 * 2.0 + 0.75 * -1.0))
+    assert torch.equal(noise_image_latents(noise, z, 1.0), noise)
+    with pytest.raises(ValueError, match="do not match"):
+        noise_image_latents(noise, torch.zeros(1, 128, 3, 3), 0.5)
+
+
+# ------------------------------------------------------------------------------------ noise
+
+def test_make_noise_upstream_layout():
+    n = make_noise(123, 2, 3, 5)
+    assert n.shape == (2, 128, 3, 5) and n.dtype == torch.float32 and n.device.type == "cpu"
+    g = torch.Generator("cpu").manual_seed(123)
+    tok = torch.randn(2, 15, 128, generator=g)
+    # token index r*w + c holds the 128 channels of latent position (r, c)
+    assert torch.equal(n[1, :, 2, 4], tok[1, 2 * 5 + 4])
+    assert torch.equal(n[0, :, 0, 1], tok[0, 1])
+
+
+def test_make_noise_comfy_layout_and_differences():
+    torch.manual_seed(7)
+    ref = torch.randn(2, 128, 3, 5)
+    state = torch.get_rng_state()
+    c = make_noise(7, 2, 3, 5, layout="comfy")
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is not touched
+    assert torch.equal(c, ref)
+    u = make_noise(7, 2, 3, 5, layout="upstream")
+    assert not torch.equal(u, c)
+    assert torch.equal(make_noise(7, 2, 3, 5), u)  # reproducible
+    assert not torch.equal(make_noise(8, 2, 3, 5), u)
+    with pytest.raises(ValueError, match="layout"):
+        make_noise(7, 1, 2, 2, layout="nope")
+
+
+def test_token_layout_roundtrip():
+    x = torch.randn(2, 128, 3, 4)
+    t = sample_to_tokens(x)
+    assert torch.equal(t[1, 1 * 4 + 2], x[1, :, 1, 2])
+    assert torch.equal(tokens_to_latents(t, 3, 4), x)
+
+
+# ------------------------------------------------------------------------------------ CFG
+
+def test_cfg_g1_returns_cond_exactly():
+    c, u = torch.randn(2, 128, 3, 3), torch.randn(2, 128, 3, 3)
+    assert torch.equal(cfg_combine(c, u, 1.0), c)
+
+
+def test_cfg_rescales_to_cond_norm_per_token():
+    torch.manual_seed(0)
+    c, u = torch.randn(2, 128, 3, 4), torch.randn(2, 128, 3, 4)
+    v = cfg_combine(c, u, 4.0)
+    assert torch.allclose(v.norm(dim=1), c.norm(dim=1), rtol=1e-5)
+    comb = u + 4.0 * (c - u)
+    # same direction as the plain CFG combination (positive multiple, per token)
+    cos = torch.nn.functional.cosine_similarity(v, comb, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    # token layout variant: norms over the last dim
+    vt = cfg_combine(sample_to_tokens(c), sample_to_tokens(u), 4.0, dim=-1)
+    assert torch.allclose(vt, sample_to_tokens(v), atol=1e-6)
+
+
+def test_cfg_zero_norm_comb_returned_as_is():
+    c = torch.randn(1, 128, 1, 2)
+    u = c.clone()
+    # g = 2 and u = 2c at position 0 gives comb = u + 2(c - u) = 0 there.
+    u[..., 0] = 2 * c[..., 0]
+    v = cfg_combine(c, u, 2.0)
+    assert torch.equal(v[..., 0], torch.zeros(1, 128, 1))
+    assert torch.isfinite(v).all()
+    assert torch.allclose(v[..., 1], c[..., 1])  # u = c there: comb = c, ratio 1
+
+
+def test_cfg_comfyui_is_x0_space_attenuate_only():
+    torch.manual_seed(1)
+    x = torch.randn(1, 128, 2, 2)
+    c, u = torch.randn(1, 128, 2, 2), torch.randn(1, 128, 2, 2)
+    s = 0.6
+    v = cfg_combine(c, u, 3.0, mode="comfyui", x=x, sigma=s)
+    x0_c = x - s * c
+    d_plain = x - s * (u + 3.0 * (c - u))
+    d = x - s * v
+    # D is the x0 CFG result scaled by a factor in [0, 1] per position, never above ||x0_c||
+    ratio = (d.norm(dim=1) / d_plain.norm(dim=1))
+    assert (ratio <= 1 + 1e-6).all() and (ratio >= 0).all()
+    assert (d.norm(dim=1) <= x0_c.norm(dim=1) * (1 + 1e-6) + 1e-6).all()
+    cos = torch.nn.functional.cosine_similarity(d, d_plain, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    with pytest.raises(ValueError, match="needs"):
+        cfg_combine(c, u, 3.0, mode="comfyui")
+
+
+# ------------------------------------------------------------------------------------ text helpers
+
+def test_pad_and_align_text():
+    a, am = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    b, bm = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.uint8)
+    pa, pam, pb, pbm = align_text(a, am, b, bm)
+    assert pa.shape == (2, 5, 8) and pb.shape == (2, 5, 8)
+    assert torch.equal(pa[:, :3], a) and (pa[:, 3:] == 0).all()
+    assert pam.dtype == torch.bool and pam[:, :3].all() and not pam[:, 3:].any()
+    assert pbm.dtype == torch.bool and pbm.all()
+    with pytest.raises(ValueError):
+        pad_text(b, bm, 2)
+    e, em = empty_text(3, 8)
+    assert e.shape == (3, 0, 8) and em.shape == (3, 0)
+    assert pad_text(e, em, 4)[0].shape == (3, 4, 8)
+
+
+def test_expand_batch_repeat_interleave():
+    ctx = torch.arange(2).float().view(2, 1, 1).expand(2, 2, 3).contiguous()
+    m = torch.ones(2, 2, dtype=torch.bool)
+    out, om = expand_batch(ctx, m, 6)
+    assert out[:, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    assert om.shape == (6, 2)
+    with pytest.raises(ValueError, match="cannot be spread"):
+        expand_batch(ctx, m, 3)
+
+
+# ------------------------------------------------------------------------------------ sampler loop
+
+class ToyDiT(torch.nn.Module):
+    """Deterministic stand-in for the DiT: v = a·x + (masked mean of the text features) + σ.
+
+    Masked text tokens have no effect, like in the real DiT; padding must leave outputs unchanged.
+    """
+
+    def __init__(self, channels=8, dtype=torch.float32):
+        super().__init__()
+        self.proj = torch.nn.Linear(channels, 128, bias=False, dtype=dtype)
+        torch.nn.init.normal_(self.proj.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+        self.calls = []
+
+    @property
+    def dtype(self):
+        return self.proj.weight.dtype
+
+    def forward(self, x, sigma, context, mask):
+        self.calls.append((x.shape[0], context.shape[1], x.dtype))
+        m = mask.to(x.dtype).unsqueeze(-1)
+        pooled = (context * m).sum(1) / m.sum(1).clamp_min(1)
+        bias = self.proj(pooled)[:, :, None, None]
+        return -0.5 * x + bias + sigma.to(x.dtype)[:, None, None, None]
+
+
+def _toy_inputs(batch=2, h=2, w=3, s=4):
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randn(batch, s, 8, generator=g)
+    msk = torch.ones(batch, s, dtype=torch.bool)
+    neg = torch.randn(1, 2, 8, generator=g)
+    nmsk = torch.ones(1, 2, dtype=torch.bool)
+    return make_noise(0, batch, h, w), ctx, msk, neg, nmsk
+
+
+def test_sample_euler_g1_matches_hand_loop_and_skips_uncond():
+    model = ToyDiT()
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    sig = lens_sigmas(32, 48, 3)
+    out = sample(model, noise, sig, ctx, msk, neg, nmsk, guidance_scale=1.0)
+    assert len(model.calls) == 3  # no unconditional pass at g = 1
+    x = noise.clone()
+    for k in range(3):
+        v = model(x, sig[k].expand(2), ctx, msk)
+        x = x + (sig[k + 1] - sig[k]) * v
+    assert out.dtype == torch.float32 and torch.allclose(out, x, atol=1e-6)
+
+
+def test_sample_cfg_two_pass_equals_joint_batch_and_padding_invariance():
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    sig = lens_sigmas(32, 48, 2)
+    m1, m2 = ToyDiT(), ToyDiT()
+    two = sample(m1, noise, sig, ctx, msk, neg, nmsk, guidance_scale=5.0)
+    joint = sample(m2, noise, sig, ctx, msk, neg, nmsk, guidance_scale=5.0, batch_cfg=True)
+    assert [c[0] for c in m1.calls] == [2, 2, 2, 2] and [c[0] for c in m2.calls] == [4, 4]
+    assert torch.allclose(two, joint, atol=1e-6)
+    # pad the negative with zero features + mask False: unchanged
+    pneg, pnm = pad_text(neg, nmsk, 7)
+    padded = sample(ToyDiT(), noise, sig, ctx, msk, pneg, pnm, guidance_scale=5.0)
+    assert torch.allclose(padded, two, atol=1e-6)
+    # and the guidance did something
+    g1 = sample(ToyDiT(), noise, sig, ctx, msk, neg, nmsk, guidance_scale=1.0)
+    assert not torch.allclose(g1, two, atol=1e-3)
+
+
+def test_sample_empty_negative_is_zero_length_text():
+    noise, ctx, msk, _, _ = _toy_inputs()
+    model = ToyDiT()
+    sig = lens_sigmas(32, 48, 1)
+    sample(model, noise, sig, ctx, msk, guidance_scale=4.0)
+    assert sorted(c[1] for c in model.calls) == [0, 4]
+
+
+def test_sample_broadcasts_single_prompt_and_casts_to_model_dtype():
+    model = ToyDiT(dtype=torch.bfloat16)
+    noise = make_noise(1, 3, 2, 2)
+    ctx = torch.randn(1, 4, 8)
+    msk = torch.ones(1, 4, dtype=torch.bool)
+    out = sample(model, noise, lens_sigmas(32, 32, 2), ctx, msk, guidance_scale=2.0)
+    assert out.dtype == torch.float32 and out.shape == (3, 128, 2, 2)
+    assert all(c[0] == 3 and c[2] == torch.bfloat16 for c in model.calls)
+    # identical rows (same prompt, same noise row 0 vs itself) -> broadcasting is row-wise
+    noise2 = noise[:1].expand(3, -1, -1, -1).contiguous()
+    out2 = sample(ToyDiT(dtype=torch.bfloat16), noise2, lens_sigmas(32, 32, 2), ctx, msk, guidance_scale=2.0)
+    assert torch.equal(out2[0], out2[2])
+
+
+def test_sample_callback_and_interrupt():
+    noise, ctx, msk, _, _ = _toy_inputs()
+    sig = lens_sigmas(32, 48, 3)
+    seen = []
+
+    def cb(step, total, x, denoised):
+        seen.append((step, total, x.clone(), denoised.clone()))
+
+    model = ToyDiT()
+    out = sample(model, noise, sig, ctx, msk, callback=cb)
+    assert [s[:2] for s in seen] == [(0, 3), (1, 3), (2, 3)]
+    assert torch.equal(seen[-1][2], out)
+    # denoised = x_k - sigma_k * v_k; at the last step x_n = x_k + (0 - sigma_k) v = denoised
+    assert torch.allclose(seen[-1][3], out, atol=1e-6)
+    v0 = ToyDiT()(noise, sig[0].expand(2), ctx, msk)
+    assert torch.allclose(seen[0][3], noise - sig[0] * v0, atol=1e-6)
+
+    class Stop(BaseException):
+        pass
+
+    def stop(step, total, x, d):
+        if step == 1:
+            raise Stop()
+
+    model = ToyDiT()
+    with pytest.raises(Stop):
+        sample(model, noise, sig, ctx, msk, callback=stop)
+    assert len(model.calls) == 2
+
+
+def test_sample_comfyui_cfg_mode_runs_and_differs():
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    sig = comfyui_sigmas(32, 48, 3)
+    a = sample(ToyDiT(), noise, sig, ctx, msk, neg, nmsk, guidance_scale=5.0, cfg_mode="comfyui")
+    b = sample(ToyDiT(), noise, sig, ctx, msk, neg, nmsk, guidance_scale=5.0)
+    assert torch.isfinite(a).all() and not torch.allclose(a, b, atol=1e-3)
+    # at g = 1 the comfyui clamp is a no-op to ~1e-8 relative
+    c = sample(ToyDiT(), noise, sig, ctx, msk, guidance_scale=1.0, cfg_mode="comfyui")
+    d = sample(ToyDiT(), noise, sig, ctx, msk, guidance_scale=1.0)
+    assert torch.allclose(c, d, atol=1e-5)
+
+
+def test_sample_rejects_bad_inputs():
+    noise, ctx, msk, _, _ = _toy_inputs()
+    with pytest.raises(ValueError, match="noise"):
+        sample(ToyDiT(), noise[:, :64], lens_sigmas(32, 48, 2), ctx, msk)
+    with pytest.raises(ValueError, match="cannot be spread"):
+        sample(ToyDiT(), make_noise(0, 3, 2, 3), lens_sigmas(32, 48, 2), ctx, msk)
+    with pytest.raises(ValueError, match="cfg_mode"):
+        sample(ToyDiT(), noise, lens_sigmas(32, 48, 2), ctx, msk, cfg_mode="x")
