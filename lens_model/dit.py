@@ -1,0 +1,958 @@
+"""Lens DiT (``LensTransformer2DModel``): a dual-stream MMDiT in the Qwen-Image style.
+
+Pure PyTorch reimplementation of Microsoft Lens ``transformer.py`` @ 5bf0f0c (spec dit.md). The
+image and text streams keep separate weights and meet only in joint attention. Submodule names equal
+the checkpoint keys (``img_in``, ``txt_norm.{k}``, ``transformer_blocks.{i}.attn.img_qkv``,
+``img_mod.1``, ``norm_out.linear``, ...), so diffusers and ComfyUI state dicts load without renaming.
+
+Public entry points:
+
+- :class:`LensDiTConfig` - hyper-parameters, from a diffusers ``config.json`` or from key shapes.
+- :class:`LensTransformer` - ``model(x [B,128,h,w], sigma [B], context [B,S,4E], mask [B,S])``.
+- :func:`load_transformer` - build on the meta device and fill tensor by tensor from any supported
+  layout (diffusers folder, sharded set, single file with or without prefix, ComfyUI MXFP8 / fp8).
+
+Numerics (dit.md §4-§9): RMSNorm / LayerNorm statistics, the RoPE rotation and the sinusoid
+arguments are computed in fp32; everything else runs in the compute dtype (the weight dtype, or fp32
+for bf16 weights on CPUs without a native bf16 matmul, see :func:`ops.compute_dtype_for`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from . import quant
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of fp32 attention scores above which CPU attention runs in query chunks when the selected
+#: SDPA backend would materialise the full matrix (the math path).
+CPU_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+# =================================================================================================
+# Configuration
+# =================================================================================================
+
+@dataclass
+class LensDiTConfig:
+    """Hyper-parameters of the Lens DiT (dit.md §1). Defaults are the full 4.1 B model."""
+
+    num_layers: int = 48
+    num_attention_heads: int = 24
+    attention_head_dim: int = 64
+    in_channels: int = 128
+    out_channels: int = 32
+    enc_hidden_dim: int = 2880
+    num_text_layers: int = 4
+    mlp_hidden: int | None = None  # None -> int(inner_dim / 3 * 8), upstream's GateMLP width
+    axes_dims_rope: tuple[int, int, int] = (8, 28, 28)
+    rope_theta: float = 10000.0
+    qk_norm_eps: float = 1e-6  # upstream; ComfyUI core uses 1e-5 (dit.md §6, §10)
+    time_embed_dim: int = 256
+    patch_size: int = 2
+    selected_layer_index: tuple[int, ...] = field(default=(5, 11, 17, 23))
+
+    def __post_init__(self) -> None:
+        self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
+        self.selected_layer_index = tuple(int(i) for i in self.selected_layer_index)
+        if self.mlp_hidden is None:
+            self.mlp_hidden = int(self.inner_dim / 3 * 8)
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim {self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even")
+
+    @property
+    def inner_dim(self) -> int:
+        """Model width D = heads x head_dim (a config's ``inner_dim`` field is ignored)."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def proj_out_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.out_channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "LensDiTConfig":
+        """From a diffusers ``transformer/config.json`` dict. ``inner_dim`` is ignored (dit.md §1)."""
+        kw: dict = {}
+        for name in (
+            "num_layers",
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "out_channels",
+            "enc_hidden_dim",
+            "patch_size",
+        ):
+            if config.get(name) is not None:
+                kw[name] = int(config[name])
+        if config.get("axes_dims_rope") is not None:
+            kw["axes_dims_rope"] = tuple(config["axes_dims_rope"])
+        if config.get("selected_layer_index") is not None:
+            kw["selected_layer_index"] = tuple(config["selected_layer_index"])
+            kw["num_text_layers"] = len(config["selected_layer_index"])
+        for flag in ("gate_mlp", "rms_norm", "multi_layer_encoder_feature"):
+            if config.get(flag) is False:
+                raise ValueError(f"config.json sets {flag}=false; only the published Lens configuration (true) exists")
+        return cls(**kw)
+
+    @classmethod
+    def from_state_dict_shapes(cls, shapes: dict[str, Sequence[int]]) -> "LensDiTConfig":
+        """Infer the configuration from bare key -> shape (dit.md §1).
+
+        For MXFP8 layers (a ``<layer>.weight_scale`` key is present) the stored weight may be padded
+        to multiples of 32; the MLP width then follows upstream's rule int(D / 3 * 8).
+        """
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in shapes:
+                raise KeyError(key)
+            return tuple(int(s) for s in shapes[key])
+
+        head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
+        inner = shape("img_in.weight")[0]
+        if inner % head_dim:
+            raise ValueError(f"img_in width {inner} is not a multiple of head_dim {head_dim}")
+        in_channels = shape("img_in.weight")[1]
+        pat = re.compile(r"^transformer_blocks\.(\d+)\.")
+        layers = {int(m.group(1)) for k in shapes if (m := pat.match(k))}
+        num_layers = max(layers) + 1 if layers else 0
+        k_pat = re.compile(r"^txt_norm\.(\d+)\.weight$")
+        num_text = len({int(m.group(1)) for k in shapes if (m := k_pat.match(k))})
+        enc = shape("txt_norm.0.weight")[0]
+        mlp = shape("transformer_blocks.0.img_mlp.w1.weight")[0]
+        if "transformer_blocks.0.img_mlp.w1.weight_scale" in shapes:
+            rule = int(inner / 3 * 8)
+            if -(-rule // 32) * 32 == mlp:
+                mlp = rule
+        proj = shape("proj_out.weight")[0]
+        t_dim = shape("time_text_embed.timestep_embedder.linear_1.weight")[1]
+        cfg = cls(
+            num_layers=num_layers,
+            num_attention_heads=inner // head_dim,
+            attention_head_dim=head_dim,
+            in_channels=in_channels,
+            out_channels=proj // 4,
+            enc_hidden_dim=enc,
+            num_text_layers=num_text,
+            mlp_hidden=mlp,
+            time_embed_dim=t_dim,
+        )
+        return cfg
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every state-dict key of this configuration with its shape (16 + 26 * L keys)."""
+        d, e, f, hd = self.inner_dim, self.enc_hidden_dim, self.mlp_hidden, self.attention_head_dim
+        s: dict[str, tuple[int, ...]] = {
+            "img_in.weight": (d, self.in_channels),
+            "img_in.bias": (d,),
+            "txt_in.weight": (d, e * self.num_text_layers),
+            "txt_in.bias": (d,),
+            "time_text_embed.timestep_embedder.linear_1.weight": (d, self.time_embed_dim),
+            "time_text_embed.timestep_embedder.linear_1.bias": (d,),
+            "time_text_embed.timestep_embedder.linear_2.weight": (d, d),
+            "time_text_embed.timestep_embedder.linear_2.bias": (d,),
+            "norm_out.linear.weight": (2 * d, d),
+            "norm_out.linear.bias": (2 * d,),
+            "proj_out.weight": (self.proj_out_dim, d),
+            "proj_out.bias": (self.proj_out_dim,),
+        }
+        for k in range(self.num_text_layers):
+            s[f"txt_norm.{k}.weight"] = (e,)
+        for i in range(self.num_layers):
+            p = f"transformer_blocks.{i}."
+            for name in ("img_qkv", "txt_qkv"):
+                s[p + f"attn.{name}.weight"] = (3 * d, d)
+                s[p + f"attn.{name}.bias"] = (3 * d,)
+            for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                s[p + f"attn.{name}.weight"] = (hd,)
+            for name in ("to_out.0", "to_add_out"):
+                s[p + f"attn.{name}.weight"] = (d, d)
+                s[p + f"attn.{name}.bias"] = (d,)
+            for name in ("img_mod.1", "txt_mod.1"):
+                s[p + f"{name}.weight"] = (6 * d, d)
+                s[p + f"{name}.bias"] = (6 * d,)
+            for name in ("img_norm1", "img_norm2", "txt_norm1", "txt_norm2"):
+                s[p + f"{name}.weight"] = (d,)
+            for stream in ("img_mlp", "txt_mlp"):
+                s[p + f"{stream}.w1.weight"] = (f, d)
+                s[p + f"{stream}.w3.weight"] = (f, d)
+                s[p + f"{stream}.w2.weight"] = (d, f)
+        return s
+
+
+# =================================================================================================
+# Positions, RoPE, timestep embedding
+# =================================================================================================
+
+def rope_positions(h: int, w: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame, y, x) positions of the image and text tokens (dit.md §5).
+
+    Image token n = r*w + c gets (0, r - ceil(h/2), c - ceil(w/2)); text token k gets
+    max(h//2, w//2) + k on all three axes.
+
+    returns: image int64 [h*w, 3], text int64 [text_len, 3]
+    """
+    ys = torch.arange(h, dtype=torch.int64) - (h - h // 2)
+    xs = torch.arange(w, dtype=torch.int64) - (w - w // 2)
+    img = torch.stack(
+        (torch.zeros(h * w, dtype=torch.int64), ys.repeat_interleave(w), xs.repeat(h)), dim=-1
+    )
+    start = max(h // 2, w // 2)
+    txt = (start + torch.arange(text_len, dtype=torch.int64)).unsqueeze(-1).expand(text_len, 3).contiguous()
+    return img, txt
+
+
+def rope_frequencies(
+    positions: torch.Tensor, axes_dims: Sequence[int], theta: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Unit complex rotations for interleaved-pair RoPE.
+
+    positions: int [L, 3] (frame, y, x)
+    returns: complex64 [L, sum(axes_dims) / 2]; pair m of the head channels uses the axis it belongs
+    to (pairs 0..3 frame, 4..17 height, 18..31 width for (8, 28, 28)). Exponent, power, reciprocal
+    and angles are fp32 as upstream (``1 / theta ** (arange(0, d, 2) / d)``, outer product).
+    """
+    positions = positions.to(device=device)
+    angles = []
+    for axis, d in enumerate(axes_dims):
+        omega = 1.0 / torch.pow(theta, torch.arange(0, d, 2, device=positions.device).to(torch.float32).div(d))
+        angles.append(torch.outer(positions[:, axis].to(torch.float32), omega))
+    ang = torch.cat(angles, dim=1)
+    return torch.polar(torch.ones_like(ang), ang)
+
+
+def timestep_embedding(sigma: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Cos-first sinusoid of 1000*sigma (dit.md §7).
+
+    sigma: [B] (already rounded to the DiT dtype) -> fp32 [B, dim]; args (sigma_fp32 * f_j) * 1000.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=sigma.device) / half
+    freqs = torch.exp(exponent)
+    args = sigma.to(torch.float32)[:, None] * freqs[None, :]
+    args = args * 1000.0
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """fp32 RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight. Returns fp32."""
+    x = x.to(torch.float32)
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(torch.float32)
+    return y
+
+
+def _modulated_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """RMSNorm(x; weight, eps) * (1 + scale) + shift, computed in fp32, cast to ``dtype``.
+
+    x: [B, L, D]; weight: [D]; scale, shift: [B, 1, D]
+    """
+    xf = x.to(torch.float32)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    wmod = weight.to(torch.float32) * (1.0 + scale.to(torch.float32))
+    y = xf * r
+    y.mul_(wmod).add_(shift.to(torch.float32))
+    return y.to(dtype)
+
+
+# =================================================================================================
+# Modules (names = checkpoint keys)
+# =================================================================================================
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable scale ``weight`` [dim]; statistics in fp32; returns the input dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps).to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """``time_text_embed.timestep_embedder``: linear_2(SiLU(linear_1(e)))."""
+
+    def __init__(self, in_dim: int, dim: int, operations: ops.Operations, **kw) -> None:
+        super().__init__()
+        self.linear_1 = operations.Linear(in_dim, dim, **kw)
+        self.linear_2 = operations.Linear(dim, dim, **kw)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
+class TimeTextEmbed(nn.Module):
+    def __init__(self, in_dim: int, dim: int, operations: ops.Operations, **kw) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.timestep_embedder = TimestepEmbedder(in_dim, dim, operations, **kw)
+
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sigma: [B] (already in the DiT dtype) -> temb [B, D] in ``dtype``."""
+        return self.timestep_embedder(timestep_embedding(sigma, self.in_dim).to(dtype))
+
+
+class GateMLP(nn.Module):
+    """SwiGLU without biases: w2(SiLU(w1 u) * w3 u)."""
+
+    def __init__(self, dim: int, hidden: int, operations: ops.Operations, **kw) -> None:
+        super().__init__()
+        self.w1 = operations.Linear(dim, hidden, bias=False, **kw)
+        self.w2 = operations.Linear(hidden, dim, bias=False, **kw)
+        self.w3 = operations.Linear(dim, hidden, bias=False, **kw)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        a = self.w1(u)
+        b = self.w3(u)
+        a = F.silu(a, inplace=True)
+        a.mul_(b)
+        del b
+        return self.w2(a)
+
+
+class AdaLayerNormOut(nn.Module):
+    """``norm_out``: (scale, shift) = linear(SiLU(temb)), scale first; LayerNorm(x, eps 1e-6)."""
+
+    def __init__(self, dim: int, operations: ops.Operations, eps: float = 1e-6, **kw) -> None:
+        super().__init__()
+        self.eps = eps
+        self.linear = operations.Linear(dim, 2 * dim, **kw)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D]; temb: [B, D] -> [B, N, D] in x's dtype."""
+        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        xf = F.layer_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
+        xf.mul_(1.0 + scale.to(torch.float32).unsqueeze(1)).add_(shift.to(torch.float32).unsqueeze(1))
+        return xf.to(x.dtype)
+
+
+class LensJointAttention(nn.Module):
+    """Joint image+text attention with separate projections per stream (dit.md §6)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, qk_eps: float, operations: ops.Operations, **kw) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.img_qkv = operations.Linear(dim, 3 * heads * head_dim, **kw)
+        self.txt_qkv = operations.Linear(dim, 3 * heads * head_dim, **kw)
+        self.norm_q = RMSNorm(head_dim, qk_eps, **kw)
+        self.norm_k = RMSNorm(head_dim, qk_eps, **kw)
+        self.norm_added_q = RMSNorm(head_dim, qk_eps, **kw)
+        self.norm_added_k = RMSNorm(head_dim, qk_eps, **kw)
+        self.to_out = nn.ModuleList([operations.Linear(heads * head_dim, dim, **kw), nn.Identity()])
+        self.to_add_out = operations.Linear(heads * head_dim, dim, **kw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        freqs: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, D] image, c: [B, S, D] text (both modulated, compute dtype);
+        freqs: complex64 [N + S, head_dim / 2] (image rows first); mask: additive [B, 1, 1, N + S] or None.
+
+        returns: (image out [B, N, D], text out [B, S, D])
+        """
+        bsz, n, _ = x.shape
+        s = c.shape[1]
+        heads, hd = self.heads, self.head_dim
+        dtype = x.dtype
+        qkv_i = self.img_qkv(x).view(bsz, n, 3, heads, hd)
+        qkv_t = self.txt_qkv(c).view(bsz, s, 3, heads, hd) if s else None
+
+        # q and k of both streams in one fp32 buffer [B, L, 2, H, hd]: RMSNorm + RoPE in fp32.
+        if s:
+            qk = torch.cat((qkv_i[:, :, :2], qkv_t[:, :, :2]), dim=1).to(torch.float32)
+        else:
+            qk = qkv_i[:, :, :2].to(torch.float32, copy=True)
+        qk.mul_(torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.norm_q.eps)))
+        w_img = torch.stack((self.norm_q.weight, self.norm_k.weight)).to(torch.float32).view(2, 1, hd)
+        qk[:, :n].mul_(w_img)
+        if s:
+            w_txt = torch.stack((self.norm_added_q.weight, self.norm_added_k.weight)).to(torch.float32).view(2, 1, hd)
+            qk[:, n:].mul_(w_txt)
+        qk_c = torch.view_as_complex(qk.view(bsz, n + s, 2, heads, hd // 2, 2))
+        qk_c.mul_(freqs.view(1, n + s, 1, 1, hd // 2))
+        if dtype != torch.float32:
+            qk = qk.to(dtype)
+        q = qk[:, :, 0].transpose(1, 2)  # [B, H, L, hd]
+        k = qk[:, :, 1].transpose(1, 2)
+        v = (torch.cat((qkv_i[:, :, 2], qkv_t[:, :, 2]), dim=1) if s else qkv_i[:, :, 2]).transpose(1, 2)
+        del qkv_i, qkv_t
+
+        out = attention(q, k, v, mask)  # [B, H, L, hd]
+        del q, k, v, qk
+        out = out.transpose(1, 2).reshape(bsz, n + s, heads * hd)
+        img_out = self.to_out[0](out[:, :n])
+        txt_out = self.to_add_out(out[:, n:]) if s else c.new_zeros(bsz, 0, c.shape[-1])
+        return img_out, txt_out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention, scale 1/sqrt(head_dim); q, k, v [B, H, L, hd] -> [B, H, L, hd].
+
+    On CPU, when the chosen SDPA backend would materialise the full [B, H, L, L] score matrix (the
+    math path) and that matrix exceeds :data:`CPU_ATTENTION_CHUNK_BYTES`, queries run in chunks.
+    """
+    if q.device.type == "cpu":
+        bsz, heads, lq, _ = q.shape
+        lk = k.shape[2]
+        score_bytes = 4 * bsz * heads * lq * lk
+        if score_bytes > CPU_ATTENTION_CHUNK_BYTES and _sdpa_is_math(q, k, v, mask):
+            step = max(1, CPU_ATTENTION_CHUNK_BYTES // (4 * bsz * heads * lk))
+            out = torch.empty_like(q)
+            for i in range(0, lq, step):
+                out[:, :, i:i + step] = F.scaled_dot_product_attention(q[:, :, i:i + step], k, v, attn_mask=mask)
+            return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _sdpa_is_math(q, k, v, mask) -> bool:
+    """True when PyTorch would use the (unfused) math SDPA path for these inputs."""
+    try:
+        return int(torch._fused_sdp_choice(q, k, v, attn_mask=mask)) == 0
+    except Exception:  # private API: assume the worst and chunk
+        return True
+
+
+def sdpa_backend_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> str:
+    """Name of the SDPA backend PyTorch picks for these inputs (for logs and benchmarks)."""
+    names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+    try:
+        return names.get(int(torch._fused_sdp_choice(q, k, v, attn_mask=mask)), "unknown")
+    except Exception:
+        return "unknown"
+
+
+class LensTransformerBlock(nn.Module):
+    """One dual-stream block (dit.md §6)."""
+
+    def __init__(self, cfg: LensDiTConfig, operations: ops.Operations, **kw) -> None:
+        super().__init__()
+        d = cfg.inner_dim
+        self.eps = 1e-6
+        self.attn = LensJointAttention(d, cfg.num_attention_heads, cfg.attention_head_dim, cfg.qk_norm_eps, operations, **kw)
+        self.img_mod = nn.Sequential(nn.SiLU(), operations.Linear(d, 6 * d, **kw))
+        self.img_norm1 = RMSNorm(d, self.eps, **kw)
+        self.img_norm2 = RMSNorm(d, self.eps, **kw)
+        self.img_mlp = GateMLP(d, cfg.mlp_hidden, operations, **kw)
+        self.txt_mod = nn.Sequential(nn.SiLU(), operations.Linear(d, 6 * d, **kw))
+        self.txt_norm1 = RMSNorm(d, self.eps, **kw)
+        self.txt_norm2 = RMSNorm(d, self.eps, **kw)
+        self.txt_mlp = GateMLP(d, cfg.mlp_hidden, operations, **kw)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, D], c: [B, S, D], temb: [B, D] -> (c, x) updated. x and c are updated in place."""
+        dtype = x.dtype
+        s = c.shape[1]
+        m_img = self.img_mod(temb).unsqueeze(1).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
+        x_mod = _modulated_rms_norm(x, self.img_norm1.weight, m_img[1], m_img[0], self.eps, dtype)
+        if s:
+            m_txt = self.txt_mod(temb).unsqueeze(1).chunk(6, dim=-1)
+            c_mod = _modulated_rms_norm(c, self.txt_norm1.weight, m_txt[1], m_txt[0], self.eps, dtype)
+        else:
+            c_mod = c
+        img_attn, txt_attn = self.attn(x_mod, c_mod, freqs, mask)
+        del x_mod, c_mod
+        x.addcmul_(img_attn, m_img[2])
+        del img_attn
+        h = self.img_mlp(_modulated_rms_norm(x, self.img_norm2.weight, m_img[4], m_img[3], self.eps, dtype))
+        x.addcmul_(h, m_img[5])
+        del h
+        if s:
+            c.addcmul_(txt_attn, m_txt[2])
+            h = self.txt_mlp(_modulated_rms_norm(c, self.txt_norm2.weight, m_txt[4], m_txt[3], self.eps, dtype))
+            c.addcmul_(h, m_txt[5])
+        return c, x
+
+
+class LensTransformer(nn.Module):
+    """The Lens DiT.
+
+    ``model(x, timestep, context, context_mask)``:
+
+    - x: [B, 128, h, w] packed latents (token n = r*w + c, channel order of the VAE packing)
+    - timestep: [B] sigma in [0, 1] (not x1000)
+    - context: [B, S, 4E] layer-major text features (index l*E + e), or a list of 4 [B, S, E]
+    - context_mask: [B, S] bool / int, 1 = real token (None = all real); S may be 0
+    - returns: velocity v = noise - x0, [B, 128, h, w], in x's dtype
+
+    Attributes: ``config`` (:class:`LensDiTConfig`), ``variant_defaults`` (set by the loader),
+    ``compute_dtype`` (None = derived from the weight dtype and device).
+    """
+
+    def __init__(
+        self,
+        config: LensDiTConfig,
+        operations: ops.Operations | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        operations = operations or ops.default_operations
+        kw = {"dtype": dtype, "device": device}
+        self.config = config
+        d = config.inner_dim
+        self.time_text_embed = TimeTextEmbed(config.time_embed_dim, d, operations, **kw)
+        self.txt_norm = nn.ModuleList([RMSNorm(config.enc_hidden_dim, 1e-5, **kw) for _ in range(config.num_text_layers)])
+        self.txt_in = operations.Linear(config.enc_hidden_dim * config.num_text_layers, d, **kw)
+        self.img_in = operations.Linear(config.in_channels, d, **kw)
+        self.transformer_blocks = nn.ModuleList(
+            [LensTransformerBlock(config, operations, **kw) for _ in range(config.num_layers)]
+        )
+        self.norm_out = AdaLayerNormOut(d, operations, **kw)
+        self.proj_out = operations.Linear(d, config.proj_out_dim, **kw)
+        self.variant_defaults: dict = {"variant": "lens", "steps": 20, "cfg": 5.0}
+        self.compute_dtype: torch.dtype | None = None
+        self.source_identity: tuple | None = None
+
+    # -- dtype / device -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """Nominal DiT dtype: the dtype of the (never quantised) norm weights."""
+        return self.txt_norm[0].weight.dtype if len(self.txt_norm) else self.img_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.txt_norm[0].weight.device if len(self.txt_norm) else self.img_in.weight.device
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return ops.compute_dtype_for(self.dtype, self.device)
+
+    # -- forward --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, 128, h, w] -> velocity [B, 128, h, w] (see class docstring)."""
+        bsz, ch, h, w = x.shape
+        tokens = x.reshape(bsz, ch, h * w).transpose(1, 2)
+        out = self.forward_tokens(tokens, timestep, context, context_mask, (h, w))
+        return out.transpose(1, 2).reshape(bsz, -1, h, w)
+
+    @torch.no_grad()
+    def forward_tokens(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor],
+        encoder_mask: torch.Tensor | None,
+        grid_hw: tuple[int, int] | Sequence[int] | torch.Tensor,
+    ) -> torch.Tensor:
+        """Token-layout forward (the golden ``dit_cases`` layout).
+
+        hidden_states: [B, N, 128], N = h*w row-major; timestep: [B] sigma;
+        encoder_hidden_states: list of K [B, S, E] or one [B, S, K*E] layer-major;
+        encoder_mask: [B, S] (1 = real) or None; grid_hw: (h, w)
+        returns: [B, N, 128] in hidden_states' dtype
+        """
+        cfg = self.config
+        h, w = (int(v) for v in (grid_hw.tolist() if isinstance(grid_hw, torch.Tensor) else grid_hw))
+        bsz, n, _ = hidden_states.shape
+        if n != h * w:
+            raise ValueError(f"hidden_states has {n} tokens but grid_hw {(h, w)} needs {h * w}")
+        device = self.device
+        cdt = self.resolved_compute_dtype()
+        out_dtype = hidden_states.dtype
+
+        feats = self._stack_text(encoder_hidden_states, bsz)  # [B, S, K, E]
+        s = feats.shape[1]
+        if encoder_mask is not None:
+            if tuple(encoder_mask.shape) != (bsz, s):
+                raise ValueError(f"encoder_mask must have shape {(bsz, s)}, got {tuple(encoder_mask.shape)}")
+            encoder_mask = encoder_mask.to(device=device).bool()
+        txt_index = None
+        if encoder_mask is not None and not bool(encoder_mask.all()):
+            if bsz == 1:
+                # Masked text tokens cannot influence anything that is kept (image keys are always
+                # valid, masked keys get weight exp(-inf) = 0): drop them and keep the positions
+                # of the remaining ones.
+                txt_index = encoder_mask[0].nonzero().squeeze(-1)
+                feats = feats[:, txt_index.to(feats.device)]
+                s = feats.shape[1]
+                encoder_mask = None
+        else:
+            encoder_mask = None
+
+        x = self.img_in(hidden_states.to(device=device, dtype=cdt))
+        sigma = torch.as_tensor(timestep).to(device=device).reshape(-1)
+        if sigma.numel() == 1 and bsz > 1:
+            sigma = sigma.expand(bsz)
+        sigma = sigma.to(self.dtype)  # upstream rounds sigma to the DiT dtype (dit.md §4.3)
+
+        if s:
+            tn = torch.stack([m.weight for m in self.txt_norm]).to(torch.float32)  # [K, E]
+            c = rms_norm(feats.to(device=device), None, 1e-5).mul_(tn).to(cdt)
+            c = self.txt_in(c.reshape(bsz, s, -1))
+        else:
+            c = x.new_zeros(bsz, 0, cfg.inner_dim)
+        temb = self.time_text_embed(sigma, cdt)
+
+        img_pos, txt_pos = rope_positions(h, w, 0 if txt_index is not None else s)
+        if txt_index is not None:
+            txt_pos = (max(h // 2, w // 2) + txt_index.cpu()).unsqueeze(-1).expand(-1, 3)
+        freqs = rope_frequencies(torch.cat((img_pos, txt_pos)), cfg.axes_dims_rope, cfg.rope_theta, device)
+
+        mask = None
+        if encoder_mask is not None:
+            valid = torch.cat((torch.ones(bsz, n, dtype=torch.bool, device=device), encoder_mask), dim=1)
+            mask = torch.zeros(bsz, 1, 1, n + s, dtype=cdt, device=device)
+            mask.masked_fill_(~valid.view(bsz, 1, 1, n + s), float("-inf"))
+
+        for block in self.transformer_blocks:
+            c, x = block(x, c, temb, freqs, mask)
+        del c
+        x = self.norm_out(x, temb)
+        return self.proj_out(x).to(out_dtype)
+
+    def _stack_text(self, feats: torch.Tensor | Sequence[torch.Tensor], bsz: int) -> torch.Tensor:
+        """-> [B, S, K, E] from a list of K [B, S, E] or a [B, S, K*E] layer-major tensor."""
+        cfg = self.config
+        k, e = cfg.num_text_layers, cfg.enc_hidden_dim
+        if isinstance(feats, (list, tuple)):
+            if len(feats) != k:
+                raise ValueError(f"expected {k} text feature layers, got {len(feats)}")
+            for i, f in enumerate(feats):
+                if f.dim() != 3 or f.shape[0] != bsz or f.shape[-1] != e or f.shape[1] != feats[0].shape[1]:
+                    raise ValueError(
+                        f"text feature layer {i} has shape {tuple(f.shape)}; expected [{bsz}, S, {e}] for every layer"
+                    )
+            return torch.stack(list(feats), dim=2)
+        if feats is None:
+            return torch.zeros(bsz, 0, k, e)
+        if feats.dim() != 3 or feats.shape[0] != bsz or feats.shape[-1] != k * e:
+            raise ValueError(f"context has shape {tuple(feats.shape)}; expected [{bsz}, S, {k * e}] (layer-major)")
+        return feats.view(bsz, feats.shape[1], k, e)
+
+
+# =================================================================================================
+# Loading
+# =================================================================================================
+
+#: Linear layers that the optional ``weight_dtype="fp8"`` storage mode quantises (checkpoints.md §6).
+FP8_CANDIDATES = re.compile(
+    r"^transformer_blocks\.\d+\.(attn\.(img_qkv|txt_qkv|to_out\.0|to_add_out)|(img|txt)_mlp\.w[123])$"
+)
+
+_QUANT_EXTRA_SUFFIXES = (".weight_scale", ".weight_scale_2", ".comfy_quant", ".input_scale")
+
+_FLOAT_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def variant_defaults_for(name: str | Path) -> dict:
+    """Default preset from a file or folder name: turbo 4 / 1.0, base 50 / 5.0, else 20 / 5.0.
+
+    Generic diffusers names (``diffusion_pytorch_model*``, ``transformer/``) defer to the parent folder.
+    """
+    p = Path(name)
+    parts = [p.name]
+    for parent in p.parents:
+        if not parts[-1] or parts[-1].startswith(("diffusion_pytorch_model", "model")) or parts[-1] in ("transformer",):
+            parts.append(parent.name)
+        else:
+            break
+    text = " ".join(parts).lower()
+    if "turbo" in text:
+        return {"variant": "turbo", "steps": 4, "cfg": 1.0}
+    if re.search(r"(^|[^a-z])base([^a-z]|$)", text):
+        return {"variant": "base", "steps": 50, "cfg": 5.0}
+    return {"variant": "lens", "steps": 20, "cfg": 5.0}
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _pick_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device, name: str) -> torch.dtype:
+    dtype = requested if requested is not None else stored
+    if dtype == torch.float16:
+        alt = torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            alt = torch.float32
+        what = "requested" if requested is not None else f"stored in `{name}`"
+        warnings.warn(f"Lens does not run in fp16 (NaNs); fp16 was {what}, using {str(alt).replace('torch.', '')} instead.")
+        logger.warning("Lens does not run in fp16 (NaNs); using %s instead.", alt)
+        dtype = alt
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"unsupported DiT dtype {dtype}; use torch.bfloat16 or torch.float32")
+    return dtype
+
+
+def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names: set[str]) -> None:
+    """Check every key and shape against ``cfg``; raise CheckpointError listing the problems."""
+    from .checkpoints import CheckpointError
+
+    name = source.name
+    expected = cfg.expected_shapes()
+    present = set(source.keys())
+    problems: list[str] = []
+
+    for layer, qcfg in qlayers.items():
+        fmt = str(qcfg.get("format"))
+        if layer not in linear_names:
+            raise CheckpointError(
+                f"`{name}`: `{source.stored_key(layer)}` carries a quantisation marker ({fmt}) but is not a "
+                "Linear layer of the Lens DiT (norm weights cannot be quantised)."
+            )
+        if fmt not in ops.QUANT_FORMATS:
+            raise CheckpointError(quant.unsupported_format_message(name, source.stored_key(layer), fmt))
+        wkey = layer + ".weight"
+        if wkey not in present:
+            continue  # reported below as missing
+        out_f, in_f = expected[wkey]
+        stored = source.dtype(wkey)
+        wshape = tuple(source.shape(wkey))
+        skey = layer + ".weight_scale"
+        if fmt in ("mxfp8", "float8_e4m3fn"):
+            if stored != "F8_E4M3":
+                raise CheckpointError(
+                    f"`{name}`: layer `{source.stored_key(layer)}` is `{fmt}` but its weight is stored as {stored}; "
+                    "expected F8_E4M3 (ComfyUI would corrupt it too). Re-export the file with float8 weights."
+                )
+        if fmt == "mxfp8":
+            want = (-(-out_f // 32) * 32, -(-in_f // 32) * 32)
+            if wshape != want:
+                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {list(want)} (mxfp8, padded to 32)")
+            elif skey in present:
+                rp, cp = quant.padded_scale_shape(want[0], want[1] // 32)
+                sshape = tuple(source.shape(skey))
+                if source.dtype(skey) not in ("U8", "F8_E8M0"):
+                    problems.append(f"`{skey}` is {source.dtype(skey)}, expected U8 or F8_E8M0 exponent bytes")
+                elif sshape not in ((rp, cp), (rp * cp,)):
+                    problems.append(f"`{skey}` has shape {list(sshape)}, expected swizzled [{rp}, {cp}]")
+        elif fmt == "float8_e4m3fn":
+            if wshape != (out_f, in_f):
+                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {[out_f, in_f]}")
+            if skey in present and math.prod(source.shape(skey)) != 1:
+                problems.append(f"`{skey}` has shape {list(source.shape(skey))}, expected a scalar (per-tensor fp8)")
+        elif fmt == "nvfp4":
+            if stored != "U8":
+                raise CheckpointError(
+                    f"`{name}`: layer `{source.stored_key(layer)}` is `nvfp4` but its weight is stored as {stored}; expected U8."
+                )
+            if wshape != (out_f, in_f // 2) or in_f % 16:
+                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {[out_f, in_f // 2]} (nvfp4)")
+            if layer + ".weight_scale_2" not in present:
+                problems.append(f"`{layer}.weight_scale_2` is missing (nvfp4 global scale)")
+        if skey not in present:
+            problems.append(f"`{skey}` is missing ({fmt} block/tensor scale)")
+
+    missing = [k for k in expected if k not in present]
+    allowed_extra = {layer + suf for layer in qlayers for suf in _QUANT_EXTRA_SUFFIXES}
+    unexpected = [k for k in source.keys() if k not in expected and k not in allowed_extra]
+    bad_shape = []
+    for k, want in expected.items():
+        if k in present and not (k.endswith(".weight") and k[: -len(".weight")] in qlayers):
+            got = tuple(source.shape(k))
+            if got != want:
+                bad_shape.append(f"`{k}` has shape {list(got)}, expected {list(want)}")
+    for k in present:
+        if k in expected and k.endswith(".weight") and k[: -len(".weight")] not in qlayers:
+            if source.dtype(k) not in _FLOAT_ST:
+                problems.append(
+                    f"`{k}` is stored as {source.dtype(k)} without a `comfy_quant` marker (expected a float dtype)"
+                )
+    for k in present:
+        if k.endswith(".bias") and k in expected and source.dtype(k) not in _FLOAT_ST:
+            problems.append(f"`{k}` is stored as {source.dtype(k)}, expected a float dtype")
+
+    def listing(keys: list[str]) -> str:
+        shown = ", ".join(f"`{k}`" for k in keys[:10])
+        return shown + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+
+    msgs = []
+    if missing:
+        msgs.append(f"{len(missing)} missing key(s): {listing(missing)}")
+    if unexpected:
+        msgs.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
+    if bad_shape or problems:
+        items = bad_shape + problems
+        msgs.append(f"{len(items)} problem(s): " + "; ".join(items[:10]) + (f"; and {len(items) - 10} more" if len(items) > 10 else ""))
+    if msgs:
+        raise CheckpointError(
+            f"`{name}` does not match a Lens DiT with {cfg.num_layers} blocks, width {cfg.inner_dim}, "
+            f"{cfg.num_attention_heads} heads, MLP {cfg.mlp_hidden}, text width {cfg.enc_hidden_dim}: "
+            + " | ".join(msgs)
+            + ". The file may be incomplete or from another model; download it again or pick the matching file."
+        )
+
+
+def _config_for(source) -> LensDiTConfig:
+    from .checkpoints import CheckpointError
+
+    shapes = source.shapes()
+    cfg_dict = source.config
+    if cfg_dict and cfg_dict.get("_class_name") not in (None, "LensTransformer2DModel"):
+        logger.warning("%s: config.json _class_name is %r, not LensTransformer2DModel", source.name, cfg_dict.get("_class_name"))
+    try:
+        if cfg_dict:
+            cfg = LensDiTConfig.from_diffusers_config(cfg_dict)
+            if "transformer_blocks.0.img_mlp.w1.weight" in shapes:
+                inferred = LensDiTConfig.from_state_dict_shapes(shapes)
+                cfg.mlp_hidden = inferred.mlp_hidden
+            return cfg
+        return LensDiTConfig.from_state_dict_shapes(shapes)
+    except KeyError as e:
+        raise CheckpointError(
+            f"`{source.name}` does not look like a complete Lens DiT: key `{e.args[0]}` is missing, so the "
+            "configuration cannot be derived. The file may be incomplete; download it again."
+        ) from None
+
+
+def load_transformer(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    *,
+    weight_dtype: str | None = None,
+    qk_norm_eps: float | None = None,
+) -> LensTransformer:
+    """Load a Lens DiT from a diffusers folder, shard set or single ``.safetensors`` file.
+
+    path: a ``transformer/`` folder (or the pipeline root), an index json, a shard, or a single file
+        (bare keys or any DiT prefix, e.g. ``model.diffusion_model.``); ComfyUI ``*_mxfp8`` /
+        float8_e4m3fn files with per-layer ``comfy_quant`` markers (or ``_quantization_metadata``).
+    dtype: model dtype; None keeps the stored dtype (fp32 folder stays fp32, bf16 file stays bf16,
+        quantised files use their plain tensors' dtype). fp16 is refused with a warning -> bf16.
+    device: where the weights live (default CPU).
+    weight_dtype: None (as stored) or ``"fp8"``: store the attention and MLP Linears of every block
+        as float8_e4m3fn with a per-tensor scale (weight-only), everything else in ``dtype``.
+    qk_norm_eps: override the q/k RMSNorm eps (1e-6 upstream, 1e-5 in ComfyUI core).
+
+    The model is built on the meta device and filled one tensor at a time (cast per tensor), so
+    peak host memory is the final size plus one tensor. Quantised layers stay quantised
+    (:class:`ops.QuantLinear`) and are dequantised per layer at use. On any error nothing is
+    returned and the tensors read so far are released.
+    """
+    from .checkpoints import CheckpointError, open_checkpoint, quant_layers
+
+    if weight_dtype not in (None, "fp8", "float8_e4m3fn"):
+        raise ValueError(f"weight_dtype must be None or 'fp8', got {weight_dtype!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    source = open_checkpoint(path, "dit")
+    cfg = _config_for(source)
+    if qk_norm_eps is not None:
+        cfg.qk_norm_eps = float(qk_norm_eps)
+    qlayers = quant_layers(source)
+
+    with torch.device("meta"):
+        model = LensTransformer(cfg)
+    linear_names = _linear_names(model)
+    _validate(source, cfg, qlayers, linear_names)
+
+    stored = _FLOAT_ST.get(source.dtype("txt_norm.0.weight"), torch.float32)
+    if stored == torch.float64:
+        stored = torch.float32
+    target = _pick_dtype(dtype, stored, device, source.name)
+    fp8_mode = weight_dtype is not None
+
+    expected = cfg.expected_shapes()
+    try:
+        for layer, qcfg in qlayers.items():
+            _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
+        if fp8_mode:
+            for layer in sorted(linear_names):
+                if layer in qlayers or not FP8_CANDIDATES.match(layer):
+                    continue
+                w = source.read(layer + ".weight", dtype=torch.float32)
+                w8, scale = ops.quantize_float8_tensorwise(w)
+                del w
+                bias = None
+                if layer + ".bias" in expected:
+                    bias = source.read(layer + ".bias", dtype=target, device=device)
+                out_f, in_f = expected[layer + ".weight"]
+                model.set_submodule(
+                    layer, ops.QuantLinear("float8_e4m3fn", in_f, out_f, w8.to(device), scale.to(device), bias)
+                )
+        for key in expected:
+            module_name, _, pname = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            if isinstance(module, ops.QuantLinear):
+                continue
+            t = source.read(key, dtype=target, device=device)
+            module._parameters[pname] = nn.Parameter(t, requires_grad=False)
+        leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if leftovers:
+            raise RuntimeError(f"internal error: tensors not loaded: {leftovers[:10]}")
+    except BaseException:
+        model.to("meta")  # drop every tensor read so far before the traceback can keep it alive
+        raise
+
+    model.eval()
+    model.variant_defaults = variant_defaults_for(source.name)
+    model.source_identity = source.identity
+    nq = sum(isinstance(m, ops.QuantLinear) for m in model.modules())
+    logger.info(
+        "loaded Lens DiT %s: %d blocks, width %d, %s on %s%s; defaults %s",
+        source.name, cfg.num_layers, cfg.inner_dim, str(target).replace("torch.", ""), device,
+        f", {nq} quantised layers" if nq else "", model.variant_defaults,
+    )
+    return model
+
+
+def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
+    """Read one quantised Linear (weight, scale, bias) and install an :class:`ops.QuantLinear`."""
+    out_f, in_f = shape
+    bias = source.read(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
+    weight = source.read(layer + ".weight")
+    scale2 = None
+    if fmt == "mxfp8":
+        bits = source.read(layer + ".weight_scale")
+        if bits.dtype != torch.uint8:
+            bits = bits.view(torch.uint8)
+        out_p, in_p = weight.shape
+        scale = quant.unswizzle_scales(bits, out_p, in_p // 32).contiguous()
+    elif fmt == "float8_e4m3fn":
+        scale = source.read(layer + ".weight_scale", dtype=torch.float32).reshape(())
+    else:  # nvfp4
+        scale = source.read(layer + ".weight_scale")
+        if scale.dtype != torch.uint8:
+            scale = scale.view(torch.uint8)
+        scale2 = source.read(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
+        scale2 = scale2.to(device)
+    model.set_submodule(
+        layer, ops.QuantLinear(fmt, in_f, out_f, weight.to(device), scale.to(device), bias, weight_scale_2=scale2)
+    )
+
+
+__all__ = [
+    "LensDiTConfig",
+    "LensTransformer",
+    "load_transformer",
+    "rope_positions",
+    "rope_frequencies",
+    "timestep_embedding",
+    "variant_defaults_for",
+    "FP8_CANDIDATES",
+]

@@ -1,0 +1,194 @@
+"""Layer "operations" for the Lens DiT: plain, casting and quantised Linear layers.
+
+This is the seam between the model math (``dit.py``) and weight storage, in the spirit of
+ComfyUI's ``operations`` objects: the model builds its Linears through an :class:`Operations`
+object, and the loader swaps in :class:`QuantLinear` for layers stored quantised. The forward math
+never sees storage formats.
+
+- :class:`Linear` is an ``nn.Linear`` that casts its weight to the input dtype when they differ,
+  so bf16 weights can run in an fp32 compute dtype (CPUs without a native bf16 matmul) without a
+  second resident copy.
+- :class:`QuantLinear` keeps ``float8_e4m3fn`` (per-tensor scale), ``mxfp8`` (E8M0 block scales)
+  or ``nvfp4`` weights in their stored form and dequantises the whole matrix to the compute dtype
+  at each call (checkpoints.md §3: "dequantise per layer at use").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import quant
+
+logger = logging.getLogger(__name__)
+
+#: Formats :class:`QuantLinear` can hold (ComfyUI ``comfy_quant`` names).
+QUANT_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
+
+
+# -- dtype policy ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX on x86, BF16 on ARM).
+
+    Without them oneDNN emulates bf16 GEMMs, which on an AVX2 machine runs ~15x slower than fp32.
+    """
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        flags = ""
+    words = set(flags.split())
+    if words & {"avx512_bf16", "amx_bf16"}:
+        return True
+    if platform.machine().lower() in ("arm64", "aarch64") and ("bf16" in words or platform.system() == "Darwin"):
+        return True
+    return False
+
+
+def compute_dtype_for(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """Dtype the DiT computes in for weights stored as ``storage`` on ``device``.
+
+    fp32 stays fp32. bf16 computes in bf16 on GPUs and on CPUs with a native bf16 path, otherwise in
+    fp32 with the bf16 weights cast per layer at use (performance.md §4, CPU row). fp16 is never used
+    for compute (dit.md §9): it maps to bf16 where supported, else fp32.
+    """
+    device = torch.device(device)
+    if storage == torch.float32 or storage == torch.float64:
+        return torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
+# -- layers ----------------------------------------------------------------------------------------
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that casts weight and bias to the input dtype when they differ.
+
+    Same parameters and state-dict keys as ``nn.Linear`` (``weight`` [out, in], ``bias`` [out]).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight stays quantised and is dequantised to the input dtype at every call.
+
+    Storage (state-dict names as in ComfyUI files):
+
+    - ``float8_e4m3fn``: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` fp32 scalar;
+      W = float(w) * s.
+    - ``mxfp8``: ``weight`` float8_e4m3fn [out_p, in_p] (zero-padded to multiples of 32),
+      ``weight_scale`` uint8 E8M0 exponents kept **unswizzled** as [out_p, in_p / 32] (the loader
+      unswizzles once); W = float(w) * 2^(e - 127), byte 0 = scale 0, padding sliced off.
+    - ``nvfp4``: ``weight`` uint8 [out, in / 2], ``weight_scale`` swizzled E4M3 bits (uint8),
+      ``weight_scale_2`` fp32 scalar.
+
+    ``bias`` [out] is a plain tensor in the model dtype (or None).
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        in_features: int,
+        out_features: int,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_scale_2: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if fmt not in QUANT_FORMATS:
+            raise ValueError(f"QuantLinear: unsupported format {fmt!r} (supported: {', '.join(QUANT_FORMATS)})")
+        self.fmt = fmt
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        if weight_scale_2 is not None:
+            self.register_buffer("weight_scale_2", weight_scale_2)
+        else:
+            self.weight_scale_2 = None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight [out, in] in ``dtype`` (products formed in fp32)."""
+        if self.fmt == "mxfp8":
+            return dequantize_mxfp8_unswizzled(self.weight, self.weight_scale, self.out_features, self.in_features, dtype)
+        if self.fmt == "float8_e4m3fn":
+            w = self.weight.to(torch.float32)
+            return w.mul_(self.weight_scale.to(torch.float32)).to(dtype)
+        return quant.dequantize_nvfp4(
+            self.weight, self.weight_scale, self.weight_scale_2, self.out_features, self.in_features, dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), b)
+
+
+def e8m0_scale(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 exponent bytes -> fp32 2^(e - 127), with byte 0 -> exactly 0.
+
+    Built from the bits: placing e in the fp32 exponent field gives 2^(e - 127) for e = 1..254 and
+    the all-zero pattern (0.0) for e = 0, which is the MXFP8 writers' meaning of byte 0.
+    """
+    return (e.to(torch.int32) << 23).view(torch.float32)
+
+
+def dequantize_mxfp8_unswizzled(
+    weight: torch.Tensor, scales: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """MXFP8 with already-unswizzled scales.
+
+    weight: float8_e4m3fn [out_p, in_p]; scales: uint8 [out_p, in_p / 32]
+    returns: [out_features, in_features] in ``dtype``
+    """
+    out_p, in_p = weight.shape
+    w = weight.to(torch.float32).view(out_p, in_p // 32, 32)
+    w.mul_(e8m0_scale(scales).unsqueeze(-1))
+    w = w.view(out_p, in_p)
+    if out_p != out_features or in_p != in_features:
+        w = w[:out_features, :in_features]
+    return w.to(dtype)
+
+
+def quantize_float8_tensorwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [out, in] -> (float8_e4m3fn [out, in], fp32 scalar scale = amax / 448).
+
+    Used by the optional ``weight_dtype="fp8"`` storage mode (checkpoints.md §6 candidates only).
+    """
+    return quant.quantize_float8(weight)
+
+
+class Operations:
+    """Factory the model builds its layers with (ComfyUI's ``operations`` pattern)."""
+
+    Linear = Linear
+
+
+default_operations = Operations()
