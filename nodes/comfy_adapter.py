@@ -1,0 +1,239 @@
+"""The only place where the pack touches ComfyUI.
+
+Every ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``) is imported
+lazily inside the function that needs it, so ``nodes`` imports cleanly in a plain Python
+environment (tests, scripts). Outside ComfyUI each function falls back to a sensible default:
+CUDA if present else CPU, no-op memory calls, no progress bar, no interrupt.
+
+ComfyUI is GPL-3.0: we call it at run time, we never copy its code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _folder_paths():
+    try:
+        import folder_paths  # ComfyUI
+    except ImportError:
+        return None
+    return folder_paths
+
+
+def _mm():
+    try:
+        import comfy.model_management as mm  # ComfyUI
+    except ImportError:
+        return None
+    return mm
+
+
+# --------------------------------------------------------------------------------------------
+# model folders
+# --------------------------------------------------------------------------------------------
+
+def filename_list(key: str) -> list[str]:
+    """Relative file names ComfyUI lists for a model folder key (`diffusion_models`, ...)."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return list(fp.get_filename_list(key))
+    except Exception as e:  # an unknown key in an old ComfyUI, a broken extra_model_paths.yaml
+        logger.warning("could not list model folder %r: %s", key, e)
+        return []
+
+
+def folder_roots(key: str) -> list[str]:
+    """Absolute folders ComfyUI searches for `key` (includes extra_model_paths.yaml entries)."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    try:
+        return [p for p in fp.get_folder_paths(key) if os.path.isdir(p)]
+    except Exception as e:
+        logger.warning("could not read model folders for %r: %s", key, e)
+        return []
+
+
+def full_path(key: str, name: str) -> str:
+    """Resolve a combo entry to an absolute path, or raise FileNotFoundError naming the folders."""
+    fp = _folder_paths()
+    if fp is not None:
+        path = fp.get_full_path(key, name)
+        if path is not None:
+            return path
+        roots = folder_roots(key)
+    else:
+        roots = []
+    if os.path.isabs(name) and os.path.exists(name):
+        return name
+    looked = ", ".join(roots) if roots else "(no ComfyUI model folders available)"
+    raise FileNotFoundError(
+        f"Model {name!r} was not found in the {key!r} folders ({looked}). Put the file there "
+        f"(or list its folder in extra_model_paths.yaml), then refresh the browser (press R)."
+    )
+
+
+def cache_dir() -> Path:
+    """Folder for the pack's on-disk caches (text-encoder features).
+
+    ``LENS_NODES_CACHE_DIR`` overrides it; otherwise ComfyUI's user directory is used (it survives
+    restarts, unlike ComfyUI's temp directory).
+    """
+    env = os.environ.get("LENS_NODES_CACHE_DIR")
+    if env:
+        return Path(env)
+    fp = _folder_paths()
+    if fp is not None:
+        for getter in ("get_user_directory", "get_temp_directory"):
+            fn = getattr(fp, getter, None)
+            if fn is not None:
+                try:
+                    return Path(fn()) / "lens_nodes_cache"
+                except Exception:
+                    continue
+    return Path.home() / ".cache" / "lens_nodes"
+
+
+# --------------------------------------------------------------------------------------------
+# devices and memory
+# --------------------------------------------------------------------------------------------
+
+def torch_device():
+    """ComfyUI's main compute device (the CPU under --cpu)."""
+    import torch
+
+    mm = _mm()
+    if mm is not None:
+        return torch.device(mm.get_torch_device())
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device():
+    """Where a model waits while it is not computing (host RAM)."""
+    import torch
+
+    mm = _mm()
+    if mm is not None:
+        return torch.device(mm.unet_offload_device())
+    return torch.device("cpu")
+
+
+def text_encoder_device():
+    """ComfyUI's placement policy for text encoders (CPU on low-VRAM setups)."""
+    import torch
+
+    mm = _mm()
+    if mm is not None:
+        return torch.device(mm.text_encoder_device())
+    return torch_device()
+
+
+def vae_device():
+    import torch
+
+    mm = _mm()
+    if mm is not None:
+        return torch.device(mm.vae_device())
+    return torch_device()
+
+
+def intermediate_device():
+    """Where LATENT, IMAGE and CONDITIONING tensors travel between nodes (the CPU)."""
+    import torch
+
+    mm = _mm()
+    if mm is not None:
+        return torch.device(mm.intermediate_device())
+    return torch.device("cpu")
+
+
+def free_memory_bytes(device) -> int | None:
+    """Free memory on `device` in bytes (None when unknown)."""
+    import torch
+
+    device = torch.device(device)
+    mm = _mm()
+    if mm is not None:
+        try:
+            return int(mm.get_free_memory(device))
+        except Exception:
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
+
+
+def free_comfy_memory(nbytes: int, device) -> None:
+    """Ask ComfyUI to evict its own models until `nbytes` are free on `device`."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    mm = _mm()
+    if mm is None:
+        return
+    try:
+        mm.free_memory(int(nbytes), device)
+    except Exception as e:  # never fail a run because core's bookkeeping refused
+        logger.warning("ComfyUI free_memory(%d, %s) failed: %s", nbytes, device, e)
+
+
+def unload_comfy_models() -> None:
+    mm = _mm()
+    if mm is not None:
+        mm.unload_all_models()
+
+
+def soft_empty_cache() -> None:
+    """Return cached allocator blocks to the driver (after large frees)."""
+    import gc
+
+    gc.collect()
+    mm = _mm()
+    if mm is not None:
+        mm.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# progress and cancellation
+# --------------------------------------------------------------------------------------------
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel.
+
+    The exception derives from BaseException: never catch it with ``except Exception``.
+    """
+    mm = _mm()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class _NoProgress:
+    def update(self, value):
+        pass
+
+    def update_absolute(self, value, total=None, preview=None):
+        pass
+
+
+def progress_bar(total: int):
+    """A ComfyUI progress bar (``update_absolute(value, total, preview)``), or a silent one."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return _NoProgress()
+    return comfy.utils.ProgressBar(int(total))

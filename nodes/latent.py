@@ -1,0 +1,97 @@
+"""Lens Resolution (upstream presets -> width, height) and Lens Empty Latent."""
+
+from __future__ import annotations
+
+import logging
+
+from . import comfy_adapter as comfy
+from .common import CATEGORY, lens
+
+logger = logging.getLogger(__name__)
+
+# Frozen UI values (saved in workflows); the sizes come from lens_model.resolution.
+BASES = ["1024", "1440", "1248x1664", "1664x1248", "custom"]
+RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
+MAX_SIDE = 2080
+
+
+def _size_input(default: int, what: str):
+    return ("INT", {"default": default, "min": 16, "max": MAX_SIDE, "step": 16, "tooltip": what})
+
+
+class LensNodesResolution:
+    DESCRIPTION = (
+        "Picks a Lens generation size: the upstream presets (base 1024 or 1440 with nine aspect "
+        "ratios), the 1248×1664 / 1664×1248 sizes from the release notes, or a custom size. Warns "
+        "in the log when a custom size falls between the two preset families, where the schedule "
+        "shift jumps (above 4300 image tokens)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INT", "INT")
+    RETURN_NAMES = ("width", "height")
+    OUTPUT_TOOLTIPS = ("Width in pixels (multiple of 16).", "Height in pixels (multiple of 16).")
+    FUNCTION = "resolve"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "base": (BASES, {
+                    "default": "1440",
+                    "tooltip": "1024 or 1440: upstream preset family (1440 ≈ 2 MP, what the "
+                               "ComfyUI templates use; 1024 is faster). WxH entries are fixed "
+                               "sizes. custom: use width and height below."}),
+                "ratio": (RATIOS, {
+                    "default": "1:1",
+                    "tooltip": "Aspect ratio as width:height, for the 1024 and 1440 families."}),
+                "width": _size_input(1024, "Width for base = custom (multiple of 16, up to 2080)."),
+                "height": _size_input(1024, "Height for base = custom (multiple of 16, up to 2080)."),
+            }
+        }
+
+    def resolve(self, base="1440", ratio="1:1", width=1024, height=1024):
+        res = lens("resolution")
+        if base in ("1024", "1440"):
+            w, h = res.resolution_for(int(base), ratio)
+        elif base == "custom":
+            w, h = res.validate_size(int(width), int(height))
+        elif base in BASES:
+            w, h = (int(v) for v in base.split("x"))
+        else:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
+        warning = res.schedule_jump_warning(w, h)
+        if warning:
+            logger.warning("%s", warning)
+        return (w, h)
+
+
+class LensNodesEmptyLatent:
+    DESCRIPTION = (
+        "An empty Lens latent (FLUX.2 latent space: 128 channels at 1/16 size) for the MMDiT "
+        "Sampler. Equivalent to core's EmptyFlux2LatentImage."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Zeros [batch, 128, height/16, width/16].",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "width": _size_input(1024, "Image width in pixels (multiple of 16)."),
+                "height": _size_input(1024, "Image height in pixels (multiple of 16)."),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
+                                       "tooltip": "Images per run (noise differs per image)."}),
+            }
+        }
+
+    def generate(self, width=1024, height=1024, batch_size=1):
+        import torch
+
+        w, h = lens("resolution").validate_size(int(width), int(height))
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        samples = torch.zeros(int(batch_size), 128, h // 16, w // 16,
+                              device=comfy.intermediate_device())
+        return ({"samples": samples},)

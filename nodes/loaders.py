@@ -1,0 +1,263 @@
+"""Loader nodes: Lens DiT, GPT-OSS text encoder, FLUX.2 VAE.
+
+Each loader resolves a combo entry from ComfyUI's model folders (a file, the first shard of a set,
+or a ``<folder>/`` entry for a diffusers folder), builds the model completely or raises, and
+returns a handle (nodes/handles.py). ``IS_CHANGED`` returns the file identity so a replaced file
+reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import comfy_adapter as comfy
+from .common import CATEGORY, file_identity, lens, make_room, model_list, resolve_device, resolve_model
+from .handles import DiTHandle, TextEncoderHandle, VAEHandle
+
+logger = logging.getLogger(__name__)
+
+DIT_DTYPES = ["default", "bf16", "fp32", "fp8"]
+DEVICES = ["auto", "gpu", "cpu"]
+DIT_OFFLOAD = ["auto", "always", "never"]
+TE_DTYPES = ["auto", "bf16", "fp32"]
+TE_OFFLOAD = ["none", "layers"]
+VAE_DTYPES = ["auto", "bf16", "fp32"]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
+
+
+def _identity_or_nan(key: str, name: str):
+    try:
+        return file_identity(resolve_model(key, name))
+    except Exception:
+        return float("nan")  # re-run: the node itself will raise the readable error
+
+
+def _accepted_kwargs(fn) -> set[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+class LensNodesDiTLoader:
+    DESCRIPTION = (
+        "Loads a Lens / Lens-Turbo / Lens-Base diffusion transformer (MMDiT) from "
+        "models/diffusion_models: a Comfy-Org single file (bf16 or mxfp8), a ComfyUI-prefixed file, "
+        "or a diffusers folder. The file name pre-fills nothing by itself; use 4 steps / CFG 1 for "
+        "Turbo and 20 steps / CFG 5 for Lens."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LENS_DIT",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Lens diffusion transformer, for the MMDiT Sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (model_list("diffusion_models"), {
+                    "tooltip": "Lens DiT weights from models/diffusion_models (or models/unet). "
+                               "Entries ending in '/' are diffusers folders; a shard stands for "
+                               "its whole set."}),
+                "weight_dtype": (DIT_DTYPES, {
+                    "default": "default",
+                    "tooltip": "default: bf16 on a GPU, the stored dtype on the CPU. fp32 is exact "
+                               "but twice the memory. fp8: weight-only fp8 storage (about half of "
+                               "bf16) with modulation, embedders and norms kept in bf16; quality "
+                               "drops slightly. fp16 is never used (Lens overflows in fp16)."}),
+                "device": (DEVICES, {
+                    "default": "auto",
+                    "tooltip": "Where the DiT computes. auto: ComfyUI's main device. gpu: the "
+                               "GPU or an error. cpu: very slow (minutes per step at 1024²)."}),
+                "offload": (DIT_OFFLOAD, {
+                    "default": "auto",
+                    "tooltip": "auto: stays on the GPU until the text encoder or VAE needs the "
+                               "room. always: back to RAM after every run (for small cards). "
+                               "never: stays resident (for large cards)."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model_name, **kwargs):
+        return _identity_or_nan("diffusion_models", model_name)
+
+    def load(self, model_name, weight_dtype="default", device="auto", offload="auto"):
+        import torch
+
+        if weight_dtype not in DIT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {DIT_DTYPES}, got {weight_dtype!r}")
+        path = resolve_model("diffusion_models", model_name)
+        dev = resolve_device(device, comfy.torch_device())
+        lm = lens()
+        accepted = _accepted_kwargs(lm.load_transformer)
+        kwargs = {}
+        if weight_dtype == "fp8":
+            if "weight_storage" in accepted:
+                kwargs["weight_storage"] = "fp8"
+            elif "quantize" in accepted:
+                kwargs["quantize"] = "fp8"
+            else:
+                raise ValueError(
+                    "weight_dtype 'fp8' is not supported by this version of lens_model "
+                    "(load_transformer has no fp8 storage option). Select 'default' or 'bf16', "
+                    "or load a Comfy-Org *_mxfp8.safetensors file, which stays fp8 as stored."
+                )
+            dtype = torch.bfloat16
+        elif weight_dtype == "default":
+            dtype = torch.bfloat16 if dev.type != "cpu" else None
+        else:
+            dtype = _torch_dtype(weight_dtype)
+        # Load straight into host RAM; the sampler moves the weights to the GPU when it runs,
+        # after the text encoder has given its memory back.
+        load_device = comfy.offload_device() if dev.type != "cpu" else dev
+        if offload == "never" and dev.type != "cpu":
+            make_room(None, dev, 0)
+            load_device = dev
+        logger.info("loading Lens DiT %s (weight dtype %s, device %s)", model_name, weight_dtype, dev)
+        try:
+            model = lm.load_transformer(path, dtype=dtype, device=load_device, **kwargs)
+        except BaseException:
+            comfy.soft_empty_cache()
+            raise
+        model.eval()
+        model.requires_grad_(False)
+        return (DiTHandle(model, path, file_identity(path), dev, offload, weight_dtype),)
+
+
+class LensNodesTextEncoderLoader:
+    DESCRIPTION = (
+        "Selects the GPT-OSS-20B text encoder used by Lens (models/text_encoders: the Comfy-Org "
+        "gpt_oss_20b_nvfp4.safetensors, the openai/gpt-oss-20b shards, or a diffusers "
+        "text_encoder folder). The file is checked now but loaded only when a prompt is encoded "
+        "that is not already cached, and it is unloaded again after encoding."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LENS_TE",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder handle, for GPT-OSS TextEncode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (model_list("text_encoders"), {
+                    "tooltip": "GPT-OSS-20B weights from models/text_encoders (or models/clip). "
+                               "Entries ending in '/' are folders (diffusers or openai layout)."}),
+                "device": (DEVICES, {
+                    "default": "auto",
+                    "tooltip": "Where the encoder runs. auto follows ComfyUI's text-encoder policy "
+                               "(GPU unless low-VRAM). cpu needs about 14 GB of RAM and takes "
+                               "tens of seconds per new prompt."}),
+                "dtype": (TE_DTYPES, {
+                    "default": "auto",
+                    "tooltip": "Compute dtype. auto: bf16 (never fp16: gpt-oss overflows). fp32 "
+                               "is for parity checks; quantised experts stay quantised."}),
+                "offload": (TE_OFFLOAD, {
+                    "default": "none",
+                    "tooltip": "none: the whole encoder on the device while encoding (about 13 GB "
+                               "of VRAM). layers: stream each layer's experts from RAM (about "
+                               "3 GB of VRAM, slower): for 8–16 GB cards."}),
+                "keep_loaded": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep the encoder loaded after encoding (faster prompt edits, but "
+                               "it holds its memory until the DiT needs room). Off: unload "
+                               "after every encode; cached prompts need no encoder."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, text_encoder_name, **kwargs):
+        return _identity_or_nan("text_encoders", text_encoder_name)
+
+    def load(self, text_encoder_name, device="auto", dtype="auto", offload="none", keep_loaded=False):
+        if dtype not in TE_DTYPES:
+            raise ValueError(f"dtype must be one of {TE_DTYPES}, got {dtype!r}")
+        if offload not in TE_OFFLOAD:
+            raise ValueError(f"offload must be one of {TE_OFFLOAD}, got {offload!r}")
+        path = resolve_model("text_encoders", text_encoder_name)
+        dev = resolve_device(device, comfy.text_encoder_device())
+        hidden = _check_text_encoder(path)
+        import torch
+
+        tdtype = _torch_dtype(dtype) if dtype != "auto" else torch.bfloat16
+        name = dtype if dtype != "auto" else "bf16"
+        handle = TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
+                                   bool(keep_loaded), hidden)
+        return (handle,)
+
+
+def _check_text_encoder(path: str) -> int | None:
+    """Validate the file is a gpt-oss text encoder (headers only) and return its hidden size."""
+    source = lens("checkpoints").open_checkpoint(path, "te")
+    for key in source.keys():
+        if key.endswith(("embed_tokens.weight", "embedding.weight")):
+            shape = source.shape(key)
+            if len(shape) == 2:
+                return int(shape[1])
+    cfg = source.config or {}
+    return cfg.get("hidden_size")
+
+
+class LensNodesVAELoader:
+    DESCRIPTION = (
+        "Loads the FLUX.2 VAE used by Lens (models/vae: flux2-vae.safetensors, the BFL ae file or "
+        "a diffusers vae folder). FLUX.1 / SD VAEs do not work with Lens."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LENS_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The FLUX.2 VAE, for FLUX2 VAE Decode / Encode.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (model_list("vae"), {
+                    "tooltip": "FLUX.2 VAE weights from models/vae (flux2-vae.safetensors)."}),
+                "dtype": (VAE_DTYPES, {
+                    "default": "auto",
+                    "tooltip": "auto: bf16 on a GPU, fp32 on the CPU. fp32 is exact."}),
+                "device": (DEVICES, {
+                    "default": "auto",
+                    "tooltip": "Where decoding runs. auto follows ComfyUI's VAE device."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name, **kwargs):
+        return _identity_or_nan("vae", vae_name)
+
+    def load(self, vae_name, dtype="auto", device="auto"):
+        import torch
+
+        if dtype not in VAE_DTYPES:
+            raise ValueError(f"dtype must be one of {VAE_DTYPES}, got {dtype!r}")
+        path = resolve_model("vae", vae_name)
+        dev = resolve_device(device, comfy.vae_device())
+        if dtype == "auto":
+            tdtype = torch.bfloat16 if dev.type != "cpu" else torch.float32
+        else:
+            tdtype = _torch_dtype(dtype)
+        load_device = comfy.offload_device() if dev.type != "cpu" else dev
+        logger.info("loading FLUX.2 VAE %s (%s, device %s)", vae_name, tdtype, dev)
+        try:
+            vae = lens().load_vae(path, dtype=tdtype, device=load_device)
+        except BaseException:
+            comfy.soft_empty_cache()
+            raise
+        if hasattr(vae, "eval"):
+            vae.eval()
+            vae.requires_grad_(False)
+        return (VAEHandle(vae, path, file_identity(path), dev, str(tdtype).replace("torch.", "")),)

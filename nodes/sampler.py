@@ -1,0 +1,249 @@
+"""MMDiT Sampler: Euler flow matching with the Lens schedule and norm-rescaled CFG.
+
+Accepts CONDITIONING from our GPT-OSS TextEncode or core's CLIPTextEncode (type lens), and a LATENT
+from our Empty Latent / VAE Encode, core's EmptyFlux2LatentImage / VAEEncode (FLUX.2 VAE) or core's
+4-channel EmptyLatentImage (converted). Returns LATENT {"samples": [B, 128, h, w] fp32 CPU}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import comfy_adapter as comfy
+from .common import CATEGORY, lens
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ["upstream", "comfyui"]
+NOISE_LAYOUTS = ["upstream", "comfy"]
+CFG_MODES = ["upstream", "comfyui"]
+MAX_SIDE = 4096
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def parse_conditioning(cond, what: str):
+    """CONDITIONING -> (ctx [B, S, F] float32, mask [B, S] bool). Uses the first entry."""
+    import torch
+
+    if not isinstance(cond, (list, tuple)) or len(cond) == 0:
+        raise ValueError(f"{what}: the CONDITIONING is empty; connect a GPT-OSS TextEncode "
+                         f"(or core CLIPTextEncode with a CLIPLoader of type 'lens').")
+    if len(cond) > 1:
+        logger.warning("%s: CONDITIONING has %d entries (combined?); Lens uses only the first.",
+                       what, len(cond))
+    entry = cond[0]
+    ctx = entry[0]
+    extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    if not torch.is_tensor(ctx) or ctx.ndim != 3:
+        shape = tuple(ctx.shape) if torch.is_tensor(ctx) else type(ctx).__name__
+        raise ValueError(f"{what}: expected Lens text features [B, S, 4×2880], got {shape}.")
+    stacked = extra.get("num_layers_stacked", 4)
+    if stacked != 4:
+        raise ValueError(f"{what}: conditioning stacks {stacked} text-encoder layers; Lens needs 4 "
+                         f"(was it encoded for another model?).")
+    mask = extra.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(ctx.shape[:2], dtype=torch.bool)
+    else:
+        if tuple(mask.shape) != tuple(ctx.shape[:2]):
+            raise ValueError(f"{what}: attention_mask {tuple(mask.shape)} does not match the "
+                             f"features {tuple(ctx.shape)}.")
+        mask = mask.to(torch.bool)
+    return ctx.to(torch.float32), mask.cpu()
+
+
+def _check_features(ctx, model, what: str):
+    cfg = getattr(model, "config", None)
+    e = getattr(cfg, "enc_hidden_dim", None)
+    if e is not None and ctx.shape[-1] != 4 * e:
+        raise ValueError(
+            f"{what}: text features have {ctx.shape[-1]} channels per token, but this Lens DiT "
+            f"expects 4×{e} = {4 * e}. Encode the prompt with GPT-OSS TextEncode (or a core "
+            f"CLIPLoader of type 'lens')."
+        )
+
+
+def prepare_latent(latent, width: int, height: int):
+    """-> (samples [B, 128, h, w] fp32 CPU, has_content). Converts core's empty 4-channel latent."""
+    import torch
+
+    if latent is None:
+        if width % 16 or height % 16:
+            raise ValueError(f"width and height must be multiples of 16, got {width}×{height} "
+                             f"(use Lens Resolution, or round to {width // 16 * 16}×{height // 16 * 16}).")
+        return torch.zeros(1, 128, height // 16, width // 16), False
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError("latent must be a LATENT dict with 'samples'.")
+    s = latent["samples"]
+    if s.ndim != 4:
+        raise ValueError(f"latent has shape {tuple(s.shape)}; Lens needs [B, 128, h, w] "
+                         f"(image latents, not video).")
+    if latent.get("noise_mask") is not None:
+        logger.warning("latent noise_mask is ignored: the MMDiT Sampler does not inpaint.")
+    if s.shape[1] != 128:
+        if not bool((s == 0).all()):
+            raise ValueError(
+                f"latent has {s.shape[1]} channels; Lens uses the FLUX.2 latent space with 128 "
+                f"channels. Encode images with FLUX2 VAE Encode (or core VAEEncode with "
+                f"flux2-vae.safetensors)."
+            )
+        s = lens("resolution").latent_from_core_empty(latent)
+        if isinstance(s, dict):
+            s = s["samples"]
+        return s.to("cpu", torch.float32), False
+    s = s.to("cpu", torch.float32)
+    return s, bool((s != 0).any())
+
+
+class LensNodesSampler:
+    DESCRIPTION = (
+        "Generates Lens latents: Euler flow-matching steps with the upstream Lens schedule and "
+        "per-token norm-rescaled CFG. Turbo: 4 steps, CFG 1. Lens: 20 steps, CFG 5. Connect a "
+        "latent with content and lower denoise for image-to-image. Decode with FLUX2 VAE Decode "
+        "or core VAEDecode (flux2-vae)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Denoised FLUX.2 latents [B, 128, H/16, W/16].",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("LENS_DIT", {"tooltip": "From LensLoader."}),
+                "positive": ("CONDITIONING", {
+                    "tooltip": "Prompt features from GPT-OSS TextEncode (or core CLIPTextEncode "
+                               "with a 'lens' CLIP)."}),
+                "seed": ("INT", {
+                    "default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                    "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same "
+                               "image on any GPU."}),
+                "steps": ("INT", {
+                    "default": 4, "min": 1, "max": 200, "step": 1,
+                    "tooltip": "Sampling steps: 4 for Turbo, 20 for Lens, 50 for Lens-Base."}),
+                "cfg": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                    "tooltip": "Guidance scale. 1 = no guidance (one DiT pass per step; the "
+                               "negative prompt has no effect). Lens uses 5."}),
+                "schedule": (SCHEDULES, {
+                    "default": "upstream",
+                    "tooltip": "upstream: Microsoft's schedule (shift from the image size and "
+                               "step count). comfyui: core's ModelSamplingFlux + simple scheduler, "
+                               "for parity checks with core workflows."}),
+                "denoise": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "1 = text-to-image. Below 1 with an image latent: image-to-image "
+                               "starting part-way (0.6 keeps the composition)."}),
+                "noise_layout": (NOISE_LAYOUTS, {
+                    "default": "upstream",
+                    "tooltip": "upstream: noise drawn in token order like the reference code. "
+                               "comfy: drawn as [B, 128, h, w] like core samplers. The same seed "
+                               "gives different images in the two layouts."}),
+                "width": ("INT", {
+                    "default": 1024, "min": 16, "max": MAX_SIDE, "step": 16,
+                    "tooltip": "Image width in pixels (multiple of 16), used when no latent is "
+                               "connected."}),
+                "height": ("INT", {
+                    "default": 1024, "min": 16, "max": MAX_SIDE, "step": 16,
+                    "tooltip": "Image height in pixels (multiple of 16), used when no latent is "
+                               "connected."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {
+                    "tooltip": "Negative prompt features; only used when cfg ≠ 1. Unconnected or "
+                               "empty text = the empty negative Lens was trained with."}),
+                "latent": ("LATENT", {
+                    "tooltip": "Start latent: Lens Empty Latent, FLUX2 VAE Encode, or core "
+                               "empty/Flux2 latents. Sets the size and batch; overrides "
+                               "width/height."}),
+                "mu": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 5.0, "step": 0.01,
+                    "tooltip": "Schedule shift override (μ; the shift is e^μ). 0 = automatic "
+                               "from size and steps. Try 1.2–2.3 for sizes near 1056–1300 px."}),
+                "cfg_mode": (CFG_MODES, {
+                    "default": "upstream",
+                    "tooltip": "upstream: per-token norm rescale of the guided velocity. "
+                               "comfyui: core's CFG + CFGNorm clamp, for parity checks."}),
+            },
+        }
+
+    def sample(self, model, positive, seed=0, steps=4, cfg=1.0, schedule="upstream", denoise=1.0,
+               noise_layout="upstream", width=1024, height=1024, negative=None, latent=None,
+               mu=0.0, cfg_mode="upstream"):
+        import torch
+
+        if not hasattr(model, "for_compute"):
+            raise ValueError("model must come from the LensLoader node (LensNodesDiTLoader); got "
+                             f"{type(model).__name__}. Core MODEL outputs do not work here.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if noise_layout not in NOISE_LAYOUTS:
+            raise ValueError(f"noise_layout must be one of {NOISE_LAYOUTS}, got {noise_layout!r}")
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if not 0.0 < float(denoise) <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        sampling = lens("sampling")
+        resolution = lens("resolution")
+
+        samples, has_content = prepare_latent(latent, int(width), int(height))
+        batch, _, h, w = samples.shape
+        H, W = 16 * h, 16 * w
+
+        ctx, mask = parse_conditioning(positive, "positive")
+        _check_features(ctx, model.model, "positive")
+        nctx = nmask = None
+        if negative is not None:
+            nctx, nmask = parse_conditioning(negative, "negative")
+            if nctx.shape[1] == 0:
+                nctx = nmask = None  # empty negative: zero tokens (sampling.md §5)
+            else:
+                _check_features(nctx, model.model, "negative")
+
+        warning = resolution.schedule_jump_warning(W, H)
+        if warning:
+            logger.warning("%s", warning)
+
+        mu_value = float(mu) if mu and float(mu) > 0 else None
+        img2img = has_content and float(denoise) < 1.0
+        if float(denoise) < 1.0 and not has_content:
+            logger.warning("denoise %.2f needs an image latent (VAE Encode); the latent is empty, "
+                           "so the full schedule runs.", denoise)
+        if img2img:
+            sigmas = sampling.img2img_sigmas(H, W, steps, float(denoise), mode=schedule, mu=mu_value)
+        elif schedule == "comfyui":
+            sigmas = sampling.comfyui_sigmas(H, W, steps, mu=mu_value)
+        else:
+            sigmas = sampling.lens_sigmas(H, W, steps, mu=mu_value)
+        sigmas = sigmas.to(torch.float32)
+
+        noise = sampling.make_noise(int(seed), batch, h, w, layout=noise_layout)
+        x = sampling.noise_image_latents(noise, samples, sigmas[0]) if img2img else noise
+
+        handle = model
+        total = len(sigmas) - 1
+        pbar = comfy.progress_bar(total)
+
+        def callback(step, n, x_k, denoised):
+            pbar.update_absolute(step + 1, n, None)
+            comfy.check_interrupt()
+
+        comfy.check_interrupt()
+        transformer = handle.for_compute()
+        dev = handle.device
+        try:
+            with torch.no_grad():
+                out = sampling.sample(
+                    transformer, x.to(dev), sigmas.to(dev), ctx.to(dev), mask.to(dev),
+                    negative_context=None if nctx is None else nctx.to(dev),
+                    negative_mask=None if nmask is None else nmask.to(dev),
+                    guidance_scale=float(cfg), callback=callback, cfg_mode=cfg_mode,
+                )
+            out = out.detach().to(comfy.intermediate_device(), torch.float32)
+        finally:
+            handle.after_use()
+        return ({"samples": out},)

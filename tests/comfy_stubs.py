@@ -1,0 +1,202 @@
+"""Minimal stand-ins for the ComfyUI modules the pack calls, written from scratch for tests.
+
+ComfyUI is not on PyPI, so the node tests run against these fakes:
+
+- ``folder_paths``: model folders under a temp ``models/`` dir (``diffusion_models`` also searches
+  ``unet``, ``text_encoders`` also ``clip``), ``get_filename_list`` (recursive, relative, sorted),
+  ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths``, user/temp directories;
+- ``comfy.model_management``: CPU device, recorded free/unload calls, an interrupt flag and an
+  ``InterruptProcessingException`` deriving from BaseException (like core's);
+- ``comfy.utils.ProgressBar``: records every ``update`` / ``update_absolute`` call.
+
+Use the ``comfy_env`` fixture (import it into a test module: ``from comfy_stubs import comfy_env``).
+It installs the fakes into ``sys.modules`` for one test and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+FOLDERS = {
+    "diffusion_models": ["diffusion_models", "unet"],
+    "text_encoders": ["text_encoders", "clip"],
+    "vae": ["vae"],
+}
+
+
+class InterruptProcessingException(BaseException):
+    """Raised by the fake throw_exception_if_processing_interrupted (BaseException, as in core)."""
+
+
+@dataclass
+class ComfyEnv:
+    """Handle on the installed fakes: folders, recorded calls and the interrupt switch."""
+
+    root: Path
+    models_dir: Path
+    progress: list = field(default_factory=list)       # (bar id, "update"/"abs", value, total, preview)
+    bars: list = field(default_factory=list)           # totals of created ProgressBars
+    freed: list = field(default_factory=list)          # (bytes, device) of free_memory calls
+    unloads: int = 0
+    empty_cache_calls: int = 0
+    interrupt_checks: int = 0
+    interrupt_after_checks: int | None = None          # raise on the n-th check from now
+    interrupted: bool = False
+
+    def folder(self, key: str) -> Path:
+        return self.models_dir / FOLDERS[key][0]
+
+    def interrupt_at(self, n: int | None) -> None:
+        """Raise InterruptProcessingException at the n-th interrupt check from now (None: never)."""
+        self.interrupt_after_checks = None if n is None else self.interrupt_checks + n
+
+
+def _make_folder_paths(env: ComfyEnv) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(env.models_dir)
+    fp.folder_names_and_paths = {
+        key: ([str(env.models_dir / d) for d in dirs], set(EXTENSIONS)) for key, dirs in FOLDERS.items()
+    }
+
+    def get_folder_paths(key):
+        return list(fp.folder_names_and_paths[key][0])
+
+    def get_filename_list(key):
+        out = set()
+        for base in get_folder_paths(key):
+            if not os.path.isdir(base):
+                continue
+            for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+                dirnames.sort()
+                for name in filenames:
+                    if name.endswith(EXTENSIONS):
+                        rel = os.path.relpath(os.path.join(dirpath, name), base)
+                        out.add(rel.replace(os.sep, "/"))
+        return sorted(out)
+
+    def get_full_path(key, name):
+        for base in get_folder_paths(key):
+            path = os.path.join(base, name)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def get_full_path_or_raise(key, name):
+        path = get_full_path(key, name)
+        if path is None:
+            raise FileNotFoundError(f"Model in folder '{key}' with filename '{name}' not found.")
+        return path
+
+    fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
+    fp.get_full_path_or_raise = get_full_path_or_raise
+    fp.get_user_directory = lambda: str(env.root / "user")
+    fp.get_temp_directory = lambda: str(env.root / "temp")
+    fp.get_output_directory = lambda: str(env.root / "output")
+    fp.get_input_directory = lambda: str(env.root / "input")
+    return fp
+
+
+def _make_model_management(env: ComfyEnv) -> types.ModuleType:
+    import torch
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = InterruptProcessingException
+    cpu = torch.device("cpu")
+    mm.get_torch_device = lambda: cpu
+    mm.intermediate_device = lambda: cpu
+    mm.unet_offload_device = lambda: cpu
+    mm.text_encoder_device = lambda: cpu
+    mm.text_encoder_offload_device = lambda: cpu
+    mm.vae_device = lambda: cpu
+    mm.get_free_memory = lambda device=None, torch_free_too=False: 64 << 30
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        env.freed.append((memory_required, device))
+
+    def unload_all_models():
+        env.unloads += 1
+
+    def soft_empty_cache(force=False):
+        env.empty_cache_calls += 1
+
+    def interrupt_current_processing(value=True):
+        env.interrupted = value
+
+    def processing_interrupted():
+        return env.interrupted
+
+    def throw_exception_if_processing_interrupted():
+        env.interrupt_checks += 1
+        if env.interrupt_after_checks is not None and env.interrupt_checks >= env.interrupt_after_checks:
+            env.interrupt_after_checks = None
+            env.interrupted = True
+        if env.interrupted:
+            env.interrupted = False  # core clears the flag when it raises
+            raise InterruptProcessingException()
+
+    mm.free_memory = free_memory
+    mm.unload_all_models = unload_all_models
+    mm.soft_empty_cache = soft_empty_cache
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.processing_interrupted = processing_interrupted
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    return mm
+
+
+def _make_utils(env: ComfyEnv) -> types.ModuleType:
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+            self.current = 0
+            self.id = len(env.bars)
+            env.bars.append(total)
+
+        def update_absolute(self, value, total=None, preview=None):
+            if total is not None:
+                self.total = total
+            self.current = min(value, self.total)
+            env.progress.append((self.id, "abs", value, self.total, preview))
+
+        def update(self, value):
+            self.current += value
+            env.progress.append((self.id, "update", self.current, self.total, None))
+
+    utils.ProgressBar = ProgressBar
+    return utils
+
+
+def install(monkeypatch, root: Path) -> ComfyEnv:
+    models = root / "models"
+    for dirs in FOLDERS.values():
+        for d in dirs:
+            (models / d).mkdir(parents=True, exist_ok=True)
+    env = ComfyEnv(root=root, models_dir=models)
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []  # a package, so `import comfy.utils` resolves through sys.modules
+    mm = _make_model_management(env)
+    utils = _make_utils(env)
+    comfy.model_management = mm
+    comfy.utils = utils
+    monkeypatch.setitem(sys.modules, "folder_paths", _make_folder_paths(env))
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setenv("LENS_NODES_CACHE_DIR", str(root / "cache"))
+    return env
+
+
+@pytest.fixture
+def comfy_env(tmp_path, monkeypatch) -> ComfyEnv:
+    """Fake ComfyUI modules with empty model folders under tmp_path/models."""
+    return install(monkeypatch, tmp_path)

@@ -1,0 +1,277 @@
+"""Node schemas: registration, frozen input order, valid specs, tooltips, import hygiene."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_stubs import comfy_env  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Frozen: saved workflows store widget values by position. Never reorder or remove; append new
+# inputs at the end (as optional with defaults) and extend this snapshot.
+INPUT_ORDER = {
+    "LensNodesDiTLoader": ["model_name", "weight_dtype", "device", "offload"],
+    "LensNodesTextEncoderLoader": ["text_encoder_name", "device", "dtype", "offload", "keep_loaded"],
+    "LensNodesTextEncode": ["text_encoder", "text", "date", "strip_markers", "cache_to_disk"],
+    "LensNodesSampler": ["model", "positive", "seed", "steps", "cfg", "schedule", "denoise",
+                         "noise_layout", "width", "height", "negative", "latent", "mu", "cfg_mode"],
+    "LensNodesVAELoader": ["vae_name", "dtype", "device"],
+    "LensNodesVAEDecode": ["samples", "vae", "tile"],
+    "LensNodesVAEEncode": ["pixels", "vae"],
+    "LensNodesResolution": ["base", "ratio", "width", "height"],
+    "LensNodesEmptyLatent": ["width", "height", "batch_size"],
+}
+RETURNS = {
+    "LensNodesDiTLoader": ("LENS_DIT",),
+    "LensNodesTextEncoderLoader": ("LENS_TE",),
+    "LensNodesTextEncode": ("CONDITIONING",),
+    "LensNodesSampler": ("LATENT",),
+    "LensNodesVAELoader": ("LENS_VAE",),
+    "LensNodesVAEDecode": ("IMAGE",),
+    "LensNodesVAEEncode": ("LATENT",),
+    "LensNodesResolution": ("INT", "INT"),
+    "LensNodesEmptyLatent": ("LATENT",),
+}
+DISPLAY = {
+    "LensNodesDiTLoader": "LensLoader",
+    "LensNodesTextEncoderLoader": "GPT-OSS Loader",
+    "LensNodesTextEncode": "GPT-OSS TextEncode",
+    "LensNodesSampler": "MMDiT Sampler",
+    "LensNodesVAELoader": "FLUX2 VAE Loader",
+    "LensNodesVAEDecode": "FLUX2 VAE Decode",
+    "LensNodesVAEEncode": "FLUX2 VAE Encode",
+    "LensNodesResolution": "Lens Resolution",
+    "LensNodesEmptyLatent": "Lens Empty Latent",
+}
+PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+CUSTOM = {"LENS_DIT", "LENS_TE", "LENS_VAE", "CONDITIONING", "LATENT", "IMAGE"}
+
+
+def _mappings():
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def _ordered_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}, set(spec)
+    items = list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items())
+    return items
+
+
+def test_root_package_imports_without_comfyui_or_torch_work():
+    """The pack folder imports as a package in a clean interpreter: no comfy, no torch, no lens_model."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lens_pack', {str(ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(ROOT)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['lens_pack'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 9, m.NODE_CLASS_MAPPINGS\n"
+        "assert m.WEB_DIRECTORY is None\n"
+        "assert not hasattr(m, 'comfy_entrypoint')\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'comfy', 'folder_paths')"
+        " or 'lens_model' in k]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_relative_lens_model_import_inside_package():
+    """Inside ComfyUI the pack is a package: nodes import its own lens_model sub-package."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lens_pack', {str(ROOT / '__init__.py')!r},"
+        f" submodule_search_locations=[{str(ROOT)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['lens_pack'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "from lens_pack.nodes.common import lens\n"
+        "lm = lens('resolution')\n"
+        "assert lm.__name__ == 'lens_pack.lens_model.resolution', lm.__name__\n"
+        "assert 'lens_model' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_mappings_frozen_ids_and_display_names():
+    classes, display = _mappings()
+    assert set(classes) == set(INPUT_ORDER)
+    assert display == DISPLAY
+    for node_id in classes:
+        assert node_id.startswith("LensNodes")
+
+
+@pytest.mark.parametrize("node_id", sorted(INPUT_ORDER))
+def test_input_order_snapshot(comfy_env, node_id):
+    cls = _mappings()[0][node_id]
+    assert [name for name, _ in _ordered_inputs(cls)] == INPUT_ORDER[node_id]
+
+
+@pytest.mark.parametrize("node_id", sorted(INPUT_ORDER))
+def test_class_contract(comfy_env, node_id):
+    cls = _mappings()[0][node_id]
+    assert cls.RETURN_TYPES == RETURNS[node_id]
+    assert cls.CATEGORY == "Lens"
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls, cls.FUNCTION))
+    if hasattr(cls, "RETURN_NAMES"):
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+    if hasattr(cls, "OUTPUT_TOOLTIPS"):
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+    assert not getattr(cls, "OUTPUT_NODE", False)
+    # the FUNCTION accepts every input by name, and optional ones have defaults
+    import inspect
+
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    spec = cls.INPUT_TYPES()
+    for name in spec.get("required", {}):
+        assert name in params, name
+    for name in spec.get("optional", {}):
+        assert name in params and params[name].default is not inspect.Parameter.empty, name
+
+
+@pytest.mark.parametrize("node_id", sorted(INPUT_ORDER))
+def test_input_specs_valid(comfy_env, node_id):
+    cls = _mappings()[0][node_id]
+    for name, spec in _ordered_inputs(cls):
+        assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (name, spec)
+        kind = spec[0]
+        opts = spec[1] if len(spec) == 2 else {}
+        assert isinstance(opts.get("tooltip"), str) and opts["tooltip"].strip(), f"{name}: tooltip"
+        if isinstance(kind, list):
+            assert kind and all(isinstance(v, str) for v in kind), name
+            assert len(set(kind)) == len(kind), name
+            if "default" in opts:
+                assert opts["default"] in kind, name
+        elif kind in ("INT", "FLOAT"):
+            for key in ("default", "min", "max", "step"):
+                assert key in opts, (name, key)
+            assert opts["min"] <= opts["default"] <= opts["max"], name
+            assert opts["step"] > 0
+            if kind == "INT":
+                assert all(isinstance(opts[k], int) for k in ("default", "min", "max", "step")), name
+        elif kind == "BOOLEAN":
+            assert isinstance(opts.get("default"), bool), name
+        elif kind == "STRING":
+            assert isinstance(opts.get("default"), str), name
+        else:
+            assert kind in CUSTOM, (name, kind)
+            assert "default" not in opts, name
+
+
+def test_seed_has_generate_control(comfy_env):
+    from nodes import LensNodesSampler
+
+    seed = LensNodesSampler.INPUT_TYPES()["required"]["seed"][1]
+    assert seed["control_after_generate"] is True
+    assert seed["min"] == 0 and seed["max"] == 0xFFFFFFFFFFFFFFFF
+
+
+def test_defaults_match_the_brief(comfy_env):
+    from nodes import LensNodesSampler, LensNodesTextEncode
+
+    req = LensNodesSampler.INPUT_TYPES()["required"]
+    assert req["steps"][1]["default"] == 4
+    assert req["cfg"][1]["default"] == 1.0
+    assert req["schedule"][0] == ["upstream", "comfyui"]
+    assert req["noise_layout"][0] == ["upstream", "comfy"]
+    te = LensNodesTextEncode.INPUT_TYPES()
+    assert te["required"]["date"][1]["default"] == "2026-05-23"
+    assert te["required"]["strip_markers"][1]["default"] is True
+    assert te["required"]["text"][1]["multiline"] is True
+    assert te["optional"]["cache_to_disk"][1]["default"] is False
+
+
+def test_model_lists_come_from_folder_paths(comfy_env):
+    from nodes import LensNodesDiTLoader, LensNodesTextEncoderLoader, LensNodesVAELoader
+
+    dm = comfy_env.folder("diffusion_models")
+    (dm / "lens_turbo_bf16.safetensors").write_bytes(b"x")
+    sharded = dm / "Lens-Diffusers" / "transformer"
+    sharded.mkdir(parents=True)
+    (sharded / "config.json").write_text("{}")
+    for i in (1, 2, 3):
+        (sharded / f"diffusion_pytorch_model-0000{i}-of-00003.safetensors").write_bytes(b"x")
+    (comfy_env.models_dir / "unet" / "old.safetensors").write_bytes(b"x")
+    names = LensNodesDiTLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert names == [
+        "Lens-Diffusers/",
+        "Lens-Diffusers/transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "lens_turbo_bf16.safetensors",
+        "old.safetensors",
+    ]
+    assert LensNodesTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0] == ["(no files found)"]
+    (comfy_env.models_dir / "clip" / "gpt_oss_20b_nvfp4.safetensors").write_bytes(b"x")
+    assert LensNodesTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0] == [
+        "gpt_oss_20b_nvfp4.safetensors"]
+    assert LensNodesVAELoader.INPUT_TYPES()["required"]["vae_name"][0] == ["(no files found)"]
+
+
+def test_is_changed_tracks_file_identity(comfy_env):
+    import os
+    import time
+
+    from nodes import LensNodesDiTLoader, LensNodesVAELoader
+
+    f = comfy_env.folder("diffusion_models") / "a.safetensors"
+    f.write_bytes(b"one")
+    first = LensNodesDiTLoader.IS_CHANGED(model_name="a.safetensors", weight_dtype="default")
+    assert first == LensNodesDiTLoader.IS_CHANGED(model_name="a.safetensors", weight_dtype="bf16")
+    f.write_bytes(b"three")
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    second = LensNodesDiTLoader.IS_CHANGED(model_name="a.safetensors")
+    assert second != first
+    missing = LensNodesVAELoader.IS_CHANGED(vae_name="nope.safetensors")
+    assert missing != missing  # NaN: always re-run, the loader then raises the readable error
+    del time
+
+
+def test_adapter_falls_back_without_comfyui(monkeypatch):
+    """Outside ComfyUI the adapter still answers (CPU/CUDA device, no-op memory, silent progress)."""
+    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    from nodes import comfy_adapter as adapter
+
+    assert adapter.filename_list("vae") == []
+    assert adapter.intermediate_device().type == "cpu"
+    adapter.check_interrupt()
+    adapter.free_comfy_memory(1 << 30, "cpu")
+    bar = adapter.progress_bar(4)
+    bar.update_absolute(1, 4, None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        adapter.full_path("vae", "missing.safetensors")
+
+
+def test_no_print_and_no_basicconfig_in_nodes():
+    for path in sorted((ROOT / "nodes").glob("*.py")) + [ROOT / "__init__.py"]:
+        text = path.read_text()
+        assert "print(" not in text, path
+        assert "basicConfig" not in text, path
+        assert "except:" not in text, path
+        assert "except BaseException:\n" not in text or "raise" in text, path
+
+
+def test_only_the_adapter_imports_comfy():
+    import re
+
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        if path.name == "comfy_adapter.py":
+            continue
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(comfy|folder_paths|server)\b", text, re.M), path
+    spec = importlib.util.find_spec("nodes.comfy_adapter")
+    assert spec is not None
