@@ -628,6 +628,7 @@ class ComfyClient:
         self._ws: WebSocket | None = None
         self._ws_failed = False
         self._prompts: dict[str, dict] = {}
+        self.active_prompt: str | None = None  # queued by this client and not yet seen finished
 
     # -- plumbing ------------------------------------------------------------------------------
     def url(self, path: str, query: Mapping[str, str] | None = None) -> str:
@@ -731,6 +732,7 @@ class ComfyClient:
         for ln in _format_node_errors(reply.get("node_errors") or {}, prompt):
             logger.warning("queued with a node error (its output is skipped): %s", ln)
         self._prompts[pid] = prompt
+        self.active_prompt = pid
         logger.info("queued prompt %s (queue number %s)", pid, reply.get("number"))
         return pid
 
@@ -753,9 +755,22 @@ class ComfyClient:
                 return "pending", i + 1
         return None
 
-    def interrupt(self) -> None:
-        """``POST /interrupt`` (stops the running prompt)."""
-        self._request("POST", "/interrupt", body={})
+    def cancel(self, prompt_id: str) -> str:
+        """Stop one prompt: ``POST /interrupt {prompt_id}`` when it runs, ``POST /queue {delete}``
+        when it waits. Returns "interrupted", "deleted" or "not queued"."""
+        state = self.queue_state(prompt_id)
+        if state is None:
+            return "not queued"
+        if state[0] == "running":
+            status, _ = self._request("POST", "/interrupt", body={"prompt_id": prompt_id})
+            what = "interrupted"
+        else:
+            status, _ = self._request("POST", "/queue", body={"delete": [prompt_id]})
+            what = "deleted"
+        if status != 200:
+            raise ClientError(f"cancel {prompt_id} on {self.server}: HTTP {status}")
+        logger.info("prompt %s %s", prompt_id, what)
+        return what
 
     def wait(self, prompt_id: str, timeout: float | None = None,
              on_progress: ProgressCallback | None = None) -> dict:
@@ -777,6 +792,8 @@ class ComfyClient:
             except (OSError, ValueError) as e:  # WebSocketError, reset, bad UTF-8: poll instead
                 self._drop_ws(e)
         entry = self._poll_history(prompt_id, deadline, notify)
+        if self.active_prompt == prompt_id:
+            self.active_prompt = None
         status = entry.get("status") or {}
         if status.get("status_str") == "error" or any(
                 m[0] in ("execution_error", "execution_interrupted")
@@ -816,6 +833,11 @@ class ComfyClient:
                 last_poll = time.monotonic()
                 if self.history(prompt_id, timeout=left) is not None:
                     return
+                try:
+                    if self.queue_state(prompt_id, timeout=left) is None:
+                        return  # neither queued nor in history: let the poller decide
+                except ClientError as e:
+                    logger.debug("GET /queue failed: %s", e)
                 if msg is None:
                     continue
             kind, payload = msg
@@ -859,11 +881,13 @@ class ComfyClient:
             elif etype in ("execution_error", "execution_interrupted"):
                 if data.get("traceback"):
                     logger.debug("server traceback:\n%s", "".join(data["traceback"]))
+                self.active_prompt = None
                 raise ExecutionFailed(_execution_message(etype, data, prompt), etype, data)
 
     def _poll_history(self, prompt_id: str, deadline: float | None,
                       notify: ProgressCallback) -> dict:
         last_state: Any = object()
+        missing = 0
         while True:
             left = self._remaining(deadline, prompt_id)
             entry = self.history(prompt_id, timeout=left)
@@ -874,9 +898,15 @@ class ComfyClient:
                     return entry
             try:
                 state = self.queue_state(prompt_id, timeout=left)
+                missing = missing + 1 if state is None and entry is None else 0
             except ClientError as e:
                 logger.debug("GET /queue failed: %s", e)
                 state = None
+            if missing >= 3:
+                raise ClientError(
+                    f"prompt {prompt_id} is neither queued, running nor in the history of "
+                    f"{self.server}: it was deleted from the queue, the history was cleared, or "
+                    "the server restarted")
             if state != last_state:
                 last_state = state
                 if state and state[0] == "pending":
@@ -1015,10 +1045,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 server failure, 2 bad input,
-    3 timeout). Prints the saved image paths, one a line; everything else goes to logging."""
+    3 timeout, 130 Ctrl-C, which also cancels the prompt). Prints the saved image paths, one a
+    line; everything else goes to logging."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    client = None
     try:
         prompt = load_workflow(args.workflow)
         prompt = apply_overrides(prompt, prompt_text=args.prompt_text, negative=args.negative,
@@ -1040,6 +1072,17 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as e:
         logger.error("%s", e)
         return 1
+    except KeyboardInterrupt:
+        pid = client.active_prompt if client is not None else None
+        if pid:
+            try:
+                what = client.cancel(pid)
+                logger.error("stopped by Ctrl-C; prompt %s %s", pid, what)
+            except ClientError as e:
+                logger.error("stopped by Ctrl-C; could not cancel prompt %s: %s", pid, e)
+        else:
+            logger.error("stopped by Ctrl-C")
+        return 130
     for path in paths:
         print(path)
     return 0

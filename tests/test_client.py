@@ -95,8 +95,12 @@ class FakeComfy:
     ``never_done``, ``ws`` (serve /ws or 404)."""
 
     def __init__(self, ws=False, pending_polls=1, validation_error=False, exec_error=False,
-                 interrupted=False, never_done=False, ws_close_early=False):
+                 interrupted=False, never_done=False, ws_close_early=False, vanish=False,
+                 queue_pending=False):
         self.ws = ws
+        self.vanish = vanish
+        self.queue_pending = queue_pending
+        self.control_posts: list[tuple[str, dict]] = []
         self.ws_close_early = ws_close_early
         self.pending_polls = pending_polls
         self.validation_error = validation_error
@@ -131,6 +135,9 @@ class FakeComfy:
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(n))
+                if self.path in ("/interrupt", "/queue"):
+                    fake.control_posts.append((self.path, body))
+                    return self._send(200, b"", "text/plain")
                 if self.path != "/prompt":
                     return self._send(404, {"error": "not found"})
                 fake.posted.append(body)
@@ -164,8 +171,14 @@ class FakeComfy:
                         return self._send(200, {})  # real ComfyUI: {} until it has finished
                     return self._send(200, {pid: fake.history_entry(pid)})
                 if u.path == "/queue":
-                    running = [[3, fake.prompt_id, {}, {}, ["10"]]] if fake.prompt_id else []
-                    return self._send(200, {"queue_running": running, "queue_pending": []})
+                    item = [[3, fake.prompt_id, {}, {}, ["10"]]] if fake.prompt_id else []
+                    if fake.vanish:
+                        item = []
+                    other = [[1, "other", {}, {}, []]]
+                    if fake.queue_pending:
+                        return self._send(200, {"queue_running": other,
+                                                "queue_pending": item + [[2, "x", {}, {}, []]]})
+                    return self._send(200, {"queue_running": item, "queue_pending": []})
                 if u.path == "/view":
                     q = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
                     fake.view_queries.append(q)
@@ -537,6 +550,40 @@ def test_timeout_and_unreachable(make_server, tmp_path, caplog):
     s.close()
     assert lc.main([wf, "--server", f"http://127.0.0.1:{port}", "--timeout", "5"]) == 1
     assert "cannot reach ComfyUI" in caplog.text
+
+
+def test_vanished_prompt_is_reported(make_server, tmp_path):
+    srv = make_server(ws=False, never_done=True, vanish=True)
+    with pytest.raises(lc.ClientError, match="neither queued, running nor in the history"):
+        lc.run_workflow(LENS_API, server=srv.url, output_dir=tmp_path, timeout=10,
+                        poll_interval=0.02)
+
+
+def test_cancel_running_and_pending(make_server):
+    srv = make_server(ws=False, never_done=True)
+    c = lc.ComfyClient(srv.url, use_websocket=False)
+    pid = c.queue(LENS_API)
+    assert c.cancel(pid) == "interrupted"
+    srv2 = make_server(ws=False, never_done=True, queue_pending=True)
+    c2 = lc.ComfyClient(srv2.url, use_websocket=False)
+    pid2 = c2.queue(LENS_API)
+    assert c2.queue_state(pid2) == ("pending", 2)
+    assert c2.cancel(pid2) == "deleted"
+    assert srv.control_posts == [("/interrupt", {"prompt_id": pid})]
+    assert srv2.control_posts == [("/queue", {"delete": [pid2]})]
+
+
+def test_cli_ctrl_c_cancels_the_prompt(make_server, tmp_path, monkeypatch, caplog):
+    srv = make_server(ws=False, never_done=True)
+
+    def interrupted_wait(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lc.ComfyClient, "wait", interrupted_wait)
+    rc = lc.main([str(_write(tmp_path, LENS_API)), "--server", srv.url, "--timeout", "10"])
+    assert rc == 130
+    assert srv.control_posts == [("/interrupt", {"prompt_id": srv.prompt_id})]
+    assert "interrupted" in caplog.text
 
 
 def test_dry_run_prints_prompt(tmp_path, capsys):
