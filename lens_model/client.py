@@ -2,7 +2,7 @@
 
 Run it as ``python -m lens_model.client WORKFLOW_api.json [options]``::
 
-    python -m lens_model.client workflows/lens_t2i_api.json --prompt "a red fox in snow" \\
+    python -m lens_model.client my_workflow_api.json --prompt "a red fox in snow" \\
         --seed 7 --width 1024 --height 1024 --output-dir outputs
 
 The client talks to a running ComfyUI server (spec comfyui.md §9):
@@ -19,8 +19,8 @@ The client talks to a running ComfyUI server (spec comfyui.md §9):
    ``--output-dir``; the saved paths are printed, one a line.
 
 Exit status of the command: 0 done, 1 the server refused or failed the prompt (or could not be
-reached), 2 bad arguments or workflow file, 3 ``--timeout`` passed (the prompt may still be running
-on the server: ``POST /interrupt`` stops it).
+reached), 2 bad arguments or workflow file, 3 ``--timeout`` passed (the prompt is left queued or
+running on the server: ``POST /interrupt`` stops it), 130 Ctrl-C (which cancels the prompt).
 
 Python API: :class:`ComfyClient`, :func:`apply_overrides`, :func:`load_workflow`,
 :func:`run_workflow`.
@@ -337,8 +337,7 @@ def apply_overrides(prompt: Mapping, prompt_text: str | None = None, negative: s
     Raises ValueError naming the option when no node qualifies, or when the negative text node
     cannot be told apart from the positive one.
     """
-    prompt = copy.deepcopy(dict(prompt))
-    check_api_prompt(prompt)
+    prompt = check_api_prompt(copy.deepcopy(dict(prompt)))
     if prompt_text is not None or negative is not None:
         pos, neg = find_text_encoders(prompt)
         for option, text, ids in (("prompt", prompt_text, pos), ("negative", negative, neg)):

@@ -382,6 +382,11 @@ def test_shipped_api_workflows_accept_overrides(path):
     assert set(pos) <= set(changed)
 
 
+def test_history_style_wrapper_is_unwrapped():
+    out = lc.apply_overrides({"prompt": LENS_API}, seed=3)
+    assert set(out) == set(LENS_API) and out["7"]["inputs"]["seed"] == 3
+
+
 def test_set_values_are_json_or_text():
     assert lc.parse_set('7.cfg=2.5') == ("7", "cfg", 2.5)
     assert lc.parse_set('4.text=a red fox, 8k') == ("4", "text", "a red fox, 8k")
