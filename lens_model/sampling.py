@@ -302,7 +302,13 @@ def expand_batch(context: torch.Tensor, mask: torch.Tensor, batch: int,
 # --------------------------------------------------------------------------------------------------
 
 def _model_dtype_device(transformer, fallback_device) -> tuple[torch.dtype, torch.device]:
-    dtype = getattr(transformer, "dtype", None)
+    """The dtype the model input is cast to and the device it runs on.
+
+    ``resolved_compute_dtype()`` when the model has it (the Lens DiT: e.g. bf16 weights computing in
+    fp32 on a CPU without a bf16 path), else ``.dtype``, else the first parameter's dtype.
+    """
+    resolve = getattr(transformer, "resolved_compute_dtype", None)
+    dtype = resolve() if callable(resolve) else getattr(transformer, "dtype", None)
     device = getattr(transformer, "device", None)
     if dtype is None or device is None:
         params = getattr(transformer, "parameters", None)
@@ -345,8 +351,11 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
             activation memory; True runs them as one 2B batch (upstream's way) with the text padded
             to a common length by zero features and mask False. Both agree to rounding.
 
-    The running latent stays float32 between steps; the model is called with x cast to its dtype,
-    its output is upcast to float32, CFG and the Euler update x ← x + (σ_{k+1} − σ_k)·v are float32.
+    The running latent stays float32 between steps; the model is called with x cast to its compute
+    dtype (``resolved_compute_dtype()`` if the model has it, else ``.dtype``) and σ_k as a float32
+    ``[B]`` tensor (the DiT rounds it to its own dtype); the output is upcast to float32, and CFG
+    and the Euler update x ← x + (σ_{k+1} − σ_k)·v are float32. The text features are passed in
+    their own dtype (moved to the model's device).
     """
     if noise.dim() != 4 or noise.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"noise must be [B, {LATENT_CHANNELS}, h, w], got {tuple(noise.shape)}")
@@ -360,12 +369,12 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
     dtype, device = _model_dtype_device(transformer, noise.device)
 
     ctx, msk = expand_batch(context, context_mask, batch, "positive prompt")
-    ctx = ctx.to(device=device, dtype=dtype)
+    ctx = ctx.to(device=device)  # features keep their dtype; the DiT normalises them in fp32
     msk = msk.to(device=device, dtype=torch.bool)
     use_uncond = g != 1.0
     if use_uncond:
         if negative_context is None:
-            nctx, nmsk = empty_text(batch, ctx.shape[-1], device=device, dtype=dtype)
+            nctx, nmsk = empty_text(batch, ctx.shape[-1], device=device, dtype=ctx.dtype)
         else:
             if negative_mask is None:
                 negative_mask = torch.ones(negative_context.shape[:2], dtype=torch.bool)
@@ -373,7 +382,7 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
                 raise ValueError(f"negative features have {negative_context.shape[-1]} channels, "
                                  f"the positive {ctx.shape[-1]}")
             nctx, nmsk = expand_batch(negative_context, negative_mask, batch, "negative prompt")
-            nctx = nctx.to(device=device, dtype=dtype)
+            nctx = nctx.to(device=device, dtype=ctx.dtype)
             nmsk = nmsk.to(device=device, dtype=torch.bool)
         if batch_cfg:
             pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)

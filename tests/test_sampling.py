@@ -250,7 +250,7 @@ class ToyDiT(torch.nn.Module):
     def forward(self, x, sigma, context, mask):
         self.calls.append((x.shape[0], context.shape[1], x.dtype))
         m = mask.to(x.dtype).unsqueeze(-1)
-        pooled = (context * m).sum(1) / m.sum(1).clamp_min(1)
+        pooled = (context.to(x.dtype) * m).sum(1) / m.sum(1).clamp_min(1)
         bias = self.proj(pooled)[:, :, None, None]
         return -0.5 * x + bias + sigma.to(x.dtype)[:, None, None, None]
 

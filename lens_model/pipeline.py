@@ -1,0 +1,329 @@
+"""End-to-end Lens text-to-image for Python users and the command-line tool.
+
+Memory ladder (performance.md §4): the text encoder, the DiT and the VAE are never needed at the
+same time, so each is loaded, used and released in turn:
+
+1. load the text encoder, encode the prompt(s) (and a non-empty negative when CFG ≠ 1), free it;
+2. (img2img only) load the VAE and encode the input image;
+3. load the DiT, sample, free it;
+4. load the VAE (unless already loaded), decode.
+
+Callers that already hold loaded modules (e.g. the ComfyUI nodes) use :mod:`lens_model.sampling`
+directly, or :func:`generate_from_features` with module objects instead of paths.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .resolution import schedule_jump_warning, validate_size
+from .sampling import (
+    StepCallback, img2img_sigmas, lens_sigmas, comfyui_sigmas, make_noise, noise_image_latents,
+    sample,
+)
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+VARIANT_DEFAULTS = {
+    "turbo": {"variant": "turbo", "steps": 4, "cfg": 1.0},
+    "lens": {"variant": "lens", "steps": 20, "cfg": 5.0},
+    "base": {"variant": "base", "steps": 50, "cfg": 5.0},
+}
+"""Per-variant step and CFG defaults (model cards / ComfyUI templates, spec README §2)."""
+
+
+def variant_defaults(name: Optional[PathLike]) -> dict:
+    """Step/CFG defaults guessed from a checkpoint path (``dit.variant_defaults_for``): "turbo" →
+    4 / 1.0, "base" → 50 / 5.0, anything else → Lens 20 / 5.0. Checkpoint keys do not say which
+    variant a file is, so the name is the only hint; users may override."""
+    from .dit import variant_defaults_for
+
+    return dict(variant_defaults_for(str(name or "")))
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, 3]`` float in [0, 1] → uint8 by truncation of 255·I.
+
+    With I = clamp((x̂ + 1)/2, 0, 1) this is upstream's PIL conversion, truncation of 127.5·(x̂ + 1)
+    (and ComfyUI SaveImage's clip(255·I) truncation), up to fp32 rounding exactly at integers.
+    """
+    return (images.float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """``[B, H, W, 3]`` float in [0, 1] → list of RGB ``PIL.Image`` (see :func:`images_to_uint8`)."""
+    from PIL import Image
+
+    arr = images_to_uint8(images.cpu()).numpy()
+    return [Image.fromarray(a, mode="RGB") if a.shape[-1] == 3 else Image.fromarray(a) for a in arr]
+
+
+def _free(device: Optional[torch.device] = None) -> None:
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def _as_image_tensor(image, width: Optional[int], height: Optional[int]) -> torch.Tensor:
+    """A PIL image, a path or a ``[B, H, W, 3]`` / ``[H, W, 3]`` tensor in [0, 1] → ``[B, H, W, 3]``,
+    resized (Lanczos, PIL inputs only) to width × height when those are given."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"init image {str(image)!r} does not exist")
+        image = Image.open(image)
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        if t.dim() == 3:
+            t = t.unsqueeze(0)
+        if t.dim() != 4 or t.shape[-1] not in (3, 4):
+            raise ValueError(f"init image tensor must be [B, H, W, 3] in 0..1, got {tuple(t.shape)}")
+        if (width and t.shape[2] != width) or (height and t.shape[1] != height):
+            raise ValueError(f"init image is {t.shape[2]}x{t.shape[1]}, the generation size "
+                             f"{width}x{height}; resize it first")
+        return t[..., :3]
+    # PIL
+    import numpy as np
+    from PIL import Image
+
+    img = image.convert("RGB")
+    if width and height and img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(img).copy()).float().div(255.0).unsqueeze(0)
+
+
+def _schedule(height: int, width: int, steps: int, denoise: float, mu: Optional[float],
+              schedule: str) -> torch.Tensor:
+    if denoise < 1.0:
+        return img2img_sigmas(height, width, steps, denoise,
+                              mode="comfyui" if schedule == "comfyui" else "upstream", mu=mu)
+    if schedule == "comfyui":
+        return comfyui_sigmas(height, width, steps, mu=mu)
+    if schedule != "upstream":
+        raise ValueError(f"schedule must be 'upstream' or 'comfyui', got {schedule!r}")
+    return lens_sigmas(height, width, steps, mu=mu)
+
+
+def generate_from_features(
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    transformer,
+    vae,
+    width: int,
+    height: int,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    negative_context: Optional[torch.Tensor] = None,
+    negative_mask: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    batch: int = 1,
+    noise: Optional[torch.Tensor] = None,
+    sigmas: Optional[torch.Tensor] = None,
+    mu: Optional[float] = None,
+    schedule: str = "upstream",
+    noise_layout: str = "upstream",
+    cfg_mode: str = "upstream",
+    image=None,
+    denoise: float = 1.0,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    vae_dtype: Optional[torch.dtype] = None,
+    vae_tile="auto",
+    callback: Optional[StepCallback] = None,
+    output_type: str = "pil",
+):
+    """Sample and decode from precomputed text features (no text encoder needed).
+
+    Args:
+        context, context_mask: ``[P, S, 4E]`` layer-major features / ``[P, S]`` mask of P prompts.
+        transformer, vae: a path (loaded here and released after use) or an already loaded module.
+        width, height: output size in pixels (multiples of 16, ≤ 2080).
+        steps, guidance: default from the transformer's variant (turbo 4 / 1.0, base 50 / 5.0,
+            otherwise 20 / 5.0).
+        negative_context, negative_mask: ``[1 or P, S_neg, 4E]``; None = empty negative.
+        seed, batch: noise seed and images per prompt (B = P·batch); ``noise`` ``[B, 128, h, w]``
+            replaces the seeded draw. ``noise_layout`` "upstream" or "comfy" (:func:`make_noise`).
+        sigmas: explicit schedule ``[n + 1]``; otherwise ``schedule`` "upstream" (empirical μ,
+            ``mu`` override) or "comfyui". ``cfg_mode`` see :func:`lens_model.sampling.cfg_combine`.
+        image, denoise: img2img input (PIL image, path, or ``[B, H, W, 3]`` tensor in 0..1) and
+            strength s ∈ (0, 1]: partial schedule of sampling.md §7, x = σ_start·noise +
+            (1 − σ_start)·z_img.
+        device, dtype: where / in which dtype the DiT runs (default CUDA if present; dtype None keeps
+            the stored dtype). ``vae_dtype`` likewise for the VAE.
+        output_type: "pil" (list of PIL images), "pt" (``[B, H, W, 3]`` float in 0..1) or
+            "latent" (``[B, 128, h, w]`` float32, no decode).
+    """
+    from .dit import load_transformer
+
+    width, height = validate_size(width, height)
+    warn = schedule_jump_warning(width, height)
+    if warn:
+        logger.warning(warn)
+    device = torch.device(device) if device is not None else default_device()
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+
+    own_dit = isinstance(transformer, (str, os.PathLike))
+    defaults = variant_defaults(transformer if own_dit else getattr(transformer, "name", None))
+    if not own_dit and getattr(transformer, "variant_defaults", None):
+        defaults = dict(transformer.variant_defaults)
+    steps = int(steps if steps is not None else defaults["steps"])
+    guidance = float(guidance if guidance is not None else defaults["cfg"])
+
+    h, w = height // 16, width // 16
+    total = context.shape[0] * int(batch)
+    if noise is None:
+        noise = make_noise(seed, total, h, w, layout=noise_layout)
+    elif tuple(noise.shape) != (total, 128, h, w):
+        raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
+    if sigmas is None:
+        sigmas = _schedule(height, width, steps, float(denoise), mu, schedule)
+
+    vae_model = None
+    own_vae = isinstance(vae, (str, os.PathLike))
+    if image is not None and float(denoise) < 1.0:
+        vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
+        z = vae_model.encode(_as_image_tensor(image, width, height))
+        if z.shape[0] not in (1, total):
+            raise ValueError(f"init image batch {z.shape[0]} does not match {total} images")
+        noise = noise_image_latents(noise, z, float(sigmas[0]))
+        del z
+    elif image is not None:
+        logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
+
+    dit = load_transformer(transformer, dtype=dtype, device=device) if own_dit else transformer
+    try:
+        t0 = time.perf_counter()
+        latents = sample(dit, noise, sigmas, context, context_mask, negative_context,
+                         negative_mask, guidance_scale=guidance, callback=callback,
+                         cfg_mode=cfg_mode)
+        logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", len(sigmas) - 1, width,
+                    height, guidance, time.perf_counter() - t0)
+    finally:
+        if own_dit:
+            del dit
+            _free(device)
+    if output_type == "latent":
+        return latents.cpu()
+
+    if vae_model is None:
+        vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
+    try:
+        images = vae_model.decode(latents, tile=vae_tile)
+    finally:
+        del latents
+        if own_vae:
+            del vae_model
+            _free(device)
+    return images if output_type == "pt" else to_pil(images)
+
+
+def _load_vae(path, dtype, device):
+    from .vae import load_vae
+
+    return load_vae(path, dtype=dtype, device=device)
+
+
+def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",
+                   need_negative: bool = True, date: Optional[str] = None):
+    """Encode prompts (and a non-empty negative) with a loaded text encoder.
+
+    Returns ``(context [P, S, 4E], mask [P, S], negative_context or None, negative_mask or None)``.
+    An empty/whitespace negative gives None (the zero-length text stream, sampling.md §5); it is
+    never encoded as a templated empty string.
+    """
+    kw = {} if date is None else {"date": date}
+    ctx, mask = text_encoder.encode(list(prompts), **kw)
+    nctx = nmask = None
+    if need_negative and negative and negative.strip():
+        nctx, nmask = text_encoder.encode([negative], **kw)
+    return ctx, mask, nctx, nmask
+
+
+def generate(
+    prompt: Union[str, Sequence[str]],
+    negative: str = "",
+    transformer_path: Optional[PathLike] = None,
+    text_encoder_path: Optional[PathLike] = None,
+    vae_path: Optional[PathLike] = None,
+    width: int = 1024,
+    height: int = 1024,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    seed: int = 0,
+    batch: int = 1,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    text_encoder_dtype: Optional[torch.dtype] = None,
+    vae_dtype: Optional[torch.dtype] = None,
+    date: Optional[str] = None,
+    mu: Optional[float] = None,
+    schedule: str = "upstream",
+    noise_layout: str = "upstream",
+    cfg_mode: str = "upstream",
+    image=None,
+    denoise: float = 1.0,
+    vae_tile="auto",
+    callback: Optional[StepCallback] = None,
+    output_type: str = "pil",
+):
+    """Text-to-image (or img2img) from checkpoint paths; returns a list of ``PIL.Image``.
+
+    ``prompt`` may be a list (P prompts); ``batch`` images are made per prompt with one noise draw
+    for all P·batch images. Steps and CFG default from the transformer's file name (turbo 4 / 1.0,
+    base 50 / 5.0, otherwise 20 / 5.0); at CFG 1 the negative prompt is not encoded (it has no
+    effect). The other arguments are those of :func:`generate_from_features`; ``date`` is the
+    template date (default 2026-05-23, pinned by the text encoder).
+    """
+    from .text_encoder import load_text_encoder
+
+    for name, p in (("transformer", transformer_path), ("text encoder", text_encoder_path),
+                    ("VAE", vae_path)):
+        if p is None:
+            raise ValueError(f"generate() needs the {name} path")
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{name} checkpoint {str(p)!r} does not exist")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    width, height = validate_size(width, height)
+    device = torch.device(device) if device is not None else default_device()
+    defaults = variant_defaults(transformer_path)
+    steps = int(steps if steps is not None else defaults["steps"])
+    guidance = float(guidance if guidance is not None else defaults["cfg"])
+
+    t0 = time.perf_counter()
+    te = load_text_encoder(text_encoder_path, dtype=text_encoder_dtype, device=device)
+    try:
+        ctx, mask, nctx, nmask = encode_prompts(te, prompts, negative, need_negative=guidance != 1.0,
+                                                date=date)
+    finally:
+        del te
+        _free(device)
+    logger.info("encoded %d prompt(s) (%d tokens) in %.1f s", len(prompts), ctx.shape[1],
+                time.perf_counter() - t0)
+    ctx, mask = ctx.cpu(), mask.cpu()
+    if nctx is not None:
+        nctx, nmask = nctx.cpu(), nmask.cpu()
+
+    return generate_from_features(
+        ctx, mask, transformer_path, vae_path, width, height, steps=steps, guidance=guidance,
+        negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
+        schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
+        denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
+        callback=callback, output_type=output_type)
