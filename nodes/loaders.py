@@ -102,16 +102,13 @@ class LensNodesDiTLoader:
         accepted = _accepted_kwargs(lm.load_transformer)
         kwargs = {}
         if weight_dtype == "fp8":
-            if "weight_storage" in accepted:
-                kwargs["weight_storage"] = "fp8"
-            elif "quantize" in accepted:
-                kwargs["quantize"] = "fp8"
-            else:
+            if "weight_dtype" not in accepted:
                 raise ValueError(
                     "weight_dtype 'fp8' is not supported by this version of lens_model "
                     "(load_transformer has no fp8 storage option). Select 'default' or 'bf16', "
                     "or load a Comfy-Org *_mxfp8.safetensors file, which stays fp8 as stored."
                 )
+            kwargs["weight_dtype"] = "fp8"
             dtype = torch.bfloat16
         elif weight_dtype == "default":
             dtype = torch.bfloat16 if dev.type != "cpu" else None

@@ -1,0 +1,371 @@
+"""Nodes run on the golden tiny DiT and VAE (CPU, fp32) through the ComfyUI stubs.
+
+Checks against upstream golden data (pipeline cases) and against direct lens_model calls with the
+same inputs; conversions of core latents; interrupt, progress and error behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_stubs import InterruptProcessingException, comfy_env  # noqa: F401  (fixture)
+from conftest import GOLDEN
+
+DIT = "lens_tiny_turbo/"
+VAE = "lens_tiny_vae/"
+
+
+def place_models(env):
+    """Symlink the golden tiny weights into the fake ComfyUI model folders."""
+    pipe = env.folder("diffusion_models") / "lens_tiny_turbo"
+    pipe.mkdir()
+    os.symlink(GOLDEN / "transformer", pipe / "transformer")
+    os.symlink(GOLDEN / "vae", env.folder("vae") / "lens_tiny_vae")
+    os.symlink(GOLDEN / "text_encoder", env.folder("text_encoders") / "lens_tiny_te")
+
+
+@pytest.fixture
+def models(comfy_env):
+    place_models(comfy_env)
+    return comfy_env
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return load_file(str(GOLDEN / "pipeline_cases.safetensors"))
+
+
+def tokens_to_latents(t, h, w):
+    b, n, c = t.shape
+    return t.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+def cond_from(cases, n, prefix="prompt"):
+    """Golden per-layer features -> core Lens CONDITIONING (layer-major concat, int64 mask)."""
+    ctx = torch.cat([cases[f"case{n}.{prefix}_embeds.{i}"] for i in range(4)], dim=-1)
+    mask = cases[f"case{n}.{prefix}_mask"].to(torch.int64)
+    return [[ctx, {"pooled_output": None, "attention_mask": mask, "num_layers_stacked": 4}]]
+
+
+def load_dit(**kw):
+    from nodes import LensNodesDiTLoader
+
+    args = dict(model_name=DIT, weight_dtype="default", device="auto", offload="auto")
+    args.update(kw)
+    return LensNodesDiTLoader().load(**args)[0]
+
+
+def load_vae():
+    from nodes import LensNodesVAELoader
+
+    return LensNodesVAELoader().load(vae_name=VAE, dtype="auto", device="auto")[0]
+
+
+def run_sampler(model, positive, **kw):
+    from nodes import LensNodesSampler
+
+    args = dict(seed=0, steps=4, cfg=1.0, schedule="upstream", denoise=1.0,
+                noise_layout="upstream", width=64, height=64)
+    args.update(kw)
+    return LensNodesSampler().sample(model=model, positive=positive, **args)[0]
+
+
+# -------------------------------------------------------------------------------------------
+# golden parity through the nodes
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_sampler_and_decode_match_upstream_golden(models, cases, monkeypatch, n):
+    import json
+
+    import lens_model.sampling as sampling
+    from nodes import LensNodesEmptyLatent, LensNodesVAEDecode
+
+    case = json.loads((GOLDEN / "pipeline_cases.json").read_text())[n]
+    B, H, W = case["batch"], case["height"], case["width"]
+    h, w = H // 16, W // 16
+    init = tokens_to_latents(cases[f"case{n}.initial_latents"], h, w)
+
+    def fake_noise(seed, batch, hh, ww, layout="upstream"):
+        assert (batch, hh, ww) == (B, h, w)
+        return init.clone()
+
+    monkeypatch.setattr(sampling, "make_noise", fake_noise)
+    kw = {}
+    if case["negative"] == "embeds":
+        kw["negative"] = cond_from(cases, n, "negative_prompt")
+    elif n == 2:  # an explicitly connected empty negative (S = 0) is the empty negative
+        kw["negative"] = [[torch.zeros(1, 0, 128), {"pooled_output": None,
+                                                   "attention_mask": torch.zeros(1, 0, dtype=torch.int64),
+                                                   "num_layers_stacked": 4}]]
+    latent = LensNodesEmptyLatent().generate(width=W, height=H, batch_size=B)[0]
+    out = run_sampler(load_dit(), cond_from(cases, n), steps=case["steps"],
+                      cfg=case["guidance_scale"], latent=latent, **kw)
+    x = out["samples"]
+    assert x.dtype == torch.float32 and x.device.type == "cpu" and x.shape == (B, 128, h, w)
+    want = tokens_to_latents(cases[f"case{n}.expected_final_latents"], h, w)
+    torch.testing.assert_close(x, want, atol=2e-4, rtol=2e-4)
+
+    if n == 1:
+        return  # the VAE is checked on cases 0 and 2 (decoding is the slow part on a busy CPU)
+    img = LensNodesVAEDecode().decode(samples=out, vae=load_vae(), tile="auto")[0]
+    assert img.shape == (B, H, W, 3) and img.dtype == torch.float32
+    torch.testing.assert_close(img, cases[f"case{n}.expected_image"], atol=2e-4, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------
+# node output == the Python API with the same inputs
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule,layout,cfg,mu", [
+    ("upstream", "upstream", 1.0, 0.0),
+    ("comfyui", "comfy", 3.0, 0.0),
+    ("upstream", "upstream", 2.0, 1.7),
+])
+def test_sampler_equals_python_api(models, cases, schedule, layout, cfg, mu):
+    import lens_model as lm
+    import lens_model.sampling  # noqa: F401
+
+    handle = load_dit()
+    pos = cond_from(cases, 1)
+    neg = cond_from(cases, 1, "negative_prompt")
+    out = run_sampler(handle, pos, negative=neg, seed=123, steps=3, cfg=cfg, schedule=schedule,
+                      noise_layout=layout, width=48, height=32, mu=mu)["samples"]
+
+    model = lm.load_transformer(GOLDEN / "transformer")
+    noise = lm.make_noise(123, 1, 2, 3, layout=layout)
+    m = mu if mu else None
+    sig = lm.lens_sigmas(32, 48, 3, mu=m) if schedule == "upstream" else lm.comfyui_sigmas(32, 48, 3, mu=m)
+    ctx, mask = pos[0][0], pos[0][1]["attention_mask"].bool()
+    nctx, nmask = neg[0][0], neg[0][1]["attention_mask"].bool()
+    want = lm.sample(model, noise, sig, ctx, mask, negative_context=nctx, negative_mask=nmask,
+                     guidance_scale=cfg)
+    assert torch.equal(out, want)
+
+
+def test_img2img_equals_python_api(models, cases):
+    import lens_model as lm
+    import lens_model.sampling  # noqa: F401
+    from nodes import LensNodesVAEEncode
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 40, 56, 3)  # not multiples of 16: center-cropped to 32x48
+    vae = load_vae()
+    latent = LensNodesVAEEncode().encode(pixels=image, vae=vae)[0]
+    assert latent["samples"].shape == (1, 128, 2, 3)
+    out = run_sampler(load_dit(), cond_from(cases, 0), latent=latent, seed=7, steps=4,
+                      denoise=0.6)["samples"]
+
+    ref_vae = lm.load_vae(GOLDEN / "vae", dtype=torch.float32)
+    z = ref_vae.encode(image[:, 4:36, 4:52, :])
+    torch.testing.assert_close(latent["samples"], z, atol=0, rtol=0)
+    sig = lm.img2img_sigmas(32, 48, 4, 0.6)
+    assert sig.shape == (5,) and float(sig[0]) < 1.0
+    x = lm.sampling.noise_image_latents(lm.make_noise(7, 1, 2, 3), z, sig[0])
+    ctx = cond_from(cases, 0)[0][0]
+    mask = cond_from(cases, 0)[0][1]["attention_mask"].bool()
+    want = lm.sample(lm.load_transformer(GOLDEN / "transformer"), x, sig, ctx, mask)
+    assert torch.equal(out, want)
+
+
+def test_denoise_below_one_on_empty_latent_runs_full_schedule(models, cases, caplog):
+    handle = load_dit()
+    pos = cond_from(cases, 0)
+    full = run_sampler(handle, pos, seed=3, width=32, height=32)["samples"]
+    with caplog.at_level(logging.WARNING):
+        part = run_sampler(handle, pos, seed=3, width=32, height=32, denoise=0.5)["samples"]
+    assert torch.equal(full, part)
+    assert "needs an image latent" in caplog.text
+
+
+# -------------------------------------------------------------------------------------------
+# latents from core
+# -------------------------------------------------------------------------------------------
+
+def test_core_empty_latent_image_is_converted(models, cases):
+    from nodes import LensNodesEmptyLatent
+
+    handle = load_dit()
+    pos = cond_from(cases, 0)
+    # core EmptyLatentImage at 72x104 px: 4 channels at 1/8 -> 9x13 -> round(4.5)=4, round(6.5)=6
+    core = {"samples": torch.zeros(2, 4, 9, 13), "downscale_ratio_spacial": 8}
+    out = run_sampler(handle, pos, latent=core, seed=5)["samples"]
+    assert out.shape == (2, 128, 4, 6)
+    ours = LensNodesEmptyLatent().generate(width=96, height=64, batch_size=2)[0]
+    assert torch.equal(out, run_sampler(handle, pos, latent=ours, seed=5)["samples"])
+    # core EmptyFlux2LatentImage: already 128 channels, zeros
+    flux2 = {"samples": torch.zeros(2, 128, 4, 6)}
+    assert torch.equal(out, run_sampler(handle, pos, latent=flux2, seed=5)["samples"])
+
+
+def test_non_empty_foreign_latent_is_rejected(models, cases):
+    with pytest.raises(ValueError, match="4 channels"):
+        run_sampler(load_dit(), cond_from(cases, 0), latent={"samples": torch.ones(1, 4, 8, 8)})
+    from nodes import LensNodesVAEDecode
+
+    with pytest.raises(ValueError, match="128"):
+        LensNodesVAEDecode().decode(samples={"samples": torch.zeros(1, 4, 8, 8)}, vae=load_vae())
+
+
+def test_our_latent_decodes_like_core_layout(models, cases):
+    """Our LATENT is plain Flux2 layout: fp32, CPU, [B, 128, h, w], only 'samples'."""
+    out = run_sampler(load_dit(), cond_from(cases, 0), width=48, height=32)
+    assert set(out) == {"samples"}
+    assert out["samples"].shape == (1, 128, 2, 3)
+
+
+# -------------------------------------------------------------------------------------------
+# conditioning handling
+# -------------------------------------------------------------------------------------------
+
+def test_multiple_conditioning_entries_use_the_first(models, cases, caplog):
+    handle = load_dit()
+    a, b = cond_from(cases, 0), cond_from(cases, 1)
+    with caplog.at_level(logging.WARNING):
+        both = run_sampler(handle, a + b, seed=1, width=32, height=32)["samples"]
+    assert "uses only the first" in caplog.text
+    assert torch.equal(both, run_sampler(handle, a, seed=1, width=32, height=32)["samples"])
+
+
+def test_wrong_feature_width_is_rejected(models):
+    bad = [[torch.zeros(1, 3, 4 * 4096), {"pooled_output": None,
+                                          "attention_mask": torch.ones(1, 3, dtype=torch.int64)}]]
+    with pytest.raises(ValueError, match="expects 4×32"):
+        run_sampler(load_dit(), bad, width=32, height=32)
+
+
+def test_core_conditioning_without_mask_or_float16(models, cases):
+    """Core's TE may give fp16 features; a missing mask means all tokens are real."""
+    handle = load_dit()
+    c = cond_from(cases, 0)
+    plain = [[c[0][0].half(), {"pooled_output": None, "num_layers_stacked": 4}]]
+    ref = [[c[0][0].half().float(), {"attention_mask": torch.ones(1, 5, dtype=torch.int64)}]]
+    assert torch.equal(run_sampler(handle, plain, width=32, height=32)["samples"],
+                       run_sampler(handle, ref, width=32, height=32)["samples"])
+
+
+def test_size_must_be_multiple_of_16(models, cases):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        run_sampler(load_dit(), cond_from(cases, 0), width=40, height=32)
+
+
+# -------------------------------------------------------------------------------------------
+# progress, interrupt, errors
+# -------------------------------------------------------------------------------------------
+
+def test_progress_reported_every_step(models, cases):
+    run_sampler(load_dit(), cond_from(cases, 0), steps=4, width=32, height=32)
+    steps = [(v, t) for (_, kind, v, t, _) in models.progress if kind == "abs"]
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(p is None for (*_, p) in models.progress)  # no previews by default
+
+
+def test_interrupt_mid_sampling_raises_and_rerun_is_identical(models, cases):
+    handle = load_dit()
+    pos = cond_from(cases, 1)
+    neg = cond_from(cases, 1, "negative_prompt")
+    kw = dict(negative=neg, seed=11, steps=4, cfg=4.0, width=80, height=48)
+    clean = run_sampler(handle, pos, **kw)["samples"]
+    checks_per_run = models.interrupt_checks
+    assert checks_per_run >= 5  # before the first step and after every step
+    models.interrupt_at(3)
+    with pytest.raises(InterruptProcessingException):
+        run_sampler(handle, pos, **kw)
+    again = run_sampler(handle, pos, **kw)["samples"]
+    assert torch.equal(clean, again)
+
+
+def test_interrupt_is_not_swallowed_by_except_exception(models, cases):
+    assert not issubclass(InterruptProcessingException, Exception)
+    models.interrupted = True
+    with pytest.raises(InterruptProcessingException):
+        run_sampler(load_dit(), cond_from(cases, 0), width=32, height=32)
+
+
+def test_dit_loader_bad_file_then_good_file(models):
+    from nodes import LensNodesDiTLoader
+
+    dm = models.folder("diffusion_models")
+    (dm / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    os.symlink(GOLDEN / "vae" / "diffusion_pytorch_model.safetensors", dm / "a_vae.safetensors")
+    loader = LensNodesDiTLoader()
+    with pytest.raises((ValueError, RuntimeError)) as e:
+        loader.load(model_name="broken.safetensors")
+    assert "broken.safetensors" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        loader.load(model_name="a_vae.safetensors")
+    assert "a_vae.safetensors" in str(e.value) and "VAE" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        loader.load(model_name="missing.safetensors")
+    handle = loader.load(model_name=DIT)[0]
+    assert handle.model.config.enc_hidden_dim == 32
+
+
+def test_vae_loader_bad_file_then_good_file(models):
+    from nodes import LensNodesVAELoader
+
+    os.symlink(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors",
+               models.folder("vae") / "dit.safetensors")
+    with pytest.raises(ValueError, match="dit.safetensors"):
+        LensNodesVAELoader().load(vae_name="dit.safetensors")
+    assert load_vae().vae is not None
+
+
+def test_dit_loader_options(models, cases):
+    handle = load_dit(weight_dtype="bf16")
+    assert next(handle.model.parameters()).dtype == torch.bfloat16
+    out = run_sampler(handle, cond_from(cases, 0), steps=1, width=32, height=32)["samples"]
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    fp8 = load_dit(weight_dtype="fp8")
+    out8 = run_sampler(fp8, cond_from(cases, 0), steps=1, width=32, height=32)["samples"]
+    assert torch.isfinite(out8).all()
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        load_dit(device="gpu")
+
+
+# -------------------------------------------------------------------------------------------
+# resolution and empty latent
+# -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base,ratio,want", [
+    ("1024", "1:1", (1024, 1024)),
+    ("1024", "16:9", (1376, 768)),
+    ("1440", "1:1", (1440, 1440)),
+    ("1440", "1:2", (1040, 2080)),
+    ("1248x1664", "16:9", (1248, 1664)),
+    ("1664x1248", "1:1", (1664, 1248)),
+])
+def test_resolution_presets(comfy_env, base, ratio, want):
+    from nodes import LensNodesResolution
+
+    assert LensNodesResolution().resolve(base=base, ratio=ratio, width=64, height=64) == want
+
+
+def test_resolution_custom_and_jump_warning(comfy_env, caplog):
+    from nodes import LensNodesResolution
+
+    node = LensNodesResolution()
+    with caplog.at_level(logging.WARNING):
+        assert node.resolve(base="custom", ratio="1:1", width=1040, height=1040) == (1040, 1040)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        assert node.resolve(base="custom", ratio="1:1", width=1088, height=1088) == (1088, 1088)
+    assert "4300" in caplog.text
+    with pytest.raises(ValueError, match="multiple of 16"):
+        node.resolve(base="custom", ratio="1:1", width=1000, height=1024)
+    with pytest.raises(ValueError, match="2080"):
+        node.resolve(base="custom", ratio="1:1", width=2096, height=1024)
+
+
+def test_empty_latent(comfy_env):
+    from nodes import LensNodesEmptyLatent
+
+    out = LensNodesEmptyLatent().generate(width=1440, height=1024, batch_size=3)[0]
+    assert set(out) == {"samples"}
+    s = out["samples"]
+    assert s.shape == (3, 128, 64, 90) and s.dtype == torch.float32 and not s.any()
