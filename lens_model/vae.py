@@ -1,0 +1,989 @@
+"""FLUX.2 VAE (BFL "ae", diffusers ``AutoencoderKLFlux2``) in plain PyTorch.
+
+A standard LDM/SD-style KL autoencoder with 32 latent channels and x8 down/up-sampling, plus a
+non-affine BatchNorm over the 2x2-patchified latent (128 channels, x16 overall). Lens works in the
+BN-normalised, patchified space (spec vae.md).
+
+- Internal key layout: **BFL** (``encoder.down.{i}.block.{j}``, nested ``encoder.quant_conv`` /
+  ``decoder.post_quant_conv``, attention projections as 1x1 convs ``[C, C, 1, 1]``). The submodule
+  names equal these key names, so a BFL file loads without renaming.
+- LDM top-level (``quant_conv.*`` at the top) and diffusers layouts are converted by
+  :func:`to_bfl_key` / :func:`to_diffusers_key` (the bijective mapping of vae.md §3.2, including the
+  ``[C, C, 1, 1]`` <-> ``[C, C]`` attention weight reshape).
+- :class:`Flux2VAE` ``.encode(images [B, H, W, 3] in 0..1) -> [B, 128, H/16, W/16]`` (posterior mean,
+  BN-normalised) and ``.decode(latents [B, 128, h, w]) -> [B, 16h, 16w, 3]`` float32 in [0, 1] on the
+  CPU, optionally tiled (ComfyUI style, see :meth:`Flux2VAE.decode`).
+- :func:`load_vae` reads a file / folder through :func:`lens_model.checkpoints.open_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Flux2VAEConfig",
+    "Flux2VAE",
+    "Encoder",
+    "Decoder",
+    "load_vae",
+    "patchify",
+    "unpatchify",
+    "to_bfl_key",
+    "to_diffusers_key",
+    "bfl_to_diffusers",
+    "to_bfl",
+    "detect_vae_layout",
+    "check_vae_keys",
+]
+
+GN_EPS = 1e-6
+#: Optional key (an int64 scalar nobody uses).
+OPTIONAL_KEYS = ("bn.num_batches_tracked",)
+_ATTN_WEIGHT = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+_VAE_FIX = "Lens needs the FLUX.2 VAE (flux2-vae.safetensors, from Comfy-Org or black-forest-labs/FLUX.2-dev `ae.safetensors`)."
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Flux2VAEConfig:
+    """Hyper-parameters of the FLUX.2 VAE (defaults = the published FLUX.2 VAE).
+
+    ``layers_per_block`` is the encoder's resnet count per level; the decoder has one more.
+    ``decoder_block_out_channels`` is None when the decoder uses ``block_out_channels`` (reversed in
+    execution order, as in diffusers).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    decoder_block_out_channels: tuple[int, ...] | None = None
+    layers_per_block: int = 2
+    latent_channels: int = 32
+    norm_num_groups: int = 32
+    batch_norm_eps: float = 1e-4
+    patch_size: tuple[int, int] = (2, 2)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if self.decoder_block_out_channels is not None:
+            self.decoder_block_out_channels = tuple(int(c) for c in self.decoder_block_out_channels)
+            if len(self.decoder_block_out_channels) != len(self.block_out_channels):
+                raise ValueError(
+                    f"decoder_block_out_channels {self.decoder_block_out_channels} must have as many levels as "
+                    f"block_out_channels {self.block_out_channels}."
+                )
+        ps = self.patch_size
+        self.patch_size = (int(ps), int(ps)) if isinstance(ps, int) else tuple(int(p) for p in ps)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        return self.decoder_block_out_channels or self.block_out_channels
+
+    @property
+    def bn_channels(self) -> int:
+        """Channels of the patchified latent (128 for FLUX.2)."""
+        return self.latent_channels * self.patch_size[0] * self.patch_size[1]
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per patchified latent cell along one side (16 for FLUX.2)."""
+        return 2 ** (self.num_levels - 1) * self.patch_size[0]
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> "Flux2VAEConfig":
+        """Build from a diffusers ``config.json`` dict; unknown keys (``force_upcast``, ``sample_size``,
+        ``_class_name``, ...) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in names and v is not None}
+        for k in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+            if k in kwargs and isinstance(kwargs[k], list):
+                kwargs[k] = tuple(kwargs[k])
+        act = cfg.get("act_fn", "silu")
+        if act != "silu":
+            raise ValueError(f"FLUX.2 VAE config has act_fn={act!r}; only 'silu' is supported.")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], batch_norm_eps: float = 1e-4) -> "Flux2VAEConfig":
+        """Infer the configuration from tensor shapes in the internal (BFL) layout (checkpoints.md §5).
+
+        ``norm_num_groups`` is assumed to be 32.
+        """
+        levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"^encoder\.down\.(\d+)\.", k))})
+        up_levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"^decoder\.up\.(\d+)\.", k))})
+        if not levels or levels != list(range(len(levels))) or up_levels != levels:
+            raise ValueError(
+                f"cannot infer the VAE layout: encoder levels {levels}, decoder levels {up_levels} "
+                "(expected matching 0..L-1)."
+            )
+        enc = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels)
+        dec = tuple(shapes[f"decoder.up.{i}.block.0.conv1.weight"][0] for i in levels)
+        n_enc = len({m.group(1) for k in shapes if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k))})
+        n_dec = len({m.group(1) for k in shapes if (m := re.match(r"^decoder\.up\.0\.block\.(\d+)\.", k))})
+        if n_dec != n_enc + 1:
+            raise ValueError(
+                f"cannot infer the VAE layout: the encoder has {n_enc} resnets per level and the decoder {n_dec}; "
+                "a FLUX.2 VAE has one more in the decoder."
+            )
+        latent = shapes["decoder.conv_in.weight"][1]
+        bn = shapes.get("bn.running_mean", (latent * 4,))[0]
+        ratio = bn // latent if latent else 0
+        p = math.isqrt(ratio)
+        if p * p != ratio or p * p * latent != bn:
+            raise ValueError(f"bn.running_mean has {bn} channels, which is not latent_channels {latent} x a square patch.")
+        return cls(
+            in_channels=shapes["encoder.conv_in.weight"][1],
+            out_channels=shapes["decoder.conv_out.weight"][0],
+            block_out_channels=enc,
+            decoder_block_out_channels=None if dec == enc else dec,
+            layers_per_block=n_enc,
+            latent_channels=latent,
+            norm_num_groups=32,
+            batch_norm_eps=batch_norm_eps,
+            patch_size=(p, p),
+            use_quant_conv="encoder.quant_conv.weight" in shapes,
+            use_post_quant_conv="decoder.post_quant_conv.weight" in shapes,
+            mid_block_add_attention="encoder.mid.attn_1.q.weight" in shapes,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Patchify and BN
+# ------------------------------------------------------------------------------------------------
+
+
+def patchify(z: torch.Tensor, patch_size: tuple[int, int] = (2, 2)) -> torch.Tensor:
+    """``z: [B, C, p*h, q*w] -> [B, C*p*q, h, w]`` with ``out[b, C_idx*p*q + a*q + d, i, j] = z[b, C_idx, p*i + a, q*j + d]``.
+
+    For FLUX.2 (C=32, p=q=2) channel ``4c + 2a + d`` holds latent channel c at row offset a and column
+    offset d (vae.md §4).
+    """
+    p, q = patch_size
+    b, c, hh, ww = z.shape
+    if hh % p or ww % q:
+        raise ValueError(f"patchify: spatial size {hh}x{ww} is not a multiple of the patch {p}x{q}.")
+    h, w = hh // p, ww // q
+    return z.view(b, c, h, p, w, q).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * q, h, w)
+
+
+def unpatchify(x: torch.Tensor, patch_size: tuple[int, int] = (2, 2)) -> torch.Tensor:
+    """Exact inverse of :func:`patchify`: ``x: [B, C*p*q, h, w] -> [B, C, p*h, q*w]``."""
+    p, q = patch_size
+    b, cpq, h, w = x.shape
+    if cpq % (p * q):
+        raise ValueError(f"unpatchify: {cpq} channels is not a multiple of {p * q}.")
+    c = cpq // (p * q)
+    return x.reshape(b, c, p, q, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h * p, w * q)
+
+
+class LatentBatchNorm(nn.Module):
+    """The non-affine BatchNorm statistics of the patchified latent (buffers only, always fp32).
+
+    Never runs BatchNorm itself: :meth:`normalize` / :meth:`denormalize` apply the formula to the
+    running statistics in fp32 and never modify the buffers (vae.md §5).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.register_buffer("running_mean", torch.zeros(channels, dtype=torch.float32))
+        self.register_buffer("running_var", torch.ones(channels, dtype=torch.float32))
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.running_mean.to(device=device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.sqrt(self.running_var.to(device=device, dtype=torch.float32) + self.eps).view(1, -1, 1, 1)
+        return mean, std
+
+    def normalize(self, p: torch.Tensor) -> torch.Tensor:
+        """``p: [B, 128, h, w]`` patchified latent -> ``(p - mean) / sqrt(var + eps)``, fp32."""
+        mean, std = self._stats(p.device)
+        return (p.float() - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """``z: [B, 128, h, w]`` normalised latent -> ``z * sqrt(var + eps) + mean``, fp32."""
+        mean, std = self._stats(z.device)
+        return z.float() * std + mean
+
+
+# ------------------------------------------------------------------------------------------------
+# Network (BFL names)
+# ------------------------------------------------------------------------------------------------
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=GN_EPS, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """``x: [B, in, H, W] -> [B, out, H, W]``: shortcut(x) + conv(SiLU(GN(conv(SiLU(GN(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In-place SiLU on the fresh GroupNorm output and in-place residual on the fresh conv output:
+        # the input is never modified.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return h.add_(x)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by 1, then 3x3 conv with stride 2: ``[B, C, H, W] -> [B, C, H/2, W/2]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then 3x3 conv: ``[B, C, H, W] -> [B, C, 2H, 2W]``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention of width C over all H*W positions, with residual.
+
+    The projections are stored as 1x1 convs (BFL layout, ``[C, C, 1, 1]``) and applied as Linears on
+    ``[B, H*W, C]`` tokens. Queries are processed in chunks so that no chunk's score matrix exceeds
+    :attr:`score_budget_bytes` (an N x N matrix at 2048^2 would be 16 GiB in fp32).
+    """
+
+    score_budget_bytes = 256 * 1024 * 1024
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        c_out, c_in = conv.weight.shape[:2]
+        return F.linear(x, conv.weight.view(c_out, c_in), conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        n = hh * ww
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        q = self._linear(h, self.q).unsqueeze(1)  # [B, 1, N, C]
+        k = self._linear(h, self.k).unsqueeze(1)
+        v = self._linear(h, self.v).unsqueeze(1)
+        del h
+        chunk = max(1, self.score_budget_bytes // max(1, b * n * 4))
+        if chunk >= n:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = torch.empty_like(q)
+            for s in range(0, n, chunk):
+                o[:, :, s:s + chunk] = F.scaled_dot_product_attention(q[:, :, s:s + chunk], k, v)
+        del q, k, v
+        o = self._linear(o.squeeze(1), self.proj_out)  # [B, N, C]
+        return o.transpose(1, 2).reshape(b, c, hh, ww).add_(x)
+
+
+class MidBlock(nn.Module):
+    """Resnet(C), optional Attn(C), Resnet(C)."""
+
+    def __init__(self, channels: int, groups: int, attention: bool) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else None
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class _Level(nn.Module):
+    """One resolution level: ``block`` (resnets) and an optional ``downsample`` / ``upsample``."""
+
+    def __init__(
+        self,
+        blocks: list[ResnetBlock],
+        downsample: Downsample | None = None,
+        upsample: Upsample | None = None,
+    ) -> None:
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.downsample = downsample
+        self.upsample = upsample
+
+
+class Encoder(nn.Module):
+    """``x: [B, 3, H, W]`` in [-1, 1] -> moments ``[B, 2*z, H/8, W/8]`` (after ``quant_conv``)."""
+
+    def __init__(self, cfg: Flux2VAEConfig) -> None:
+        super().__init__()
+        ch, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        prev = ch[0]
+        for i, c in enumerate(ch):
+            blocks = []
+            for _ in range(cfg.layers_per_block):
+                blocks.append(ResnetBlock(prev, c, g))
+                prev = c
+            self.down.append(_Level(blocks, downsample=Downsample(c) if i < len(ch) - 1 else None))
+        self.mid = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        self.norm_out = _norm(ch[-1], g)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.quant_conv = (
+            nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for blk in level.block:
+                h = blk(h)
+            if level.downsample is not None:
+                h = level.downsample(h)
+        h = self.mid(h)
+        h = self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        return h
+
+
+class Decoder(nn.Module):
+    """``z: [B, z, h, w]`` (un-normalised, unpatchified latent) -> ``[B, 3, 8h, 8w]`` (about [-1, 1]).
+
+    ``up[i]`` is level i (0 = full resolution); levels run from L-1 down to 0.
+    """
+
+    def __init__(self, cfg: Flux2VAEConfig) -> None:
+        super().__init__()
+        ch, g, n = cfg.decoder_channels, cfg.norm_num_groups, cfg.layers_per_block + 1
+        self.post_quant_conv = (
+            nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+        )
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.mid = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
+        levels: list[_Level] = [None] * len(ch)  # type: ignore[list-item]
+        prev = ch[-1]
+        for i in reversed(range(len(ch))):
+            blocks = []
+            for _ in range(n):
+                blocks.append(ResnetBlock(prev, ch[i], g))
+                prev = ch[i]
+            levels[i] = _Level(blocks, upsample=Upsample(ch[i]) if i > 0 else None)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(ch[0], g)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        h = self.conv_in(z)
+        del z
+        h = self.mid(h)
+        for i in reversed(range(len(self.up))):
+            level = self.up[i]
+            for blk in level.block:
+                h = blk(h)
+            if level.upsample is not None:
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAE
+# ------------------------------------------------------------------------------------------------
+
+TileArg = bool | str
+
+
+class Flux2VAE(nn.Module):
+    """FLUX.2 VAE with Lens' latent convention (BN-normalised, 2x2-patchified, 128 channels).
+
+    Submodules ``encoder``, ``decoder``, ``bn`` carry the BFL key names. Build the weights with
+    :func:`load_vae` or :meth:`from_state_dict`.
+    """
+
+    def __init__(self, config: Flux2VAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or Flux2VAEConfig()
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        self.bn = LatentBatchNorm(self.config.bn_channels, self.config.batch_norm_eps)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_in.weight.device
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent cell along one side (16)."""
+        return self.config.downscale
+
+    # -- latent helpers -----------------------------------------------------------------------
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """``z: [B, 32, 2h, 2w]`` raw latent -> ``[B, 128, h, w]`` Lens latent (fp32)."""
+        return self.bn.normalize(patchify(z, self.config.patch_size))
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents: [B, 128, h, w]`` Lens latent -> ``[B, 32, 2h, 2w]`` raw latent (fp32)."""
+        return unpatchify(self.bn.denormalize(latents), self.config.patch_size)
+
+    # -- encode -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``images: [B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE; an alpha channel is dropped) ->
+        ``[B, 128, H/16, W/16]`` float32 on the CPU: BN-normalised patchified posterior mean.
+
+        H and W must be multiples of 16 (ValueError otherwise).
+        """
+        if images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise ValueError(f"encode expects images [B, H, W, 3] in 0..1, got shape {tuple(images.shape)}.")
+        b, hh, ww, _ = images.shape
+        f = self.downscale
+        if hh % f or ww % f:
+            raise ValueError(
+                f"encode: image size {ww}x{hh} (WxH) is not a multiple of {f}; crop or resize it to "
+                f"{ww // f * f}x{hh // f * f} (multiples of {f} pixels)."
+            )
+        zc = self.config.latent_channels
+        out = []
+        for i in range(b):  # one sample at a time: activations dominate memory, not weights
+            x = images[i:i + 1, :, :, :3].to(device=self.device, dtype=torch.float32)
+            x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
+            moments = self.encoder(x)
+            mean = moments[:, :zc]
+            out.append(self.normalize(mean).float().cpu())
+        return torch.cat(out)
+
+    # -- decode -------------------------------------------------------------------------------
+    def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents: [B, 128, h, w]`` -> ``[B, 3, 16h, 16w]`` decoder output (about [-1, 1]), float32."""
+        z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
+        return self.decoder(z).float()
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        tile: TileArg = "auto",
+        tile_size: int = 64,
+        overlap: int = 16,
+    ) -> torch.Tensor:
+        """``latents: [B, 128, h, w]`` (Lens / ComfyUI LATENT samples) -> ``[B, 16h, 16w, 3]`` float32 on
+        the CPU in [0, 1], = clamp((x + 1) / 2, 0, 1).
+
+        Tiling (ComfyUI style, in the 128-channel /16 latent grid): ``tile_size`` and ``overlap`` are in
+        latent cells (1 cell = 16 px). Tiles of ``tile_size`` x ``tile_size`` cells start every
+        ``tile_size - overlap`` cells (the last tile is aligned to the far edge), each is decoded on its
+        own and blended with weights that ramp linearly across ``overlap`` cells on every side that
+        touches another tile. Tiled output is close to, never equal to, the untiled one (GroupNorm and
+        mid-block attention become per tile).
+
+        ``tile``: False = never tile; True = tile when the latent exceeds ``tile_size``; "auto" = decode
+        untiled, but tile when on CUDA the estimated peak exceeds free memory or when it runs out of
+        memory (CPU never tiles under "auto").
+        Each sample of the batch is decoded separately.
+        """
+        if latents.ndim != 4 or latents.shape[1] != self.config.bn_channels:
+            raise ValueError(
+                f"decode expects latents [B, {self.config.bn_channels}, h, w] (Lens / FLUX.2 latent), "
+                f"got shape {tuple(latents.shape)}."
+            )
+        if tile not in (True, False, "auto"):
+            raise ValueError(f"tile must be True, False or 'auto', got {tile!r}.")
+        if tile_size < 1 or overlap < 0 or overlap >= tile_size:
+            raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={tile_size}, overlap={overlap}.")
+        out = []
+        for i in range(latents.shape[0]):
+            z = latents[i:i + 1]
+            use_tiles = tile is True
+            if tile == "auto" and self._exceeds_free_memory(z.shape[-2], z.shape[-1]):
+                logger.info("VAE decode: estimated memory exceeds free memory; decoding in tiles.")
+                use_tiles = True
+            if use_tiles:
+                x = self._decode_tiled(z, tile_size, overlap)
+            elif tile == "auto" and self.device.type == "cuda":
+                try:
+                    x = self._decode_raw(z).cpu()
+                except torch.OutOfMemoryError:
+                    logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
+                    torch.cuda.empty_cache()
+                    x = self._decode_tiled(z, tile_size, overlap)
+            else:
+                x = self._decode_raw(z).cpu()
+            out.append(((x + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1))
+        return torch.cat(out).contiguous()
+
+    def estimate_decode_bytes(self, h: int, w: int) -> int:
+        """Rough peak activation bytes of an untiled decode of one ``[1, 128, h, w]`` latent (vae.md §7:
+        ~1.25 GiB at 1024^2 in bf16 for the full model), plus 30 % slack."""
+        ch = self.config.decoder_channels
+        c_in_top = ch[1] if len(ch) > 1 else ch[0]
+        px = (h * self.downscale) * (w * self.downscale)
+        elt = torch.finfo(self.dtype).bits // 8
+        attn = 0  # chunked: bounded by AttnBlock.score_budget_bytes
+        return int(1.3 * (2.5 * px * c_in_top * elt + attn) + AttnBlock.score_budget_bytes)
+
+    def _exceeds_free_memory(self, h: int, w: int) -> bool:
+        if self.device.type != "cuda":
+            return False
+        try:
+            free, _ = torch.cuda.mem_get_info(self.device)
+        except Exception:  # pragma: no cover - exotic backends
+            return False
+        return self.estimate_decode_bytes(h, w) > free
+
+    @staticmethod
+    def _tile_starts(n: int, size: int, overlap: int) -> list[int]:
+        if n <= size:
+            return [0]
+        stride = size - overlap
+        starts = list(range(0, n - size, stride))
+        starts.append(n - size)
+        return starts
+
+    @staticmethod
+    def _ramp(length: int, ramp: int, start: bool, end: bool) -> torch.Tensor:
+        """1-D blend weights: rises over ``ramp`` samples at the start / falls at the end (never 0)."""
+        wgt = torch.ones(length, dtype=torch.float32)
+        r = min(ramp, length // 2)
+        if r > 0:
+            up = torch.arange(1, r + 1, dtype=torch.float32) / (r + 1)
+            if start:
+                wgt[:r] *= up
+            if end:
+                wgt[length - r:] *= up.flip(0)
+        return wgt
+
+    def _decode_tiled(self, z: torch.Tensor, tile_size: int, overlap: int) -> torch.Tensor:
+        """``z: [1, 128, h, w]`` -> ``[1, 3, 16h, 16w]`` float32 CPU (before the [0, 1] mapping)."""
+        _, _, h, w = z.shape
+        f = self.downscale
+        ys = self._tile_starts(h, tile_size, overlap)
+        xs = self._tile_starts(w, tile_size, overlap)
+        if len(ys) == 1 and len(xs) == 1:
+            return self._decode_raw(z).cpu()
+        out = torch.zeros(1, self.config.out_channels, h * f, w * f, dtype=torch.float32)
+        wsum = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32)
+        ramp = overlap * f
+        for y0 in ys:
+            th = min(tile_size, h - y0)
+            wy = self._ramp(th * f, ramp, y0 > 0, y0 + th < h)
+            for x0 in xs:
+                tw = min(tile_size, w - x0)
+                wx = self._ramp(tw * f, ramp, x0 > 0, x0 + tw < w)
+                img = self._decode_raw(z[:, :, y0:y0 + th, x0:x0 + tw]).cpu()
+                mask = wy[:, None] * wx[None, :]
+                out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].addcmul_(img, mask)
+                wsum[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].add_(mask)
+        return out.div_(wsum)
+
+    # -- construction from weights ------------------------------------------------------------
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        config: Flux2VAEConfig | Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "<state dict>",
+    ) -> "Flux2VAE":
+        """Build from a state dict in any supported layout (BFL, LDM top-level, diffusers)."""
+        return _build(_DictSource(state_dict, name), config, dtype, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Key layouts (vae.md §3.2)
+# ------------------------------------------------------------------------------------------------
+
+_ATTN_BFL_TO_DIFF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_DIFF_TO_BFL = {v: k for k, v in _ATTN_BFL_TO_DIFF.items()}
+
+
+def _levels(keys: Iterable[str], pattern: str) -> int:
+    idx = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    return max(idx) + 1 if idx else 0
+
+
+def detect_vae_layout(keys: Iterable[str]) -> str:
+    """``"diffusers"``, ``"bfl"`` (nested quant convs) or ``"ldm"`` (top-level quant convs)."""
+    keys = list(keys)
+    if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in keys):
+        return "diffusers"
+    if any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+        return "ldm"
+    return "bfl"
+
+
+def to_diffusers_key(key: str, num_levels: int) -> str:
+    """BFL or LDM key -> diffusers key (vae.md §3.2). Unknown keys come back unchanged."""
+    if key.startswith("encoder.quant_conv."):
+        return key[len("encoder."):]
+    if key.startswith("decoder.post_quant_conv."):
+        return key[len("decoder."):]
+    m = re.match(r"^(encoder|decoder)\.(.*)$", key)
+    if not m:
+        return key  # bn.*, top-level quant_conv.* / post_quant_conv.* (LDM) are the same in diffusers
+    part, rest = m.groups()
+    rest = re.sub(r"^norm_out\.", "conv_norm_out.", rest)
+    rest = re.sub(r"^down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", rest)
+    rest = re.sub(r"^down\.(\d+)\.downsample\.conv\.", r"down_blocks.\1.downsamplers.0.conv.", rest)
+    rest = re.sub(
+        r"^up\.(\d+)\.block\.(\d+)\.",
+        lambda mm: f"up_blocks.{num_levels - 1 - int(mm.group(1))}.resnets.{mm.group(2)}.",
+        rest,
+    )
+    rest = re.sub(
+        r"^up\.(\d+)\.upsample\.conv\.",
+        lambda mm: f"up_blocks.{num_levels - 1 - int(mm.group(1))}.upsamplers.0.conv.",
+        rest,
+    )
+    rest = re.sub(r"^mid\.block_1\.", "mid_block.resnets.0.", rest)
+    rest = re.sub(r"^mid\.block_2\.", "mid_block.resnets.1.", rest)
+    rest = re.sub(
+        r"^mid\.attn_1\.(norm|q|k|v|proj_out)\.",
+        lambda mm: f"mid_block.attentions.0.{_ATTN_BFL_TO_DIFF[mm.group(1)]}.",
+        rest,
+    )
+    rest = re.sub(r"\.nin_shortcut\.", ".conv_shortcut.", rest)
+    return f"{part}.{rest}"
+
+
+def to_bfl_key(key: str, num_levels: int) -> str:
+    """diffusers, LDM or BFL key -> BFL key (the internal layout). Unknown keys come back unchanged."""
+    if key.startswith("quant_conv."):
+        return "encoder." + key
+    if key.startswith("post_quant_conv."):
+        return "decoder." + key
+    m = re.match(r"^(encoder|decoder)\.(.*)$", key)
+    if not m:
+        return key
+    part, rest = m.groups()
+    rest = re.sub(r"^conv_norm_out\.", "norm_out.", rest)
+    rest = re.sub(r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2.", rest)
+    rest = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"down.\1.downsample.conv.", rest)
+    rest = re.sub(
+        r"^up_blocks\.(\d+)\.resnets\.(\d+)\.",
+        lambda mm: f"up.{num_levels - 1 - int(mm.group(1))}.block.{mm.group(2)}.",
+        rest,
+    )
+    rest = re.sub(
+        r"^up_blocks\.(\d+)\.upsamplers\.0\.conv\.",
+        lambda mm: f"up.{num_levels - 1 - int(mm.group(1))}.upsample.conv.",
+        rest,
+    )
+    rest = re.sub(r"^mid_block\.resnets\.0\.", "mid.block_1.", rest)
+    rest = re.sub(r"^mid_block\.resnets\.1\.", "mid.block_2.", rest)
+    rest = re.sub(
+        r"^mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
+        lambda mm: f"mid.attn_1.{_ATTN_DIFF_TO_BFL[mm.group(1)]}.",
+        rest,
+    )
+    rest = re.sub(r"\.conv_shortcut\.", ".nin_shortcut.", rest)
+    return f"{part}.{rest}"
+
+
+def _num_levels(keys: Iterable[str]) -> int:
+    keys = list(keys)
+    return max(
+        _levels(keys, r"^decoder\.up_blocks\.(\d+)\."),
+        _levels(keys, r"^decoder\.up\.(\d+)\."),
+        _levels(keys, r"^encoder\.down_blocks\.(\d+)\."),
+        _levels(keys, r"^encoder\.down\.(\d+)\."),
+    )
+
+
+def _bfl_shape(bfl_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Attention projection weights are ``[C, C, 1, 1]`` in BFL; a 2-D ``[C, C]`` one is reshaped."""
+    if len(shape) == 2 and _ATTN_WEIGHT.match(bfl_key):
+        return (*shape, 1, 1)
+    return tuple(shape)
+
+
+def to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported layout -> BFL names and shapes (nested quant convs, 4-D attention weights)."""
+    n = _num_levels(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        nk = to_bfl_key(k, n)
+        out[nk] = v.reshape(_bfl_shape(nk, tuple(v.shape)))
+    return out
+
+
+def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL / LDM layout -> diffusers names, attention weights ``[C, C, 1, 1]`` -> ``[C, C]``."""
+    n = _num_levels(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        nk = to_diffusers_key(k, n)
+        if _ATTN_WEIGHT.match(k) and v.ndim == 4:
+            v = v.reshape(v.shape[0], v.shape[1])
+        out[nk] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and loading
+# ------------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class _DictSource:
+    """Minimal TensorSource-like view of an in-memory state dict (for :meth:`Flux2VAE.from_state_dict`)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], name: str) -> None:
+        prefix = _vae_prefix(list(sd))
+        self._sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        self.name = name
+        self.config = None
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> str:
+        return _TORCH_TO_ST.get(self._sd[key].dtype, str(self._sd[key].dtype))
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        t = self._sd[key]
+        return t.to(device=device, dtype=dtype) if (dtype is not None or device is not None) else t
+
+
+def _vae_prefix(keys: list[str]) -> str:
+    for prefix in ("first_stage_model.", "vae."):
+        if sum(k.startswith(prefix) for k in keys) > 5:
+            return prefix
+    return ""
+
+
+def check_vae_keys(shapes: Mapping[str, tuple[int, ...]], name: str) -> None:
+    """Refuse what is not a FLUX.2 VAE, naming what was found (checkpoints.md §7, vae.md §3.2).
+
+    ``shapes``: key -> shape, after prefix stripping, in any layout.
+    """
+    keys = set(shapes)
+    conv_in = shapes.get("decoder.conv_in.weight")
+    has_bn = "bn.running_mean" in keys and "bn.running_var" in keys
+    if conv_in is None:
+        if any(k.startswith("transformer_blocks.") for k in keys):
+            raise ValueError(f"`{name}` is a diffusion model (transformer_blocks.*), not a VAE. {_VAE_FIX}")
+        if any(k.startswith(("layers.", "model.layers.", "block.")) for k in keys):
+            raise ValueError(f"`{name}` is a text encoder / language model (layers.*), not a VAE. {_VAE_FIX}")
+        raise ValueError(f"`{name}` has no `decoder.conv_in.weight`; it is not a VAE. {_VAE_FIX}")
+    if len(conv_in) == 5:
+        raise ValueError(
+            f"`{name}` has a 5-D `decoder.conv_in.weight` {list(conv_in)}: this is a video VAE (3-D convs), "
+            f"not the image FLUX.2 VAE. {_VAE_FIX}"
+        )
+    if len(conv_in) != 4:
+        raise ValueError(f"`{name}`: `decoder.conv_in.weight` has shape {list(conv_in)}; expected 4-D [C, 32, 3, 3]. {_VAE_FIX}")
+    z = conv_in[1]
+    if z == 16 and not has_bn:
+        raise ValueError(
+            f"`{name}` is a 16-channel (FLUX.1/SD3) VAE without `bn.running_mean`: this is a FLUX.1 VAE; "
+            f"Lens needs the FLUX.2 VAE (flux2-vae.safetensors)."
+        )
+    if z == 4 and not has_bn:
+        raise ValueError(
+            f"`{name}` is a 4-channel Stable Diffusion (SD1.x/SDXL) VAE; {_VAE_FIX}"
+        )
+    if not has_bn:
+        raise ValueError(
+            f"`{name}` is a {z}-channel VAE without `bn.running_mean` / `bn.running_var` (the FLUX.2 latent "
+            f"batch-norm statistics). {_VAE_FIX}"
+        )
+    bn = shapes["bn.running_mean"]
+    if len(bn) != 1 or shapes["bn.running_var"] != bn or bn[0] % z:
+        raise ValueError(
+            f"`{name}`: bn.running_mean {list(bn)} / bn.running_var {list(shapes['bn.running_var'])} do not fit "
+            f"{z} latent channels (expected [{4 * z}]). {_VAE_FIX}"
+        )
+
+
+def _resolve_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    dtype = requested if requested is not None else stored
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"unsupported VAE dtype {dtype}; use torch.float32 or torch.bfloat16.")
+    if dtype == torch.float16:
+        bf16_ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16_ok else torch.float32
+        msg = f"Lens does not run the VAE in fp16 (NaNs); using {str(dtype).replace('torch.', '')} instead."
+        if requested == torch.float16:
+            logger.warning(msg)
+        else:
+            logger.info("VAE weights are stored in fp16. %s", msg)
+    return dtype
+
+
+def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype, device) -> Flux2VAE:
+    name = source.name
+    raw_keys = list(source.keys())
+    n = _num_levels(raw_keys)
+    to_internal = {to_bfl_key(k, n): k for k in raw_keys}
+    if len(to_internal) != len(raw_keys):
+        raise ValueError(f"`{name}` mixes key layouts (the same tensor appears under BFL and diffusers names).")
+    shapes = {ik: _bfl_shape(ik, tuple(source.shape(k))) for ik, k in to_internal.items()}
+    check_vae_keys(shapes, name)
+
+    if config is None and isinstance(getattr(source, "config", None), Mapping):
+        cfg_dict = source.config
+        if "block_out_channels" in cfg_dict:
+            config = cfg_dict
+        else:
+            logger.debug("%s: config.json is not a VAE config; inferring from shapes.", name)
+    try:
+        if config is None:
+            cfg = Flux2VAEConfig.from_shapes(shapes)
+        elif isinstance(config, Flux2VAEConfig):
+            cfg = config
+        else:
+            cfg = Flux2VAEConfig.from_dict(config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"`{name}`: cannot build the FLUX.2 VAE configuration: {e}") from e
+
+    with torch.device("meta"):
+        model = Flux2VAE(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - set(OPTIONAL_KEYS))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:10])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(to_internal[k] for k in unexpected[:10])})")
+        raise ValueError(
+            f"`{name}` does not match the FLUX.2 VAE layout for config block_out_channels="
+            f"{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}: {'; '.join(parts)}. "
+            f"Is the file complete and a FLUX.2 VAE? {_VAE_FIX}"
+        )
+    bad = [f"{to_internal[k]} {list(shapes[k])} (expected {list(s)})" for k, s in expected.items() if shapes[k] != s]
+    if bad:
+        raise ValueError(f"`{name}`: tensor shapes do not match the config: {'; '.join(bad[:10])}.")
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    stored = _ST_DTYPES.get(source.dtype(to_internal["decoder.conv_in.weight"]), torch.float32)
+    dtype = _resolve_dtype(dtype, stored, device)
+    state = {}
+    for ik in expected:
+        wdtype = torch.float32 if ik.startswith("bn.") else dtype
+        t = source.read(to_internal[ik])
+        state[ik] = t.to(device=device, dtype=wdtype).reshape(expected[ik])
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    logger.info(
+        "loaded FLUX.2 VAE %s (%s layout, block_out_channels=%s, %s on %s)",
+        name, detect_vae_layout(raw_keys), list(cfg.block_out_channels), dtype, device,
+    )
+    return model
+
+
+def load_vae(
+    path: str | Any,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Flux2VAE:
+    """Load a FLUX.2 VAE from a ``.safetensors`` file, a diffusers ``vae/`` folder or a pipeline root.
+
+    Accepts BFL (``ae.safetensors`` / ``flux2-vae.safetensors``), LDM top-level and diffusers key layouts,
+    with or without a ``vae.`` / ``first_stage_model.`` prefix. The configuration comes from
+    ``config.json`` when present, else it is inferred from the tensor shapes.
+
+    ``dtype``: None keeps the stored dtype (fp32 for the published files); fp16 is refused with a
+    warning (bf16 on CUDA with bf16 support, else fp32). ``bn`` statistics always stay fp32.
+    ``device``: where the weights live (default CPU).
+    Raises ValueError (``CheckpointError``) / FileNotFoundError with a message naming the file, what
+    was found and the fix (e.g. a FLUX.1 VAE, a video VAE, a 4-channel SD VAE, a DiT or text encoder).
+    """
+    from .checkpoints import CheckpointError, open_checkpoint
+
+    try:
+        source = open_checkpoint(path, "vae")
+    except CheckpointError as e:
+        specific = _diagnose_foreign_file(path)
+        if specific:
+            raise CheckpointError(specific) from e
+        raise
+    try:
+        return _build(source, None, dtype, device)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _diagnose_foreign_file(path: Any) -> str | None:
+    """A specific message for a single file that open_checkpoint refused as a VAE (or None)."""
+    from pathlib import Path
+
+    from .checkpoints import read_safetensors_header
+
+    p = Path(path)
+    if not p.is_file() or p.suffix not in (".safetensors", ".sft"):
+        return None
+    try:
+        infos, _ = read_safetensors_header(p)
+    except Exception:  # the original error is better
+        return None
+    keys = list(infos)
+    prefix = _vae_prefix(keys)
+    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in infos.items() if k.startswith(prefix)}
+    if "decoder.conv_in.weight" not in shapes:
+        return None
+    try:
+        check_vae_keys(shapes, str(p))
+    except ValueError as e:
+        return str(e)
+    return None
