@@ -247,12 +247,14 @@ class LensTokenizer:
             truncation: what happens when the templated sequence exceeds ``max_length``:
                 ``"suffix"`` (default): keep the first ``max_length - 22`` ids and then the 22-token
                 suffix, so the sequence still ends like the template;
-                ``"upstream"``: plain right truncation of the whole sequence, as upstream Lens does;
-                the suffix is lost (the golden long-prompt case expects this).
-                Either way a warning is logged.
+                ``"upstream"``: plain right truncation of the whole sequence, as upstream Lens does
+                (spec text_encoder.md §5 and the golden long-prompt case); the suffix is lost.
+                Either way a warning is logged. Prompts under 394 tokens are never truncated.
             keep_suffix: shorthand for ``truncation``: True = "suffix", False = "upstream".
             max_length: the cap; None disables it.
         """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         mode = _resolve_truncation(keep_suffix, truncation)
         if strip_markers:
             cleaned = strip_harmony_markers(prompt)
@@ -456,25 +458,27 @@ def _fallback_backend(path: str, size: int, mtime_ns: int):
     return build_tokenizer_from_ranks(read_o200k_ranks(path))
 
 
-@lru_cache(maxsize=4)
-def _json_backend(path: str, size: int, mtime_ns: int):
+def _backend_from_json(text: str, where: str):
+    """A ``tokenizers.Tokenizer`` from tokenizer.json text, with any stored truncation/padding off."""
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_str(Path(path).read_text(encoding="utf-8"))
+        backend = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"{path} is not a valid tokenizers JSON file: {exc}") from exc
+        raise ValueError(f"{where} is not a valid tokenizers JSON: {exc}") from exc
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+@lru_cache(maxsize=4)
+def _json_backend(path: str, size: int, mtime_ns: int):
+    return _backend_from_json(Path(path).read_text(encoding="utf-8"), path)
 
 
 @lru_cache(maxsize=4)
 def _embedded_backend(path: str, key: str, size: int, mtime_ns: int):
-    from tokenizers import Tokenizer
-
-    text = read_embedded_tokenizer_json(path, key)
-    try:
-        return Tokenizer.from_str(text)
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"the `{key}` tensor in {path} is not a valid tokenizers JSON: {exc}") from exc
+    return _backend_from_json(read_embedded_tokenizer_json(path, key), f"the `{key}` tensor in {path}")
 
 
 def _identity(path: Path) -> tuple[str, int, int]:
@@ -585,7 +589,9 @@ def find_tokenizer_source(weights_path: PathLike) -> tuple[str, Path]:
     naming every place searched when even the fallback file is missing.
     """
     path = Path(weights_path)
-    embedded = _embedded_source(path) if path.exists() else None
+    if not path.exists():
+        raise FileNotFoundError(f"text-encoder weights not found: {path}")
+    embedded = _embedded_source(path)
     if embedded:
         return "embedded", embedded[0]
     folder = path if path.is_dir() else path.parent

@@ -43,13 +43,14 @@ def tokenizer_json_text(fallback):
 @pytest.fixture(scope="module")
 def sources(fallback, tokenizer_json_text, tmp_path_factory):
     root = tmp_path_factory.mktemp("tok_sources")
-    (root / "json").mkdir()
-    json_file = root / "json" / "tokenizer.json"
+    (root / "pipe" / "tokenizer").mkdir(parents=True)  # diffusers layout, reused below
+    json_file = root / "pipe" / "tokenizer" / "tokenizer.json"
     json_file.write_text(tokenizer_json_text, encoding="utf-8")
     (root / "te").mkdir()
     te_file = root / "te" / "gpt_oss_tiny.safetensors"
     _write_embedded(te_file, tokenizer_json_text)
     return {
+        "root": root,
         "fallback": fallback,
         "tokenizer.json": tk.load_tokenizer(json_file),
         "embedded": tk.load_tokenizer(te_file),
@@ -256,13 +257,11 @@ def test_find_tokenizer_source_order(tmp_path, tokenizer_json_text):
     assert tk.find_tokenizer_source(bare) == ("fallback", tk.FALLBACK_RANKS_PATH)
 
 
-def test_load_tokenizer_from_folders(tmp_path, tokenizer_json_text):
-    root = tmp_path / "pipe"
-    (root / "tokenizer").mkdir(parents=True)
-    (root / "tokenizer" / "tokenizer.json").write_text(tokenizer_json_text, encoding="utf-8")
+def test_load_tokenizer_from_folders(sources):
+    root = sources["root"] / "pipe"
     for path in (root, root / "tokenizer"):
         tok = tk.load_tokenizer(path)
-        assert "tokenizer.json" in tok.source
+        assert tok.source == str((root / "tokenizer" / "tokenizer.json").resolve())
         assert tok.tokenize("a cat") == CASES["cases"][0]["full_ids"]
 
 
@@ -296,13 +295,17 @@ def test_missing_everything_names_the_places(tmp_path, monkeypatch):
     assert "o200k_base.tiktoken.gz" in msg
     with pytest.raises(FileNotFoundError, match="fallback"):
         tk.load_tokenizer()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tk.find_tokenizer_source(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        tk.load_tokenizer(tmp_path / "nope.json")
 
 
 def test_sha256_mismatch_is_a_clear_error(tmp_path, monkeypatch):
     raw = bytearray(gzip.decompress(tk.FALLBACK_RANKS_PATH.read_bytes()))
     raw[100] ^= 1
     bad = tmp_path / "o200k_base.tiktoken.gz"
-    bad.write_bytes(gzip.compress(bytes(raw)))
+    bad.write_bytes(gzip.compress(bytes(raw), compresslevel=1))
     monkeypatch.setattr(tk, "FALLBACK_RANKS_PATH", bad)
     with pytest.raises(ValueError, match="sha256") as err:
         tk.load_tokenizer()
