@@ -81,6 +81,11 @@ class Linear(nn.Linear):
     Same parameters and state-dict keys as ``nn.Linear`` (``weight`` [out, in], ``bias`` [out]).
     """
 
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # built on the meta device to be filled by a loader: nothing to init
+            return
+        super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if w.dtype != x.dtype:
