@@ -1,0 +1,740 @@
+"""gpt-oss text-encoder checkpoints: key-layout normalisation and quantised expert banks.
+
+Four layouts (spec text_encoder.md §7, checkpoints.md §4) are normalised to ONE internal layout with
+bare names (``embed_tokens.weight``, ``layers.{i}.self_attn.q_proj.weight``, ...) and expert banks
+in Linear orientation ``[E_x, out, in]``:
+
+- ``comfy``: ComfyUI single file, bare keys, NVFP4 expert banks ``.weight`` / ``.weight_scale`` /
+  ``.weight_scale_2`` / ``.bias`` with a mandatory ``comfy_quant`` marker (or header
+  ``_quantization_metadata``); per-layer markers on q/k/v/o are honoured too;
+- ``hf``: openai/gpt-oss-20b root or diffusers ``text_encoder/`` folder, ``model.`` prefix (stripped by
+  :func:`lens_model.checkpoints.open_checkpoint`), MXFP4 ``_blocks`` / ``_scales`` experts;
+- ``openai``: ``original/model.safetensors`` names (fused ``attn.qkv``, ``mlp1`` / ``mlp2``);
+- ``hf_dense``: HF-dequantised bf16/fp32 experts ``[E_x, in, out]`` without ``.weight`` suffix
+  (``down_proj`` is square, so the orientation comes from the naming, never from the shape).
+
+The format is decided **per expert bank from its key names and marker**, never from dtypes alone.
+Expert banks stay in their stored (quantised) form; :class:`ExpertBank` dequantises one expert at a
+time, in row chunks into a reused buffer on the CPU, and only for the experts that have tokens.
+
+Nothing here reads ``lm_head.weight`` / ``unembedding.weight`` / ``norm.weight``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from . import quant
+from .checkpoints import CheckpointError, TensorSource, quant_layers
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("comfy", "hf", "openai", "hf_dense")
+
+#: Per-layer tensors that are plain (never expert banks), internal names relative to ``layers.{i}.``
+NORM_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+BANKS = ("gate_up_proj", "down_proj")
+
+#: Linear quantisation formats a q/k/v/o/router Linear may carry (checkpoints.md §3).
+LINEAR_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
+
+_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+_E4M3_TABLE = torch.where(torch.isnan(_E4M3_TABLE), torch.zeros_like(_E4M3_TABLE), _E4M3_TABLE)
+_E8M0_TABLE = torch.exp2(torch.arange(256, dtype=torch.float32) - 127.0)
+_E8M0_TABLE[255] = float("nan")
+
+#: Rows of one expert matrix dequantised at a time on the CPU (a multiple of 128, the NVFP4 scale
+#: tile height, so each chunk's scales are one contiguous run of swizzled tiles).
+CPU_CHUNK_ROWS = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# FP4 lookup tables
+
+
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def fp4_pair_table(dtype: torch.dtype, low_first: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """256-entry byte -> (value of element 2j, value of element 2j+1) table, one packed word per byte.
+
+    Returns a 1-D tensor of 256 words: int64 holding two fp32 values for ``dtype=float32``, int32
+    holding two 16-bit values for bf16. ``index_select`` with the bytes (as int32) writes the values
+    straight into a ``[rows, 2*cols]`` buffer viewed as words.
+    """
+    device = torch.device(device)
+    key = (dtype, low_first, str(device))
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        pair = quant._pair_table(torch.float32, low_first=low_first).to(dtype)  # [256, 2]
+        word = {4: torch.int64, 2: torch.int32}[pair.element_size()]
+        t = pair.contiguous().view(word).reshape(256).to(device)
+        _TABLE_CACHE[key] = t
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantised / dense weight containers
+
+
+def _move(t: torch.Tensor | None, device, non_blocking: bool = False) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class ExpertBank:
+    """One MoE projection bank of ``num_experts`` matrices ``[out_features, in_features]``.
+
+    ``format``:
+      ``"nvfp4"``: ``codes`` uint8 [E, out, in/2] (high nibble first), ``scales`` uint8 E4M3 bits,
+        swizzled [E, Rp, Cp] or [E, Rp*Cp], ``global_scale`` fp32 [E] or 0-d;
+      ``"mxfp4"``: ``codes`` uint8 [E, out, in/2] (= blocks [E, out, in/32, 16] flattened; low nibble
+        first), ``scales`` uint8 E8M0 [E, out, in/32];
+      ``"dense_io"``: ``weight`` [E, in, out] (HF dequantised; forward is x @ W[e]);
+      ``"dense_oi"``: ``weight`` [E, out, in] (Linear orientation).
+    ``bias``: [E, out] (always present).
+    """
+
+    format: str
+    num_experts: int
+    out_features: int
+    in_features: int
+    bias: torch.Tensor
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    name: str = ""
+
+    # -- storage -----------------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.bias, self.codes, self.scales, self.global_scale, self.weight) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self.bias.device
+
+    def to(self, device, non_blocking: bool = False) -> "ExpertBank":
+        return ExpertBank(
+            self.format, self.num_experts, self.out_features, self.in_features,
+            _move(self.bias, device, non_blocking), _move(self.codes, device, non_blocking),
+            _move(self.scales, device, non_blocking), _move(self.global_scale, device, non_blocking),
+            _move(self.weight, device, non_blocking), self.name,
+        )
+
+    def pin_memory(self) -> "ExpertBank":
+        pinned = [t.pin_memory() if t is not None else None for t in (self.bias, self.codes, self.scales, self.global_scale, self.weight)]
+        return ExpertBank(self.format, self.num_experts, self.out_features, self.in_features, *pinned, name=self.name)
+
+    # -- dequantisation ----------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return 16 if self.format == "nvfp4" else 32
+
+    def _scale_rows(self, e: int, r0: int, r1: int) -> torch.Tensor:
+        """fp32 block scales of rows [r0, r1) of expert ``e``: [r1 - r0, in / block] (x global scale)."""
+        cols = self.in_features // self.block_size
+        if self.format == "mxfp4":
+            bits = self.scales[e, r0:r1]
+            table = _E8M0_TABLE if bits.device.type == "cpu" else _E8M0_TABLE.to(bits.device)
+            return torch.index_select(table, 0, bits.reshape(-1).to(torch.int32)).view(r1 - r0, cols)
+        # nvfp4: swizzled tiles of 128 rows x 4 columns; rows [r0, r1) with r0 % 128 == 0 are the
+        # contiguous tile rows r0//128 .. ceil(r1/128)
+        rp, cp = quant.padded_scale_shape(self.out_features, cols)
+        flat = self.scales[e].reshape(-1)
+        t0, t1 = r0 // 128, -(-r1 // 128)
+        tiles = flat[t0 * 128 * cp: t1 * 128 * cp].view(t1 - t0, cp // 4, 32, 4, 4)
+        bits = tiles.permute(0, 3, 2, 1, 4).reshape((t1 - t0) * 128, cp)[: r1 - r0, :cols]
+        g = self.global_scale
+        g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
+        table = _E4M3_TABLE if bits.device.type == "cpu" else _E4M3_TABLE.to(bits.device)
+        table = table * g.to(table.device, torch.float32)  # g*b formed in fp32
+        return torch.index_select(table, 0, bits.reshape(-1).to(torch.int32)).view(r1 - r0, cols)
+
+    def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor) -> torch.Tensor:
+        """Dequantise rows [r0, r1) of expert ``e`` into ``out32`` (fp32 [>= r1-r0, in]); returns the view."""
+        n = r1 - r0
+        k = self.in_features
+        table = fp4_pair_table(torch.float32, low_first=self.format == "mxfp4", device=out32.device)
+        dst = out32[:n]
+        idx = self.codes[e, r0:r1].reshape(-1).to(torch.int32)
+        torch.index_select(table, 0, idx, out=dst.view(torch.int64).view(-1))
+        bs = self.block_size
+        dst.view(n, k // bs, bs).mul_(self._scale_rows(e, r0, r1).unsqueeze(-1))
+        return dst
+
+    def dequantize(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``e`` as a dense ``[out, in]`` matrix in ``dtype``."""
+        if self.format == "dense_io":
+            return self.weight[e].t().to(dtype)
+        if self.format == "dense_oi":
+            return self.weight[e].to(dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.device)
+        rows = _row_chunks(self.out_features, self.out_features if self.device.type != "cpu" else CPU_CHUNK_ROWS)
+        for r0, r1 in rows:
+            self._fp4_rows(e, r0, r1, out[r0:r1])
+        return out.to(dtype)
+
+    def linear(self, e: int, x: torch.Tensor, workspace: "Workspace | None" = None) -> torch.Tensor:
+        """``x @ W_e^T + b_e`` for expert ``e``: x [n, in] (compute dtype) -> [n, out] (x's dtype).
+
+        Quantised experts are dequantised in row chunks into a reused buffer (CPU) or whole (GPU),
+        so at most one expert's dequantised weights exist at a time.
+        """
+        dtype = x.dtype
+        bias = self.bias[e].to(dtype)
+        if self.format == "dense_io":
+            return torch.addmm(bias, x, self.weight[e].to(dtype))
+        if self.format == "dense_oi":
+            return torch.nn.functional.linear(x, self.weight[e].to(dtype), bias)
+        n_out, k = self.out_features, self.in_features
+        dev = x.device
+        if dev.type != "cpu":
+            w = torch.empty(n_out, k, dtype=torch.float32, device=dev)
+            self._fp4_rows(e, 0, n_out, w)
+            return torch.nn.functional.linear(x, w.to(dtype), bias)
+        ws = workspace or Workspace()
+        xt = x.t().contiguous()  # [in, n]
+        out_t = torch.empty(n_out, x.shape[0], dtype=dtype)
+        buf32 = ws.get("fp32", CPU_CHUNK_ROWS * k, torch.float32).view(CPU_CHUNK_ROWS, k)
+        buf = ws.get("cast", CPU_CHUNK_ROWS * k, dtype).view(CPU_CHUNK_ROWS, k) if dtype != torch.float32 else None
+        for r0, r1 in _row_chunks(n_out, CPU_CHUNK_ROWS):
+            w = self._fp4_rows(e, r0, r1, buf32)
+            if buf is not None:
+                w = buf[: r1 - r0].copy_(w)
+            torch.mm(w, xt, out=out_t[r0:r1])
+        return out_t.t().add_(bias)
+
+
+def _row_chunks(n: int, chunk: int) -> Iterable[tuple[int, int]]:
+    return [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
+
+
+class Workspace:
+    """Reused scratch buffers (per dtype) for per-expert dequantisation on the CPU."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self._bufs.get((name, dtype))
+        if t is None or t.numel() < numel:
+            t = torch.empty(numel, dtype=dtype)
+            self._bufs[(name, dtype)] = t
+        return t[:numel]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+@dataclass
+class QuantLinear:
+    """A Linear weight stored with a ComfyUI per-layer quantisation marker (``format``).
+
+    ``weight`` / ``weight_scale`` / ``weight_scale_2`` as stored; :meth:`dense` dequantises to
+    ``[out_features, in_features]``.
+    """
+
+    format: str
+    out_features: int
+    in_features: int
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None = None
+    weight_scale_2: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale, self.weight_scale_2) if t is not None)
+
+    def to(self, device, non_blocking: bool = False) -> "QuantLinear":
+        return QuantLinear(self.format, self.out_features, self.in_features, _move(self.weight, device, non_blocking),
+                           _move(self.weight_scale, device, non_blocking), _move(self.weight_scale_2, device, non_blocking))
+
+    def pin_memory(self) -> "QuantLinear":
+        p = [t.pin_memory() if t is not None else None for t in (self.weight, self.weight_scale, self.weight_scale_2)]
+        return QuantLinear(self.format, self.out_features, self.in_features, *p)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.format == "nvfp4":
+            return quant.dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2,
+                                          self.out_features, self.in_features, dtype)
+        if self.format == "mxfp8":
+            return quant.dequantize_mxfp8(self.weight, self.weight_scale, self.out_features, self.in_features, dtype)
+        return quant.dequantize_float8(self.weight, self.weight_scale, dtype)
+
+
+@dataclass
+class LayerWeights:
+    """All tensors of one decoder layer in the internal layout (names relative to ``layers.{i}.``).
+
+    Plain entries are tensors in their stored dtype; ``self_attn.{q,k,v,o}_proj.weight`` may be a
+    :class:`QuantLinear`; ``mlp.experts.{gate_up_proj,down_proj}`` are :class:`ExpertBank`.
+    """
+
+    index: int
+    tensors: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.tensors[key]
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for v in self.tensors.values():
+            total += v.nbytes if not isinstance(v, torch.Tensor) else v.numel() * v.element_size()
+        return total
+
+    def to(self, device, non_blocking: bool = False) -> "LayerWeights":
+        return LayerWeights(self.index, {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
+
+    def pin_memory(self) -> "LayerWeights":
+        return LayerWeights(self.index, {k: v.pin_memory() for k, v in self.tensors.items()})
+
+    def linear_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        w = self.tensors[name]
+        return w.dense(dtype) if isinstance(w, QuantLinear) else w.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint reader
+
+
+_LAYER_RE = re.compile(r"^(?:layers|block)\.(\d+)\.")
+
+
+def _msg_keys(keys: Iterable[str], limit: int = 10) -> str:
+    keys = list(keys)
+    text = ", ".join(f"`{k}`" for k in keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@dataclass
+class _BankSpec:
+    """Where one expert bank lives in the file."""
+
+    format: str  # nvfp4 | mxfp4 | dense_io | dense_oi
+    keys: dict  # role -> stored key (codes, scales, global_scale, weight, bias)
+
+
+class GptOssCheckpoint:
+    """A gpt-oss text-encoder checkpoint seen through the internal layout.
+
+    ``source``: a :class:`~lens_model.checkpoints.TensorSource` opened as ``"te"``. The constructor
+    reads headers and ``comfy_quant`` markers only. :meth:`read_layer` reads one decoder layer
+    (pread, fresh memory, stored dtypes); :meth:`embed` reads only the embedding rows it needs.
+    """
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self.name = source.name
+        keys = set(source.keys())
+        if "block.0.attn.sinks" in keys and "layers.0.self_attn.sinks" not in keys:
+            self.layout = "openai"
+        else:
+            self.layout = "hf"  # refined below from the expert-bank naming
+        self.markers = quant_layers(source) if self.layout != "openai" else {}
+        self.num_layers = self._count_layers(keys)
+        if self.num_layers == 0:
+            raise CheckpointError(f"`{self.name}`: no decoder layers found (expected `layers.0.*` or `block.0.*` keys).")
+        self._banks: dict[tuple[int, str], _BankSpec] = {}
+        for i in range(self.num_layers):
+            for bank in BANKS:
+                self._banks[(i, bank)] = self._bank_spec(i, bank, keys)
+        fmt0 = self._banks[(0, "gate_up_proj")].format
+        if self.layout != "openai":
+            self.layout = {"nvfp4": "comfy", "mxfp4": "hf", "dense_io": "hf_dense", "dense_oi": "comfy"}[fmt0]
+        self.expert_format = fmt0
+        self.embed_key = "embedding.weight" if self.layout == "openai" else "embed_tokens.weight"
+        if self.embed_key not in keys:
+            raise CheckpointError(f"`{self.name}`: the token embedding `{source.stored_key(self.embed_key)}` is missing.")
+        for layer, cfg in self.markers.items():
+            fmt = cfg.get("format")
+            if layer.endswith(".mlp.experts.gate_up_proj") or layer.endswith(".mlp.experts.down_proj"):
+                continue
+            if layer == "embed_tokens" and fmt != "float8_e4m3fn":
+                raise CheckpointError(
+                    f"`{self.name}`: the embedding `embed_tokens` carries quantisation format `{fmt}`; "
+                    "only float8_e4m3fn embeddings are supported."
+                )
+            if fmt not in LINEAR_FORMATS:
+                raise CheckpointError(quant.unsupported_format_message(self.name, source.stored_key(layer), fmt))
+
+    # -- discovery ---------------------------------------------------------------------------------
+    @staticmethod
+    def _count_layers(keys: set[str]) -> int:
+        found = {int(m.group(1)) for k in keys if (m := _LAYER_RE.match(k))}
+        n = 0
+        while n in found:
+            n += 1
+        return n
+
+    def _bank_spec(self, i: int, bank: str, keys: set[str]) -> _BankSpec:
+        src = self.source
+        if self.layout == "openai":
+            mlp = {"gate_up_proj": "mlp1", "down_proj": "mlp2"}[bank]
+            base = f"block.{i}.mlp.{mlp}"
+            blocks, scales, bias = f"{base}_weight.blocks", f"{base}_weight.scales", f"{base}_bias"
+            if blocks in keys and scales in keys and bias in keys:
+                return _BankSpec("mxfp4", {"codes": blocks, "scales": scales, "bias": bias})
+            missing = [k for k in (blocks, scales, bias) if k not in keys]
+            raise CheckpointError(
+                f"`{self.name}`: OpenAI-layout expert bank `{base}` is incomplete: missing {_msg_keys(src.stored_key(k) for k in missing)} "
+                "(expected MXFP4 `.blocks` / `.scales` and a bias, as in openai/gpt-oss-20b `original/model.safetensors`)."
+            )
+        base = f"layers.{i}.mlp.experts.{bank}"
+        if f"{base}_blocks" in keys:
+            need = (f"{base}_blocks", f"{base}_scales", f"{base}_bias")
+            missing = [k for k in need if k not in keys]
+            if missing:
+                raise CheckpointError(f"`{self.name}`: MXFP4 expert bank `{src.stored_key(base)}` lacks {_msg_keys(src.stored_key(k) for k in missing)}.")
+            return _BankSpec("mxfp4", {"codes": need[0], "scales": need[1], "bias": need[2]})
+        if f"{base}.weight" in keys:
+            marker = self.markers.get(base)
+            wdt = src.dtype(f"{base}.weight")
+            bias = f"{base}.bias"
+            if bias not in keys:
+                if f"{base}_bias" in keys:
+                    logger.warning("%s: expert bank %s has no `.bias` but a `_bias` tensor; using it (ComfyUI would not).",
+                                   self.name, src.stored_key(base))
+                    bias = f"{base}_bias"
+                else:
+                    raise CheckpointError(
+                        f"`{self.name}`: expert bank `{src.stored_key(base)}` has no bias `{src.stored_key(base)}.bias`; "
+                        "ComfyUI would leave it uninitialised. The file is incomplete or was written wrongly; "
+                        "re-export it with the expert biases."
+                    )
+            if marker is None:
+                if wdt in ("U8", "I8", "F8_E4M3", "F8_E5M2"):
+                    raise CheckpointError(
+                        f"`{self.name}`: expert bank `{src.stored_key(base)}` is {wdt} but has no `comfy_quant` marker "
+                        "(and no `_quantization_metadata` entry), so its format is unknown; ComfyUI would load it as a "
+                        "plain weight and fail. Expected `{\"format\": \"nvfp4\"}` for the ComfyUI NVFP4 layout."
+                    )
+                return _BankSpec("dense_oi", {"weight": f"{base}.weight", "bias": bias})
+            fmt = marker.get("format")
+            if fmt != "nvfp4":
+                raise CheckpointError(quant.unsupported_format_message(self.name, src.stored_key(base), str(fmt))
+                                      + " Expert banks must be nvfp4 (ComfyUI) or MXFP4 (OpenAI/HF).")
+            if wdt != "U8":
+                raise CheckpointError(f"`{self.name}`: expert bank `{src.stored_key(base)}` is nvfp4 but its weight is stored as {wdt}; expected U8.")
+            need = {"codes": f"{base}.weight", "scales": f"{base}.weight_scale", "global_scale": f"{base}.weight_scale_2", "bias": bias}
+            missing = [k for k in need.values() if k not in keys]
+            if missing:
+                raise CheckpointError(f"`{self.name}`: NVFP4 expert bank `{src.stored_key(base)}` lacks {_msg_keys(src.stored_key(k) for k in missing)}.")
+            sdt = src.dtype(need["scales"])
+            if sdt not in ("U8", "F8_E4M3"):
+                raise CheckpointError(f"`{self.name}`: `{src.stored_key(need['scales'])}` is {sdt}; NVFP4 block scales must be F8_E4M3 (or U8 bits).")
+            return _BankSpec("nvfp4", need)
+        if base in keys:
+            bias = f"{base}_bias"
+            if bias not in keys:
+                raise CheckpointError(f"`{self.name}`: expert bank `{src.stored_key(base)}` has no bias `{src.stored_key(bias)}`.")
+            if src.dtype(base) not in ("F32", "BF16", "F16"):
+                raise CheckpointError(f"`{self.name}`: dense expert bank `{src.stored_key(base)}` is {src.dtype(base)}; expected BF16 or F32.")
+            return _BankSpec("dense_io", {"weight": base, "bias": bias})
+        raise CheckpointError(
+            f"`{self.name}`: expert bank for layer {i} `{bank}` not found: looked for `{src.stored_key(base)}_blocks` (MXFP4), "
+            f"`{src.stored_key(base)}.weight` (ComfyUI NVFP4) and `{src.stored_key(base)}` (bf16/fp32)."
+        )
+
+    # -- internal name -> stored key ---------------------------------------------------------------
+    def _plain_key(self, i: int, name: str) -> str:
+        if self.layout != "openai":
+            return f"layers.{i}.{name}"
+        table = {
+            "input_layernorm.weight": "attn.norm.scale",
+            "post_attention_layernorm.weight": "mlp.norm.scale",
+            "self_attn.sinks": "attn.sinks",
+            "self_attn.o_proj.weight": "attn.out.weight",
+            "self_attn.o_proj.bias": "attn.out.bias",
+            "mlp.router.weight": "mlp.gate.weight",
+            "mlp.router.bias": "mlp.gate.bias",
+        }
+        return f"block.{i}.{table[name]}"
+
+    def plain_names(self) -> tuple[str, ...]:
+        names = list(NORM_KEYS) + ["self_attn.sinks", "mlp.router.weight", "mlp.router.bias"]
+        for lin in ATTN_LINEARS:
+            names += [f"self_attn.{lin}.weight", f"self_attn.{lin}.bias"]
+        return tuple(names)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Internal name -> logical shape for every tensor the encoder uses (header only).
+
+        Expert banks appear as ``layers.{i}.mlp.experts.{bank}`` [E_x, out, in] and
+        ``...{bank}_bias`` [E_x, out]; quantised Linears with their logical [out, in] when known.
+        """
+        src = self.source
+        out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": src.shape(self.embed_key)}
+        for i in range(self.num_layers):
+            for name in self.plain_names():
+                shape = self._plain_shape(i, name)
+                if shape is not None:
+                    out[f"layers.{i}.{name}"] = shape
+            for bank in BANKS:
+                spec = self._banks[(i, bank)]
+                out[f"layers.{i}.mlp.experts.{bank}"] = self._bank_logical_shape(spec)
+                out[f"layers.{i}.mlp.experts.{bank}_bias"] = src.shape(spec.keys["bias"])
+        return out
+
+    def _plain_shape(self, i: int, name: str) -> tuple[int, ...] | None:
+        src = self.source
+        if self.layout == "openai" and name.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            return None  # fused qkv: checked in validate()
+        key = self._plain_key(i, name)
+        if key not in src:
+            return None
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        if layer is not None and layer in self.markers:
+            return None  # quantised Linear: checked in validate()
+        return src.shape(key)
+
+    def _bank_logical_shape(self, spec: _BankSpec) -> tuple[int, ...]:
+        src = self.source
+        if spec.format in ("nvfp4", "mxfp4"):
+            shape = src.shape(spec.keys["codes"])
+            if spec.format == "mxfp4":
+                if len(shape) != 4 or shape[-1] != 16:
+                    raise CheckpointError(f"`{self.name}`: MXFP4 blocks `{src.stored_key(spec.keys['codes'])}` have shape {list(shape)}; expected [E, out, in/32, 16].")
+                return (shape[0], shape[1], shape[2] * 32)
+            if len(shape) != 3:
+                raise CheckpointError(f"`{self.name}`: NVFP4 weight `{src.stored_key(spec.keys['codes'])}` has shape {list(shape)}; expected [E, out, in/2].")
+            return (shape[0], shape[1], shape[2] * 2)
+        shape = src.shape(spec.keys["weight"])
+        if len(shape) != 3:
+            raise CheckpointError(f"`{self.name}`: expert bank `{src.stored_key(spec.keys['weight'])}` has shape {list(shape)}; expected 3-D.")
+        if spec.format == "dense_io":
+            return (shape[0], shape[2], shape[1])
+        return tuple(shape)
+
+    # -- validation --------------------------------------------------------------------------------
+    def validate(self, config) -> None:
+        """Check every tensor the encoder needs against ``config`` (a GptOssConfig)."""
+        src = self.source
+        c = config
+        if self.num_layers < c.num_hidden_layers:
+            raise CheckpointError(f"`{self.name}`: {self.num_layers} decoder layers found, the config says {c.num_hidden_layers}.")
+        e, hd = c.hidden_size, c.head_dim
+        q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+        x, inter = c.num_local_experts, c.intermediate_size
+        expected: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c.vocab_size, e)}
+        for i in range(c.num_hidden_layers):
+            p = f"layers.{i}."
+            expected.update({
+                p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
+                p + "self_attn.q_proj.weight": (q, e), p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.weight": (kv, e), p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, e), p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (e, q), p + "self_attn.o_proj.bias": (e,),
+                p + "self_attn.sinks": (c.num_attention_heads,),
+                p + "mlp.router.weight": (x, e), p + "mlp.router.bias": (x,),
+                p + "mlp.experts.gate_up_proj": (x, 2 * inter, e), p + "mlp.experts.gate_up_proj_bias": (x, 2 * inter),
+                p + "mlp.experts.down_proj": (x, e, inter), p + "mlp.experts.down_proj_bias": (x, e),
+            })
+        have = self.shapes()
+        bad, missing = [], []
+        for name, shape in expected.items():
+            if name not in have:
+                if self._is_special(name):
+                    continue
+                missing.append(name)
+            elif tuple(have[name]) != shape:
+                bad.append(f"`{name}` is {list(have[name])}, expected {list(shape)}")
+        if missing:
+            raise CheckpointError(
+                f"`{self.name}`: {len(missing)} tensors of gpt-oss are missing: {_msg_keys(missing)} "
+                f"(layout `{self.layout}`; is the file complete?)."
+            )
+        if bad:
+            raise CheckpointError(
+                f"`{self.name}`: tensor shapes do not match the gpt-oss config "
+                f"(hidden {e}, heads {c.num_attention_heads}/{c.num_key_value_heads}x{hd}, experts {x}x{inter}): "
+                + "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+            )
+        # fused qkv / quantised linears / bank side tensors
+        for i in range(c.num_hidden_layers):
+            if self.layout == "openai":
+                qkv = src.shape(f"block.{i}.attn.qkv.weight")
+                if tuple(qkv) != (q + 2 * kv, e):
+                    raise CheckpointError(f"`{self.name}`: `block.{i}.attn.qkv.weight` is {list(qkv)}, expected {[q + 2 * kv, e]}.")
+            for lin in ATTN_LINEARS:
+                layer = f"layers.{i}.self_attn.{lin}"
+                if layer in self.markers:
+                    self._check_quant_linear(layer, *{"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin])
+            for bank in BANKS:
+                self._check_bank(i, bank, x, *((2 * inter, e) if bank == "gate_up_proj" else (e, inter)))
+
+    def _is_special(self, name: str) -> bool:
+        """Names checked elsewhere (fused qkv in the OpenAI layout, quantised Linears)."""
+        m = re.match(r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight$", name)
+        if m is None:
+            m2 = re.match(r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias$", name)
+            return bool(m2) and self.layout == "openai"
+        if self.layout == "openai" and m.group(2) != "o_proj":
+            return True
+        return f"layers.{m.group(1)}.self_attn.{m.group(2)}" in self.markers
+
+    def _check_quant_linear(self, layer: str, out_f: int, in_f: int) -> None:
+        src = self.source
+        fmt = self.markers[layer]["format"]
+        wkey = f"{layer}.weight"
+        if wkey not in src:
+            raise CheckpointError(f"`{self.name}`: quantised layer `{src.stored_key(layer)}` ({fmt}) has no weight.")
+        wdt, shape = src.dtype(wkey), tuple(src.shape(wkey))
+        if fmt == "nvfp4":
+            if wdt != "U8" or shape != (out_f, in_f // 2):
+                raise CheckpointError(f"`{self.name}`: layer `{src.stored_key(layer)}` is nvfp4 but its weight is {wdt} {list(shape)}; expected U8 {[out_f, in_f // 2]}.")
+            for k in ("weight_scale", "weight_scale_2"):
+                if f"{layer}.{k}" not in src:
+                    raise CheckpointError(f"`{self.name}`: nvfp4 layer `{src.stored_key(layer)}` has no `{k}`.")
+        elif fmt in ("mxfp8", "float8_e4m3fn"):
+            if wdt != "F8_E4M3":
+                raise CheckpointError(
+                    f"`{self.name}`: layer `{src.stored_key(layer)}` is `{fmt}` but its weight is stored as {wdt}; "
+                    "expected F8_E4M3 (ComfyUI would corrupt it too)."
+                )
+            if fmt == "mxfp8" and (shape[0] < out_f or shape[1] < in_f):
+                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` is {list(shape)}; expected at least {[out_f, in_f]}.")
+            if fmt == "float8_e4m3fn" and shape != (out_f, in_f):
+                raise CheckpointError(f"`{self.name}`: layer `{src.stored_key(layer)}` is {list(shape)}; expected {[out_f, in_f]}.")
+            if fmt == "mxfp8" and f"{layer}.weight_scale" not in src:
+                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` has no `weight_scale`.")
+
+    def _check_bank(self, i: int, bank: str, x: int, out_f: int, in_f: int) -> None:
+        src = self.source
+        spec = self._banks[(i, bank)]
+        if spec.format == "mxfp4":
+            s = tuple(src.shape(spec.keys["scales"]))
+            if s != (x, out_f, in_f // 32):
+                raise CheckpointError(f"`{self.name}`: MXFP4 scales `{src.stored_key(spec.keys['scales'])}` are {list(s)}, expected {[x, out_f, in_f // 32]}.")
+        elif spec.format == "nvfp4":
+            s = tuple(src.shape(spec.keys["scales"]))
+            rp, cp = quant.padded_scale_shape(out_f, in_f // 16)
+            if s not in ((x, rp, cp), (x, rp * cp)):
+                raise CheckpointError(
+                    f"`{self.name}`: NVFP4 block scales `{src.stored_key(spec.keys['scales'])}` are {list(s)}; expected the "
+                    f"swizzled {[x, rp, cp]} (or flat {[x, rp * cp]})."
+                )
+            g = tuple(src.shape(spec.keys["global_scale"]))
+            if g not in ((), (1,), (x,)):
+                raise CheckpointError(f"`{self.name}`: `{src.stored_key(spec.keys['global_scale'])}` is {list(g)}; expected [{x}] or a scalar.")
+
+    # -- reading -----------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows for ``ids`` (any shape) -> ``ids.shape + (E,)`` in the stored dtype (fp32 for fp8)."""
+        rows = self.source.read_rows(self.embed_key, ids.cpu())
+        marker = self.markers.get("embed_tokens")
+        if marker is not None:
+            scale = self.source.read("embed_tokens.weight_scale") if "embed_tokens.weight_scale" in self.source else None
+            rows = quant.dequantize_float8(rows, scale, torch.float32)
+        return rows
+
+    def _read_linear(self, i: int, lin: str, config) -> torch.Tensor | QuantLinear:
+        layer = f"layers.{i}.self_attn.{lin}"
+        marker = self.markers.get(layer)
+        src = self.source
+        if marker is None:
+            return src.read(self._plain_key(i, f"self_attn.{lin}.weight"))
+        e, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        out_f, in_f = {"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin]
+        fmt = marker["format"]
+        scale = src.read(f"{layer}.weight_scale") if f"{layer}.weight_scale" in src else None
+        scale2 = src.read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
+        if scale is not None and scale.dtype not in (torch.uint8,) and fmt in ("nvfp4", "mxfp8"):
+            scale = scale.view(torch.uint8)
+        return QuantLinear(fmt, out_f, in_f, src.read(f"{layer}.weight"), scale, scale2)
+
+    def read_layer(self, i: int, config) -> LayerWeights:
+        """Read decoder layer ``i`` from the file (fresh CPU memory, stored dtypes)."""
+        src = self.source
+        t: dict = {}
+        for name in NORM_KEYS + ("self_attn.sinks", "mlp.router.weight", "mlp.router.bias"):
+            t[name] = src.read(self._plain_key(i, name))
+        if self.layout == "openai":
+            q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+            w = src.read(f"block.{i}.attn.qkv.weight")
+            b = src.read(f"block.{i}.attn.qkv.bias")
+            for lin, (a, z) in (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv))):
+                t[f"self_attn.{lin}.weight"] = w[a:z].clone()
+                t[f"self_attn.{lin}.bias"] = b[a:z].clone()
+            del w, b
+            t["self_attn.o_proj.weight"] = src.read(self._plain_key(i, "self_attn.o_proj.weight"))
+            t["self_attn.o_proj.bias"] = src.read(self._plain_key(i, "self_attn.o_proj.bias"))
+        else:
+            for lin in ATTN_LINEARS:
+                t[f"self_attn.{lin}.weight"] = self._read_linear(i, lin, config)
+                t[f"self_attn.{lin}.bias"] = src.read(self._plain_key(i, f"self_attn.{lin}.bias"))
+        for bank in BANKS:
+            t[f"mlp.experts.{bank}"] = self.read_bank(i, bank)
+        return LayerWeights(i, t)
+
+    def read_bank(self, i: int, bank: str) -> ExpertBank:
+        spec = self._banks[(i, bank)]
+        src = self.source
+        x, out_f, in_f = self._bank_logical_shape(spec)
+        bias = src.read(spec.keys["bias"])
+        name = src.stored_key(spec.keys.get("codes") or spec.keys.get("weight"))
+        if spec.format == "mxfp4":
+            codes = src.read(spec.keys["codes"]).reshape(x, out_f, in_f // 2)
+            return ExpertBank("mxfp4", x, out_f, in_f, bias, codes=codes, scales=src.read(spec.keys["scales"]), name=name)
+        if spec.format == "nvfp4":
+            scales = src.read(spec.keys["scales"])
+            if scales.dtype != torch.uint8:
+                scales = scales.view(torch.uint8)
+            g = src.read(spec.keys["global_scale"], torch.float32)
+            return ExpertBank("nvfp4", x, out_f, in_f, bias, codes=src.read(spec.keys["codes"]), scales=scales,
+                              global_scale=g, name=name)
+        return ExpertBank(spec.format, x, out_f, in_f, bias, weight=src.read(spec.keys["weight"]), name=name)
+
+    def layer_nbytes(self, i: int) -> int:
+        """Stored bytes of layer ``i`` (what a stream read moves)."""
+        src = self.source
+        total = 0
+        prefix = f"block.{i}." if self.layout == "openai" else f"layers.{i}."
+        for k in src.keys():
+            if k.startswith(prefix):
+                total += src.info(k).nbytes
+        return total
+
+
+def find_gpt_oss_config_json(source: TensorSource) -> dict | None:
+    """``source.config`` or, for a single file, a gpt-oss ``config.json`` beside it."""
+    if source.config:
+        return source.config
+    import json
+
+    cfg = source.root / "config.json"
+    if cfg.is_file():
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(data, dict) and data.get("model_type") == "gpt_oss":
+            return data
+    return None
+
+
+__all__ = [
+    "LAYOUTS",
+    "ExpertBank",
+    "QuantLinear",
+    "LayerWeights",
+    "Workspace",
+    "GptOssCheckpoint",
+    "fp4_pair_table",
+    "find_gpt_oss_config_json",
+]

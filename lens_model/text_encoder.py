@@ -1,0 +1,673 @@
+"""gpt-oss-20b as Lens' frozen text encoder, in plain PyTorch.
+
+Spec: text_encoder.md §1-§3 (math, captured layers), §5 (padding, offset, empty prompts), §8-§9
+(per-expert dequantisation, dtype, memory); checkpoints.md §4 (layouts, config inference).
+
+The encoder runs decoder layers 0..max(selected) on a templated prompt and returns the raw residual
+stream after layers 5, 11, 17 and 23 (0-based, residual included, no final norm). ``lm_head`` and the
+final ``norm`` are never read. Expert banks stay quantised and are dequantised one expert at a time,
+only for experts with routed tokens (:mod:`lens_model.gpt_oss_checkpoints`).
+
+Placement (``offload``):
+  ``"device"``: every layer resident on the compute device (GPU: ~13 GB for the NVFP4 file);
+  ``"layers"``: every layer resident in CPU RAM, each moved to the compute device when it runs;
+  ``"stream"``: nothing resident; each layer is read from the file (pread) when it runs, the next one
+      prefetched on a thread, and dropped afterwards. Peak RAM ~ two layers (~1 GB) + activations.
+      The default on the CPU, and on a GPU without room for the whole model.
+The token embedding is always read row by row from the file (only the rows a prompt needs).
+Every mode computes the same numbers for the same dtype.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import CheckpointError, open_checkpoint
+from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
+
+logger = logging.getLogger(__name__)
+
+#: Decoder layers whose output Lens feeds to the DiT (0-based, after the layer, before any norm).
+DEFAULT_SELECTED_LAYERS = (5, 11, 17, 23)
+#: Template tokens dropped from the features (text_encoder.md §5).
+PREFIX_LEN = 97
+PAD_ID = 199999
+OFFLOAD_MODES = ("device", "layers", "stream")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class GptOssConfig:
+    """gpt-oss hyper-parameters (HF ``config.json`` names; defaults are gpt-oss-20b)."""
+
+    vocab_size: int = 201088
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 4
+    rms_norm_eps: float = 1e-5
+    sliding_window: int = 128
+    layer_types: tuple[str, ...] = ()
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    attention_bias: bool = True
+    rope_type: str = "yarn"
+    rope_theta: float = 150000.0
+    rope_factor: float = 32.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_original_max_position_embeddings: int = 4096
+    rope_truncate: bool = False
+    rope_attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = tuple(
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
+            )
+        self.layer_types = tuple(self.layer_types)
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GptOssConfig":
+        """From an HF ``config.json`` (transformers 5 ``rope_parameters`` or 4.x ``rope_scaling`` +
+        ``rope_theta``) or OpenAI's ``original/config.json`` (``num_experts``, ``experts_per_token``,
+        ``rope_scaling_factor``, ``rope_ntk_alpha/beta``, ``initial_context_length``)."""
+        kw: dict = {}
+        names = {f.name for f in fields(cls)}
+        for k, v in d.items():
+            if k in names and not k.startswith("rope_") and v is not None:
+                kw[k] = v
+        if "num_experts" in d and "num_local_experts" not in d:  # OpenAI original config
+            kw["num_local_experts"] = d["num_experts"]
+            kw["num_experts_per_tok"] = d.get("experts_per_token", 4)
+            kw["rope_theta"] = float(d.get("rope_theta", 150000.0))
+            kw["rope_factor"] = float(d.get("rope_scaling_factor", 32.0))
+            kw["rope_beta_slow"] = float(d.get("rope_ntk_alpha", 1.0))
+            kw["rope_beta_fast"] = float(d.get("rope_ntk_beta", 32.0))
+            kw["rope_original_max_position_embeddings"] = int(d.get("initial_context_length", 4096))
+            kw["rope_truncate"] = False
+        else:
+            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+            if isinstance(rope, dict) and "rope_type" not in rope and "full_attention" in rope:
+                rope = rope["full_attention"]  # per-layer-type rope dict (not used by gpt-oss)
+            rope = dict(rope or {})
+            theta = rope.get("rope_theta", d.get("rope_theta"))
+            if theta is not None:
+                kw["rope_theta"] = float(theta)
+            rtype = rope.get("rope_type", rope.get("type", "yarn" if rope else "default"))
+            kw["rope_type"] = rtype
+            if rtype == "yarn":
+                kw["rope_factor"] = float(rope.get("factor", 32.0))
+                kw["rope_beta_fast"] = float(rope.get("beta_fast") or 32.0)
+                kw["rope_beta_slow"] = float(rope.get("beta_slow") or 1.0)
+                kw["rope_original_max_position_embeddings"] = int(
+                    rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096)
+                )
+                kw["rope_truncate"] = bool(rope.get("truncate", True))  # transformers' default
+                if rope.get("attention_factor") is not None:
+                    kw["rope_attention_factor"] = float(rope["attention_factor"])
+            elif rtype != "default":
+                raise ValueError(f"unsupported rope_type {rtype!r} for gpt-oss (expected 'yarn')")
+        if "head_dim" not in kw and "hidden_size" in kw and "num_attention_heads" in kw:
+            kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
+        if "layer_types" in kw:
+            kw["layer_types"] = tuple(kw["layer_types"])
+        return cls(**kw)
+
+    @classmethod
+    def infer(cls, ckpt: GptOssCheckpoint) -> "GptOssConfig":
+        """From tensor shapes of a single file (checkpoints.md §4): head_dim 64 and the remaining
+        constants are the gpt-oss-20b defaults."""
+        shapes = ckpt.shapes()
+        vocab, hidden = shapes["embed_tokens.weight"]
+        heads = shapes["layers.0.self_attn.sinks"][0]
+        head_dim = 64
+        if "layers.0.self_attn.k_proj.weight" in shapes:
+            kv = shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim
+        elif ckpt.layout == "openai":
+            kv = (ckpt.source.shape("block.0.attn.qkv.weight")[0] - heads * head_dim) // (2 * head_dim)
+        else:
+            kv = shapes["layers.0.self_attn.k_proj.bias"][0] // head_dim
+        experts, two_i, _ = shapes["layers.0.mlp.experts.gate_up_proj"]
+        return cls(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=two_i // 2,
+            num_hidden_layers=ckpt.num_layers, num_attention_heads=heads, num_key_value_heads=kv,
+            head_dim=head_dim, num_local_experts=experts, num_experts_per_tok=min(4, experts),
+        )
+
+
+def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies [head_dim/2] (fp32) and the cos/sin amplitude factor.
+
+    YaRN (text_encoder.md §2.3): theta_j = base^(-2j/d); ramp between
+    low = max(corr(beta_fast), 0) and high = min(corr(beta_slow), d-1), corr(n) = d ln(L/(2 pi n)) / (2 ln base);
+    inv_freq = theta (1 - r) + theta / factor * r; amplitude 0.1 ln(factor) + 1.
+    """
+    d = config.head_dim
+    base = config.rope_theta
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if config.rope_type == "default":
+        return 1.0 / pos_freqs, 1.0
+    factor = config.rope_factor
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    L = config.rope_original_max_position_embeddings
+
+    def corr(n: float) -> float:
+        return (d * math.log(L / (n * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr(config.rope_beta_fast), corr(config.rope_beta_slow)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    amp = config.rope_attention_factor
+    if amp is None:
+        amp = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, float(amp)
+
+
+def rope_cos_sin(config: GptOssConfig, seq_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [S, head_dim/2] for positions 0..S-1, amplitude applied in fp32, then cast to ``dtype``."""
+    inv_freq, amp = yarn_inv_freq(config)
+    pos = torch.arange(seq_len, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]
+    return (freqs.cos() * amp).to(device=device, dtype=dtype), (freqs.sin() * amp).to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Split-half (NeoX) rotation. x: [B, heads, S, d]; cos/sin: [S, d/2]."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward math (functions over LayerWeights; no nn.Module state)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * x / sqrt(mean(x^2) + eps), computed in fp32, returned in x's dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+def attention_bias(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Additive fp32 mask [B, S, S] (0 or -inf): causal j <= i, sliding i - window < j (when
+    ``window``), padded keys (attention_mask 0) masked. Queries are never masked."""
+    b, s = attention_mask.shape
+    dev = attention_mask.device
+    i = torch.arange(s, device=dev)[:, None]
+    j = torch.arange(s, device=dev)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None] & attention_mask.bool()[:, None, :]
+    bias = torch.zeros(b, s, s, dtype=torch.float32, device=dev)
+    return bias.masked_fill_(~allowed, float("-inf"))
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, bias: torch.Tensor,
+                   scale: float, max_scores: int = 1 << 24) -> torch.Tensor:
+    """Softmax attention with one extra "sink" logit per head (text_encoder.md §2.3), in fp32.
+
+    q: [B, H, S, d]; k, v: [B, KV, S, d] (GQA: head h uses KV head h // (H/KV)); sinks: [H];
+    bias: [B, S, S] additive. out_i = sum_j e^{l_ij} v_j / (sum_j e^{l_ij} + e^{s_h}); a fully masked
+    row gives 0. Returns [B, H, S, d] fp32. Queries are processed in chunks of at most
+    ``max_scores`` score elements.
+    """
+    bsz, heads, s, d = q.shape
+    kvh = k.shape[1]
+    g = heads // kvh
+    qf = q.float().reshape(bsz, kvh, g, s, d)
+    kt = k.float().transpose(-1, -2)[:, :, None]  # [B, KV, 1, d, S]
+    vf = v.float()[:, :, None]  # [B, KV, 1, S, d]
+    sink = sinks.float().reshape(1, kvh, g, 1, 1)
+    out = torch.empty(bsz, kvh, g, s, d, dtype=torch.float32, device=q.device)
+    step = max(1, max_scores // max(1, bsz * heads * s))
+    for q0 in range(0, s, step):
+        q1 = min(s, q0 + step)
+        logits = torch.matmul(qf[:, :, :, q0:q1], kt) * scale  # [B, KV, G, q, S]
+        logits += bias[:, None, None, q0:q1]
+        m = torch.maximum(logits.amax(-1, keepdim=True), sink)
+        p = torch.exp(logits - m)
+        denom = p.sum(-1, keepdim=True) + torch.exp(sink - m)
+        out[:, :, :, q0:q1] = torch.matmul(p / denom, vf)
+    return out.reshape(bsz, heads, s, d)
+
+
+def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+    """Self-attention of one layer. x: [B, S, E] (normed, compute dtype) -> [B, S, E]."""
+    dtype = x.dtype
+    bsz, s, _ = x.shape
+    d = config.head_dim
+
+    def proj(name: str) -> torch.Tensor:
+        return F.linear(x, lw.linear_weight(f"self_attn.{name}.weight", dtype), lw[f"self_attn.{name}.bias"].to(dtype))
+
+    q = proj("q_proj").view(bsz, s, -1, d).transpose(1, 2)
+    k = proj("k_proj").view(bsz, s, -1, d).transpose(1, 2)
+    v = proj("v_proj").view(bsz, s, -1, d).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o = sink_attention(q, k, v, lw["self_attn.sinks"].to(dtype), bias, d ** -0.5)
+    o = o.transpose(1, 2).reshape(bsz, s, -1).to(dtype)
+    return F.linear(o, lw.linear_weight("self_attn.o_proj.weight", dtype), lw["self_attn.o_proj.bias"].to(dtype))
+
+
+def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: Workspace | None = None) -> torch.Tensor:
+    """Top-k mixture of experts. x: [T, E] (normed, compute dtype) -> [T, E].
+
+    Router logits (fp32) -> top-k -> softmax over those k; per expert with tokens:
+    gate/up interleaved (even rows gate), gate <= limit, |up| <= limit, a = gate * sigmoid(alpha gate) * (up + 1),
+    y = W2 a + b2, weighted and summed in fp32 (expert order ascending).
+    """
+    dtype = x.dtype
+    k = config.num_experts_per_tok
+    logits = F.linear(x.float(), lw["mlp.router.weight"].float(), lw["mlp.router.bias"].float())
+    top_v, top_i = torch.topk(logits, k, dim=-1)
+    weights = torch.softmax(top_v, dim=-1)
+    flat = top_i.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=config.num_local_experts).tolist()
+    tokens = order // k
+    tok_w = weights.reshape(-1)[order]
+    gate_up, down = lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    limit, alpha = config.swiglu_limit, config.swiglu_alpha
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = tokens[start:start + n]
+        w = tok_w[start:start + n]
+        start += n
+        gu = gate_up.linear(e, x.index_select(0, tok), workspace)
+        gate = gu[:, 0::2].clamp(max=limit)
+        up = gu[:, 1::2].clamp(min=-limit, max=limit)
+        a = gate * torch.sigmoid(gate * alpha) * (up + 1)
+        y = down.linear(e, a.contiguous(), workspace)
+        out.index_add_(0, tok, y.float() * w[:, None])
+    return out.to(dtype)
+
+
+def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
+                  bias: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    """One pre-norm decoder layer. h: [B, S, E] residual stream (compute dtype) -> [B, S, E]."""
+    eps = config.rms_norm_eps
+    dtype = h.dtype
+    x = rms_norm(h, lw["input_layernorm.weight"].to(dtype), eps)
+    h = h + attention_block(x, lw, config, cos, sin, bias)
+    x = rms_norm(h, lw["post_attention_layernorm.weight"].to(dtype), eps)
+    bsz, s, e = x.shape
+    return h + moe_block(x.reshape(bsz * s, e), lw, config, workspace).reshape(bsz, s, e)
+
+
+# --------------------------------------------------------------------------------------------------
+# The encoder
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        fast = False
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            fn = getattr(cpu, probe, None)
+            try:
+                fast = fast or bool(fn and fn())
+            except Exception:  # pragma: no cover - probe unavailable
+                pass
+        return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto" or dtype == "default":
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+                 "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in named:
+            raise ValueError(f"unknown dtype {dtype!r}; use 'bf16' or 'fp32'")
+        dtype = named[dtype]
+    if dtype == torch.float16:
+        warnings.warn("Lens does not run the gpt-oss text encoder in fp16 (NaNs); using bf16 instead.", stacklevel=3)
+        logger.warning("fp16 requested for the text encoder; using bf16 instead (Lens does not run in fp16).")
+        return torch.bfloat16
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"text encoder dtype must be bf16 or fp32, got {dtype}")
+    return dtype
+
+
+class LensTextEncoder:
+    """gpt-oss-20b feature extractor for Lens. Build with :func:`load_text_encoder`.
+
+    ``encode(prompts)`` -> (context [B, S, 4E] layer-major, mask [B, S] bool), prefix dropped;
+    ``encode_ids(ids, mask)`` -> 4 x [B, S, E] (no drop); ``tokenize(prompt)`` -> templated ids.
+    """
+
+    def __init__(self, checkpoint: GptOssCheckpoint, config: GptOssConfig, dtype: torch.dtype,
+                 device: torch.device, offload: str, selected_layers: Sequence[int] = DEFAULT_SELECTED_LAYERS,
+                 tokenizer=None, tokenizer_path=None) -> None:
+        self.checkpoint = checkpoint
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.offload = offload
+        self.selected_layers = tuple(int(i) for i in selected_layers)
+        if not self.selected_layers or max(self.selected_layers) >= config.num_hidden_layers or min(self.selected_layers) < 0:
+            raise ValueError(f"selected layers {self.selected_layers} outside 0..{config.num_hidden_layers - 1}")
+        self._tokenizer = tokenizer
+        self._tokenizer_path = tokenizer_path
+        self._resident: list[LayerWeights] | None = None
+        self._workspace = Workspace()
+        self.name = checkpoint.name
+        self.identity = checkpoint.source.identity
+        self.last_timings: dict[str, float] = {}
+        if offload in ("device", "layers"):
+            self._load_resident()
+
+    def __repr__(self) -> str:
+        return (f"LensTextEncoder({self.name!r}, layout={self.checkpoint.layout}, experts={self.checkpoint.expert_format}, "
+                f"dtype={self.dtype}, device={self.device}, offload={self.offload!r})")
+
+    # -- placement ---------------------------------------------------------------------------------
+    @property
+    def num_layers_run(self) -> int:
+        return max(self.selected_layers) + 1
+
+    def _load_resident(self) -> None:
+        target = self.device if self.offload == "device" else torch.device("cpu")
+        pin = self.offload == "layers" and self.device.type == "cuda"
+        layers = []
+        for i in range(self.num_layers_run):
+            lw = self.checkpoint.read_layer(i, self.config)
+            if pin:
+                try:
+                    lw = lw.pin_memory()
+                except RuntimeError:  # pragma: no cover - pinning can fail on small hosts
+                    pin = False
+            layers.append(lw.to(target) if target.type != "cpu" else lw)
+        self._resident = layers
+
+    def unload(self) -> None:
+        """Drop every resident weight and scratch buffer (the file stays open by path only)."""
+        self._resident = None
+        self._workspace.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def to(self, device=None, offload: str | None = None) -> "LensTextEncoder":
+        """Move the compute device (and optionally change ``offload``); resident layers follow."""
+        device = torch.device(device) if device is not None else self.device
+        offload = offload or self.offload
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        changed = device != self.device or offload != self.offload
+        self.device, self.offload = device, offload
+        if changed:
+            if offload == "stream":
+                self.unload()
+            elif self._resident is not None and offload == "device":
+                self._resident = [lw.to(device) for lw in self._resident]
+            elif self._resident is not None and offload == "layers":
+                self._resident = [lw.to("cpu") for lw in self._resident]
+            else:
+                self._load_resident()
+        return self
+
+    def _layers(self, n: int):
+        """Yield layers 0..n-1 on the compute device."""
+        if self.offload in ("device", "layers") and self._resident is None:
+            self._load_resident()
+        if self.offload == "device":
+            yield from self._resident[:n]
+            return
+        if self.offload == "layers":
+            for lw in self._resident[:n]:
+                yield lw.to(self.device, non_blocking=True)
+            return
+        # stream: read layer i+1 on a thread while layer i runs
+        ck, cfg, dev = self.checkpoint, self.config, self.device
+
+        def read(i: int) -> LayerWeights:
+            lw = ck.read_layer(i, cfg)
+            return lw.to(dev) if dev.type != "cpu" else lw
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens-te-read") as pool:
+            nxt = pool.submit(read, 0)
+            for i in range(n):
+                lw = nxt.result()
+                nxt = pool.submit(read, i + 1) if i + 1 < n else None
+                yield lw
+                del lw
+
+    # -- tokenizer ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self._tokenizer_path)
+        return self._tokenizer
+
+    def tokenize(self, prompt: str, date=None, strip_markers: bool = True, **kwargs) -> list[int]:
+        """Templated ids of ``prompt`` (97-token prefix included), capped at 512 (tokenizer.tokenize)."""
+        return self.tokenizer.tokenize(prompt, date=date, strip_markers=strip_markers, **kwargs)
+
+    def cache_key(self, prompt: str, date=None, strip_markers: bool = True, **kwargs) -> str:
+        """Key for caching features: prompt text, template date, options, file identity, dtype, layers."""
+        from .tokenizer import resolve_date
+
+        return encode_prompt_cache_key(prompt, resolve_date(date), self.identity, self.dtype, self.selected_layers,
+                                       strip_markers=strip_markers, **kwargs)
+
+    # -- encoding ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   callback: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+        """Run the decoder on ids [B, S] (right padded; mask [B, S], 1 = real) and return the hidden
+        states after each selected layer: a list of [B, S, E] in the compute dtype (no prefix drop).
+        ``callback(layer_done, layers_total)`` is called after each layer (it may raise to abort)."""
+        cfg = self.config
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {tuple(ids.shape)}")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
+        bsz, s = ids.shape
+        if s == 0:
+            return [torch.zeros(bsz, 0, cfg.hidden_size, dtype=self.dtype, device=self.device) for _ in self.selected_layers]
+        t0 = time.perf_counter()
+        dev, dtype = self.device, self.dtype
+        h = self.checkpoint.embed(ids).to(device=dev, dtype=dtype)
+        mask = mask.to(dev)
+        cos, sin = rope_cos_sin(cfg, s, dtype, dev)
+        biases = {
+            "full_attention": attention_bias(mask, None),
+            "sliding_attention": attention_bias(mask, cfg.sliding_window),
+        }
+        wanted = set(self.selected_layers)
+        captured: dict[int, torch.Tensor] = {}
+        n = self.num_layers_run
+        ws = self._workspace if dev.type == "cpu" else None
+        for i, lw in enumerate(self._layers(n)):
+            ltype = cfg.layer_types[i]
+            if ltype not in biases:
+                raise ValueError(f"unknown layer type {ltype!r} at layer {i}")
+            h = decoder_layer(h, lw, cfg, cos, sin, biases[ltype], ws)
+            del lw
+            if i in wanted:
+                captured[i] = h
+            if callback is not None:
+                callback(i + 1, n)
+        self.last_timings = {"encode_s": time.perf_counter() - t0, "tokens": float(bsz * s)}
+        logger.debug("gpt-oss encode: %d x %d tokens, %d layers in %.2f s", bsz, s, n, self.last_timings["encode_s"])
+        return [captured[i] for i in self.selected_layers]
+
+    def encode(self, prompts: Sequence[str] | str, date=None, strip_markers: bool = True, *,
+               encode_empty: bool = False, callback: Callable[[int, int], None] | None = None,
+               **tokenize_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts for the DiT.
+
+        Returns ``context`` [B, S_kept, 4E] layer-major (index l*E + e, compute dtype) and ``mask``
+        [B, S_kept] bool, with the 97-token template prefix dropped. Rows are right padded (pad id
+        199999, mask False). An empty / whitespace prompt gives zero tokens (all-False mask row;
+        [B, 0, 4E] when every prompt is empty) and the model is not run for it, unless
+        ``encode_empty=True`` (template it as upstream does for an empty positive).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        width = len(self.selected_layers) * self.config.hidden_size
+        rows = []
+        for p in prompts:
+            if not encode_empty and not p.strip():
+                rows.append([])
+            else:
+                rows.append(self.tokenize(p, date=date, strip_markers=strip_markers, **tokenize_kwargs))
+        live = [i for i, r in enumerate(rows) if r]
+        bsz = len(prompts)
+        if not live:
+            return (torch.zeros(bsz, 0, width, dtype=self.dtype, device=self.device),
+                    torch.zeros(bsz, 0, dtype=torch.bool, device=self.device))
+        s = max(len(rows[i]) for i in live)
+        pad = PAD_ID if PAD_ID < self.config.vocab_size else 0  # tiny test models have small vocabularies
+        ids = torch.full((len(live), s), pad, dtype=torch.long)
+        mask = torch.zeros(len(live), s, dtype=torch.long)
+        for j, i in enumerate(live):
+            ids[j, : len(rows[i])] = torch.tensor(rows[i])
+            mask[j, : len(rows[i])] = 1
+        feats = self.encode_ids(ids, mask, callback=callback)
+        ctx_live = torch.cat(feats, dim=-1)[:, PREFIX_LEN:]
+        mask_live = mask.to(self.device).bool()[:, PREFIX_LEN:]
+        kept = ctx_live.shape[1]
+        if len(live) == bsz:
+            return ctx_live, mask_live
+        context = torch.zeros(bsz, kept, width, dtype=ctx_live.dtype, device=ctx_live.device)
+        out_mask = torch.zeros(bsz, kept, dtype=torch.bool, device=ctx_live.device)
+        index = torch.tensor(live, device=ctx_live.device)
+        context[index] = ctx_live
+        out_mask[index] = mask_live
+        return context, out_mask
+
+    __call__ = encode
+
+
+def encode_prompt_cache_key(prompt: str, date: str, identity, dtype, selected_layers=DEFAULT_SELECTED_LAYERS,
+                            **options) -> str:
+    """A stable hex key for cached features of ``prompt`` (text, date, TE file identity, dtype, layers, options)."""
+    parts = [repr(prompt), str(date), repr(tuple(identity)), str(dtype), repr(tuple(selected_layers)),
+             repr(sorted(options.items()))]
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def _default_offload(device: torch.device, ckpt: GptOssCheckpoint, n_layers: int) -> str:
+    if device.type == "cpu":
+        return "stream"
+    if device.type == "cuda":
+        need = sum(ckpt.layer_nbytes(i) for i in range(n_layers))
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except Exception:  # pragma: no cover
+            return "stream"
+        return "device" if free > need * 1.15 + (2 << 30) else "stream"
+    return "device"
+
+
+def load_text_encoder(path, dtype=None, device=None, offload: str | None = None, *, config: GptOssConfig | dict | None = None,
+                      selected_layers: Sequence[int] | None = None, tokenizer=None) -> LensTextEncoder:
+    """Open a gpt-oss-20b text encoder for Lens.
+
+    Args:
+        path: ComfyUI single file (``gpt_oss_20b_nvfp4.safetensors``), HF / diffusers folder
+            (``text_encoder/`` or the openai/gpt-oss-20b root, sharded with an index), OpenAI
+            ``original/model.safetensors``, or an HF-dequantised bf16/fp32 file.
+        dtype: compute dtype: None = bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX
+            CPUs), else fp32; fp16 is refused with a warning (bf16 is used).
+        device: compute device (default CUDA if available, else CPU).
+        offload: ``"device"`` | ``"layers"`` | ``"stream"`` (see module docstring); None picks
+            ``"stream"`` on the CPU, ``"device"`` on a GPU with room for the model, else ``"stream"``.
+        config: override the configuration (else config.json, else inferred from the shapes).
+        selected_layers: decoder layers to capture (default 5, 11, 17, 23; read the DiT's
+            ``selected_layer_index`` when one exists).
+        tokenizer: a LensTokenizer, or None to find one next to the weights (embedded
+            ``tokenizer_json``, ``tokenizer.json``, then the built-in o200k_base fallback).
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, device)
+    source = open_checkpoint(path, "te")
+    ckpt = GptOssCheckpoint(source)
+    if isinstance(config, dict):
+        config = GptOssConfig.from_dict(config)
+    if config is None:
+        hf = find_gpt_oss_config_json(source)
+        config = GptOssConfig.from_dict(hf) if hf else GptOssConfig.infer(ckpt)
+    ckpt.validate(config)
+    layers = tuple(selected_layers) if selected_layers is not None else DEFAULT_SELECTED_LAYERS
+    if offload is None:
+        offload = _default_offload(device, ckpt, max(layers) + 1)
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES} or None, got {offload!r}")
+    tok_path = None
+    if tokenizer is None:
+        from .tokenizer import find_tokenizer_source
+
+        find_tokenizer_source(path)  # fail now, with the places searched, if there is none
+        tok_path = path
+    t0 = time.perf_counter()
+    enc = LensTextEncoder(ckpt, config, dtype, device, offload, layers, tokenizer=tokenizer, tokenizer_path=tok_path)
+    logger.info("Loaded gpt-oss text encoder %s (%s layout, %s experts) in %.1f s: dtype %s, device %s, offload %s",
+                ckpt.name, ckpt.layout, ckpt.expert_format, time.perf_counter() - t0, dtype, device, offload)
+    return enc
+
+
+__all__ = [
+    "GptOssConfig",
+    "LensTextEncoder",
+    "load_text_encoder",
+    "encode_prompt_cache_key",
+    "yarn_inv_freq",
+    "rope_cos_sin",
+    "apply_rope",
+    "rms_norm",
+    "attention_bias",
+    "sink_attention",
+    "moe_block",
+    "decoder_layer",
+    "default_dtype",
+    "DEFAULT_SELECTED_LAYERS",
+    "OFFLOAD_MODES",
+]
