@@ -121,9 +121,13 @@ class TextEncoderHandle(Resident):
 
     def unload(self):
         with self._lock:
-            if self._encoder is None:
-                return
-            self._encoder = None
+            enc, self._encoder = self._encoder, None
+        if enc is None:
+            return
+        drop = getattr(enc, "unload", None)
+        if drop is not None:
+            drop()
+        del enc
         logger.info("unloaded the Lens text encoder %s", self.path)
         comfy.soft_empty_cache()
 
@@ -134,19 +138,16 @@ class TextEncoderHandle(Resident):
                 return self._encoder
             from pathlib import Path
 
-            size = _path_size(self.path)
             if self.device.type != "cpu":
-                need = size if self.offload_mode == "none" else min(size, 4 << 30)
+                size = _path_size(self.path)
+                need = size if self.offload_mode in ("auto", "device") else min(size, 2 << 30)
                 make_room(self, self.device, need)
-            lm = lens()
-            kwargs = {}
-            if self.offload_mode != "none":
-                kwargs["offload"] = self.offload_mode
-            logger.info("loading Lens text encoder %s (%s, %s%s)", Path(self.path).name,
-                        self.dtype_name, self.device,
-                        "" if self.offload_mode == "none" else f", offload={self.offload_mode}")
+            offload = None if self.offload_mode == "auto" else self.offload_mode
+            logger.info("loading Lens text encoder %s (%s, %s, offload %s)", Path(self.path).name,
+                        self.dtype_name, self.device, self.offload_mode)
             try:
-                enc = lm.load_text_encoder(self.path, dtype=self.dtype, device=self.device, **kwargs)
+                enc = lens().load_text_encoder(self.path, dtype=self.dtype, device=self.device,
+                                               offload=offload)
             except BaseException:
                 comfy.soft_empty_cache()
                 raise

@@ -21,7 +21,7 @@ DIT_DTYPES = ["default", "bf16", "fp32", "fp8"]
 DEVICES = ["auto", "gpu", "cpu"]
 DIT_OFFLOAD = ["auto", "always", "never"]
 TE_DTYPES = ["auto", "bf16", "fp32"]
-TE_OFFLOAD = ["none", "layers"]
+TE_OFFLOAD = ["auto", "device", "layers", "stream"]
 VAE_DTYPES = ["auto", "bf16", "fp32"]
 
 
@@ -161,10 +161,12 @@ class LensNodesTextEncoderLoader:
                     "tooltip": "Compute dtype. auto: bf16 (never fp16: gpt-oss overflows). fp32 "
                                "is for parity checks; quantised experts stay quantised."}),
                 "offload": (TE_OFFLOAD, {
-                    "default": "none",
-                    "tooltip": "none: the whole encoder on the device while encoding (about 13 GB "
-                               "of VRAM). layers: stream each layer's experts from RAM (about "
-                               "3 GB of VRAM, slower): for 8–16 GB cards."}),
+                    "default": "auto",
+                    "tooltip": "Where the weights wait while encoding. device: all on the GPU "
+                               "(about 13 GB of VRAM, fastest). layers: in RAM, each layer copied "
+                               "to the GPU when it runs (about 1 GB of VRAM; 8–16 GB cards). "
+                               "stream: read from disk layer by layer (lowest RAM; the CPU "
+                               "default). auto: device if it fits, else stream."}),
                 "keep_loaded": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Keep the encoder loaded after encoding (faster prompt edits, but "
@@ -177,7 +179,7 @@ class LensNodesTextEncoderLoader:
     def IS_CHANGED(cls, text_encoder_name, **kwargs):
         return _identity_or_nan("text_encoders", text_encoder_name)
 
-    def load(self, text_encoder_name, device="auto", dtype="auto", offload="none", keep_loaded=False):
+    def load(self, text_encoder_name, device="auto", dtype="auto", offload="auto", keep_loaded=False):
         if dtype not in TE_DTYPES:
             raise ValueError(f"dtype must be one of {TE_DTYPES}, got {dtype!r}")
         if offload not in TE_OFFLOAD:
@@ -185,10 +187,10 @@ class LensNodesTextEncoderLoader:
         path = resolve_model("text_encoders", text_encoder_name)
         dev = resolve_device(device, comfy.text_encoder_device())
         hidden = _check_text_encoder(path)
-        import torch
-
-        tdtype = _torch_dtype(dtype) if dtype != "auto" else torch.bfloat16
-        name = dtype if dtype != "auto" else "bf16"
+        # the dtype the encoder will compute in (auto: bf16 where the device has it, else fp32);
+        # known now so that cached features are found without loading the encoder
+        tdtype = lens("text_encoder").resolve_dtype(_torch_dtype(dtype), dev)
+        name = str(tdtype).replace("torch.", "")
         handle = TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
                                    bool(keep_loaded), hidden)
         return (handle,)

@@ -183,9 +183,16 @@ class LensNodesTextEncode:
 
         comfy.check_interrupt()
         encoder = handle.encoder()
+        pbar = comfy.progress_bar(1)
+
+        def on_layer(done, total):
+            pbar.update_absolute(done, total, None)
+            comfy.check_interrupt()
+
         try:
             with torch.no_grad():
-                ctx, mask = encoder.encode([text], date=date, strip_markers=bool(strip_markers))
+                ctx, mask = encoder.encode([text], date=date, strip_markers=bool(strip_markers),
+                                           callback=on_layer)
             ctx = ctx.detach().to("cpu", torch.float32).clone()
             mask = mask.detach().to("cpu").to(torch.bool).clone()
         finally:

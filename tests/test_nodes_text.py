@@ -1,0 +1,205 @@
+"""GPT-OSS Loader / TextEncode on the golden tiny text encoder: layout, lazy loading, caches.
+
+The tiny encoder has a 512-token vocabulary, so the real o200k_harmony tokenizer is wrapped to map
+ids modulo 512 (template structure and lengths unchanged). Node and Python API use the same
+wrapper, so their features must be identical.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from comfy_stubs import InterruptProcessingException, comfy_env  # noqa: F401  (fixture)
+from conftest import GOLDEN
+
+TE = "lens_tiny_te/"
+E = 64  # tiny hidden size
+
+
+class ModTokenizer:
+    """The real tokenizer with ids folded into the tiny vocabulary."""
+
+    def __init__(self, real, vocab=512):
+        self.real = real
+        self.vocab = vocab
+
+    def tokenize(self, prompt, date=None, strip_markers=True, **kw):
+        return [i % self.vocab for i in self.real.tokenize(prompt, date=date, strip_markers=strip_markers, **kw)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lens_model.tokenizer import load_tokenizer
+
+    return ModTokenizer(load_tokenizer(GOLDEN / "text_encoder"))
+
+
+@pytest.fixture
+def te_env(comfy_env, tokenizer, monkeypatch):
+    import lens_model.tokenizer
+    from nodes import text_encode
+
+    os.symlink(GOLDEN / "text_encoder", comfy_env.folder("text_encoders") / "lens_tiny_te")
+    monkeypatch.setattr(lens_model.tokenizer, "load_tokenizer", lambda path=None: tokenizer)
+    text_encode.FEATURES.clear()
+    yield comfy_env
+    text_encode.FEATURES.clear()
+
+
+def load_te(**kw):
+    from nodes import LensNodesTextEncoderLoader
+
+    args = dict(text_encoder_name=TE, device="auto", dtype="fp32", offload="auto", keep_loaded=False)
+    args.update(kw)
+    return LensNodesTextEncoderLoader().load(**args)[0]
+
+
+def encode(handle, text, **kw):
+    from nodes import LensNodesTextEncode
+
+    args = dict(date="2026-05-23", strip_markers=True)
+    args.update(kw)
+    return LensNodesTextEncode().encode(text_encoder=handle, text=text, **args)[0]
+
+
+def reference(tokenizer, prompts, **kw):
+    from lens_model import load_text_encoder
+
+    te = load_text_encoder(GOLDEN / "text_encoder", dtype=torch.float32, device="cpu", tokenizer=tokenizer)
+    return te, te.encode(prompts, **kw)
+
+
+def test_conditioning_layout_matches_core_lens_layout(te_env, tokenizer):
+    handle = load_te()
+    assert handle.loads == 0  # the loader only checks the file
+    cond = encode(handle, "a cat")
+    assert isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2
+    ctx, extra = cond[0]
+    assert set(extra) == {"pooled_output", "attention_mask", "num_layers_stacked"}
+    assert extra["pooled_output"] is None and extra["num_layers_stacked"] == 4
+    mask = extra["attention_mask"]
+    assert ctx.dtype == torch.float32 and ctx.device.type == "cpu"
+    assert mask.dtype == torch.int64 and mask.device.type == "cpu"
+    assert ctx.shape == (1, 24, 4 * E)  # "a cat": 121 templated ids, 97 dropped
+    assert mask.shape == (1, 24) and bool((mask == 1).all())
+
+    te, (want_ctx, want_mask) = reference(tokenizer, ["a cat"])
+    assert torch.equal(ctx, want_ctx.float()) and torch.equal(mask, want_mask.long())
+    # layer-major: channel l*E + e holds layer l (5, 11, 17, 23), after the 97-token crop
+    ids = torch.tensor([te.tokenize("a cat")])
+    layers = te.encode_ids(ids, torch.ones_like(ids))
+    for i, feat in enumerate(layers):
+        assert torch.equal(ctx[..., i * E:(i + 1) * E], feat[:, 97:].float())
+
+
+def test_empty_text_gives_zero_tokens_without_loading(te_env):
+    handle = load_te()
+    for text in ("", "   \n"):
+        ctx, extra = encode(handle, text)[0]
+        assert ctx.shape == (1, 0, 4 * E) and ctx.dtype == torch.float32
+        assert extra["attention_mask"].shape == (1, 0)
+        assert extra["attention_mask"].dtype == torch.int64
+    assert handle.loads == 0
+
+
+def test_unchanged_prompt_never_reloads_the_encoder(te_env):
+    handle = load_te()
+    first = encode(handle, "a red fox")
+    assert handle.loads == 1 and not handle.loaded  # unloaded after encoding (keep_loaded off)
+    again = encode(handle, "a red fox")
+    assert handle.loads == 1
+    assert torch.equal(first[0][0], again[0][0])
+    # another handle on the same file/dtype shares the cache
+    assert torch.equal(encode(load_te(), "a red fox")[0][0], first[0][0])
+    # the key covers the date and the strip flag
+    other_date = encode(handle, "a red fox", date="2025-01-01")
+    assert handle.loads == 2
+    assert not torch.equal(other_date[0][0], first[0][0])
+    encode(handle, "a red fox", strip_markers=False)
+    assert handle.loads == 3
+
+
+def test_disk_cache_survives_a_restart(te_env):
+    from nodes import text_encode
+
+    handle = load_te()
+    first = encode(handle, "a blue bird", cache_to_disk=True)
+    assert handle.loads == 1
+    files = list((te_env.root / "cache").rglob("*.safetensors"))
+    assert len(files) == 1
+    text_encode.FEATURES.clear()  # "restart"
+    fresh = load_te()
+    again = encode(fresh, "a blue bird", cache_to_disk=True)
+    assert fresh.loads == 0
+    assert torch.equal(again[0][0], first[0][0])
+    assert torch.equal(again[0][1]["attention_mask"], first[0][1]["attention_mask"])
+    text_encode.FEATURES.clear()
+    encode(fresh, "a blue bird")  # disk cache off: encodes
+    assert fresh.loads == 1
+
+
+def test_keep_loaded(te_env):
+    handle = load_te(keep_loaded=True)
+    encode(handle, "one")
+    encode(handle, "two")
+    assert handle.loads == 1 and handle.loaded
+    handle.unload()
+    assert not handle.loaded
+
+
+def test_date_is_validated(te_env):
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        encode(load_te(), "a cat", date="yesterday")
+
+
+def test_interrupt_during_encode_then_rerun(te_env):
+    handle = load_te()
+    te_env.interrupt_at(3)
+    with pytest.raises(InterruptProcessingException):
+        encode(handle, "a green car")
+    assert not handle.loaded  # nothing left half-loaded
+    cond = encode(handle, "a green car")
+    assert cond[0][0].shape[1] > 0
+    layers = [v for (_, kind, v, t, _) in te_env.progress if kind == "abs"]
+    assert layers[-1] == 24  # progress over the decoder layers run (0..23)
+
+
+def test_te_loader_bad_file_then_good_file(te_env):
+    from nodes import LensNodesTextEncoderLoader
+
+    os.symlink(GOLDEN / "vae" / "diffusion_pytorch_model.safetensors",
+               te_env.folder("text_encoders") / "not_a_te.safetensors")
+    with pytest.raises(ValueError, match="not_a_te.safetensors"):
+        LensNodesTextEncoderLoader().load(text_encoder_name="not_a_te.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        LensNodesTextEncoderLoader().load(text_encoder_name="missing.safetensors")
+    assert load_te().hidden_size == E
+
+
+def test_make_room_offloads_our_other_models(te_env):
+    """Before one of our models moves to a GPU, our others leave it and core is asked to free."""
+    from nodes.common import Resident, make_room
+
+    class Fake(Resident):
+        def __init__(self):
+            super().__init__()
+            self.gpu = True
+
+        @property
+        def on_gpu(self):
+            return self.gpu
+
+        def _offload(self):
+            self.gpu = False
+
+    a, b = Fake(), Fake()
+    make_room(a, "cuda", 1 << 30)
+    assert a.gpu and not b.gpu
+    assert te_env.freed and te_env.freed[-1][0] >= 1 << 30
+    assert str(te_env.freed[-1][1]) == "cuda"
+    n = len(te_env.freed)
+    make_room(a, "cpu", 1 << 30)  # CPU: nothing to do
+    assert len(te_env.freed) == n
