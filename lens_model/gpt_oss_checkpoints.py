@@ -712,7 +712,8 @@ class GptOssCheckpoint:
 
 
 def find_gpt_oss_config_json(source: TensorSource) -> dict | None:
-    """``source.config`` or, for a single file, a gpt-oss ``config.json`` beside it."""
+    """``source.config`` or, for a single file, a gpt-oss ``config.json`` beside it (HF or OpenAI
+    ``original/config.json`` format; other models' configs are ignored)."""
     if source.config:
         return source.config
     import json
@@ -723,8 +724,8 @@ def find_gpt_oss_config_json(source: TensorSource) -> dict | None:
             data = json.loads(cfg.read_text())
         except (OSError, ValueError):
             return None
-        if isinstance(data, dict) and data.get("model_type") == "gpt_oss":
-            return data
+        if isinstance(data, dict) and (data.get("model_type") == "gpt_oss" or {"num_experts", "experts_per_token"} <= set(data)):
+            return data  # HF gpt-oss config, or OpenAI's original/config.json
     return None
 
 
