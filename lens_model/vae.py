@@ -22,8 +22,8 @@ import dataclasses
 import logging
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -551,7 +551,7 @@ class Flux2VAE(nn.Module):
             elif tile == "auto" and self.device.type == "cuda":
                 try:
                     x = self._decode_raw(z).cpu()
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
                     torch.cuda.empty_cache()
                     x = self._decode_tiled(z, tile_size, overlap)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lens_model import vae as vae_mod
 from lens_model.vae import (
     AttnBlock,
     Flux2VAE,
@@ -31,7 +28,8 @@ from lens_model.vae import (
     unpatchify,
 )
 
-GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "lens_tiny"
+from conftest import GOLDEN
+
 GOLDEN_VAE = GOLDEN / "vae"
 
 
@@ -365,7 +363,7 @@ def test_attention_query_chunking(golden_vae, monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 
-def test_dtypes(caplog):
+def test_dtypes(caplog, tmp_path, golden_sd):
     with caplog.at_level(logging.WARNING, logger="lens_model.vae"):
         vae16 = load_vae(GOLDEN_VAE, dtype=torch.float16)
     assert vae16.dtype == torch.float32  # CPU: fp16 refused -> fp32
@@ -377,6 +375,10 @@ def test_dtypes(caplog):
     out = vae_bf.decode(lat)
     assert out.dtype == torch.float32
     assert (out - ref.decode(lat)).abs().mean().item() < 0.05
+    # an fp16 file with dtype=None is promoted (fp32 on the CPU), bn stays fp32
+    save_file({k: (v.half() if v.is_floating_point() else v) for k, v in golden_sd.items()}, str(tmp_path / "f16.safetensors"))
+    vae_f16_file = load_vae(tmp_path / "f16.safetensors")
+    assert vae_f16_file.dtype == torch.float32 and vae_f16_file.bn.running_mean.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,6 +479,13 @@ def test_rejections(tmp_path, golden_sd, kind, kwargs, pattern):
 def test_rejects_other_components(folder):
     with pytest.raises(ValueError, match="VAE"):
         load_vae(GOLDEN / folder)
+
+
+def test_rejects_other_state_dicts():
+    with pytest.raises(ValueError, match="diffusion model"):
+        Flux2VAE.from_state_dict({"transformer_blocks.0.attn.norm_added_q.weight": torch.zeros(4)})
+    with pytest.raises(ValueError, match="text encoder"):
+        Flux2VAE.from_state_dict({"layers.0.self_attn.sinks": torch.zeros(4)})
 
 
 def test_missing_file(tmp_path):
