@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import lens_model
-from lens_model.sampling import align_text, lens_sigmas, pad_text, sample_to_tokens, tokens_to_latents
+from lens_model.sampling import lens_sigmas, pad_text, sample_to_tokens, tokens_to_latents
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 CASES = json.loads((GOLDEN / "pipeline_cases.json").read_text())
@@ -133,3 +133,19 @@ def test_img2img_denoise_one_equals_txt2img(transformer, vae):
         dist.append(((out - z).norm() / z.norm()).item())
     assert dist[0] < dist[1] < dist[2]
     assert dist[0] < 0.2
+
+
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
+def test_pipeline_bf16_weights_sanity(compute):
+    """bf16 ComfyUI-prefixed weights: a sanity bound only (golden README: cosine, not tolerances)."""
+    model = lens_model.load_transformer(GOLDEN / "lens_tiny_comfy_bf16.safetensors", device="cpu")
+    assert model.dtype == torch.bfloat16
+    model.compute_dtype = compute
+    meta, ctx, mask, nctx, nmask, noise = _case(1)
+    out = lens_model.sample(model, noise, lens_sigmas(meta["height"], meta["width"], meta["steps"]),
+                            ctx, mask, nctx, nmask, guidance_scale=meta["guidance_scale"])
+    assert out.dtype == torch.float32  # the running latent stays fp32
+    got, exp = sample_to_tokens(out), DATA["case1.expected_final_latents"]
+    cos = torch.nn.functional.cosine_similarity(got, exp, dim=-1)
+    assert cos.min() >= 0.99
+    assert (got - exp).norm() / exp.norm() < 0.1

@@ -1,0 +1,98 @@
+"""pipeline.generate: memory ladder order, negative handling, batch, img2img (tiny DiT/VAE, fake TE)."""
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import lens_model.pipeline as pipeline
+from lens_model.pipeline import images_to_uint8, to_pil, variant_defaults
+
+GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
+dit = pytest.importorskip("lens_model.dit")
+text_encoder = pytest.importorskip("lens_model.text_encoder")
+
+
+class FakeTE:
+    """Stands in for LensTextEncoder: 128-channel features (4 x 32, what the tiny DiT takes)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def encode(self, prompts, date=None):
+        self.log.append(("encode", list(prompts), date))
+        g = torch.Generator().manual_seed(len(prompts[0]))
+        s = 3
+        return torch.randn(len(prompts), s, 128, generator=g), torch.ones(len(prompts), s, dtype=torch.bool)
+
+
+@pytest.fixture
+def ladder(monkeypatch):
+    log = []
+    te_ref = []
+    real_load_transformer = dit.load_transformer
+
+    def load_te(path, dtype=None, device=None):
+        te = FakeTE(log)
+        te_ref.append(weakref.ref(te))
+        log.append(("load_te", str(path)))
+        return te
+
+    def load_dit(path, dtype=None, device=None):
+        gc.collect()
+        log.append(("load_dit", te_ref[-1]() is None))  # the TE must already be released
+        return real_load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
+
+    monkeypatch.setattr(text_encoder, "load_text_encoder", load_te)
+    monkeypatch.setattr(dit, "load_transformer", load_dit)
+    return log
+
+
+def _gen(**kw):
+    args = dict(transformer_path=GOLDEN / "transformer", text_encoder_path=GOLDEN / "text_encoder",
+                vae_path=GOLDEN / "vae", width=32, height=48, steps=2, device="cpu")
+    args.update(kw)
+    return pipeline.generate(**args)
+
+
+def test_generate_ladder_and_cfg1_skips_negative(ladder):
+    imgs = _gen(prompt="a cat", negative="blurry", guidance=1.0, batch=2, seed=5)
+    assert [e[0] for e in ladder] == ["load_te", "encode", "load_dit"]
+    assert ladder[1][1] == ["a cat"]          # the negative is not encoded at CFG 1
+    assert ladder[2] == ("load_dit", True)    # TE released before the DiT is loaded
+    assert len(imgs) == 2 and all(im.size == (32, 48) for im in imgs)
+    again = _gen(prompt="a cat", negative="blurry", guidance=1.0, batch=2, seed=5)
+    assert [list(a.getdata()) for a in imgs] == [list(b.getdata()) for b in again]
+    assert list(imgs[0].getdata()) != list(imgs[1].getdata())  # different noise rows
+
+
+def test_generate_encodes_nonempty_negative_only(ladder):
+    _gen(prompt="a cat", negative="blurry", guidance=4.0)
+    assert [e[1] for e in ladder if e[0] == "encode"] == [["a cat"], ["blurry"]]
+    ladder.clear()
+    _gen(prompt=["a cat", "a dog"], negative="   ", guidance=4.0, date="2025-01-01")
+    enc = [e for e in ladder if e[0] == "encode"]
+    assert enc == [("encode", ["a cat", "a dog"], "2025-01-01")]
+
+
+def test_generate_missing_file(ladder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        _gen(prompt="x", vae_path=tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="100"):
+        _gen(prompt="x", width=100)
+
+
+def test_variant_defaults_from_names():
+    assert variant_defaults("models/diffusion_models/lens_turbo_bf16.safetensors")["steps"] == 4
+    assert variant_defaults("lens_bf16.safetensors") == {"variant": "lens", "steps": 20, "cfg": 5.0}
+    assert variant_defaults("Lens-Base-Diffusers/transformer")["steps"] == 50
+
+
+def test_uint8_conversion_truncates():
+    x = torch.tensor([[[[0.0, 0.5, 1.0], [0.999, 1.5, -0.2]]]])
+    # 255*0.5 = 127.5 -> 127; 255*0.999 = 254.745 -> 254; clamped to 0..1 first
+    assert images_to_uint8(x).tolist() == [[[[0, 127, 255], [254, 255, 0]]]]
+    img = to_pil(x)[0]
+    assert img.size == (2, 1) and img.getpixel((0, 0)) == (0, 127, 255)
