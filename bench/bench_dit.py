@@ -1,0 +1,248 @@
+"""CPU benchmark: one Lens DiT forward at full width vs a plain eager baseline.
+
+Full-width blocks (D 1536, 24 heads of 64, E 2880, MLP 4096), 4 blocks instead of 48, a 64x64 latent
+grid (N = 4096, a 1024x1024 image) and 128 text tokens, random weights. For fp32 and bf16 weights it
+times one forward of ``lens_model.dit.LensTransformer`` and of a naive reference forward written
+below (same math, unchunked attention with an explicit [B, H, L, L] score matrix, per-op code,
+everything in the weight dtype), each in its own subprocess so peak RSS is clean, and prints the
+ratios. Run on a quiet machine:
+
+    python bench/bench_dit.py                 # all four runs, summary table
+    python bench/bench_dit.py --only ours --dtype bf16 --blocks 1   # one run, JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lens_model.dit import LensDiTConfig, LensTransformer, rope_frequencies, rope_positions  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_model(cfg: LensDiTConfig, dtype: torch.dtype, seed: int = 0) -> LensTransformer:
+    """Random weights with sane scales (so activations stay finite in bf16)."""
+    torch.manual_seed(seed)
+    model = LensTransformer(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.01)
+            elif p.dim() == 1:
+                p.normal_(1.0, 0.05)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+    return model.to(dtype).eval()
+
+
+def inputs(cfg: LensDiTConfig, h: int, w: int, s: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, h * w, cfg.in_channels, generator=g)
+    feats = torch.randn(1, s, cfg.num_text_layers * cfg.enc_hidden_dim, generator=g) * 3.0
+    mask = torch.ones(1, s, dtype=torch.bool)
+    sigma = torch.tensor([0.7])
+    return x, sigma, feats, mask
+
+
+# -- the naive baseline -----------------------------------------------------------------------------------
+
+def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w):
+    """Straightforward eager port of the upstream forward: weight dtype everywhere except the fp32
+    norm statistics / RoPE / sinusoid, explicit softmax(QK^T / 8 + A) V over the joint sequence."""
+    cfg = model.config
+    sd = dict(model.named_parameters())
+    dt = model.dtype
+    d, hd, heads = cfg.inner_dim, cfg.attention_head_dim, cfg.num_attention_heads
+    bsz, n, _ = x.shape
+    s = feats.shape[1]
+
+    def lin(t, name, bias=True):
+        return F.linear(t, sd[name + ".weight"], sd[name + ".bias"] if bias else None)
+
+    def rms(t, weight, eps):
+        tf = t.float()
+        tf = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)
+        return tf.to(weight.dtype) * weight
+
+    def rope(t, freqs):  # t [B, L, H, hd]
+        tc = torch.view_as_complex(t.float().reshape(*t.shape[:-1], -1, 2))
+        return torch.view_as_real(tc * freqs.unsqueeze(1)).flatten(3).type_as(t)
+
+    valid = torch.cat([torch.ones(bsz, n, dtype=torch.bool), mask], dim=1)
+    amask = torch.zeros(bsz, 1, 1, n + s).masked_fill(~valid[:, None, None, :], float("-inf")).to(dt)
+
+    hs = lin(x.to(dt), "img_in")
+    t = sigma.to(dt)
+    fe = feats.to(dt).view(bsz, s, cfg.num_text_layers, cfg.enc_hidden_dim)
+    normed = [rms(fe[:, :, k], sd[f"txt_norm.{k}.weight"], 1e-5) for k in range(cfg.num_text_layers)]
+    enc = lin(torch.cat(normed, dim=-1), "txt_in")
+    half = cfg.time_embed_dim // 2
+    freqs_t = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs_t[None] * 1000
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1).to(dt)
+    temb = lin(F.silu(lin(emb, "time_text_embed.timestep_embedder.linear_1")), "time_text_embed.timestep_embedder.linear_2")
+
+    img_pos, txt_pos = rope_positions(h, w, s)
+    img_f = rope_frequencies(img_pos, cfg.axes_dims_rope, cfg.rope_theta)
+    txt_f = rope_frequencies(txt_pos, cfg.axes_dims_rope, cfg.rope_theta)
+
+    for i in range(cfg.num_layers):
+        p = f"transformer_blocks.{i}."
+        im1, im2 = lin(F.silu(temb), p + "img_mod.1").chunk(2, -1)
+        tm1, tm2 = lin(F.silu(temb), p + "txt_mod.1").chunk(2, -1)
+
+        def modulate(v, mp):
+            shift, scale, gate = mp.chunk(3, -1)
+            return v * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+        xm, g1 = modulate(rms(hs, sd[p + "img_norm1.weight"], 1e-6), im1)
+        cm, tg1 = modulate(rms(enc, sd[p + "txt_norm1.weight"], 1e-6), tm1)
+        iq, ik, iv = lin(xm, p + "attn.img_qkv").view(bsz, n, 3, heads, hd).unbind(2)
+        tq, tk, tv = lin(cm, p + "attn.txt_qkv").view(bsz, s, 3, heads, hd).unbind(2)
+        eps = cfg.qk_norm_eps
+        iq = rope(rms(iq, sd[p + "attn.norm_q.weight"], eps), img_f)
+        ik = rope(rms(ik, sd[p + "attn.norm_k.weight"], eps), img_f)
+        tq = rope(rms(tq, sd[p + "attn.norm_added_q.weight"], eps), txt_f)
+        tk = rope(rms(tk, sd[p + "attn.norm_added_k.weight"], eps), txt_f)
+        q = torch.cat([iq, tq], 1).transpose(1, 2)
+        k = torch.cat([ik, tk], 1).transpose(1, 2)
+        v = torch.cat([iv, tv], 1).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + amask
+        o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(bsz, n + s, d)
+        del scores
+        hs = hs + g1 * lin(o[:, :n], p + "attn.to_out.0")
+        enc = enc + tg1 * lin(o[:, n:], p + "attn.to_add_out")
+        xm2, g2 = modulate(rms(hs, sd[p + "img_norm2.weight"], 1e-6), im2)
+        hs = hs + g2 * lin(F.silu(lin(xm2, p + "img_mlp.w1", False)) * lin(xm2, p + "img_mlp.w3", False), p + "img_mlp.w2", False)
+        cm2, tg2 = modulate(rms(enc, sd[p + "txt_norm2.weight"], 1e-6), tm2)
+        enc = enc + tg2 * lin(F.silu(lin(cm2, p + "txt_mlp.w1", False)) * lin(cm2, p + "txt_mlp.w3", False), p + "txt_mlp.w2", False)
+
+    scale, shift = lin(F.silu(temb), "norm_out.linear").chunk(2, -1)
+    hs = F.layer_norm(hs, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return lin(hs, "proj_out")
+
+
+# -- one run (child process) ---------------------------------------------------------------------------
+
+def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compute: str | None) -> dict:
+    cfg = LensDiTConfig(num_layers=blocks)
+    model = random_model(cfg, DTYPES[dtype_name])
+    if compute:
+        model.compute_dtype = DTYPES[compute]
+    x, sigma, feats, mask = inputs(cfg, grid, grid, text)
+    fwd = (lambda *a: naive_forward(model, *a)) if impl == "naive" else (lambda *a: model.forward_tokens(a[0], a[1], a[2], a[3], (a[4], a[5])))
+    with torch.no_grad():
+        # warm-up on a small grid (kernel selection, allocator) - not timed
+        xs, ss, fs, ms = inputs(cfg, 8, 8, 8)
+        fwd(xs, ss, fs, ms, 8, 8)
+        before = rss_bytes()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        out = fwd(x, sigma, feats, mask, grid, grid)
+        elapsed = time.perf_counter() - t0
+        peak = peak_rss_bytes()
+    out = out.float()
+    torch.save(out, f"/tmp/bench_dit_{impl}_{dtype_name}.pt")
+    return {
+        "impl": impl,
+        "dtype": dtype_name,
+        "compute": str(model.resolved_compute_dtype()).replace("torch.", "") if impl == "ours" else dtype_name,
+        "blocks": blocks,
+        "grid": grid,
+        "text": text,
+        "seconds": round(elapsed, 3),
+        "rss_before_gb": round(before / 1e9, 3),
+        "peak_rss_gb": round(peak / 1e9, 3),
+        "peak_delta_gb": round((peak - before) / 1e9, 3),
+        "finite": bool(torch.isfinite(out).all()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["ours", "naive"], help="run one implementation in this process, print JSON")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="dtypes for the full comparison")
+    ap.add_argument("--compute", choices=list(DTYPES), default=None, help="force the compute dtype of ours")
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--grid", type=int, default=64)
+    ap.add_argument("--text", type=int, default=128)
+    ap.add_argument("--skip-naive-bf16", action="store_true", help="skip the (very slow on AVX2) naive bf16 run")
+    args = ap.parse_args()
+
+    if args.only:
+        print(json.dumps(run_one(args.only, args.dtype, args.blocks, args.grid, args.text, args.compute)), flush=True)
+        return
+
+    print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
+    results = {}
+    for dt in args.dtypes.split(","):
+        for impl in ("naive", "ours"):
+            if impl == "naive" and dt == "bf16" and args.skip_naive_bf16:
+                continue
+            cmd = [sys.executable, __file__, "--only", impl, "--dtype", dt, "--blocks", str(args.blocks),
+                   "--grid", str(args.grid), "--text", str(args.text)]
+            if impl == "ours" and args.compute:
+                cmd += ["--compute", args.compute]
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            results[(impl, dt)] = res
+            print(json.dumps(res), flush=True)
+        if (("naive", dt) in results) and (("ours", dt) in results):
+            a = torch.load(f"/tmp/bench_dit_ours_{dt}.pt")
+            b = torch.load(f"/tmp/bench_dit_naive_{dt}.pt")
+            rel = ((a - b).norm() / b.norm()).item()
+            o, nv = results[("ours", dt)], results[("naive", dt)]
+            print(
+                f"{dt}: ours {o['seconds']:.2f} s (compute {o['compute']}), naive {nv['seconds']:.2f} s -> time ratio "
+                f"{o['seconds'] / nv['seconds']:.2f}; peak RSS ours {o['peak_rss_gb']:.2f} GB (+{o['peak_delta_gb']:.2f}), "
+                f"naive {nv['peak_rss_gb']:.2f} GB (+{nv['peak_delta_gb']:.2f}) -> ratio "
+                f"{o['peak_rss_gb'] / nv['peak_rss_gb']:.2f}; output rel diff {rel:.2e}",
+                flush=True,
+            )
+    print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
