@@ -200,3 +200,69 @@ def install(monkeypatch, root: Path) -> ComfyEnv:
 def comfy_env(tmp_path, monkeypatch) -> ComfyEnv:
     """Fake ComfyUI modules with empty model folders under tmp_path/models."""
     return install(monkeypatch, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# golden tiny models in the fake folders
+# --------------------------------------------------------------------------------------------
+
+def place_golden_models(env: ComfyEnv, golden: Path) -> dict[str, str]:
+    """Symlink the golden tiny weights into the fake model folders; returns the combo names.
+
+    diffusion_models/lens_tiny_turbo/transformer (a pipeline root, listed as "lens_tiny_turbo/"),
+    text_encoders/lens_tiny_te/ and vae/lens_tiny_vae/ (component folders), and
+    diffusion_models/lens_tiny_te64/ (:func:`make_te_matched_dit`, for TE -> DiT runs).
+    """
+    pipe = env.folder("diffusion_models") / "lens_tiny_turbo"
+    pipe.mkdir(exist_ok=True)
+    os.symlink(golden / "transformer", pipe / "transformer")
+    os.symlink(golden / "vae", env.folder("vae") / "lens_tiny_vae")
+    os.symlink(golden / "text_encoder", env.folder("text_encoders") / "lens_tiny_te")
+    make_te_matched_dit(golden, env.folder("diffusion_models") / "lens_tiny_te64")
+    return {"dit": "lens_tiny_turbo/", "te": "lens_tiny_te/", "vae": "lens_tiny_vae/",
+            "dit_te64": "lens_tiny_te64/"}
+
+
+def make_te_matched_dit(golden: Path, dst: Path, text_width: int = 64) -> Path:
+    """A tiny DiT whose text input fits the tiny text encoder (hidden 64; the golden DiT takes 32).
+
+    Derived deterministically from the golden DiT: each ``txt_norm.l`` weight and each layer's
+    column block of ``txt_in`` is tiled to ``text_width``; everything else is unchanged. Written as a
+    diffusers ``transformer/`` folder under ``dst`` (a pipeline root). Used for end-to-end runs
+    TE -> DiT, compared against lens_model on the same weights.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = golden / "transformer"
+    cfg = json.loads((src / "config.json").read_text())
+    e = int(cfg["enc_hidden_dim"])
+    sd = load_file(str(src / "diffusion_pytorch_model.safetensors"))
+    reps = -(-text_width // e)
+    for i in range(4):
+        w = sd[f"txt_norm.{i}.weight"]
+        sd[f"txt_norm.{i}.weight"] = torch.cat([w * (1.0 + 0.1 * k) for k in range(reps)])[:text_width].contiguous()
+    win = sd["txt_in.weight"]
+    blocks = [torch.cat([win[:, i * e:(i + 1) * e] / reps] * reps, dim=1)[:, :text_width] for i in range(4)]
+    sd["txt_in.weight"] = torch.cat(blocks, dim=1).contiguous()
+    cfg["enc_hidden_dim"] = text_width
+    out = dst / "transformer"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(sd, str(out / "diffusion_pytorch_model.safetensors"))
+    return dst
+
+
+class ModTokenizer:
+    """The real o200k_harmony tokenizer with ids folded into the tiny encoder's 512-token vocabulary
+    (template structure and lengths unchanged)."""
+
+    def __init__(self, real, vocab: int = 512):
+        self.real = real
+        self.vocab = vocab
+
+    def tokenize(self, prompt, date=None, strip_markers=True, **kw):
+        ids = self.real.tokenize(prompt, date=date, strip_markers=strip_markers, **kw)
+        return [i % self.vocab for i in ids]

@@ -13,25 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_stubs import InterruptProcessingException, comfy_env  # noqa: F401  (fixture)
+from comfy_stubs import InterruptProcessingException, comfy_env, place_golden_models  # noqa: F401
 from conftest import GOLDEN
 
 DIT = "lens_tiny_turbo/"
 VAE = "lens_tiny_vae/"
 
 
-def place_models(env):
-    """Symlink the golden tiny weights into the fake ComfyUI model folders."""
-    pipe = env.folder("diffusion_models") / "lens_tiny_turbo"
-    pipe.mkdir()
-    os.symlink(GOLDEN / "transformer", pipe / "transformer")
-    os.symlink(GOLDEN / "vae", env.folder("vae") / "lens_tiny_vae")
-    os.symlink(GOLDEN / "text_encoder", env.folder("text_encoders") / "lens_tiny_te")
-
-
 @pytest.fixture
 def models(comfy_env):
-    place_models(comfy_env)
+    place_golden_models(comfy_env, GOLDEN)
     return comfy_env
 
 

@@ -12,22 +12,11 @@ import os
 import pytest
 import torch
 
-from comfy_stubs import InterruptProcessingException, comfy_env  # noqa: F401  (fixture)
+from comfy_stubs import InterruptProcessingException, ModTokenizer, comfy_env, place_golden_models  # noqa: F401
 from conftest import GOLDEN
 
 TE = "lens_tiny_te/"
 E = 64  # tiny hidden size
-
-
-class ModTokenizer:
-    """The real tokenizer with ids folded into the tiny vocabulary."""
-
-    def __init__(self, real, vocab=512):
-        self.real = real
-        self.vocab = vocab
-
-    def tokenize(self, prompt, date=None, strip_markers=True, **kw):
-        return [i % self.vocab for i in self.real.tokenize(prompt, date=date, strip_markers=strip_markers, **kw)]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def te_env(comfy_env, tokenizer, monkeypatch):
     import lens_model.tokenizer
     from nodes import text_encode
 
-    os.symlink(GOLDEN / "text_encoder", comfy_env.folder("text_encoders") / "lens_tiny_te")
+    place_golden_models(comfy_env, GOLDEN)
     monkeypatch.setattr(lens_model.tokenizer, "load_tokenizer", lambda path=None: tokenizer)
     text_encode.FEATURES.clear()
     yield comfy_env
