@@ -69,7 +69,7 @@ def to_pil(images: torch.Tensor) -> list:
     from PIL import Image
 
     arr = images_to_uint8(images.cpu()).numpy()
-    return [Image.fromarray(a, mode="RGB") if a.shape[-1] == 3 else Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in arr]  # uint8 [H, W, 3] -> RGB
 
 
 def _free(device: Optional[torch.device] = None) -> None:

@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -77,7 +78,7 @@ def test_cli_end_to_end_tiny(tmp_path, tiny_te):
     assert (meta["width"], meta["height"]) == (64, 64)
     assert img.text["parameters"].startswith("a red fox in the snow\nSteps: 2, CFG scale: 5.0, Seed: 3")
     assert "prompt" not in img.text  # ComfyUI would parse a "prompt" chunk as workflow JSON
-    pixels = torch.tensor(list(img.getdata()), dtype=torch.float32)
+    pixels = torch.from_numpy(np.array(img)).float()
     assert pixels.std() > 0
 
 

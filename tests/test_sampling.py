@@ -1,7 +1,6 @@
 """Schedule, noise, CFG, img2img and sampler-loop tests (spec sampling.md §1-§7, §9, §11)."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
