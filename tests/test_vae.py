@@ -253,35 +253,34 @@ def parity(tmp_path_factory):
         k = k.replace("encoder.quant_conv.", "quant_conv.").replace("decoder.post_quant_conv.", "post_quant_conv.")
         ldm["first_stage_model." + k] = v
     save_file(ldm, str(root / "ldm.safetensors"))
-    return ref, root
+
+    # diffusers reference: encode mean -> patchify -> BN normalise; de-norm -> unpatchify -> decode
+    torch.manual_seed(7)
+    images = torch.rand(2, 32, 48, 3)
+    latents = torch.randn(2, 128, 4, 6)
+    bn_mean = ref.bn.running_mean.view(1, -1, 1, 1)
+    bn_std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + 1e-4)
+    with torch.no_grad():
+        mean = ref.encode(images.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
+        want_latents = (spec_patchify(mean) - bn_mean) / bn_std
+        x = ref.decode(spec_unpatchify(latents * bn_std + bn_mean)).sample
+        want_images = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    return root, images, want_latents, latents, want_images
 
 
 @pytest.mark.parametrize("layout", ["vae", "bfl.safetensors", "ldm.safetensors"])
 def test_diffusers_parity(parity, layout):
-    ref, root = parity
+    root, images, want_latents, latents, want_images = parity
     vae = load_vae(root / layout)
     assert vae.config.block_out_channels == (32, 64, 64)
     assert vae.config.decoder_channels == (32, 32, 64)
     assert vae.downscale == 8
-    torch.manual_seed(7)
-    images = torch.rand(2, 32, 48, 3)
-    bn_mean = ref.bn.running_mean.view(1, -1, 1, 1)
-    bn_std = torch.sqrt(ref.bn.running_var.view(1, -1, 1, 1) + 1e-4)
-
-    with torch.no_grad():
-        mean = ref.encode(images.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean
-        want = (spec_patchify(mean) - bn_mean) / bn_std
     got = vae.encode(images)
     assert got.shape == (2, 128, 4, 6)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-    latents = torch.randn(2, 128, 4, 6)
-    with torch.no_grad():
-        x = ref.decode(spec_unpatchify(latents * bn_std + bn_mean)).sample
-        want = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got, want_latents, atol=1e-5, rtol=1e-5)
     got = vae.decode(latents)
     assert got.shape == (2, 32, 48, 3)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, want_images, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
