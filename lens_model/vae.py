@@ -475,7 +475,7 @@ class Flux2VAE(nn.Module):
         return unpatchify(self.bn.denormalize(latents), self.config.patch_size)
 
     # -- encode -------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``images: [B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE; an alpha channel is dropped) ->
         ``[B, 128, H/16, W/16]`` float32 on the CPU: BN-normalised patchified posterior mean.
@@ -507,7 +507,7 @@ class Flux2VAE(nn.Module):
         z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
         return self.decoder(z).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         latents: torch.Tensor,
