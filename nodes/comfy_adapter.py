@@ -112,7 +112,9 @@ def torch_device():
     mm = _mm()
     if mm is not None:
         return torch.device(mm.get_torch_device())
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def offload_device():

@@ -205,6 +205,21 @@ def module_nbytes(module) -> int:
     return total
 
 
+def same_device(a, b) -> bool:
+    """torch devices equal up to a missing CUDA index ("cuda" == "cuda:<current>")."""
+    import torch
+
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        if a.type != "cuda":
+            return True
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def module_device(module):
     import torch
 

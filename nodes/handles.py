@@ -14,7 +14,7 @@ import logging
 import threading
 
 from . import comfy_adapter as comfy
-from .common import Resident, lens, make_room, module_device, module_nbytes
+from .common import Resident, lens, make_room, module_device, module_nbytes, same_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class DiTHandle(Resident):
 
     def for_compute(self):
         """The model on its compute device (made room for first)."""
-        if module_device(self.model) != self.device and self.device.type != "cpu":
-            make_room(self, self.device, self.nbytes)
-            logger.info("moving Lens DiT to %s", self.device)
-        if module_device(self.model) != self.device:
+        if not same_device(module_device(self.model), self.device):
+            if self.device.type != "cpu":
+                make_room(self, self.device, self.nbytes)
+                logger.info("moving Lens DiT to %s", self.device)
             self.model = _move(self.model, self.device)
         return self.model
 
@@ -200,10 +200,10 @@ class VAEHandle(Resident):
     def for_compute(self, work_bytes: int = 0):
         if self.device.type != "cpu":
             free = comfy.free_memory_bytes(self.device)
-            need = self.nbytes + work_bytes
+            need = work_bytes + (0 if self.on_gpu else self.nbytes)
             if free is None or free < need:
                 make_room(self, self.device, need)
-        if hasattr(self.vae, "parameters") and module_device(self.vae) != self.device:
+        if hasattr(self.vae, "parameters") and not same_device(module_device(self.vae), self.device):
             self.vae = _move(self.vae, self.device)
         return self.vae
 

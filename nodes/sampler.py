@@ -244,6 +244,13 @@ class LensNodesSampler:
                     guidance_scale=float(cfg), callback=callback, cfg_mode=cfg_mode,
                 )
             out = out.detach().to(comfy.intermediate_device(), torch.float32)
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"MMDiT Sampler ran out of {dev} memory at {W}x{H}, batch {batch}"
+                f"{', CFG (two passes per step)' if float(cfg) != 1.0 else ''}. Try: LensLoader "
+                f"weight_dtype 'fp8' or offload 'always', a smaller size (base 1024 in Lens "
+                f"Resolution), batch 1, or close other GPU programs. ({e})"
+            ) from e
         finally:
             handle.after_use()
         return ({"samples": out},)

@@ -195,6 +195,11 @@ class LensNodesTextEncode:
                                            callback=on_layer)
             ctx = ctx.detach().to("cpu", torch.float32).clone()
             mask = mask.detach().to("cpu").to(torch.bool).clone()
+        except torch.cuda.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"GPT-OSS TextEncode ran out of {handle.device} memory. In GPT-OSS Loader set "
+                f"offload to 'layers' (about 1 GB of VRAM) or 'stream', or device to 'cpu'. ({e})"
+            ) from e
         finally:
             handle.after_encode()
         _check_layout(ctx, mask)

@@ -360,3 +360,24 @@ def test_empty_latent(comfy_env):
     assert set(out) == {"samples"}
     s = out["samples"]
     assert s.shape == (3, 128, 64, 90) and s.dtype == torch.float32 and not s.any()
+
+
+def test_out_of_memory_gives_actionable_error(models, cases, monkeypatch):
+    import lens_model.sampling as sampling
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sampling, "sample", boom)
+    with pytest.raises(RuntimeError, match="weight_dtype 'fp8'") as e:
+        run_sampler(load_dit(), cond_from(cases, 0), width=32, height=32, cfg=2.0)
+    assert "32x32" in str(e.value) and "two passes" in str(e.value)
+
+
+def test_same_device():
+    from nodes.common import same_device
+
+    assert same_device("cpu", torch.device("cpu"))
+    assert not same_device("cpu", "cuda")
+    assert same_device("cuda:1", torch.device("cuda", 1))
+    assert not same_device("cuda:0", "cuda:1")
