@@ -261,8 +261,9 @@ def detect_component(keys: Iterable[str]) -> str:
     """Name the model family of a state dict, for routing and error messages.
 
     Returns one of ``"dit"``, ``"te"``, ``"vae"`` (after trying each component's prefixes), or a
-    description of a foreign family (``"flux1_vae"``, ``"sd_vae"``, ``"video_vae"``, ``"flux_dit"``,
-    ``"qwen_image_dit"``, ``"unet"``, ``"unknown"``).
+    foreign family: ``"other_vae"`` (a VAE without FLUX.2 batch-norm statistics; ``vae.py`` names
+    FLUX.1 / SD / video VAEs more precisely from their shapes), ``"flux_dit"``, ``"qwen_image_dit"``,
+    ``"unet"``, ``"llm"`` or ``"unknown"``.
     """
     keys = list(keys)
     for component in COMPONENTS:
