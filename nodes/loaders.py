@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 DIT_DTYPES = ["default", "bf16", "fp32", "fp8"]
 DEVICES = ["auto", "gpu", "cpu"]
 DIT_OFFLOAD = ["auto", "always", "never"]
+QK_EPS = ["upstream", "comfyui"]
+_QK_EPS_VALUE = {"upstream": None, "comfyui": 1e-5}
 TE_DTYPES = ["auto", "bf16", "fp32"]
 TE_OFFLOAD = ["auto", "device", "layers", "stream"]
 VAE_DTYPES = ["auto", "bf16", "fp32"]
@@ -84,23 +86,35 @@ class LensNodesDiTLoader:
                     "tooltip": "auto: stays on the GPU until the text encoder or VAE needs the "
                                "room. always: back to RAM after every run (for small cards). "
                                "never: stays resident (for large cards)."}),
-            }
+            },
+            "optional": {
+                "qk_norm_eps": (QK_EPS, {
+                    "default": "upstream",
+                    "tooltip": "q/k RMSNorm epsilon. upstream: 1e-6 (Microsoft's code). comfyui: "
+                               "1e-5 as in ComfyUI core, only for parity checks with core "
+                               "(with schedule/cfg_mode 'comfyui' and noise_layout 'comfy')."}),
+            },
         }
 
     @classmethod
     def IS_CHANGED(cls, model_name, **kwargs):
         return _identity_or_nan("diffusion_models", model_name)
 
-    def load(self, model_name, weight_dtype="default", device="auto", offload="auto"):
+    def load(self, model_name, weight_dtype="default", device="auto", offload="auto",
+             qk_norm_eps="upstream"):
         import torch
 
         if weight_dtype not in DIT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {DIT_DTYPES}, got {weight_dtype!r}")
+        if qk_norm_eps not in QK_EPS:
+            raise ValueError(f"qk_norm_eps must be one of {QK_EPS}, got {qk_norm_eps!r}")
         path = resolve_model("diffusion_models", model_name)
         dev = resolve_device(device, comfy.torch_device())
         lm = lens()
         accepted = _accepted_kwargs(lm.load_transformer)
         kwargs = {}
+        if _QK_EPS_VALUE[qk_norm_eps] is not None:
+            kwargs["qk_norm_eps"] = _QK_EPS_VALUE[qk_norm_eps]
         if weight_dtype == "fp8":
             if "weight_dtype" not in accepted:
                 raise ValueError(

@@ -317,6 +317,9 @@ def test_dit_loader_options(models, cases):
     assert torch.isfinite(out8).all()
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         load_dit(device="gpu")
+    comfy_eps = load_dit(qk_norm_eps="comfyui")
+    assert comfy_eps.model.config.qk_norm_eps == 1e-5
+    assert handle.model.config.qk_norm_eps == 1e-6
 
 
 # -------------------------------------------------------------------------------------------

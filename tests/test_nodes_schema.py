@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Frozen: saved workflows store widget values by position. Never reorder or remove; append new
 # inputs at the end (as optional with defaults) and extend this snapshot.
 INPUT_ORDER = {
-    "LensNodesDiTLoader": ["model_name", "weight_dtype", "device", "offload"],
+    "LensNodesDiTLoader": ["model_name", "weight_dtype", "device", "offload", "qk_norm_eps"],
     "LensNodesTextEncoderLoader": ["text_encoder_name", "device", "dtype", "offload", "keep_loaded"],
     "LensNodesTextEncode": ["text_encoder", "text", "date", "strip_markers", "cache_to_disk"],
     "LensNodesSampler": ["model", "positive", "seed", "steps", "cfg", "schedule", "denoise",

@@ -227,7 +227,7 @@ class Graph:
 
 def _loaders(g, dit_file, x=0):
     dit = g.add("LensNodesDiTLoader", {"model_name": dit_file, "weight_dtype": "default",
-                                       "device": "auto", "offload": "auto"},
+                                       "device": "auto", "offload": "auto", "qk_norm_eps": "upstream"},
                 pos=(x, 0), size=(340, 150), models=[dit_file])
     te = g.add("LensNodesTextEncoderLoader", {"text_encoder_name": "gpt_oss_20b_nvfp4.safetensors",
                                               "device": "auto", "dtype": "auto", "offload": "auto",
