@@ -88,17 +88,20 @@ def test_root_package_imports_without_comfyui_or_torch_work():
 
 
 def test_relative_lens_model_import_inside_package():
-    """Inside ComfyUI the pack is a package: nodes import its own lens_model sub-package."""
+    """ComfyUI imports the pack as a package named after its path (dots replaced by "_x_"); the
+    nodes then use that package's own lens_model, never a top-level one."""
+    name = str(ROOT).replace(".", "_x_")
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('lens_pack', {str(ROOT / '__init__.py')!r},"
-        f" submodule_search_locations=[{str(ROOT)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['lens_pack'] = m\n"
+        f"name = {name!r}\n"
+        f"spec = importlib.util.spec_from_file_location(name, {str(ROOT / '__init__.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules[name] = m\n"
         "spec.loader.exec_module(m)\n"
-        "from lens_pack.nodes.common import lens\n"
-        "lm = lens('resolution')\n"
-        "assert lm.__name__ == 'lens_pack.lens_model.resolution', lm.__name__\n"
+        "common = sys.modules[name + '.nodes.common']\n"
+        "lm = common.lens('resolution')\n"
+        "assert lm.__name__ == name + '.lens_model.resolution', lm.__name__\n"
         "assert 'lens_model' not in sys.modules\n"
+        "assert m.NODE_CLASS_MAPPINGS['LensNodesResolution']().resolve('1024', '16:9') == (1376, 768)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
