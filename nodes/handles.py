@@ -72,7 +72,13 @@ class DiTHandle(Resident):
             if self.device.type != "cpu":
                 make_room(self, self.device, self.nbytes)
                 logger.info("moving Lens DiT to %s", self.device)
-            self.model = _move(self.model, self.device)
+            try:
+                self.model = _move(self.model, self.device)
+            except BaseException:
+                # a failed move (out of memory, interrupt) must not leave the model split
+                self.model = _move(self.model, comfy.offload_device())
+                comfy.soft_empty_cache()
+                raise
         return self.model
 
     def after_use(self):
@@ -204,7 +210,12 @@ class VAEHandle(Resident):
             if free is None or free < need:
                 make_room(self, self.device, need)
         if hasattr(self.vae, "parameters") and not same_device(module_device(self.vae), self.device):
-            self.vae = _move(self.vae, self.device)
+            try:
+                self.vae = _move(self.vae, self.device)
+            except BaseException:
+                self.vae = _move(self.vae, comfy.offload_device())
+                comfy.soft_empty_cache()
+                raise
         return self.vae
 
 

@@ -233,9 +233,9 @@ class LensNodesSampler:
             comfy.check_interrupt()
 
         comfy.check_interrupt()
-        transformer = handle.for_compute()
         dev = handle.device
         try:
+            transformer = handle.for_compute()
             with torch.no_grad():
                 out = sampling.sample(
                     transformer, x.to(dev), sigmas.to(dev), ctx.to(dev), mask.to(dev),

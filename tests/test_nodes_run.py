@@ -384,3 +384,26 @@ def test_same_device():
     assert not same_device("cpu", "cuda")
     assert same_device("cuda:1", torch.device("cuda", 1))
     assert not same_device("cuda:0", "cuda:1")
+
+
+def test_failed_move_to_gpu_leaves_the_model_in_ram(comfy_env):
+    """A DiT move that runs out of memory is rolled back to host RAM (nothing left split)."""
+    from nodes.handles import DiTHandle
+
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(torch.device(device).type)
+            if torch.device(device).type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return self
+
+    handle = DiTHandle(Boom(), "x.safetensors", "id", torch.device("cuda"), "auto", "bf16")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        handle.for_compute()
+    assert handle.model.moves == ["cuda", "cpu"]
+    assert comfy_env.freed and comfy_env.freed[-1][0] >= handle.nbytes  # core asked to make room
