@@ -189,12 +189,6 @@ def free_comfy_memory(nbytes: int, device) -> None:
         logger.warning("ComfyUI free_memory(%d, %s) failed: %s", nbytes, device, e)
 
 
-def unload_comfy_models() -> None:
-    mm = _mm()
-    if mm is not None:
-        mm.unload_all_models()
-
-
 def soft_empty_cache() -> None:
     """Return cached allocator blocks to the driver (after large frees)."""
     import gc

@@ -54,8 +54,9 @@ class LensNodesDiTLoader:
     DESCRIPTION = (
         "Loads a Lens / Lens-Turbo / Lens-Base diffusion transformer (MMDiT) from "
         "models/diffusion_models: a Comfy-Org single file (bf16 or mxfp8), a ComfyUI-prefixed file, "
-        "or a diffusers folder. The file name pre-fills nothing by itself; use 4 steps / CFG 1 for "
-        "Turbo and 20 steps / CFG 5 for Lens."
+        "or a diffusers folder. Set the sampler to 4 steps / CFG 1 for Turbo, 20 steps / CFG 5 "
+        "for Lens and 50 steps / CFG 5 for Lens-Base (the weights do not say which variant they "
+        "are; the log shows a hint from the file name)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LENS_DIT",)
@@ -142,6 +143,10 @@ class LensNodesDiTLoader:
             raise
         model.eval()
         model.requires_grad_(False)
+        hint = getattr(model, "variant_defaults", None) or {}
+        if hint:
+            logger.info("%s: suggested %s steps, CFG %s (variant guessed from the file name: %s)",
+                        model_name, hint.get("steps"), hint.get("cfg"), hint.get("variant"))
         return (DiTHandle(model, path, file_identity(path), dev, offload, weight_dtype),)
 
 
