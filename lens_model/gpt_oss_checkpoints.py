@@ -51,9 +51,9 @@ _E4M3_TABLE = torch.where(torch.isnan(_E4M3_TABLE), torch.zeros_like(_E4M3_TABLE
 _E8M0_TABLE = torch.exp2(torch.arange(256, dtype=torch.float32) - 127.0)
 _E8M0_TABLE[255] = float("nan")
 
-#: Rows of one expert matrix dequantised at a time on the CPU (a multiple of 128, the NVFP4 scale
-#: tile height, so each chunk's scales are one contiguous run of swizzled tiles).
-CPU_CHUNK_ROWS = 256
+#: Rows of one expert matrix dequantised at a time on the CPU (~1.5 MB of fp32 for in = 2880, so a
+#: chunk stays in the L2 cache between dequantisation and its matmul).
+CPU_CHUNK_ROWS = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,37 +145,48 @@ class ExpertBank:
     def block_size(self) -> int:
         return 16 if self.format == "nvfp4" else 32
 
-    def _scale_rows(self, e: int, r0: int, r1: int) -> torch.Tensor:
-        """fp32 block scales of rows [r0, r1) of expert ``e``: [r1 - r0, in / block] (x global scale)."""
-        cols = self.in_features // self.block_size
+    def expert_scales(self, e: int) -> torch.Tensor:
+        """fp32 block scales of expert ``e`` (global scale folded in for NVFP4): [out, in / block]."""
+        rows, cols = self.out_features, self.in_features // self.block_size
         if self.format == "mxfp4":
-            bits = self.scales[e, r0:r1]
-            table = _E8M0_TABLE if bits.device.type == "cpu" else _E8M0_TABLE.to(bits.device)
-            return torch.index_select(table, 0, bits.reshape(-1).to(torch.int32)).view(r1 - r0, cols)
-        # nvfp4: swizzled tiles of 128 rows x 4 columns; rows [r0, r1) with r0 % 128 == 0 are the
-        # contiguous tile rows r0//128 .. ceil(r1/128)
-        rp, cp = quant.padded_scale_shape(self.out_features, cols)
-        flat = self.scales[e].reshape(-1)
-        t0, t1 = r0 // 128, -(-r1 // 128)
-        tiles = flat[t0 * 128 * cp: t1 * 128 * cp].view(t1 - t0, cp // 4, 32, 4, 4)
-        bits = tiles.permute(0, 3, 2, 1, 4).reshape((t1 - t0) * 128, cp)[: r1 - r0, :cols]
-        g = self.global_scale
-        g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
-        table = _E4M3_TABLE if bits.device.type == "cpu" else _E4M3_TABLE.to(bits.device)
-        table = table * g.to(table.device, torch.float32)  # g*b formed in fp32
-        return torch.index_select(table, 0, bits.reshape(-1).to(torch.int32)).view(r1 - r0, cols)
+            idx = self.scales[e].reshape(-1).to(torch.int32)
+            table = _E8M0_TABLE
+            padded = (rows, cols)
+        else:
+            # unswizzle (the layout of quant.unswizzle_scales) moving 4-byte words: the 4 columns of a
+            # tile slot are contiguous in both layouts; padding rows are sliced off the fp32 result
+            rp, cp = quant.padded_scale_shape(rows, cols)
+            words = self.scales[e].reshape(-1).view(torch.int32).view(rp // 128, cp // 4, 32, 4)
+            plain = words.permute(0, 3, 2, 1).contiguous().view(torch.uint8)
+            idx = plain.reshape(-1).to(torch.int32)
+            g = self.global_scale
+            g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
+            table = _E4M3_TABLE.to(g.device) * g.to(torch.float32)  # g*b formed in fp32
+            padded = (rp, cp)
+        if table.device != idx.device:
+            table = table.to(idx.device)
+        return torch.index_select(table, 0, idx).view(padded)[:rows, :cols]
 
-    def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor) -> torch.Tensor:
-        """Dequantise rows [r0, r1) of expert ``e`` into ``out32`` (fp32 [>= r1-r0, in]); returns the view."""
-        n = r1 - r0
-        k = self.in_features
+    def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor, scales: torch.Tensor,
+                  idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantise rows [r0, r1) of expert ``e`` into ``out32`` (fp32, >= (r1-r0)*in elements).
+
+        ``scales``: this expert's :meth:`expert_scales`; ``idx``: optional int32 scratch (>= (r1-r0)*in/2).
+        Each code byte becomes a pair of fp32 values with one ``index_select`` from a 256-word table,
+        then the block scales multiply in place. Returns the [r1 - r0, in] view.
+        """
+        n, k, bs = r1 - r0, self.in_features, self.block_size
         table = fp4_pair_table(torch.float32, low_first=self.format == "mxfp4", device=out32.device)
-        dst = out32[:n]
-        idx = self.codes[e, r0:r1].reshape(-1).to(torch.int32)
-        torch.index_select(table, 0, idx, out=dst.view(torch.int64).view(-1))
-        bs = self.block_size
-        dst.view(n, k // bs, bs).mul_(self._scale_rows(e, r0, r1).unsqueeze(-1))
-        return dst
+        codes = self.codes[e, r0:r1].reshape(-1)
+        if idx is None:
+            idx = codes.to(torch.int32)
+        else:
+            idx = idx[: codes.numel()]
+            idx.copy_(codes)
+        dst = out32.reshape(-1)[: n * k]
+        torch.index_select(table, 0, idx, out=dst.view(torch.int64))
+        dst.view(n, k // bs, bs).mul_(scales[r0:r1].unsqueeze(-1))
+        return dst.view(n, k)
 
     def dequantize(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Expert ``e`` as a dense ``[out, in]`` matrix in ``dtype``."""
@@ -184,16 +195,15 @@ class ExpertBank:
         if self.format == "dense_oi":
             return self.weight[e].to(dtype)
         out = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.device)
-        rows = _row_chunks(self.out_features, self.out_features if self.device.type != "cpu" else CPU_CHUNK_ROWS)
-        for r0, r1 in rows:
-            self._fp4_rows(e, r0, r1, out[r0:r1])
+        self._fp4_rows(e, 0, self.out_features, out, self.expert_scales(e))
         return out.to(dtype)
 
     def linear(self, e: int, x: torch.Tensor, workspace: "Workspace | None" = None) -> torch.Tensor:
         """``x @ W_e^T + b_e`` for expert ``e``: x [n, in] (compute dtype) -> [n, out] (x's dtype).
 
-        Quantised experts are dequantised in row chunks into a reused buffer (CPU) or whole (GPU),
-        so at most one expert's dequantised weights exist at a time.
+        Quantised experts are dequantised in row chunks of ``CPU_CHUNK_ROWS`` into reused buffers
+        (CPU) or whole (other devices), so at most one expert's dequantised weights exist at a time
+        per worker.
         """
         dtype = x.dtype
         bias = self.bias[e].to(dtype)
@@ -202,20 +212,22 @@ class ExpertBank:
         if self.format == "dense_oi":
             return torch.nn.functional.linear(x, self.weight[e].to(dtype), bias)
         n_out, k = self.out_features, self.in_features
-        dev = x.device
-        if dev.type != "cpu":
-            w = torch.empty(n_out, k, dtype=torch.float32, device=dev)
-            self._fp4_rows(e, 0, n_out, w)
+        scales = self.expert_scales(e)
+        if x.device.type != "cpu":
+            w = torch.empty(n_out, k, dtype=torch.float32, device=x.device)
+            self._fp4_rows(e, 0, n_out, w, scales)
             return torch.nn.functional.linear(x, w.to(dtype), bias)
         ws = workspace or Workspace()
+        ch = CPU_CHUNK_ROWS
+        idx = ws.get("idx", ch * k // 2, torch.int32)
+        buf32 = ws.get("fp32", ch * k, torch.float32)
+        buf = ws.get("cast", ch * k, dtype) if dtype != torch.float32 else None
         xt = x.t().contiguous()  # [in, n]
         out_t = torch.empty(n_out, x.shape[0], dtype=dtype)
-        buf32 = ws.get("fp32", CPU_CHUNK_ROWS * k, torch.float32).view(CPU_CHUNK_ROWS, k)
-        buf = ws.get("cast", CPU_CHUNK_ROWS * k, dtype).view(CPU_CHUNK_ROWS, k) if dtype != torch.float32 else None
-        for r0, r1 in _row_chunks(n_out, CPU_CHUNK_ROWS):
-            w = self._fp4_rows(e, r0, r1, buf32)
+        for r0, r1 in _row_chunks(n_out, ch):
+            w = self._fp4_rows(e, r0, r1, buf32, scales, idx)
             if buf is not None:
-                w = buf[: r1 - r0].copy_(w)
+                w = buf[: w.numel()].view_as(w).copy_(w)
             torch.mm(w, xt, out=out_t[r0:r1])
         return out_t.t().add_(bias)
 

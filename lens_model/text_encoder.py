@@ -24,6 +24,7 @@ import concurrent.futures
 import hashlib
 import logging
 import math
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -281,14 +282,46 @@ def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos
     return F.linear(o, lw.linear_weight("self_attn.o_proj.weight", dtype), lw["self_attn.o_proj.bias"].to(dtype))
 
 
-def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: Workspace | None = None) -> torch.Tensor:
+class ExpertPool:
+    """Worker threads that run whole experts on the CPU, one intra-op thread each.
+
+    Expert-level parallelism keeps every core busy on large independent pieces of work; intra-op
+    threading of the many small per-chunk ops collapses when the machine is shared (an OpenMP team
+    waits for its slowest, descheduled member). Each worker has its own dequantisation workspace.
+    Results are summed by the caller in expert order, so the numbers do not depend on scheduling.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._local = threading.local()
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lens-te-expert",
+                                                           initializer=self._init)
+
+    def _init(self) -> None:
+        torch.set_num_threads(1)  # per-thread setting: the caller's threads are unaffected
+
+    def workspace(self) -> Workspace:
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = Workspace()
+        return ws
+
+    def submit(self, fn, *args):
+        return self._pool.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: Workspace | None = None,
+              pool: ExpertPool | None = None) -> torch.Tensor:
     """Top-k mixture of experts. x: [T, E] (normed, compute dtype) -> [T, E].
 
     Router logits (fp32) -> top-k -> softmax over those k; per expert with tokens:
     gate/up interleaved (even rows gate), gate <= limit, |up| <= limit, a = gate * sigmoid(alpha gate) * (up + 1),
-    y = W2 a + b2, weighted and summed in fp32 (expert order ascending).
+    y = W2 a + b2, weighted and summed in fp32 in ascending expert order. Experts without tokens are
+    never touched. ``pool`` runs experts on worker threads (CPU).
     """
-    dtype = x.dtype
     k = config.num_experts_per_tok
     logits = F.linear(x.float(), lw["mlp.router.weight"].float(), lw["mlp.router.bias"].float())
     top_v, top_i = torch.topk(logits, k, dim=-1)
@@ -299,26 +332,41 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
     tokens = order // k
     tok_w = weights.reshape(-1)[order]
     gate_up, down = lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     limit, alpha = config.swiglu_limit, config.swiglu_alpha
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        tok = tokens[start:start + n]
-        w = tok_w[start:start + n]
-        start += n
-        gu = gate_up.linear(e, x.index_select(0, tok), workspace)
+
+    def expert(e: int, tok: torch.Tensor, w: torch.Tensor, ws: Workspace | None) -> torch.Tensor:
+        gu = gate_up.linear(e, x.index_select(0, tok), ws)
         gate = gu[:, 0::2].clamp(max=limit)
         up = gu[:, 1::2].clamp(min=-limit, max=limit)
         a = gate * torch.sigmoid(gate * alpha) * (up + 1)
-        y = down.linear(e, a.contiguous(), workspace)
-        out.index_add_(0, tok, y.float() * w[:, None])
-    return out.to(dtype)
+        y = down.linear(e, a.contiguous(), ws)
+        return y.float() * w[:, None]
+
+    def pooled(e, tok, w):
+        return expert(e, tok, w, pool.workspace())
+
+    jobs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            jobs.append((e, tokens[start:start + n], tok_w[start:start + n]))
+            start += n
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if pool is not None and len(jobs) > 1:
+        futures = [pool.submit(pooled, *job) for job in jobs]
+        try:
+            for (e, tok, _), fut in zip(jobs, futures):
+                out.index_add_(0, tok, fut.result())
+        finally:
+            for fut in futures:
+                fut.cancel()
+    else:
+        for e, tok, w in jobs:
+            out.index_add_(0, tok, expert(e, tok, w, workspace))
+    return out.to(x.dtype)
 
 
 def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
-                  bias: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+                  bias: torch.Tensor, workspace: Workspace | None = None, pool: ExpertPool | None = None) -> torch.Tensor:
     """One pre-norm decoder layer. h: [B, S, E] residual stream (compute dtype) -> [B, S, E]."""
     eps = config.rms_norm_eps
     dtype = h.dtype
@@ -326,7 +374,7 @@ def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: 
     h = h + attention_block(x, lw, config, cos, sin, bias)
     x = rms_norm(h, lw["post_attention_layernorm.weight"].to(dtype), eps)
     bsz, s, e = x.shape
-    return h + moe_block(x.reshape(bsz * s, e), lw, config, workspace).reshape(bsz, s, e)
+    return h + moe_block(x.reshape(bsz * s, e), lw, config, workspace, pool).reshape(bsz, s, e)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,9 +438,12 @@ class LensTextEncoder:
         self._tokenizer_path = tokenizer_path
         self._resident: list[LayerWeights] | None = None
         self._workspace = Workspace()
+        self._pool: ExpertPool | None = None
         self.name = checkpoint.name
         self.identity = checkpoint.source.identity
         self.last_timings: dict[str, float] = {}
+        #: CPU expert worker threads (None: torch.get_num_threads() at encode time)
+        self.cpu_threads: int | None = None
         if offload in ("device", "layers"):
             self._load_resident()
 
@@ -423,6 +474,9 @@ class LensTextEncoder:
         """Drop every resident weight and scratch buffer (the file stays open by path only)."""
         self._resident = None
         self._workspace.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -470,6 +524,17 @@ class LensTextEncoder:
                 nxt = pool.submit(read, i + 1) if i + 1 < n else None
                 yield lw
                 del lw
+
+    def _expert_pool(self) -> ExpertPool | None:
+        """Expert worker threads for the CPU: as many as torch's intra-op threads (None for 1)."""
+        workers = torch.get_num_threads() if self.cpu_threads is None else self.cpu_threads
+        if workers <= 1:
+            return None
+        if self._pool is None or self._pool.workers != workers:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = ExpertPool(workers)
+        return self._pool
 
     # -- tokenizer ---------------------------------------------------------------------------------
     @property
@@ -523,11 +588,12 @@ class LensTextEncoder:
         captured: dict[int, torch.Tensor] = {}
         n = self.num_layers_run
         ws = self._workspace if dev.type == "cpu" else None
+        pool = self._expert_pool() if dev.type == "cpu" else None
         for i, lw in enumerate(self._layers(n)):
             ltype = cfg.layer_types[i]
             if ltype not in biases:
                 raise ValueError(f"unknown layer type {ltype!r} at layer {i}")
-            h = decoder_layer(h, lw, cfg, cos, sin, biases[ltype], ws)
+            h = decoder_layer(h, lw, cfg, cos, sin, biases[ltype], ws, pool)
             del lw
             if i in wanted:
                 captured[i] = h

@@ -389,3 +389,18 @@ def test_encode_empty_with_template_option():
     assert ctx.shape == (1, 22, 256) and mask.all()
     k1, k2 = te.cache_key("a", date="2026-05-23"), te.cache_key("a", date="2026-05-24")
     assert k1 != k2 and k1 == te.cache_key("a")
+
+
+def test_expert_worker_threads_give_identical_numbers(cases, tmp_path):
+    """The CPU expert pool (one expert per worker) sums in expert order: same numbers as serial."""
+    from test_text_encoder_layouts import build_comfy_nvfp4, _write_folder, golden_sd_dict
+
+    path = _write_folder(tmp_path / "c", build_comfy_nvfp4(golden_sd_dict())[0], name="te.safetensors")
+    outs = []
+    for threads in (1, 3):
+        te = load_text_encoder(path, dtype=torch.float32, device="cpu")
+        te.cpu_threads = threads
+        outs.append(te.encode_ids(cases["input_ids"], cases["attention_mask"]))
+        te.unload()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -31,10 +31,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def golden_sd():
+def golden_sd_dict():
     sd = load_file(str(TE_DIR / "model.safetensors"))
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def golden_sd():
+    return golden_sd_dict()
 
 
 @pytest.fixture(scope="module")
