@@ -12,7 +12,8 @@ BN-normalised, patchified space (spec vae.md).
   ``[C, C, 1, 1]`` <-> ``[C, C]`` attention weight reshape).
 - :class:`Flux2VAE` ``.encode(images [B, H, W, 3] in 0..1) -> [B, 128, H/16, W/16]`` (posterior mean,
   BN-normalised) and ``.decode(latents [B, 128, h, w]) -> [B, 16h, 16w, 3]`` float32 in [0, 1] on the
-  CPU, optionally tiled (ComfyUI style, see :meth:`Flux2VAE.decode`).
+  CPU, both optionally tiled with feathered blending (see :meth:`Flux2VAE.decode`) and with a
+  ``callback(done, total)`` after every tile / sample (progress, cancellation).
 - :func:`load_vae` reads a file / folder through :func:`lens_model.checkpoints.open_checkpoint`.
 """
 
@@ -23,7 +24,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -435,6 +436,32 @@ class Decoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 TileArg = bool | str
+#: ``callback(done, total)``: units (tiles, or samples when untiled) finished so far, of ``total``.
+ProgressCallback = Callable[[int, int], None]
+
+
+def _check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:
+    if tile not in (True, False, "auto"):
+        raise ValueError(f"tile must be True, False or 'auto', got {tile!r}.")
+    if tile_size < 1 or overlap < 0 or overlap >= tile_size:
+        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={tile_size}, overlap={overlap}.")
+
+
+class _Progress:
+    """Counts finished tiles / samples and reports them to an optional callback."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+        self.callback = callback
+        self.total = total
+        self.done = 0
+
+    def grow(self, extra: int) -> None:
+        self.total += max(0, extra)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, max(self.total, self.done))
 
 
 class Flux2VAE(nn.Module):
@@ -476,14 +503,36 @@ class Flux2VAE(nn.Module):
 
     # -- encode -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self,
+        images: torch.Tensor,
+        tile: TileArg = False,
+        tile_size: int = 64,
+        overlap: int = 16,
+        callback: ProgressCallback | None = None,
+    ) -> torch.Tensor:
         """``images: [B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE; an alpha channel is dropped) ->
         ``[B, 128, H/16, W/16]`` float32 on the CPU: BN-normalised patchified posterior mean.
 
         H and W must be multiples of 16 (ValueError otherwise).
+
+        Tiling uses the same geometry as :meth:`decode`, in latent cells (1 cell = 16 px): pixel tiles
+        of ``tile_size`` x ``tile_size`` cells start every ``tile_size - overlap`` cells, each is
+        encoded on its own, and the ``[1, 128, th, tw]`` results are blended in the 128-channel /16
+        latent grid with weights that ramp linearly across ``overlap`` cells (the BN normalisation is
+        affine per channel, so blending before or after it is the same). Tiled latents are close to,
+        never equal to, untiled ones (GroupNorm statistics and mid-block attention become per tile).
+
+        ``tile``: False (default) = never tile; True = tile when the image exceeds ``tile_size``
+        cells; "auto" = untiled, but tiled when on CUDA the estimated peak exceeds free memory or the
+        untiled encode runs out of memory (the CPU never tiles under "auto").
+        ``callback(done, total)`` is called after every tile (untiled: after every sample); it may
+        raise to abort. ``total`` grows if "auto" switches a sample to tiles.
+        Each sample of the batch is encoded separately.
         """
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"encode expects images [B, H, W, 3] in 0..1, got shape {tuple(images.shape)}.")
+        _check_tile_args(tile, tile_size, overlap)
         b, hh, ww, _ = images.shape
         f = self.downscale
         if hh % f or ww % f:
@@ -491,15 +540,75 @@ class Flux2VAE(nn.Module):
                 f"encode: image size {ww}x{hh} (WxH) is not a multiple of {f}; crop or resize it to "
                 f"{ww // f * f}x{hh // f * f} (multiples of {f} pixels)."
             )
-        zc = self.config.latent_channels
+        h, w = hh // f, ww // f
+        n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
+        progress = _Progress(callback, b * (n_tiles if tile is True else 1))
         out = []
         for i in range(b):  # one sample at a time: activations dominate memory, not weights
-            x = images[i:i + 1, :, :, :3].to(device=self.device, dtype=torch.float32)
-            x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
-            moments = self.encoder(x)
-            mean = moments[:, :zc]
-            out.append(self.normalize(mean).float().cpu())
+            x = images[i:i + 1, :, :, :3]
+            use_tiles = tile is True
+            if tile == "auto" and self._exceeds_free_memory(self.estimate_encode_bytes(hh, ww)):
+                logger.info("VAE encode: estimated memory exceeds free memory; encoding in tiles.")
+                use_tiles = True
+                progress.grow(n_tiles - 1)
+            if use_tiles:
+                out.append(self._encode_tiled(x, tile_size, overlap, progress))
+                continue
+            if tile == "auto" and self.device.type == "cuda":
+                try:
+                    z = self._encode_raw(x)
+                except torch.cuda.OutOfMemoryError:
+                    logger.warning("VAE encode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
+                    torch.cuda.empty_cache()
+                    progress.grow(n_tiles - 1)
+                    out.append(self._encode_tiled(x, tile_size, overlap, progress))
+                    continue
+            else:
+                z = self._encode_raw(x)
+            out.append(z)
+            progress.step()
         return torch.cat(out)
+
+    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """``images: [1, H, W, 3]`` in [0, 1] -> ``[1, 128, H/16, W/16]`` Lens latent, float32 CPU."""
+        x = images[..., :3].to(device=self.device, dtype=torch.float32)
+        x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
+        moments = self.encoder(x)
+        mean = moments[:, :self.config.latent_channels]
+        return self.normalize(mean).float().cpu()
+
+    def _encode_tiled(self, images: torch.Tensor, tile_size: int, overlap: int,
+                      progress: "_Progress") -> torch.Tensor:
+        """``images: [1, H, W, 3]`` -> ``[1, 128, H/16, W/16]`` float32 CPU, blended in the latent grid."""
+        f = self.downscale
+        h, w = images.shape[1] // f, images.shape[2] // f
+        ys = self._tile_starts(h, tile_size, overlap)
+        xs = self._tile_starts(w, tile_size, overlap)
+        if len(ys) == 1 and len(xs) == 1:
+            z = self._encode_raw(images)
+            progress.step()
+            return z
+        out = torch.zeros(1, self.config.bn_channels, h, w, dtype=torch.float32)
+        wsum = torch.zeros(1, 1, h, w, dtype=torch.float32)
+        for y0 in ys:
+            th = min(tile_size, h - y0)
+            wy = self._ramp(th, overlap, y0 > 0, y0 + th < h)
+            for x0 in xs:
+                tw = min(tile_size, w - x0)
+                wx = self._ramp(tw, overlap, x0 > 0, x0 + tw < w)
+                z = self._encode_raw(images[:, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f])
+                mask = wy[:, None] * wx[None, :]
+                out[:, :, y0:y0 + th, x0:x0 + tw].addcmul_(z, mask)
+                wsum[:, :, y0:y0 + th, x0:x0 + tw].add_(mask)
+                progress.step()
+        return out.div_(wsum)
+
+    def estimate_encode_bytes(self, height: int, width: int) -> int:
+        """Rough peak activation bytes of an untiled encode of one ``height x width`` px image: a few
+        full-resolution maps of the first level's width, plus 30 % slack and the attention budget."""
+        ch0 = self.config.block_out_channels[0]
+        elt = torch.finfo(self.dtype).bits // 8
+        return int(1.3 * (4 * height * width * ch0 * elt) + AttnBlock.score_budget_bytes)
 
     # -- decode -------------------------------------------------------------------------------
     def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
@@ -514,6 +623,7 @@ class Flux2VAE(nn.Module):
         tile: TileArg = "auto",
         tile_size: int = 64,
         overlap: int = 16,
+        callback: ProgressCallback | None = None,
     ) -> torch.Tensor:
         """``latents: [B, 128, h, w]`` (Lens / ComfyUI LATENT samples) -> ``[B, 16h, 16w, 3]`` float32 on
         the CPU in [0, 1], = clamp((x + 1) / 2, 0, 1).
@@ -528,6 +638,8 @@ class Flux2VAE(nn.Module):
         ``tile``: False = never tile; True = tile when the latent exceeds ``tile_size``; "auto" = decode
         untiled, but tile when on CUDA the estimated peak exceeds free memory or when it runs out of
         memory (CPU never tiles under "auto").
+        ``callback(done, total)`` is called after every tile (untiled: after every sample), so a caller
+        can report progress and abort by raising; ``total`` grows if "auto" switches a sample to tiles.
         Each sample of the batch is decoded separately.
         """
         if latents.ndim != 4 or latents.shape[1] != self.config.bn_channels:
@@ -535,28 +647,34 @@ class Flux2VAE(nn.Module):
                 f"decode expects latents [B, {self.config.bn_channels}, h, w] (Lens / FLUX.2 latent), "
                 f"got shape {tuple(latents.shape)}."
             )
-        if tile not in (True, False, "auto"):
-            raise ValueError(f"tile must be True, False or 'auto', got {tile!r}.")
-        if tile_size < 1 or overlap < 0 or overlap >= tile_size:
-            raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={tile_size}, overlap={overlap}.")
+        _check_tile_args(tile, tile_size, overlap)
+        b, _, h, w = latents.shape
+        n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
+        progress = _Progress(callback, b * (n_tiles if tile is True else 1))
         out = []
-        for i in range(latents.shape[0]):
+        for i in range(b):
             z = latents[i:i + 1]
             use_tiles = tile is True
-            if tile == "auto" and self._exceeds_free_memory(z.shape[-2], z.shape[-1]):
+            if tile == "auto" and self._exceeds_free_memory(self.estimate_decode_bytes(h, w)):
                 logger.info("VAE decode: estimated memory exceeds free memory; decoding in tiles.")
                 use_tiles = True
+                progress.grow(n_tiles - 1)
             if use_tiles:
-                x = self._decode_tiled(z, tile_size, overlap)
-            elif tile == "auto" and self.device.type == "cuda":
-                try:
-                    x = self._decode_raw(z).cpu()
-                except torch.cuda.OutOfMemoryError:
-                    logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
-                    torch.cuda.empty_cache()
-                    x = self._decode_tiled(z, tile_size, overlap)
+                x = self._decode_tiled(z, tile_size, overlap, progress)
             else:
-                x = self._decode_raw(z).cpu()
+                if tile == "auto" and self.device.type == "cuda":
+                    try:
+                        x = self._decode_raw(z).cpu()
+                    except torch.cuda.OutOfMemoryError:
+                        logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
+                        torch.cuda.empty_cache()
+                        progress.grow(n_tiles - 1)
+                        x = self._decode_tiled(z, tile_size, overlap, progress)
+                    else:
+                        progress.step()
+                else:
+                    x = self._decode_raw(z).cpu()
+                    progress.step()
             out.append(((x + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1))
         return torch.cat(out).contiguous()
 
@@ -570,14 +688,14 @@ class Flux2VAE(nn.Module):
         attn = 0  # chunked: bounded by AttnBlock.score_budget_bytes
         return int(1.3 * (2.5 * px * c_in_top * elt + attn) + AttnBlock.score_budget_bytes)
 
-    def _exceeds_free_memory(self, h: int, w: int) -> bool:
+    def _exceeds_free_memory(self, need: int) -> bool:
         if self.device.type != "cuda":
             return False
         try:
             free, _ = torch.cuda.mem_get_info(self.device)
         except Exception:  # pragma: no cover - exotic backends
             return False
-        return self.estimate_decode_bytes(h, w) > free
+        return need > free
 
     @staticmethod
     def _tile_starts(n: int, size: int, overlap: int) -> list[int]:
@@ -601,14 +719,18 @@ class Flux2VAE(nn.Module):
                 wgt[length - r:] *= up.flip(0)
         return wgt
 
-    def _decode_tiled(self, z: torch.Tensor, tile_size: int, overlap: int) -> torch.Tensor:
+    def _decode_tiled(self, z: torch.Tensor, tile_size: int, overlap: int,
+                      progress: "_Progress | None" = None) -> torch.Tensor:
         """``z: [1, 128, h, w]`` -> ``[1, 3, 16h, 16w]`` float32 CPU (before the [0, 1] mapping)."""
+        progress = progress or _Progress(None, 0)
         _, _, h, w = z.shape
         f = self.downscale
         ys = self._tile_starts(h, tile_size, overlap)
         xs = self._tile_starts(w, tile_size, overlap)
         if len(ys) == 1 and len(xs) == 1:
-            return self._decode_raw(z).cpu()
+            x = self._decode_raw(z).cpu()
+            progress.step()
+            return x
         out = torch.zeros(1, self.config.out_channels, h * f, w * f, dtype=torch.float32)
         wsum = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32)
         ramp = overlap * f
@@ -622,6 +744,7 @@ class Flux2VAE(nn.Module):
                 mask = wy[:, None] * wx[None, :]
                 out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].addcmul_(img, mask)
                 wsum[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].add_(mask)
+                progress.step()
         return out.div_(wsum)
 
     # -- construction from weights ------------------------------------------------------------

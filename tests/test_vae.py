@@ -428,6 +428,70 @@ def test_tiled_decode(random_vae):
     assert hj[16 * 4 - 1].item() > 2.0 * hj.median().item()
 
 
+def _smooth_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """A smooth random RGB image [1, h, w, 3] in [0, 1] (bilinear upsampling of coarse noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, h // 8, w // 8, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").permute(0, 2, 3, 1)
+
+
+def _row_jumps(z: torch.Tensor) -> torch.Tensor:
+    """Mean |z[:, :, r] - z[:, :, r-1]| per row boundary of a latent batch [B, C, h, w]."""
+    return (z[:, :, 1:] - z[:, :, :-1]).abs().mean(dim=(0, 1, 3))
+
+
+def test_tiled_encode(random_vae):
+    vae = random_vae
+    img = _smooth_image(128, 80, seed=1)  # 32 x 20 latent cells (x4 per cell)
+    full = vae.encode(img)
+    assert torch.equal(vae.encode(img, tile="auto"), full)  # CPU: "auto" never tiles
+    assert torch.equal(vae.encode(img, tile=True, tile_size=32, overlap=8), full)  # fits one tile
+    tiled = vae.encode(img, tile=True, tile_size=16, overlap=8)  # 3 x 2 tiles (rows 0, 8, 16; columns 0, 4)
+    assert tiled.shape == full.shape == (1, 128, 32, 20) and tiled.dtype == torch.float32
+    err = (tiled - full).abs().mean().item()
+    assert 0 < err < 0.15 * full.abs().mean().item()
+    # feathered: no step in the error field at the tile edges (rows 8, 16, 24) ...
+    jumps = _row_jumps(tiled - full)
+    assert max(jumps[r - 1].item() for r in (8, 16, 24)) < 1.5 * jumps.median().item()
+    # ... where hard-edged tiles (rows 0, 16, no blending) show one
+    hard = _row_jumps(vae.encode(img, tile=True, tile_size=16, overlap=0) - full)
+    assert hard[16 - 1].item() > 1.5 * hard.median().item()
+    with pytest.raises(ValueError, match="overlap"):
+        vae.encode(img, tile=True, tile_size=4, overlap=4)
+    with pytest.raises(ValueError, match="tile must be"):
+        vae.encode(img, tile="yes")
+
+
+def test_progress_callback_and_abort(random_vae):
+    vae = random_vae
+    z = torch.randn(2, 128, 8, 6, generator=torch.Generator().manual_seed(3))
+    calls = []
+    tiled = vae.decode(z, tile=True, tile_size=4, overlap=2, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 12) for i in range(1, 13)]  # 2 samples x (3 x 2) tiles
+    calls.clear()
+    full = vae.decode(z, tile=False, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 2), (2, 2)] and full.shape == tiled.shape == (2, 32, 24, 3)
+    calls.clear()
+    img = _smooth_image(32, 24, seed=4).expand(3, -1, -1, -1)
+    lat = vae.encode(img, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and lat.shape == (3, 128, 8, 6)
+    calls.clear()
+    vae.encode(img[:1], tile=True, tile_size=4, overlap=2, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 6) for i in range(1, 7)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(done, total):
+        if done == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        vae.decode(z, tile=True, tile_size=4, overlap=2, callback=stop_at_3)
+    with pytest.raises(Stop):
+        vae.encode(img, callback=stop_at_3)
+
+
 def test_tile_arguments(golden_vae):
     lat = torch.randn(1, 128, 2, 2)
     with pytest.raises(ValueError, match="overlap"):
