@@ -368,7 +368,7 @@ def test_override_without_target_and_set_errors():
         lc.apply_overrides(wf, sets=["2image=1"])
 
 
-SHIPPED_API = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*_api.json"))
+SHIPPED_API = sorted((Path(__file__).resolve().parents[1] / "workflows" / "api").glob("*_api.json"))
 
 
 @pytest.mark.parametrize("path", SHIPPED_API, ids=lambda p: p.name)

@@ -25,6 +25,8 @@ from conftest import GOLDEN
 
 ROOT = Path(__file__).resolve().parent.parent
 WF = ROOT / "workflows"
+API = WF / "api"
+TOOLS = ROOT / "tools"
 NAMES = ["lens_turbo_t2i", "lens_t2i", "lens_img2img", "lens_mixed_core_vae"]
 CORE_TYPES = {"SaveImage", "LoadImage", "VAELoader", "VAEDecode"}
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
@@ -41,7 +43,7 @@ def classes():
 
 
 def load(name):
-    return json.loads((WF / f"{name}.json").read_text()), json.loads((WF / f"{name}_api.json").read_text())
+    return json.loads((WF / f"{name}.json").read_text()), json.loads((API / f"{name}_api.json").read_text())
 
 
 def pyproject():
@@ -69,18 +71,24 @@ def widget_inputs(node_type):
 # -------------------------------------------------------------------------------------------
 
 def test_every_workflow_has_an_api_twin():
-    files = sorted(p.name for p in WF.glob("*.json"))
-    assert files == sorted([f"{n}.json" for n in NAMES] + [f"{n}_api.json" for n in NAMES])
+    # ComfyUI's template library lists every top-level *.json of workflows/ (not subfolders):
+    # only UI-format files there, the API twins in workflows/api/, no scripts in workflows/.
+    assert sorted(p.name for p in WF.iterdir() if p.is_file()) == sorted(f"{n}.json" for n in NAMES)
+    assert sorted(p.name for p in API.iterdir()) == sorted(f"{n}_api.json" for n in NAMES)
+    for name in NAMES:
+        ui, api = load(name)
+        assert "nodes" in ui and "links" in ui  # UI format
+        assert all("class_type" in e for e in api.values())  # API format
 
 
 def test_committed_files_equal_the_generator_output():
-    sys.path.insert(0, str(WF))
+    sys.path.insert(0, str(TOOLS))
     try:
         import build_workflows
     finally:
-        sys.path.remove(str(WF))
+        sys.path.remove(str(TOOLS))
     for name, (ui, api) in build_workflows.build().items():
-        assert load(name) == (ui, api), f"{name}: run python workflows/build_workflows.py"
+        assert load(name) == (ui, api), f"{name}: run python tools/build_workflows.py"
 
 
 @pytest.mark.parametrize("name", NAMES)

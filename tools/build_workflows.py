@@ -1,12 +1,16 @@
 """Regenerate the example workflows (UI format 0.4 + API-format twins) from the node schemas.
 
-    python workflows/build_workflows.py
+    python tools/build_workflows.py
+
+Writes ``workflows/<name>.json`` (UI format) and ``workflows/api/<name>_api.json`` (API format).
+ComfyUI's template library lists every top-level ``*.json`` of the pack's ``workflows/`` folder (not
+its subfolders), so only the UI files sit there; the API twins live in ``workflows/api/`` and this
+script lives outside ``workflows/`` altogether.
 
 Widget values are written positionally in each node's input order, read from the live
 ``INPUT_TYPES`` (a seed widget carries its control value), so the files follow the schema. The
 tests (tests/test_workflows.py) check the committed files against the same rules and run the API
-twins through the nodes. ComfyUI serves this folder as the pack's workflow templates; only the
-``*.json`` files are listed.
+twins through the nodes.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "workflows"
+API_DIR = WORKFLOWS / "api"
 
 CNR_ID = "lens-nodes"
 VERSION = "0.1.0"
@@ -371,7 +376,7 @@ def mixed_core_vae(classes):
     return g, "Lens Turbo with core VAE decode"
 
 
-WORKFLOWS = {
+EXAMPLES = {
     "lens_turbo_t2i": turbo_t2i,
     "lens_t2i": lens_t2i,
     "lens_img2img": img2img,
@@ -382,16 +387,17 @@ WORKFLOWS = {
 def build() -> dict[str, tuple[dict, dict]]:
     classes = _import_nodes()
     out = {}
-    for name, fn in WORKFLOWS.items():
+    for name, fn in EXAMPLES.items():
         g, title = fn(classes)
         out[name] = (g.ui(title), g.api())
     return out
 
 
 def main() -> None:
+    API_DIR.mkdir(parents=True, exist_ok=True)
     for name, (ui, api) in build().items():
-        (HERE / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
-        (HERE / f"{name}_api.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
+        (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
+        (API_DIR / f"{name}_api.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
