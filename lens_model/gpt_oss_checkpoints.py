@@ -222,14 +222,15 @@ class ExpertBank:
         idx = ws.get("idx", ch * k // 2, torch.int32)
         buf32 = ws.get("fp32", ch * k, torch.float32)
         buf = ws.get("cast", ch * k, dtype) if dtype != torch.float32 else None
-        xt = x.t().contiguous()  # [in, n]
-        out_t = torch.empty(n_out, x.shape[0], dtype=dtype)
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], n_out, dtype=dtype)
         for r0, r1 in _row_chunks(n_out, ch):
             w = self._fp4_rows(e, r0, r1, buf32, scales, idx)
             if buf is not None:
                 w = buf[: w.numel()].view_as(w).copy_(w)
-            torch.mm(w, xt, out=out_t[r0:r1])
-        return out_t.t().add_(bias)
+            # x @ w^T (not w @ x^T: MKL is several times slower for that orientation at 2..15 tokens)
+            out[:, r0:r1] = torch.mm(x, w.t())
+        return out.add_(bias)
 
 
 def _row_chunks(n: int, chunk: int) -> Iterable[tuple[int, int]]:

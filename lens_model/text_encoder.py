@@ -352,6 +352,9 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
             start += n
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if pool is not None and len(jobs) > 1:
+        # the workers use every core: keep this thread's own small ops off the OpenMP team meanwhile
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
         futures = [pool.submit(pooled, *job) for job in jobs]
         try:
             for (e, tok, _), fut in zip(jobs, futures):
@@ -359,6 +362,7 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
         finally:
             for fut in futures:
                 fut.cancel()
+            torch.set_num_threads(prev)
     else:
         for e, tok, w in jobs:
             out.index_add_(0, tok, expert(e, tok, w, workspace))
