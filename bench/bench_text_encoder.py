@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -151,9 +152,12 @@ def synthesize(path: Path, layers: int, seed: int = 0) -> Path:
         else:
             yield "norm.weight", torch.ones(E, dtype=torch.bfloat16)
 
+    from lens_model.tokenizer import load_tokenizer
+
+    tok_json = torch.frombuffer(bytearray(load_tokenizer(None).to_json().encode("utf-8")), dtype=torch.uint8)
     header, off = {}, 0
     sizes = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
-    for k, (shape, dt) in tensors(True):
+    for k, (shape, dt) in list(tensors(True)) + [("tokenizer_json", (tuple(tok_json.shape), "U8"))]:
         n = sizes[dt]
         for s in shape:
             n *= s
@@ -169,7 +173,7 @@ def synthesize(path: Path, layers: int, seed: int = 0) -> Path:
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for k, t in tensors(False):
+        for k, t in itertools.chain(tensors(False), [("tokenizer_json", tok_json)]):  # lazily: one tensor at a time
             if k == "embed_tokens.weight":
                 g = torch.Generator().manual_seed(seed + 1)
                 for r0 in range(0, V, 8192):

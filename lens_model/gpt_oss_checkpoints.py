@@ -23,8 +23,6 @@ Nothing here reads ``lm_head.weight`` / ``unembedding.weight`` / ``norm.weight``
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -61,6 +59,16 @@ CPU_CHUNK_ROWS = 128
 
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _table_on(table: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return table
+    key = (name, str(device))
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        t = _TABLE_CACHE[key] = table.to(device)
+    return t
 
 
 def fp4_pair_table(dtype: torch.dtype, low_first: bool, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -148,9 +156,10 @@ class ExpertBank:
     def expert_scales(self, e: int) -> torch.Tensor:
         """fp32 block scales of expert ``e`` (global scale folded in for NVFP4): [out, in / block]."""
         rows, cols = self.out_features, self.in_features // self.block_size
+        dev = self.codes.device
         if self.format == "mxfp4":
             idx = self.scales[e].reshape(-1).to(torch.int32)
-            table = _E8M0_TABLE
+            table = _table_on(_E8M0_TABLE, "e8m0", dev)
             padded = (rows, cols)
         else:
             # unswizzle (the layout of quant.unswizzle_scales) moving 4-byte words: the 4 columns of a
@@ -161,10 +170,8 @@ class ExpertBank:
             idx = plain.reshape(-1).to(torch.int32)
             g = self.global_scale
             g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
-            table = _E4M3_TABLE.to(g.device) * g.to(torch.float32)  # g*b formed in fp32
+            table = _table_on(_E4M3_TABLE, "e4m3", dev) * g.to(dev, torch.float32)  # g*b formed in fp32
             padded = (rp, cp)
-        if table.device != idx.device:
-            table = table.to(idx.device)
         return torch.index_select(table, 0, idx).view(padded)[:rows, :cols]
 
     def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor, scales: torch.Tensor,

@@ -27,14 +27,13 @@ import math
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import CheckpointError, open_checkpoint
+from .checkpoints import open_checkpoint
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
 
 logger = logging.getLogger(__name__)
@@ -435,9 +434,7 @@ class LensTextEncoder:
         self.dtype = dtype
         self.device = device
         self.offload = offload
-        self.selected_layers = tuple(int(i) for i in selected_layers)
-        if not self.selected_layers or max(self.selected_layers) >= config.num_hidden_layers or min(self.selected_layers) < 0:
-            raise ValueError(f"selected layers {self.selected_layers} outside 0..{config.num_hidden_layers - 1}")
+        self._selected = self._check_layers(selected_layers)
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
         self._resident: list[LayerWeights] | None = None
@@ -456,9 +453,29 @@ class LensTextEncoder:
                 f"dtype={self.dtype}, device={self.device}, offload={self.offload!r})")
 
     # -- placement ---------------------------------------------------------------------------------
+    def _check_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        layers = tuple(int(i) for i in layers)
+        n = self.config.num_hidden_layers
+        if not layers or max(layers) >= n or min(layers) < 0:
+            raise ValueError(f"selected layers {layers} outside 0..{n - 1}")
+        return layers
+
+    @property
+    def selected_layers(self) -> tuple[int, ...]:
+        """Decoder layers captured (0-based, output of the layer); the DiT's ``selected_layer_index``."""
+        return self._selected
+
+    @selected_layers.setter
+    def selected_layers(self, layers: Sequence[int]) -> None:
+        layers = self._check_layers(layers)
+        grow = self._resident is not None and max(layers) + 1 > len(self._resident)
+        self._selected = layers
+        if grow:
+            self._load_resident()
+
     @property
     def num_layers_run(self) -> int:
-        return max(self.selected_layers) + 1
+        return max(self._selected) + 1
 
     def _load_resident(self) -> None:
         target = self.device if self.offload == "device" else torch.device("cpu")

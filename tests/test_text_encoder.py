@@ -404,3 +404,13 @@ def test_expert_worker_threads_give_identical_numbers(cases, tmp_path):
         te.unload()
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_selected_layers_can_grow_after_a_resident_load(cases):
+    te = load_text_encoder(TE_DIR, dtype=torch.float32, device="cpu", offload="device", selected_layers=(1, 3))
+    assert len(te._resident) == 4
+    te.selected_layers = (5, 11, 17, 23)
+    feats = te.encode_ids(cases["input_ids"], cases["attention_mask"])
+    torch.testing.assert_close(feats[3], cases["expected_layer.3"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="outside"):
+        te.selected_layers = (24,)
