@@ -885,7 +885,7 @@ def load_transformer(
             for layer in sorted(linear_names):
                 if layer in qlayers or not FP8_CANDIDATES.match(layer):
                     continue
-                w = source.read(layer + ".weight", dtype=torch.float32)
+                w = source.read(layer + ".weight")
                 w8, scale = ops.quantize_float8_tensorwise(w)
                 del w
                 bias = None
@@ -907,7 +907,9 @@ def load_transformer(
             raise RuntimeError(f"internal error: tensors not loaded: {leftovers[:10]}")
     except BaseException:
         model.to("meta")  # drop every tensor read so far before the traceback can keep it alive
+        ops.release_free_memory()
         raise
+    ops.release_free_memory()
 
     model.eval()
     model.variant_defaults = variant_defaults_for(source.name)

@@ -182,12 +182,35 @@ def dequantize_mxfp8_unswizzled(
     return w.to(dtype)
 
 
-def quantize_float8_tensorwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_float8_tensorwise(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [out, in] -> (float8_e4m3fn [out, in], fp32 scalar scale = amax / 448).
 
-    Used by the optional ``weight_dtype="fp8"`` storage mode (checkpoints.md §6 candidates only).
+    Same values as :func:`quant.quantize_float8`, but converted in row chunks so the only full-size
+    temporary is the fp8 result (no fp32 copy of the whole matrix). Used by the optional
+    ``weight_dtype="fp8"`` storage mode (checkpoints.md §6 candidates only).
     """
-    return quant.quantize_float8(weight)
+    amax = weight.abs().amax().to(torch.float32)
+    scale = amax / 448.0 if amax > 0 else torch.ones((), dtype=torch.float32, device=weight.device)
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows_per_chunk = max(1, chunk_elements // max(1, weight[0].numel()))
+    for i in range(0, weight.shape[0], rows_per_chunk):
+        chunk = weight[i:i + rows_per_chunk].to(torch.float32) / scale
+        out[i:i + rows_per_chunk] = chunk.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return out, scale.reshape(()).to(torch.float32)
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Loading casts many tensors of 2-60 MB; glibc keeps the freed temporaries in its heap, which
+    shows up as resident memory the model does not use.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Operations:

@@ -405,3 +405,13 @@ def test_failed_load_keeps_nothing(monkeypatch):
             assert all(t.is_meta for t in m.state_dict().values())
     else:
         pytest.fail("load_transformer did not raise")
+
+
+def test_chunked_fp8_quantiser_matches_reference():
+    w = torch.randn(300, 96) * 0.1
+    w[7, 3] = 5.0
+    a8, a_scale = ops.quantize_float8_tensorwise(w, chunk_elements=1000)  # 10 rows per chunk
+    b8, b_scale = quant.quantize_float8(w)
+    assert torch.equal(a8.view(torch.uint8), b8.view(torch.uint8)) and torch.equal(a_scale, b_scale)
+    z8, z_scale = ops.quantize_float8_tensorwise(torch.zeros(4, 4))
+    assert z_scale.item() == 1.0 and z8.float().eq(0).all()
