@@ -342,7 +342,8 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
         return y.float() * w[:, None]
 
     def pooled(e, tok, w):
-        return expert(e, tok, w, pool.workspace())
+        with torch.inference_mode():  # grad mode is per thread
+            return expert(e, tok, w, pool.workspace())
 
     jobs, start = [], 0
     for e, n in enumerate(counts):
@@ -440,6 +441,7 @@ class LensTextEncoder:
         self._resident: list[LayerWeights] | None = None
         self._workspace = Workspace()
         self._pool: ExpertPool | None = None
+        self._run_lock = threading.Lock()  # one forward at a time (shared workspaces and pools)
         self.name = checkpoint.name
         self.identity = checkpoint.source.identity
         self.last_timings: dict[str, float] = {}
@@ -596,6 +598,12 @@ class LensTextEncoder:
         bsz, s = ids.shape
         if s == 0:
             return [torch.zeros(bsz, 0, cfg.hidden_size, dtype=self.dtype, device=self.device) for _ in self.selected_layers]
+        with self._run_lock:
+            return self._forward(ids, mask, callback)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, callback) -> list[torch.Tensor]:
+        cfg = self.config
+        bsz, s = ids.shape
         t0 = time.perf_counter()
         dev, dtype = self.device, self.dtype
         h = self.checkpoint.embed(ids).to(device=dev, dtype=dtype)
@@ -621,7 +629,7 @@ class LensTextEncoder:
             if callback is not None:
                 callback(i + 1, n)
         self.last_timings = {"encode_s": time.perf_counter() - t0, "tokens": float(bsz * s)}
-        logger.debug("gpt-oss encode: %d x %d tokens, %d layers in %.2f s", bsz, s, n, self.last_timings["encode_s"])
+        logger.info("gpt-oss encode: %d x %d tokens, %d layers in %.2f s", bsz, s, n, self.last_timings["encode_s"])
         return [captured[i] for i in self.selected_layers]
 
     def encode(self, prompts: Sequence[str] | str, date=None, strip_markers: bool = True, *,
