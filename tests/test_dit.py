@@ -275,3 +275,23 @@ def test_qk_norm_eps_is_configurable():
         out = model.forward_tokens(c["hidden_states"], c["timestep"], feats_of(c), c["encoder_mask"], c["grid_hw"])
     diff = (out - c["expected"]).abs().max().item()
     assert 0 < diff < 1e-4  # spec: ~3e-6 on the tiny model
+
+
+def test_holes_in_the_mask_keep_text_positions(tiny):
+    """Batch 1 drops masked tokens but keeps the positions of the others; batch 2 keeps the mask.
+    Both must agree when the mask has holes (positions k, not 0..S'-1)."""
+    c = case(3)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    one = tiny.forward_tokens(c["hidden_states"], c["timestep"], feats_of(c), mask, c["grid_hw"])
+    two = tiny.forward_tokens(
+        c["hidden_states"].repeat(2, 1, 1), c["timestep"].repeat(2), [f.repeat(2, 1, 1) for f in feats_of(c)],
+        mask.repeat(2, 1), c["grid_hw"],
+    )
+    torch.testing.assert_close(two[:1], one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two[1:], one, atol=1e-5, rtol=1e-5)
+    full = tiny.forward_tokens(c["hidden_states"], c["timestep"], feats_of(c), None, c["grid_hw"])
+    assert (full - one).abs().max() > 1e-3  # the mask matters
+    # dropping the masked tokens and renumbering positions would be wrong
+    kept = [f[:, mask[0]] for f in feats_of(c)]
+    renumbered = tiny.forward_tokens(c["hidden_states"], c["timestep"], kept, None, c["grid_hw"])
+    assert (renumbered - one).abs().max() > 1e-5
