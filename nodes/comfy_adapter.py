@@ -83,21 +83,25 @@ def full_path(key: str, name: str) -> str:
 def cache_dir() -> Path:
     """Folder for the pack's on-disk caches (text-encoder features).
 
-    ``LENS_NODES_CACHE_DIR`` overrides it; otherwise ComfyUI's user directory is used (it survives
-    restarts, unlike ComfyUI's temp directory).
+    ``LENS_NODES_CACHE_DIR`` overrides it. Inside ComfyUI: the system-user folder
+    ``folder_paths.get_system_user_directory("lens_nodes")`` (``user/__lens_nodes``; core never
+    serves ``__`` folders over HTTP and keeps them across restarts); on ComfyUI versions without it,
+    ``<models>/lens_nodes_cache``. Outside ComfyUI: ``~/.cache/lens_nodes``.
     """
     env = os.environ.get("LENS_NODES_CACHE_DIR")
     if env:
         return Path(env)
     fp = _folder_paths()
     if fp is not None:
-        for getter in ("get_user_directory", "get_temp_directory"):
-            fn = getattr(fp, getter, None)
-            if fn is not None:
-                try:
-                    return Path(fn()) / "lens_nodes_cache"
-                except Exception:
-                    continue
+        system = getattr(fp, "get_system_user_directory", None)
+        if system is not None:
+            try:
+                return Path(system("lens_nodes"))
+            except Exception as e:
+                logger.warning("could not get ComfyUI's system user directory: %s", e)
+        models = getattr(fp, "models_dir", None)
+        if models:
+            return Path(models) / "lens_nodes_cache"
     return Path.home() / ".cache" / "lens_nodes"
 
 
@@ -156,6 +160,32 @@ def intermediate_device():
     return torch.device("cpu")
 
 
+def should_use_bf16(device) -> bool:
+    """Whether to compute in bf16 on `device` (else fp32; Lens never runs in fp16).
+
+    Inside ComfyUI this is core's ``should_use_bf16`` (honours --force-fp32; False on the CPU and on
+    pre-Ampere NVIDIA cards such as T4, V100 or RTX 20xx, where bf16 is emulated and slow). Outside
+    ComfyUI: CUDA devices of compute capability 8.0 or newer.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return False
+    mm = _mm()
+    if mm is not None and hasattr(mm, "should_use_bf16"):
+        try:
+            return bool(mm.should_use_bf16(device))
+        except Exception as e:  # an exotic backend core cannot query
+            logger.warning("ComfyUI should_use_bf16(%s) failed: %s; assuming bf16", device, e)
+            return True
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return True
+
+
 def free_memory_bytes(device) -> int | None:
     """Free memory on `device` in bytes (None when unknown)."""
     import torch
@@ -187,6 +217,17 @@ def free_comfy_memory(nbytes: int, device) -> None:
         mm.free_memory(int(nbytes), device)
     except Exception as e:  # never fail a run because core's bookkeeping refused
         logger.warning("ComfyUI free_memory(%d, %s) failed: %s", nbytes, device, e)
+
+
+def unload_all_models() -> None:
+    """Ask ComfyUI to unload all of its own models (after an out-of-memory error)."""
+    mm = _mm()
+    if mm is None:
+        return
+    try:
+        mm.unload_all_models()
+    except Exception as e:
+        logger.warning("ComfyUI unload_all_models() failed: %s", e)
 
 
 def soft_empty_cache() -> None:

@@ -74,16 +74,21 @@ def _has_safetensors(path: str) -> bool:
 def model_list(key: str) -> list[str]:
     """Combo values for a loader: ComfyUI's file list plus one entry per diffusers folder.
 
-    Shards after the first of a ``-0000k-of-0000n`` set are hidden (the first stands for the set).
+    A diffusers folder is listed once as ``<folder>/`` and the files inside it are hidden. Shards
+    after the first of a ``-0000k-of-0000n`` set are hidden (the first stands for the set).
     """
+    folders = _diffusers_dirs(key)
     files = [f for f in comfy.filename_list(key) if not f.endswith((".gguf", ".json"))]
     kept = []
     for f in files:
-        m = _SHARD_RE.match(os.path.basename(f))
+        rel = f.replace("\\", "/")
+        if any(rel.startswith(d) for d in folders):
+            continue
+        m = _SHARD_RE.match(os.path.basename(rel))
         if m and int(m.group("i")) > 1:
             continue
         kept.append(f)
-    names = _diffusers_dirs(key) + sorted(kept)
+    names = folders + sorted(kept)
     return names or ["(no files found)"]
 
 
@@ -175,6 +180,13 @@ class Resident:
         if self.on_gpu:
             self._offload()
 
+    def evict(self) -> None:
+        """Leave the GPU whatever the offload policy (after an out-of-memory error)."""
+        self.offload()
+
+    def release(self) -> None:
+        """Drop the weights (host RAM included); the handle reloads them from the file when used again."""
+
 
 def make_room(for_handle, device, nbytes: int) -> None:
     """Before moving `for_handle` (our model, `nbytes` big) to `device`: offload our other GPU
@@ -195,6 +207,27 @@ def make_room(for_handle, device, nbytes: int) -> None:
     comfy.free_comfy_memory(int(nbytes * 1.1) + (512 << 20), device)
     if moved:
         comfy.soft_empty_cache()
+
+
+def out_of_memory(error: BaseException, message: str, *handles) -> BaseException:
+    """After an out-of-memory error: move our `handles` off the GPU, ask ComfyUI to unload its
+    models and empty the allocator cache, and return an error of the same type (so core still
+    recognises it as OOM) whose message starts with `message`. Use ``raise out_of_memory(...) from e``.
+    """
+    for h in handles:
+        if h is None:
+            continue
+        try:
+            h.evict()
+        except Exception as e:  # never hide the OOM behind a second error
+            logger.warning("could not offload %s after running out of memory: %s", h, e)
+    comfy.unload_all_models()
+    comfy.soft_empty_cache()
+    try:
+        return type(error)(f"{message} ({error})")
+    except Exception:  # an error type that does not take a message
+        error.add_note(message)
+        return error
 
 
 def module_nbytes(module) -> int:

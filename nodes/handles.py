@@ -33,9 +33,12 @@ class DiTHandle(Resident):
 
     ``offload``: "auto" keeps it on the compute device until another of our models needs the room;
     "always" moves it to host RAM after every sampling run; "never" keeps it resident.
+    ``reload``: builds the model again (into host RAM) after :meth:`release` dropped it; the loader
+    releases its previous model when it loads another one, while ComfyUI may still hold this handle.
     """
 
-    def __init__(self, model, path: str, identity: str, device, offload: str, dtype_name: str):
+    def __init__(self, model, path: str, identity: str, device, offload: str, dtype_name: str,
+                 reload=None):
         super().__init__()
         self.model = model
         self.path = path
@@ -44,30 +47,53 @@ class DiTHandle(Resident):
         self.offload_policy = offload
         self.dtype_name = dtype_name
         self.nbytes = module_nbytes(model)
+        self._config = getattr(model, "config", None)
+        self._variant_defaults = dict(getattr(model, "variant_defaults", {}) or {})
+        self._reload = reload
+        self.loads = 1
 
     def __repr__(self):
         return f"LensDiT({self.path}, {self.dtype_name}, {self.device})"
 
     @property
     def config(self):
-        return getattr(self.model, "config", None)
+        return self._config
 
     @property
     def variant_defaults(self) -> dict:
-        return dict(getattr(self.model, "variant_defaults", {}) or {})
+        return dict(self._variant_defaults)
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
 
     @property
     def on_gpu(self) -> bool:
-        return module_device(self.model).type != "cpu"
+        return self.model is not None and module_device(self.model).type != "cpu"
 
     def _offload(self):
         if self.offload_policy == "never":
             return
-        self.model = _move(self.model, comfy.offload_device())
+        self.evict()
+
+    def evict(self):
+        if self.on_gpu:
+            self.model = _move(self.model, comfy.offload_device())
+            comfy.soft_empty_cache()
+
+    def release(self):
+        if self.model is None or self._reload is None:
+            return
+        logger.info("releasing Lens DiT %s (another model was loaded by its loader)", self.path)
+        self.model = None
         comfy.soft_empty_cache()
 
     def for_compute(self):
-        """The model on its compute device (made room for first)."""
+        """The model on its compute device (reloaded if released, made room for first)."""
+        if self.model is None:
+            logger.info("reloading Lens DiT %s", self.path)
+            self.model = self._reload()
+            self.loads += 1
         if not same_device(module_device(self.model), self.device):
             if self.device.type != "cpu":
                 make_room(self, self.device, self.nbytes)
@@ -123,6 +149,12 @@ class TextEncoderHandle(Resident):
     def _offload(self):
         # The encoder is only useful for new prompts; features are cached. Dropping it is the
         # cheapest way to give its memory back (reloading reads the file again).
+        self.unload()
+
+    def evict(self):
+        self.unload()
+
+    def release(self):
         self.unload()
 
     def unload(self):
@@ -182,9 +214,10 @@ class TextEncoderHandle(Resident):
 
 
 class VAEHandle(Resident):
-    """LENS_VAE: a loaded Flux2VAE; computes on `device`, waits in host RAM."""
+    """LENS_VAE: a loaded Flux2VAE; computes on `device`, waits in host RAM. ``reload`` as for
+    :class:`DiTHandle`."""
 
-    def __init__(self, vae, path: str, identity: str, device, dtype_name: str):
+    def __init__(self, vae, path: str, identity: str, device, dtype_name: str, reload=None):
         super().__init__()
         self.vae = vae
         self.path = path
@@ -192,9 +225,15 @@ class VAEHandle(Resident):
         self.device = device
         self.dtype_name = dtype_name
         self.nbytes = module_nbytes(vae) if hasattr(vae, "parameters") else 0
+        self._reload = reload
+        self.loads = 1
 
     def __repr__(self):
         return f"LensVAE({self.path}, {self.dtype_name}, {self.device})"
+
+    @property
+    def loaded(self) -> bool:
+        return self.vae is not None
 
     @property
     def on_gpu(self) -> bool:
@@ -203,17 +242,32 @@ class VAEHandle(Resident):
     def _offload(self):
         self.vae = _move(self.vae, comfy.offload_device())
 
+    def release(self):
+        if self.vae is None or self._reload is None:
+            return
+        logger.info("releasing FLUX.2 VAE %s (another VAE was loaded by its loader)", self.path)
+        self.vae = None
+
+    def model(self):
+        """The VAE wherever it is now (reloaded into host RAM if released)."""
+        if self.vae is None:
+            logger.info("reloading FLUX.2 VAE %s", self.path)
+            self.vae = self._reload()
+            self.loads += 1
+        return self.vae
+
     def for_compute(self, work_bytes: int = 0):
+        vae = self.model()
         if self.device.type != "cpu":
             free = comfy.free_memory_bytes(self.device)
             need = work_bytes + (0 if self.on_gpu else self.nbytes)
             if free is None or free < need:
                 make_room(self, self.device, need)
-        if hasattr(self.vae, "parameters") and not same_device(module_device(self.vae), self.device):
+        if hasattr(vae, "parameters") and not same_device(module_device(vae), self.device):
             try:
-                self.vae = _move(self.vae, self.device)
+                self.vae = _move(vae, self.device)
             except BaseException:
-                self.vae = _move(self.vae, comfy.offload_device())
+                self.vae = _move(vae, comfy.offload_device())
                 comfy.soft_empty_cache()
                 raise
         return self.vae

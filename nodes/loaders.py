@@ -9,7 +9,7 @@ reloads.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import weakref
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, file_identity, lens, make_room, model_list, resolve_device, resolve_model
@@ -40,6 +40,32 @@ def _identity_or_nan(key: str, name: str):
         return float("nan")  # re-run: the node itself will raise the readable error
 
 
+def _compute_dtype(device):
+    """bf16 where ComfyUI says the device computes it well, else fp32 (never fp16 for Lens)."""
+    import torch
+
+    return torch.bfloat16 if comfy.should_use_bf16(device) else torch.float32
+
+
+def _release_previous(node) -> None:
+    """Free the model this loader node returned last time before it loads another one.
+
+    ComfyUI keeps one node object per node id and caches its outputs, but sizes them by their CPU
+    tensors only, so our handles look free to keep; without this, switching files would keep every
+    model ever loaded in RAM. ComfyUI may still hold the old handle (switching back reuses the cached
+    output): a released handle reloads its model from the file when it is used again.
+    """
+    ref = getattr(node, "_last_handle", None)
+    old = ref() if ref is not None else None
+    node._last_handle = None
+    if old is not None:
+        old.release()
+
+
+def _remember(node, handle) -> None:
+    node._last_handle = weakref.ref(handle)  # weak: ComfyUI's cache decides how long it lives
+
+
 def _accepted_kwargs(fn) -> set[str]:
     import inspect
 
@@ -56,9 +82,11 @@ class LensNodesDiTLoader:
         "models/diffusion_models: a Comfy-Org single file (bf16 or mxfp8), a ComfyUI-prefixed file, "
         "or a diffusers folder. Set the sampler to 4 steps / CFG 1 for Turbo, 20 steps / CFG 5 "
         "for Lens and 50 steps / CFG 5 for Lens-Base (the weights do not say which variant they "
-        "are; the log shows a hint from the file name)."
+        "are; the log shows a hint from the file name). Loading another file frees the model this "
+        "node loaded before."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["lens", "lens turbo", "mmdit", "load lens", "diffusion model loader", "unet loader"]
     RETURN_TYPES = ("LENS_DIT",)
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The Lens diffusion transformer, for the MMDiT Sampler.",)
@@ -74,10 +102,13 @@ class LensNodesDiTLoader:
                                "its whole set."}),
                 "weight_dtype": (DIT_DTYPES, {
                     "default": "default",
-                    "tooltip": "default: bf16 on a GPU, the stored dtype on the CPU. fp32 is exact "
-                               "but twice the memory. fp8: weight-only fp8 storage (about half of "
-                               "bf16) with modulation, embedders and norms kept in bf16; quality "
-                               "drops slightly. fp16 is never used (Lens overflows in fp16)."}),
+                    "tooltip": "default: bf16 on GPUs with native bf16 (NVIDIA Ampere / RTX 30xx "
+                               "or newer), fp32 on older GPUs (T4, V100, RTX 20xx: about 16 GB; "
+                               "pick fp8 on 16 GB cards), the stored dtype on the CPU. fp32 is "
+                               "exact but twice the memory of bf16. fp8: weight-only fp8 storage "
+                               "(about half of bf16) with modulation, embedders and norms kept in "
+                               "the compute dtype; quality drops slightly. fp16 is never used "
+                               "(Lens overflows in fp16)."}),
                 "device": (DEVICES, {
                     "default": "auto",
                     "tooltip": "Where the DiT computes. auto: ComfyUI's main device. gpu: the "
@@ -124,30 +155,43 @@ class LensNodesDiTLoader:
                     "or load a Comfy-Org *_mxfp8.safetensors file, which stays fp8 as stored."
                 )
             kwargs["weight_dtype"] = "fp8"
-            dtype = torch.bfloat16
+            dtype = _compute_dtype(dev) if dev.type != "cpu" else torch.bfloat16
         elif weight_dtype == "default":
-            dtype = torch.bfloat16 if dev.type != "cpu" else None
+            dtype = _compute_dtype(dev) if dev.type != "cpu" else None
+            if dtype == torch.float32:
+                logger.info("%s has no fast bf16: the Lens DiT computes in fp32 (weight_dtype "
+                            "'fp8' halves its memory).", dev)
         else:
             dtype = _torch_dtype(weight_dtype)
+        host = comfy.offload_device() if dev.type != "cpu" else dev
+
+        def build(device):
+            model = lm.load_transformer(path, dtype=dtype, device=device, **kwargs)
+            model.eval()
+            model.requires_grad_(False)
+            return model
+
+        _release_previous(self)
         # Load straight into host RAM; the sampler moves the weights to the GPU when it runs,
         # after the text encoder has given its memory back.
-        load_device = comfy.offload_device() if dev.type != "cpu" else dev
+        load_device = host
         if offload == "never" and dev.type != "cpu":
             make_room(None, dev, 0)
             load_device = dev
         logger.info("loading Lens DiT %s (weight dtype %s, device %s)", model_name, weight_dtype, dev)
         try:
-            model = lm.load_transformer(path, dtype=dtype, device=load_device, **kwargs)
+            model = build(load_device)
         except BaseException:
             comfy.soft_empty_cache()
             raise
-        model.eval()
-        model.requires_grad_(False)
         hint = getattr(model, "variant_defaults", None) or {}
         if hint:
             logger.info("%s: suggested %s steps, CFG %s (variant guessed from the file name: %s)",
                         model_name, hint.get("steps"), hint.get("cfg"), hint.get("variant"))
-        return (DiTHandle(model, path, file_identity(path), dev, offload, weight_dtype),)
+        handle = DiTHandle(model, path, file_identity(path), dev, offload, weight_dtype,
+                           reload=lambda: build(host))
+        _remember(self, handle)
+        return (handle,)
 
 
 class LensNodesTextEncoderLoader:
@@ -155,9 +199,11 @@ class LensNodesTextEncoderLoader:
         "Selects the GPT-OSS-20B text encoder used by Lens (models/text_encoders: the Comfy-Org "
         "gpt_oss_20b_nvfp4.safetensors, the openai/gpt-oss-20b shards, or a diffusers "
         "text_encoder folder). The file is checked now but loaded only when a prompt is encoded "
-        "that is not already cached, and it is unloaded again after encoding."
+        "that is not already cached, and it is unloaded again after encoding (or, with "
+        "keep_loaded, when this node loads another file)."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["gpt-oss", "gpt oss", "lens", "text encoder loader", "clip loader"]
     RETURN_TYPES = ("LENS_TE",)
     RETURN_NAMES = ("text_encoder",)
     OUTPUT_TOOLTIPS = ("The text encoder handle, for GPT-OSS TextEncode.",)
@@ -177,8 +223,10 @@ class LensNodesTextEncoderLoader:
                                "tens of seconds per new prompt."}),
                 "dtype": (TE_DTYPES, {
                     "default": "auto",
-                    "tooltip": "Compute dtype. auto: bf16 (never fp16: gpt-oss overflows). fp32 "
-                               "is for parity checks; quantised experts stay quantised."}),
+                    "tooltip": "Compute dtype. auto: bf16 on GPUs with native bf16 (Ampere or "
+                               "newer), fp32 on older GPUs, bf16 on CPUs with AVX512-BF16/AMX "
+                               "else fp32 (never fp16: gpt-oss overflows). fp32 is for parity "
+                               "checks; quantised experts stay quantised."}),
                 "offload": (TE_OFFLOAD, {
                     "default": "auto",
                     "tooltip": "Where the weights wait while encoding. device: all on the GPU "
@@ -206,12 +254,18 @@ class LensNodesTextEncoderLoader:
         path = resolve_model("text_encoders", text_encoder_name)
         dev = resolve_device(device, comfy.text_encoder_device())
         hidden = _check_text_encoder(path)
-        # the dtype the encoder will compute in (auto: bf16 where the device has it, else fp32);
-        # known now so that cached features are found without loading the encoder
-        tdtype = lens("text_encoder").resolve_dtype(_torch_dtype(dtype), dev)
+        # the dtype the encoder will compute in, known now so that cached features are found
+        # without loading the encoder. auto on a GPU follows ComfyUI's bf16 policy (fp32 on
+        # pre-Ampere cards); on the CPU the encoder's own choice (bf16 only with AVX512-BF16/AMX).
+        if dtype == "auto" and dev.type != "cpu":
+            tdtype = _compute_dtype(dev)
+        else:
+            tdtype = lens("text_encoder").resolve_dtype(_torch_dtype(dtype), dev)
         name = str(tdtype).replace("torch.", "")
+        _release_previous(self)
         handle = TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
                                    bool(keep_loaded), hidden)
+        _remember(self, handle)
         return (handle,)
 
 
@@ -233,6 +287,7 @@ class LensNodesVAELoader:
         "a diffusers vae folder). FLUX.1 / SD VAEs do not work with Lens."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["flux2 vae", "flux.2 vae", "lens vae", "vae loader"]
     RETURN_TYPES = ("LENS_VAE",)
     RETURN_NAMES = ("vae",)
     OUTPUT_TOOLTIPS = ("The FLUX.2 VAE, for FLUX2 VAE Decode / Encode.",)
@@ -246,7 +301,8 @@ class LensNodesVAELoader:
                     "tooltip": "FLUX.2 VAE weights from models/vae (flux2-vae.safetensors)."}),
                 "dtype": (VAE_DTYPES, {
                     "default": "auto",
-                    "tooltip": "auto: bf16 on a GPU, fp32 on the CPU. fp32 is exact."}),
+                    "tooltip": "auto: bf16 on GPUs with native bf16 (Ampere or newer), fp32 on "
+                               "older GPUs and on the CPU. fp32 is exact."}),
                 "device": (DEVICES, {
                     "default": "auto",
                     "tooltip": "Where decoding runs. auto follows ComfyUI's VAE device."}),
@@ -265,17 +321,26 @@ class LensNodesVAELoader:
         path = resolve_model("vae", vae_name)
         dev = resolve_device(device, comfy.vae_device())
         if dtype == "auto":
-            tdtype = torch.bfloat16 if dev.type != "cpu" else torch.float32
+            tdtype = _compute_dtype(dev) if dev.type != "cpu" else torch.float32
         else:
             tdtype = _torch_dtype(dtype)
         load_device = comfy.offload_device() if dev.type != "cpu" else dev
+
+        def build():
+            vae = lens().load_vae(path, dtype=tdtype, device=load_device)
+            if hasattr(vae, "eval"):
+                vae.eval()
+                vae.requires_grad_(False)
+            return vae
+
+        _release_previous(self)
         logger.info("loading FLUX.2 VAE %s (%s, device %s)", vae_name, tdtype, dev)
         try:
-            vae = lens().load_vae(path, dtype=tdtype, device=load_device)
+            vae = build()
         except BaseException:
             comfy.soft_empty_cache()
             raise
-        if hasattr(vae, "eval"):
-            vae.eval()
-            vae.requires_grad_(False)
-        return (VAEHandle(vae, path, file_identity(path), dev, str(tdtype).replace("torch.", "")),)
+        handle = VAEHandle(vae, path, file_identity(path), dev, str(tdtype).replace("torch.", ""),
+                           reload=build)
+        _remember(self, handle)
+        return (handle,)

@@ -4,9 +4,11 @@ ComfyUI is not on PyPI, so the node tests run against these fakes:
 
 - ``folder_paths``: model folders under a temp ``models/`` dir (``diffusion_models`` also searches
   ``unet``, ``text_encoders`` also ``clip``), ``get_filename_list`` (recursive, relative, sorted),
-  ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths``, user/temp directories;
-- ``comfy.model_management``: CPU device, recorded free/unload calls, an interrupt flag and an
-  ``InterruptProcessingException`` deriving from BaseException (like core's);
+  ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths``, user/temp directories and
+  ``get_system_user_directory(name)`` (``user/__<name>``, as in core);
+- ``comfy.model_management``: CPU device, recorded free/unload calls, ``should_use_bf16`` (answers
+  ``env.bf16`` for non-CPU devices), an interrupt flag and an ``InterruptProcessingException``
+  deriving from BaseException (like core's);
 - ``comfy.utils.ProgressBar``: records every ``update`` / ``update_absolute`` call.
 
 Use the ``comfy_env`` fixture (import it into a test module: ``from comfy_stubs import comfy_env``).
@@ -49,6 +51,7 @@ class ComfyEnv:
     interrupt_checks: int = 0
     interrupt_after_checks: int | None = None          # raise on the n-th check from now
     interrupted: bool = False
+    bf16: bool = True                                  # should_use_bf16 for non-CPU devices
 
     def folder(self, key: str) -> Path:
         return self.models_dir / FOLDERS[key][0]
@@ -98,6 +101,12 @@ def _make_folder_paths(env: ComfyEnv) -> types.ModuleType:
     fp.get_filename_list = get_filename_list
     fp.get_full_path = get_full_path
     fp.get_full_path_or_raise = get_full_path_or_raise
+    def get_system_user_directory(name="system"):
+        if not name or not isinstance(name, str) or name.startswith("_") or not name.replace("_", "").isalnum():
+            raise ValueError(f"Invalid system user name: {name!r}")
+        return os.path.join(str(env.root / "user"), "__" + name)
+
+    fp.get_system_user_directory = get_system_user_directory
     fp.get_user_directory = lambda: str(env.root / "user")
     fp.get_temp_directory = lambda: str(env.root / "temp")
     fp.get_output_directory = lambda: str(env.root / "output")
@@ -118,6 +127,13 @@ def _make_model_management(env: ComfyEnv) -> types.ModuleType:
     mm.text_encoder_offload_device = lambda: cpu
     mm.vae_device = lambda: cpu
     mm.get_free_memory = lambda device=None, torch_free_too=False: 64 << 30
+
+    def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+        if device is not None and torch.device(device).type == "cpu":
+            return False
+        return env.bf16
+
+    mm.should_use_bf16 = should_use_bf16
 
     def free_memory(memory_required, device, keep_loaded=()):
         env.freed.append((memory_required, device))

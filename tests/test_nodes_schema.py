@@ -23,7 +23,7 @@ INPUT_ORDER = {
                          "noise_layout", "width", "height", "negative", "latent", "mu", "cfg_mode"],
     "LensNodesVAELoader": ["vae_name", "dtype", "device"],
     "LensNodesVAEDecode": ["samples", "vae", "tile"],
-    "LensNodesVAEEncode": ["pixels", "vae"],
+    "LensNodesVAEEncode": ["pixels", "vae", "tile"],
     "LensNodesResolution": ["base", "ratio", "width", "height"],
     "LensNodesEmptyLatent": ["width", "height", "batch_size"],
 }
@@ -209,18 +209,59 @@ def test_model_lists_come_from_folder_paths(comfy_env):
     for i in (1, 2, 3):
         (sharded / f"diffusion_pytorch_model-0000{i}-of-00003.safetensors").write_bytes(b"x")
     (comfy_env.models_dir / "unet" / "old.safetensors").write_bytes(b"x")
+    (dm / "sub").mkdir()
+    (dm / "sub" / "lens_bf16.safetensors").write_bytes(b"x")  # a plain subfolder keeps its files
     names = LensNodesDiTLoader.INPUT_TYPES()["required"]["model_name"][0]
+    # the diffusers folder is one entry; the files inside it are not listed
     assert names == [
         "Lens-Diffusers/",
-        "Lens-Diffusers/transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
         "lens_turbo_bf16.safetensors",
         "old.safetensors",
+        "sub/lens_bf16.safetensors",
     ]
     assert LensNodesTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0] == ["(no files found)"]
     (comfy_env.models_dir / "clip" / "gpt_oss_20b_nvfp4.safetensors").write_bytes(b"x")
     assert LensNodesTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0] == [
         "gpt_oss_20b_nvfp4.safetensors"]
     assert LensNodesVAELoader.INPUT_TYPES()["required"]["vae_name"][0] == ["(no files found)"]
+
+
+def test_search_aliases(comfy_env):
+    """Core's /object_info sends SEARCH_ALIASES to the node search box (V1 class attribute)."""
+    classes, _ = _mappings()
+    for node_id, cls in classes.items():
+        aliases = cls.SEARCH_ALIASES
+        assert isinstance(aliases, list) and aliases, node_id
+        assert all(isinstance(a, str) and a.strip() == a and a for a in aliases), node_id
+        assert len(set(aliases)) == len(aliases), node_id
+    assert "gpt-oss" in classes["LensNodesTextEncode"].SEARCH_ALIASES
+    assert "flux2 vae" in classes["LensNodesVAELoader"].SEARCH_ALIASES
+
+
+def test_cache_dir_is_not_served_over_http(comfy_env, monkeypatch):
+    """Disk cache: core's system-user folder (user/__lens_nodes, never served over HTTP), or
+    <models>/lens_nodes_cache on a ComfyUI without it; LENS_NODES_CACHE_DIR wins."""
+    import folder_paths
+
+    from nodes import comfy_adapter as adapter
+
+    assert adapter.cache_dir() == comfy_env.root / "cache"  # the fixture sets the variable
+    monkeypatch.delenv("LENS_NODES_CACHE_DIR")
+    assert adapter.cache_dir() == comfy_env.root / "user" / "__lens_nodes"
+    monkeypatch.delattr(folder_paths, "get_system_user_directory")
+    assert adapter.cache_dir() == comfy_env.models_dir / "lens_nodes_cache"
+
+
+def test_should_use_bf16_follows_core(comfy_env, monkeypatch):
+    from nodes import comfy_adapter as adapter
+
+    assert adapter.should_use_bf16("cpu") is False
+    assert adapter.should_use_bf16("cuda:0") is True
+    comfy_env.bf16 = False  # a pre-Ampere card, or --force-fp32
+    assert adapter.should_use_bf16("cuda:0") is False
+    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert adapter.should_use_bf16("cpu") is False
 
 
 def test_is_changed_tracks_file_identity(comfy_env):
