@@ -27,6 +27,7 @@ class LensNodesResolution:
         "shift jumps (above 4300 image tokens)."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["lens", "resolution", "aspect ratio", "image size"]
     RETURN_TYPES = ("INT", "INT")
     RETURN_NAMES = ("width", "height")
     OUTPUT_TOOLTIPS = ("Width in pixels (multiple of 16).", "Height in pixels (multiple of 16).")
@@ -71,6 +72,7 @@ class LensNodesEmptyLatent:
         "Sampler. Equivalent to core's EmptyFlux2LatentImage."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["lens", "empty latent", "flux2 latent", "empty latent image"]
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Zeros [batch, 128, height/16, width/16].",)
     FUNCTION = "generate"
@@ -94,4 +96,6 @@ class LensNodesEmptyLatent:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         samples = torch.zeros(int(batch_size), 128, h // 16, w // 16,
                               device=comfy.intermediate_device())
-        return ({"samples": samples},)
+        # the spatial ratio lets core's samplers recognise an empty FLUX.2 latent, as core's
+        # EmptyFlux2LatentImage marks it
+        return ({"samples": samples, "downscale_ratio_spacial": 16},)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, lens
+from .common import CATEGORY, lens, out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def parse_conditioning(cond, what: str):
     return ctx.to(torch.float32), mask.cpu()
 
 
-def _check_features(ctx, model, what: str):
-    cfg = getattr(model, "config", None)
+def _check_features(ctx, cfg, what: str):
     e = getattr(cfg, "enc_hidden_dim", None)
     if e is not None and ctx.shape[-1] != 4 * e:
         raise ValueError(
@@ -80,6 +79,8 @@ def prepare_latent(latent, width: int, height: int):
                          f"(image latents, not video).")
     if latent.get("noise_mask") is not None:
         logger.warning("latent noise_mask is ignored: the MMDiT Sampler does not inpaint.")
+    if latent.get("batch_index") is not None:
+        logger.info("latent batch_index is ignored: noise is drawn for the whole batch from the seed.")
     if s.shape[1] != 128:
         if not bool((s == 0).all()):
             raise ValueError(
@@ -100,9 +101,14 @@ class LensNodesSampler:
         "Generates Lens latents: Euler flow-matching steps with the upstream Lens schedule and "
         "per-token norm-rescaled CFG. Turbo: 4 steps, CFG 1. Lens: 20 steps, CFG 5. Connect a "
         "latent with content and lower denoise for image-to-image. Decode with FLUX2 VAE Decode "
-        "or core VAEDecode (flux2-vae)."
+        "or core VAEDecode (flux2-vae). Not supported: inpainting (a latent noise_mask, e.g. from "
+        "Set Latent Noise Mask, is ignored) and batch_index (from Latent From Batch / Repeat "
+        "Latent Batch): the noise for the whole batch comes from the seed, image i of a batch "
+        "is not the same as image i generated alone with another batch size."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["lens", "lens sampler", "mmdit", "ksampler", "sampler", "generate",
+                      "txt2img", "img2img"]
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Denoised FLUX.2 latents [B, 128, H/16, W/16].",)
     FUNCTION = "sample"
@@ -134,7 +140,8 @@ class LensNodesSampler:
                 "denoise": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "1 = text-to-image. Below 1 with an image latent: image-to-image "
-                               "starting part-way (0.6 keeps the composition)."}),
+                               "starting part-way (0.6 keeps the composition). 0 returns the "
+                               "latent unchanged."}),
                 "noise_layout": (NOISE_LAYOUTS, {
                     "default": "upstream",
                     "tooltip": "upstream: noise drawn in token order like the reference code. "
@@ -156,7 +163,7 @@ class LensNodesSampler:
                 "latent": ("LATENT", {
                     "tooltip": "Start latent: Lens Empty Latent, FLUX2 VAE Encode, or core "
                                "empty/Flux2 latents. Sets the size and batch; overrides "
-                               "width/height."}),
+                               "width/height. Its noise_mask and batch_index are ignored."}),
                 "mu": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 5.0, "step": 0.01,
                     "tooltip": "Schedule shift override (μ; the shift is e^μ). 0 = automatic "
@@ -185,24 +192,27 @@ class LensNodesSampler:
         steps = int(steps)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if not 0.0 < float(denoise) <= 1.0:
-            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        if not 0.0 <= float(denoise) <= 1.0:
+            raise ValueError(f"denoise must be in [0, 1], got {denoise}")
         sampling = lens("sampling")
         resolution = lens("resolution")
 
         samples, has_content = prepare_latent(latent, int(width), int(height))
+        if float(denoise) == 0.0:
+            logger.info("MMDiT Sampler: denoise 0, returning the latent unchanged.")
+            return ({"samples": samples.to(comfy.intermediate_device())},)
         batch, _, h, w = samples.shape
         H, W = 16 * h, 16 * w
 
         ctx, mask = parse_conditioning(positive, "positive")
-        _check_features(ctx, model.model, "positive")
+        _check_features(ctx, model.config, "positive")
         nctx = nmask = None
         if negative is not None:
             nctx, nmask = parse_conditioning(negative, "negative")
             if nctx.shape[1] == 0:
                 nctx = nmask = None  # empty negative: zero tokens (sampling.md §5)
             else:
-                _check_features(nctx, model.model, "negative")
+                _check_features(nctx, model.config, "negative")
 
         warning = resolution.schedule_jump_warning(W, H)
         if warning:
@@ -245,11 +255,14 @@ class LensNodesSampler:
                 )
             out = out.detach().to(comfy.intermediate_device(), torch.float32)
         except torch.cuda.OutOfMemoryError as e:
-            raise RuntimeError(
+            # same exception type, so core still sees an OOM; our DiT leaves the GPU first
+            raise out_of_memory(
+                e,
                 f"MMDiT Sampler ran out of {dev} memory at {W}x{H}, batch {batch}"
                 f"{', CFG (two passes per step)' if float(cfg) != 1.0 else ''}. Try: LensLoader "
                 f"weight_dtype 'fp8' or offload 'always', a smaller size (base 1024 in Lens "
-                f"Resolution), batch 1, or close other GPU programs. ({e})"
+                f"Resolution), batch 1, or close other GPU programs.",
+                handle,
             ) from e
         finally:
             handle.after_use()

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY
+from .common import CATEGORY, out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class LensNodesTextEncode:
         "Results are cached, so re-running an unchanged prompt does not load the encoder."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["gpt-oss", "gpt oss", "lens", "prompt", "text encode", "clip text encode",
+                      "conditioning"]
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Text features [1, S, 4×2880] with an int64 attention mask.",)
     FUNCTION = "encode"
@@ -145,9 +147,9 @@ class LensNodesTextEncode:
             "optional": {
                 "cache_to_disk": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "Also keep the features in a file cache (ComfyUI user folder, "
-                               "lens_nodes_cache), so a restart does not need the encoder for "
-                               "prompts seen before."}),
+                    "tooltip": "Also keep the features in a file cache (ComfyUI's "
+                               "user/__lens_nodes folder, or LENS_NODES_CACHE_DIR), so a restart "
+                               "does not need the encoder for prompts seen before."}),
             },
         }
 
@@ -196,9 +198,11 @@ class LensNodesTextEncode:
             ctx = ctx.detach().to("cpu", torch.float32).clone()
             mask = mask.detach().to("cpu").to(torch.bool).clone()
         except torch.cuda.OutOfMemoryError as e:
-            raise RuntimeError(
+            raise out_of_memory(
+                e,
                 f"GPT-OSS TextEncode ran out of {handle.device} memory. In GPT-OSS Loader set "
-                f"offload to 'layers' (about 1 GB of VRAM) or 'stream', or device to 'cpu'. ({e})"
+                f"offload to 'layers' (about 1 GB of VRAM) or 'stream', or device to 'cpu'.",
+                handle,
             ) from e
         finally:
             handle.after_encode()

@@ -360,21 +360,62 @@ def test_empty_latent(comfy_env):
     from nodes import LensNodesEmptyLatent
 
     out = LensNodesEmptyLatent().generate(width=1440, height=1024, batch_size=3)[0]
-    assert set(out) == {"samples"}
+    assert set(out) == {"samples", "downscale_ratio_spacial"}
+    assert out["downscale_ratio_spacial"] == 16  # as core's EmptyFlux2LatentImage marks it
     s = out["samples"]
     assert s.shape == (3, 128, 64, 90) and s.dtype == torch.float32 and not s.any()
 
 
 def test_out_of_memory_gives_actionable_error(models, cases, monkeypatch):
+    """An OOM stays an OOM (core's handler recognises it and unloads its models), with our advice
+    in the message; our DiT leaves the GPU and core is asked to unload and empty its cache."""
     import lens_model.sampling as sampling
 
+    original = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     def boom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise original
 
     monkeypatch.setattr(sampling, "sample", boom)
-    with pytest.raises(RuntimeError, match="weight_dtype 'fp8'") as e:
-        run_sampler(load_dit(), cond_from(cases, 0), width=32, height=32, cfg=2.0)
-    assert "32x32" in str(e.value) and "two passes" in str(e.value)
+    handle = load_dit()
+    evicted = []
+    monkeypatch.setattr(handle, "evict", lambda: evicted.append(True))
+    caches = models.empty_cache_calls
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="weight_dtype 'fp8'") as e:
+        run_sampler(handle, cond_from(cases, 0), width=32, height=32, cfg=2.0)
+    assert "32x32" in str(e.value) and "two passes" in str(e.value) and "2.00 GiB" in str(e.value)
+    assert e.value.__cause__ is original
+    assert evicted == [True] and models.unloads == 1 and models.empty_cache_calls > caches
+
+
+def test_vae_out_of_memory_suggests_tiles(models, monkeypatch):
+    from nodes import LensNodesVAEDecode, LensNodesVAEEncode
+
+    vae = load_vae()
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(type(vae.vae), "decode", boom)
+    monkeypatch.setattr(type(vae.vae), "encode", boom)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="tile to 'on'"):
+        LensNodesVAEDecode().decode(samples={"samples": torch.zeros(1, 128, 2, 2)}, vae=vae, tile="off")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="tile to 'on'"):
+        LensNodesVAEEncode().encode(pixels=torch.zeros(1, 32, 32, 3), vae=vae, tile="off")
+    assert models.unloads == 2
+
+
+def test_denoise_zero_returns_the_latent(models, cases):
+    from nodes import LensNodesVAEEncode
+
+    torch.manual_seed(1)
+    latent = LensNodesVAEEncode().encode(pixels=torch.rand(1, 32, 48, 3), vae=load_vae())[0]
+    checks, bars = models.interrupt_checks, len(models.bars)
+    out = run_sampler(load_dit(), cond_from(cases, 0), latent=latent, denoise=0.0)["samples"]
+    assert torch.equal(out, latent["samples"])
+    assert models.interrupt_checks == checks and len(models.bars) == bars  # the DiT never ran
+    with pytest.raises(ValueError, match="denoise"):
+        run_sampler(load_dit(), cond_from(cases, 0), latent=latent, denoise=-0.1)
 
 
 def test_same_device():
@@ -407,3 +448,154 @@ def test_failed_move_to_gpu_leaves_the_model_in_ram(comfy_env):
         handle.for_compute()
     assert handle.model.moves == ["cuda", "cpu"]
     assert comfy_env.freed and comfy_env.freed[-1][0] >= handle.nbytes  # core asked to make room
+
+
+# -------------------------------------------------------------------------------------------
+# VAE progress / interrupt, encode tiling
+# -------------------------------------------------------------------------------------------
+
+def test_vae_decode_progress_and_interrupt(models):
+    from nodes import LensNodesVAEDecode
+
+    z = {"samples": torch.randn(2, 128, 2, 3, generator=torch.Generator().manual_seed(0))}
+    vae = load_vae()
+    images = LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")[0]
+    assert [(v, t) for (_, kind, v, t, _) in models.progress if kind == "abs"] == [(1, 2), (2, 2)]
+    want = lm_vae().decode(z["samples"])
+    assert torch.equal(images, want)
+    models.interrupt_at(2)  # the check after the first image
+    with pytest.raises(InterruptProcessingException):
+        LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")
+    assert torch.equal(LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")[0], want)
+
+
+def test_vae_encode_tile_option_progress_and_interrupt(models):
+    from nodes import LensNodesVAEEncode
+
+    torch.manual_seed(2)
+    pixels = torch.rand(2, 32, 48, 3)
+    vae = load_vae()
+    node = LensNodesVAEEncode()
+    out = node.encode(pixels=pixels, vae=vae)[0]["samples"]  # tile defaults to "auto"
+    assert [(v, t) for (_, kind, v, t, _) in models.progress if kind == "abs"] == [(1, 2), (2, 2)]
+    assert torch.equal(out, lm_vae().encode(pixels))
+    # the node's tiles are 64 cells (1024 px): a small image is one tile, so "on" is exact here
+    assert torch.equal(node.encode(pixels=pixels, vae=vae, tile="on")[0]["samples"], out)
+    assert torch.equal(node.encode(pixels=pixels, vae=vae, tile="off")[0]["samples"], out)
+    with pytest.raises(ValueError, match="tile must be"):
+        node.encode(pixels=pixels, vae=vae, tile="yes")
+    models.interrupt_at(2)
+    with pytest.raises(InterruptProcessingException):
+        node.encode(pixels=pixels, vae=vae)
+
+
+def lm_vae():
+    import lens_model as lm
+
+    return lm.load_vae(GOLDEN / "vae", dtype=torch.float32)
+
+
+# -------------------------------------------------------------------------------------------
+# one model per loader node; pre-Ampere dtypes
+# -------------------------------------------------------------------------------------------
+
+def test_loader_frees_its_previous_model_and_old_handles_reload(models, cases):
+    """Loading another file/setting frees the model the node loaded before; ComfyUI may still
+    hand out the old output (its cache), which then reloads from the file."""
+    from nodes import LensNodesDiTLoader, LensNodesVAELoader
+
+    loader = LensNodesDiTLoader()
+    first = loader.load(model_name=DIT)[0]
+    pos = cond_from(cases, 0)
+    want = run_sampler(first, pos, width=32, height=32)["samples"]
+    second = loader.load(model_name=DIT, qk_norm_eps="comfyui")[0]
+    assert first.model is None and not first.loaded and second.loaded
+    assert first.config.enc_hidden_dim == 32  # still answers without its weights
+    assert torch.equal(run_sampler(first, pos, width=32, height=32)["samples"], want)
+    assert first.loads == 2 and first.loaded
+    assert LensNodesDiTLoader().load(model_name=DIT)[0].loaded and first.loaded  # other node: untouched
+    del second
+
+    vloader = LensNodesVAELoader()
+    v1 = vloader.load(vae_name=VAE)[0]
+    v2 = vloader.load(vae_name=VAE, dtype="bf16")[0]
+    assert v1.vae is None and v2.vae is not None
+    z = {"samples": torch.randn(1, 128, 2, 2, generator=torch.Generator().manual_seed(5))}
+    from nodes import LensNodesVAEDecode
+
+    assert torch.equal(LensNodesVAEDecode().decode(samples=z, vae=v1)[0], lm_vae().decode(z["samples"]))
+    assert v1.loads == 2
+
+
+def test_pre_ampere_gpu_falls_back_to_fp32(models, monkeypatch):
+    """On a GPU without fast bf16 (core's should_use_bf16 False: T4, V100, RTX 20xx, --force-fp32)
+    the auto/default dtypes are fp32, never fp16; with bf16 they are bf16. Weights load to host RAM
+    first, so no GPU is needed to check the choice."""
+    import comfy.model_management as mm
+
+    from nodes import LensNodesDiTLoader, LensNodesVAELoader
+
+    cuda = torch.device("cuda", 0)
+    for name in ("get_torch_device", "vae_device", "text_encoder_device"):
+        monkeypatch.setattr(mm, name, lambda: cuda)
+    for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
+        models.bf16 = fast
+        dit = LensNodesDiTLoader().load(model_name=DIT, weight_dtype="default")[0]
+        assert dit.device == cuda and next(dit.model.parameters()).dtype == want
+        vae = LensNodesVAELoader().load(vae_name=VAE, dtype="auto")[0]
+        assert vae.device == cuda and next(vae.vae.parameters()).dtype == want
+    models.bf16 = False
+    assert next(LensNodesVAELoader().load(vae_name=VAE, dtype="bf16")[0].vae.parameters()).dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------------------------------------
+# core runs nodes on a worker thread inside torch.inference_mode()
+# -------------------------------------------------------------------------------------------
+
+def _in_worker_inference_mode(fn):
+    import threading
+
+    box = {}
+
+    def worker():
+        try:
+            with torch.inference_mode():
+                box["out"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+def test_nodes_in_inference_mode_on_a_worker_thread(models, cases):
+    """Loaders, VAE Encode, Sampler (img2img and t2i) and VAE Decode as core runs them, twice with
+    the same handles (cached outputs are reused across runs); equal to a plain main-thread run."""
+    from nodes import LensNodesDiTLoader, LensNodesEmptyLatent, LensNodesVAEDecode, LensNodesVAEEncode, LensNodesVAELoader
+
+    torch.manual_seed(3)
+    image = torch.rand(1, 32, 48, 3)
+    pos = cond_from(cases, 0)
+    state = {}
+
+    def run():
+        if "dit" not in state:
+            state["dit"] = LensNodesDiTLoader().load(model_name=DIT)[0]
+            state["vae"] = LensNodesVAELoader().load(vae_name=VAE)[0]
+        dit, vae = state["dit"], state["vae"]
+        latent = LensNodesVAEEncode().encode(pixels=image, vae=vae)[0]
+        a = run_sampler(dit, pos, latent=latent, denoise=0.6, seed=2)
+        empty = LensNodesEmptyLatent().generate(width=48, height=32, batch_size=1)[0]
+        b = run_sampler(dit, pos, latent=empty, seed=2)
+        return [LensNodesVAEDecode().decode(samples=x, vae=vae)[0] for x in (a, b)] + [latent["samples"]]
+
+    first = _in_worker_inference_mode(run)
+    second = _in_worker_inference_mode(run)
+    state.clear()
+    plain = run()
+    for x, y, z in zip(first, second, plain):
+        assert torch.equal(x, z) and torch.equal(y, z)

@@ -192,3 +192,47 @@ def test_make_room_offloads_our_other_models(te_env):
     n = len(te_env.freed)
     make_room(a, "cpu", 1 << 30)  # CPU: nothing to do
     assert len(te_env.freed) == n
+
+
+def test_out_of_memory_unloads_and_stays_an_oom(te_env, monkeypatch):
+    """An OOM while encoding keeps its type (core's handler matches it), carries our advice, and
+    leaves nothing loaded even with keep_loaded; core is asked to unload its models."""
+    import lens_model.text_encoder as te_mod
+
+    def boom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(te_mod.LensTextEncoder, "encode", boom)
+    handle = load_te(keep_loaded=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="offload to 'layers'") as e:
+        encode(handle, "a tall tree")
+    assert "1.00 GiB" in str(e.value) and isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert not handle.loaded and te_env.unloads == 1
+
+
+def test_loader_unloads_its_previous_kept_encoder(te_env):
+    from nodes import LensNodesTextEncoderLoader
+
+    loader = LensNodesTextEncoderLoader()
+    args = dict(text_encoder_name=TE, device="auto", dtype="fp32", offload="auto")
+    first = loader.load(keep_loaded=True, **args)[0]
+    encode(first, "a small boat")
+    assert first.loaded
+    second = loader.load(keep_loaded=False, **args)[0]
+    assert not first.loaded and second is not first
+    # the old handle still works (ComfyUI may reuse its cached output): it loads on demand
+    assert encode(first, "a big ship")[0][0].shape[1] > 0
+
+
+def test_auto_dtype_on_a_gpu_follows_core_bf16_policy(te_env, monkeypatch):
+    """auto: bf16 on GPUs core says compute it well, fp32 on pre-Ampere cards (never fp16)."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "text_encoder_device", lambda: torch.device("cuda", 0))
+    te_env.bf16 = False
+    handle = load_te(dtype="auto")
+    assert handle.dtype == torch.float32 and handle.device.type == "cuda" and handle.loads == 0
+    te_env.bf16 = True
+    assert load_te(dtype="auto").dtype == torch.bfloat16
+    te_env.bf16 = False
+    assert load_te(dtype="bf16").dtype == torch.bfloat16  # an explicit choice is kept

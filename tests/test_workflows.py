@@ -1,7 +1,8 @@
 """Example workflows: UI-format structure, API twins, and execution on the golden tiny models.
 
 The executor below runs an API prompt the way ComfyUI does in outline (validate inputs against
-INPUT_TYPES, resolve links, call FUNCTION), with our node classes and from-scratch stand-ins for
+INPUT_TYPES, resolve links, call FUNCTION on a worker thread inside torch.inference_mode()), with our
+node classes and from-scratch stand-ins for
 the few core nodes the examples use (SaveImage, LoadImage, VAELoader, VAEDecode). Model names are
 re-pointed to the golden tiny weights (a DiT derived from the golden one so that its text input
 fits the tiny text encoder), sizes to 48x32 and steps to at most 4; the saved images must equal
@@ -311,6 +312,27 @@ def validate(prompt):
 
 
 def execute(prompt):
+    """Run `prompt` like core does: on a worker thread, every node inside torch.inference_mode()."""
+    import threading
+
+    box = {}
+
+    def worker():
+        try:
+            with torch.inference_mode():
+                box["out"] = _execute(prompt)
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=worker, name="prompt_worker")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+def _execute(prompt):
     validate(prompt)
     results = {}
 

@@ -329,7 +329,7 @@ def img2img(classes):
     vae = g.add("LensNodesVAELoader", {"vae_name": "flux2-vae.safetensors", "dtype": "auto", "device": "auto"},
                 pos=(0, 440), size=(320, 130), models=["flux2-vae.safetensors"])
     img = g.add("LoadImage", {"image": "example.png"}, pos=(0, 620), size=(320, 360))
-    enc = g.add("LensNodesVAEEncode", {}, pos=(400, 440), size=(260, 80))
+    enc = g.add("LensNodesVAEEncode", {"tile": "auto"}, pos=(400, 440), size=(260, 110))
     g.link(img, 0, enc, "pixels")
     g.link(vae, 0, enc, "vae")
     s = g.add("LensNodesSampler", _sampler_widgets(4, 1.0, denoise=0.6, width=1024, height=1024),
