@@ -251,12 +251,22 @@ def timestep_embedding(sigma: torch.Tensor, dim: int = 256, max_period: float = 
     return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
 
 
+def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2, last dim) + eps) in fp32, shape [..., 1].
+
+    One reduction pass (``vector_norm`` accumulates in fp32 even for bf16 input, without an fp32
+    copy of x); ~6x faster on CPU than ``x.square().mean(-1)`` over 64-wide heads.
+    """
+    n = x.shape[-1]
+    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return ss.square_().div_(n).add_(eps).rsqrt_()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """fp32 RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight. Returns fp32."""
-    x = x.to(torch.float32)
-    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    y = x.to(torch.float32) * rms_factor(x, eps)
     if weight is not None:
-        y = y * weight.to(torch.float32)
+        y.mul_(weight.to(torch.float32))
     return y
 
 
@@ -267,10 +277,8 @@ def _modulated_rms_norm(
 
     x: [B, L, D]; weight: [D]; scale, shift: [B, 1, D]
     """
-    xf = x.to(torch.float32)
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     wmod = weight.to(torch.float32) * (1.0 + scale.to(torch.float32))
-    y = xf * r
+    y = x.to(torch.float32) * rms_factor(x, eps)
     y.mul_(wmod).add_(shift.to(torch.float32))
     return y.to(dtype)
 
@@ -388,7 +396,7 @@ class LensJointAttention(nn.Module):
             qk = torch.cat((qkv_i[:, :, :2], qkv_t[:, :, :2]), dim=1).to(torch.float32)
         else:
             qk = qkv_i[:, :, :2].to(torch.float32, copy=True)
-        qk.mul_(torch.rsqrt(qk.square().mean(-1, keepdim=True).add_(self.norm_q.eps)))
+        qk.mul_(rms_factor(qk, self.norm_q.eps))
         w_img = torch.stack((self.norm_q.weight, self.norm_k.weight)).to(torch.float32).view(2, 1, hd)
         qk[:, :n].mul_(w_img)
         if s:
