@@ -161,7 +161,10 @@ def _is_link(value: Any) -> bool:
 
 
 def _api_twin(path: Path) -> Path:
-    return path.with_name(path.stem + "_api" + path.suffix)
+    """The API-format copy of a shipped example: ``workflows/api/<name>_api.json``."""
+    name = path.stem + "_api" + path.suffix
+    nested = path.parent / "api" / name
+    return nested if nested.is_file() else path.with_name(name)
 
 
 def check_api_prompt(obj: Any, source: str = "workflow") -> dict:
@@ -180,7 +183,7 @@ def check_api_prompt(obj: Any, source: str = "workflow") -> dict:
             f"{source} is a UI (editor) workflow (it has top-level 'nodes' and 'links'); "
             "POST /prompt needs the API format {\"<node id>\": {\"class_type\", \"inputs\"}}. "
             "Export it from ComfyUI with 'Save (API)' / 'Export (API)', or use the *_api.json twin "
-            f"shipped next to each example workflow.{hint}")
+            f"shipped in workflows/api/ for each example workflow.{hint}")
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), dict) and "class_type" not in obj:
         obj = obj["prompt"]
     if not isinstance(obj, dict) or not obj:
@@ -1010,7 +1013,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lens_model.client",
         description="Queue an API-format ComfyUI workflow, follow its progress and download its "
                     "images. Export workflows with 'Save (API)' or use the *_api.json files in "
-                    "workflows/.")
+                    "workflows/api/.")
     p.add_argument("workflow", help="API-format workflow JSON file")
     p.add_argument("--server", default=DEFAULT_SERVER,
                    help=f"ComfyUI URL (default {DEFAULT_SERVER})")
