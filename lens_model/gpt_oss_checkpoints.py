@@ -23,14 +23,16 @@ Nothing here reads ``lm_head.weight`` / ``unembedding.weight`` / ``norm.weight``
 from __future__ import annotations
 
 import logging
+import mmap
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
 from . import quant
-from .checkpoints import CheckpointError, TensorSource, quant_layers
+from .checkpoints import _DTYPES, CheckpointError, TensorSource, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -350,16 +352,52 @@ class _BankSpec:
     keys: dict  # role -> stored key (codes, scales, global_scale, weight, bias)
 
 
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14): fault a whole mapping in, page-cache pages shared
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+def map_tensor(info, populate: bool = True) -> torch.Tensor:
+    """One tensor of a safetensors file as a copy-on-write memory map (no copy, no zero-fill).
+
+    ``info``: a :class:`~lens_model.checkpoints.TensorInfo`. The mapping covers only this tensor (from
+    the allocation-granularity boundary below it), is prefaulted on this thread when ``populate``,
+    and is unmapped as soon as the last tensor viewing it is freed, so the pages count towards the
+    resident set only while the layer is in use. Writes (there are none) would stay private.
+    """
+    tdtype, _ = _DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=tdtype)
+    gran = mmap.ALLOCATIONGRANULARITY
+    base = info.start // gran * gran
+    with open(info.file, "rb") as f:
+        m = mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_COPY, offset=base)
+    if populate and hasattr(m, "madvise"):
+        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+            if advice is None:
+                continue
+            try:
+                m.madvise(advice)
+                break
+            except OSError:
+                continue
+    raw = torch.frombuffer(m, dtype=torch.uint8, offset=info.start - base, count=info.nbytes)
+    return raw.view(tdtype).reshape(info.shape)
+
+
 class GptOssCheckpoint:
     """A gpt-oss text-encoder checkpoint seen through the internal layout.
 
     ``source``: a :class:`~lens_model.checkpoints.TensorSource` opened as ``"te"``. The constructor
     reads headers and ``comfy_quant`` markers only. :meth:`read_layer` reads one decoder layer
-    (pread, fresh memory, stored dtypes); :meth:`embed` reads only the embedding rows it needs.
+    (stored dtypes); :meth:`embed` reads only the embedding rows it needs.
+
+    Layer tensors are memory-mapped one tensor at a time (:func:`map_tensor`; ~20x faster than
+    reading into fresh memory) when ``use_mmap``, else read with ``pread`` by the TensorSource.
     """
 
-    def __init__(self, source: TensorSource) -> None:
+    def __init__(self, source: TensorSource, use_mmap: bool = True) -> None:
         self.source = source
+        self.use_mmap = use_mmap
         self.name = source.name
         keys = set(source.keys())
         if "block.0.attn.sinks" in keys and "layers.0.self_attn.sinks" not in keys:
@@ -654,6 +692,18 @@ class GptOssCheckpoint:
                 raise CheckpointError(f"`{self.name}`: `{src.stored_key(spec.keys['global_scale'])}` is {list(g)}; expected [{x}] or a scalar.")
 
     # -- reading -----------------------------------------------------------------------------------
+    def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.use_mmap:
+            try:
+                t = map_tensor(self.source.info(key))
+            except (OSError, ValueError, BufferError) as e:
+                logger.warning("%s: memory-mapping `%s` failed (%s); reading with pread instead.",
+                               self.name, self.source.stored_key(key), e)
+                self.use_mmap = False
+            else:
+                return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+        return self.source.read(key, dtype)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows for ``ids`` (any shape) -> ``ids.shape + (E,)`` in the stored dtype (fp32 for fp8)."""
         rows = self.source.read_rows(self.embed_key, ids.cpu())
@@ -668,36 +718,36 @@ class GptOssCheckpoint:
         marker = self.markers.get(layer)
         src = self.source
         if marker is None:
-            return src.read(self._plain_key(i, f"self_attn.{lin}.weight"))
+            return self._read(self._plain_key(i, f"self_attn.{lin}.weight"))
         e, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         out_f, in_f = {"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin]
         fmt = marker["format"]
-        scale = src.read(f"{layer}.weight_scale") if f"{layer}.weight_scale" in src else None
-        scale2 = src.read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
+        scale = self._read(f"{layer}.weight_scale") if f"{layer}.weight_scale" in src else None
+        scale2 = self._read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
         if scale is not None and scale.dtype not in (torch.uint8,) and fmt in ("nvfp4", "mxfp8"):
             scale = scale.view(torch.uint8)
-        return QuantLinear(fmt, out_f, in_f, src.read(f"{layer}.weight"), scale, scale2)
+        return QuantLinear(fmt, out_f, in_f, self._read(f"{layer}.weight"), scale, scale2)
 
     def read_layer(self, i: int, config) -> LayerWeights:
         """Read decoder layer ``i`` from the file (fresh CPU memory, stored dtypes)."""
         src = self.source
         t: dict = {}
         for name in NORM_KEYS + ("self_attn.sinks", "mlp.router.weight", "mlp.router.bias"):
-            t[name] = src.read(self._plain_key(i, name))
+            t[name] = self._read(self._plain_key(i, name))
         if self.layout == "openai":
             q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-            w = src.read(f"block.{i}.attn.qkv.weight")
-            b = src.read(f"block.{i}.attn.qkv.bias")
+            w = self._read(f"block.{i}.attn.qkv.weight")
+            b = self._read(f"block.{i}.attn.qkv.bias")
             for lin, (a, z) in (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv))):
                 t[f"self_attn.{lin}.weight"] = w[a:z].clone()
                 t[f"self_attn.{lin}.bias"] = b[a:z].clone()
             del w, b
-            t["self_attn.o_proj.weight"] = src.read(self._plain_key(i, "self_attn.o_proj.weight"))
-            t["self_attn.o_proj.bias"] = src.read(self._plain_key(i, "self_attn.o_proj.bias"))
+            t["self_attn.o_proj.weight"] = self._read(self._plain_key(i, "self_attn.o_proj.weight"))
+            t["self_attn.o_proj.bias"] = self._read(self._plain_key(i, "self_attn.o_proj.bias"))
         else:
             for lin in ATTN_LINEARS:
                 t[f"self_attn.{lin}.weight"] = self._read_linear(i, lin, config)
-                t[f"self_attn.{lin}.bias"] = src.read(self._plain_key(i, f"self_attn.{lin}.bias"))
+                t[f"self_attn.{lin}.bias"] = self._read(self._plain_key(i, f"self_attn.{lin}.bias"))
         for bank in BANKS:
             t[f"mlp.experts.{bank}"] = self.read_bank(i, bank)
         return LayerWeights(i, t)
@@ -706,19 +756,19 @@ class GptOssCheckpoint:
         spec = self._banks[(i, bank)]
         src = self.source
         x, out_f, in_f = self._bank_logical_shape(spec)
-        bias = src.read(spec.keys["bias"])
+        bias = self._read(spec.keys["bias"])
         name = src.stored_key(spec.keys.get("codes") or spec.keys.get("weight"))
         if spec.format == "mxfp4":
-            codes = src.read(spec.keys["codes"]).reshape(x, out_f, in_f // 2)
-            return ExpertBank("mxfp4", x, out_f, in_f, bias, codes=codes, scales=src.read(spec.keys["scales"]), name=name)
+            codes = self._read(spec.keys["codes"]).reshape(x, out_f, in_f // 2)
+            return ExpertBank("mxfp4", x, out_f, in_f, bias, codes=codes, scales=self._read(spec.keys["scales"]), name=name)
         if spec.format == "nvfp4":
-            scales = src.read(spec.keys["scales"])
+            scales = self._read(spec.keys["scales"])
             if scales.dtype != torch.uint8:
                 scales = scales.view(torch.uint8)
-            g = src.read(spec.keys["global_scale"], torch.float32)
-            return ExpertBank("nvfp4", x, out_f, in_f, bias, codes=src.read(spec.keys["codes"]), scales=scales,
+            g = self._read(spec.keys["global_scale"], torch.float32)
+            return ExpertBank("nvfp4", x, out_f, in_f, bias, codes=self._read(spec.keys["codes"]), scales=scales,
                               global_scale=g, name=name)
-        return ExpertBank(spec.format, x, out_f, in_f, bias, weight=src.read(spec.keys["weight"]), name=name)
+        return ExpertBank(spec.format, x, out_f, in_f, bias, weight=self._read(spec.keys["weight"]), name=name)
 
     def layer_nbytes(self, i: int) -> int:
         """Stored bytes of layer ``i`` (what a stream read moves)."""

@@ -74,8 +74,10 @@ def test_golden_all_layers_all_positions(cases, offload):
 
 def test_offload_modes_give_identical_numbers(cases):
     outs = []
-    for offload in ("stream", "device", "layers"):
-        te = load_text_encoder(TE_DIR, dtype=torch.float32, device="cpu", offload=offload)
+    for offload in ("stream", "device", "layers", "pread"):
+        te = load_text_encoder(TE_DIR, dtype=torch.float32, device="cpu", offload="stream" if offload == "pread" else offload)
+        if offload == "pread":  # TensorSource.read instead of per-tensor memory maps
+            te.checkpoint.use_mmap = False
         outs.append(te.encode_ids(cases["input_ids"], cases["attention_mask"]))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
@@ -94,18 +96,17 @@ def test_padded_row_is_finite_and_matches_row_alone(cases, golden_te):
 
 
 def test_never_reads_lm_head_or_final_norm(golden_te, cases, monkeypatch):
-    read = []
+    from lens_model.gpt_oss_checkpoints import GptOssCheckpoint
+
+    read, rows = [], []
     src = golden_te.checkpoint.source
-    orig = type(src).read
-
-    def spy(self, key, *a, **k):
-        read.append(key)
-        return orig(self, key, *a, **k)
-
-    monkeypatch.setattr(type(src), "read", spy)
+    orig_read, orig_rows, orig_map = type(src).read, type(src).read_rows, GptOssCheckpoint._read
+    monkeypatch.setattr(type(src), "read", lambda self, key, *a, **k: read.append(key) or orig_read(self, key, *a, **k))
+    monkeypatch.setattr(type(src), "read_rows", lambda self, key, *a, **k: rows.append(key) or orig_rows(self, key, *a, **k))
+    monkeypatch.setattr(GptOssCheckpoint, "_read", lambda self, key, *a, **k: read.append(key) or orig_map(self, key, *a, **k))
     golden_te.encode_ids(cases["input_ids"][:1, :4], cases["attention_mask"][:1, :4])
     assert read and not any(k.startswith(("lm_head", "norm.")) for k in read)
-    assert "embed_tokens.weight" not in read  # rows only, via read_rows
+    assert "embed_tokens.weight" not in read and rows == ["embed_tokens.weight"]  # rows only
 
 
 def test_stops_after_last_selected_layer(cases):
