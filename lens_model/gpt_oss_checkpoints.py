@@ -146,10 +146,6 @@ class ExpertBank:
             _move(self.weight, device, non_blocking), self.name,
         )
 
-    def pin_memory(self) -> "ExpertBank":
-        pinned = [t.pin_memory() if t is not None else None for t in (self.bias, self.codes, self.scales, self.global_scale, self.weight)]
-        return ExpertBank(self.format, self.num_experts, self.out_features, self.in_features, *pinned, name=self.name)
-
     # -- dequantisation ----------------------------------------------------------------------------
     @property
     def block_size(self) -> int:
@@ -286,10 +282,6 @@ class QuantLinear:
         return QuantLinear(self.format, self.out_features, self.in_features, _move(self.weight, device, non_blocking),
                            _move(self.weight_scale, device, non_blocking), _move(self.weight_scale_2, device, non_blocking))
 
-    def pin_memory(self) -> "QuantLinear":
-        p = [t.pin_memory() if t is not None else None for t in (self.weight, self.weight_scale, self.weight_scale_2)]
-        return QuantLinear(self.format, self.out_features, self.in_features, *p)
-
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         if self.format == "nvfp4":
             return quant.dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2,
@@ -322,9 +314,6 @@ class LayerWeights:
 
     def to(self, device, non_blocking: bool = False) -> "LayerWeights":
         return LayerWeights(self.index, {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
-
-    def pin_memory(self) -> "LayerWeights":
-        return LayerWeights(self.index, {k: v.pin_memory() for k, v in self.tensors.items()})
 
     def linear_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = self.tensors[name]

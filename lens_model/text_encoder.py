@@ -480,16 +480,12 @@ class LensTextEncoder:
         return max(self._selected) + 1
 
     def _load_resident(self) -> None:
+        """Read layers 0..n-1 once: onto the compute device ("device") or kept in host memory
+        ("layers"; memory-mapped file pages the kernel may reclaim and re-read, not pinned)."""
         target = self.device if self.offload == "device" else torch.device("cpu")
-        pin = self.offload == "layers" and self.device.type == "cuda"
         layers = []
         for i in range(self.num_layers_run):
             lw = self.checkpoint.read_layer(i, self.config)
-            if pin:
-                try:
-                    lw = lw.pin_memory()
-                except RuntimeError:  # pragma: no cover - pinning can fail on small hosts
-                    pin = False
             layers.append(lw.to(target) if target.type != "cpu" else lw)
         self._resident = layers
 
