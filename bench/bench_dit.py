@@ -85,9 +85,12 @@ def inputs(cfg: LensDiTConfig, h: int, w: int, s: int, seed: int = 1):
 
 # -- the naive baseline -----------------------------------------------------------------------------------
 
-def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w):
+def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: bool = False):
     """Straightforward eager port of the upstream forward: weight dtype everywhere except the fp32
-    norm statistics / RoPE / sinusoid, explicit softmax(QK^T / 8 + A) V over the joint sequence."""
+    norm statistics / RoPE / sinusoid, explicit softmax(QK^T / 8 + A) V over the joint sequence.
+
+    ``sdpa=True`` is the "upstream" variant: the same code with ``F.scaled_dot_product_attention``
+    and the additive [B, 1, 1, L] mask, as the reference implementation does."""
     cfg = model.config
     sd = dict(model.named_parameters())
     dt = model.dtype
@@ -146,9 +149,12 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w):
         q = torch.cat([iq, tq], 1).transpose(1, 2)
         k = torch.cat([ik, tk], 1).transpose(1, 2)
         v = torch.cat([iv, tv], 1).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + amask
-        o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(bsz, n + s, d)
-        del scores
+        if sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=amask).transpose(1, 2).reshape(bsz, n + s, d)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + amask
+            o = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(bsz, n + s, d)
+            del scores
         hs = hs + g1 * lin(o[:, :n], p + "attn.to_out.0")
         enc = enc + tg1 * lin(o[:, n:], p + "attn.to_add_out")
         xm2, g2 = modulate(rms(hs, sd[p + "img_norm2.weight"], 1e-6), im2)
@@ -169,7 +175,10 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
     if compute:
         model.compute_dtype = DTYPES[compute]
     x, sigma, feats, mask = inputs(cfg, grid, grid, text)
-    fwd = (lambda *a: naive_forward(model, *a)) if impl == "naive" else (lambda *a: model.forward_tokens(a[0], a[1], a[2], a[3], (a[4], a[5])))
+    if impl == "ours":
+        fwd = lambda *a: model.forward_tokens(a[0], a[1], a[2], a[3], (a[4], a[5]))  # noqa: E731
+    else:
+        fwd = lambda *a: naive_forward(model, *a, sdpa=impl == "upstream")  # noqa: E731
     with torch.no_grad():
         # warm-up on a small grid (kernel selection, allocator) - not timed
         xs, ss, fs, ms = inputs(cfg, 8, 8, 8)
@@ -186,6 +195,7 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         "impl": impl,
         "dtype": dtype_name,
         "compute": str(model.resolved_compute_dtype()).replace("torch.", "") if impl == "ours" else dtype_name,
+        "sdpa_backend": "explicit softmax" if impl == "naive" else "sdpa",
         "blocks": blocks,
         "grid": grid,
         "text": text,
@@ -200,7 +210,9 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ours", "naive"], help="run one implementation in this process, print JSON")
+    ap.add_argument("--only", choices=["ours", "naive", "upstream"], help="run one implementation in this process, print JSON")
+    ap.add_argument("--upstream", default="fp32", help="dtypes for which to also time the upstream-style "
+                    "forward (naive code + SDPA with the additive mask); '' for none")
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--dtypes", default="fp32,bf16", help="dtypes for the full comparison")
     ap.add_argument("--compute", choices=list(DTYPES), default=None, help="force the compute dtype of ours")
@@ -222,8 +234,10 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
     results = {}
     for dt in args.dtypes.split(","):
-        for impl in ("naive", "ours"):
+        for impl in ("naive", "upstream", "ours"):
             if impl == "naive" and dt == "bf16" and args.skip_naive_bf16:
+                continue
+            if impl == "upstream" and dt not in args.upstream.split(","):
                 continue
             blocks = args.blocks
             if impl == "naive" and dt == "bf16" and args.naive_bf16_blocks:
@@ -253,6 +267,10 @@ def main() -> None:
                 f"{o['peak_rss_gb'] / nv['peak_rss_gb']:.2f}; output rel diff {rel:.2e}",
                 flush=True,
             )
+        if ("upstream", dt) in results and ("ours", dt) in results:
+            u, o = results[("upstream", dt)], results[("ours", dt)]
+            print(f"{dt}: upstream-style (SDPA) {u['seconds']:.2f} s, peak RSS {u['peak_rss_gb']:.2f} GB "
+                  f"(+{u['peak_delta_gb']:.2f}) -> ours/upstream time {o['seconds'] / u['seconds']:.2f}", flush=True)
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
 
 
