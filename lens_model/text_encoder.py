@@ -9,13 +9,18 @@ final ``norm`` are never read. Expert banks stay quantised and are dequantised o
 only for experts with routed tokens (:mod:`lens_model.gpt_oss_checkpoints`).
 
 Placement (``offload``):
-  ``"device"``: every layer resident on the compute device (GPU: ~13 GB for the NVFP4 file);
-  ``"layers"``: every layer resident in CPU RAM, each moved to the compute device when it runs;
-  ``"stream"``: nothing resident; each layer is read from the file (pread) when it runs, the next one
-      prefetched on a thread, and dropped afterwards. Peak RAM ~ two layers (~1 GB) + activations.
-      The default on the CPU, and on a GPU without room for the whole model.
+  ``"device"``: every layer resident on the compute device (GPU: ~12 GB for the NVFP4 file);
+  ``"layers"``: every layer kept in host memory (memory-mapped file pages), each moved to the compute
+      device when it runs and released after (GPU peak < 1 GB);
+  ``"stream"``: nothing resident; each layer's tensors are memory-mapped from the file when it runs
+      (the next layer is mapped and prefaulted on a thread meanwhile) and unmapped after. Peak RAM ~
+      two layers (~1 GB) + activations. The default on the CPU, and on a GPU without room for the
+      whole model.
 The token embedding is always read row by row from the file (only the rows a prompt needs).
-Every mode computes the same numbers for the same dtype.
+Every mode computes the same numbers for the same dtype and device.
+
+On the CPU the experts of a layer run on worker threads, one expert per thread (see
+:class:`ExpertPool`), each dequantising its expert in row chunks into a reused buffer.
 """
 
 from __future__ import annotations
