@@ -281,12 +281,20 @@ def child(path: str, dtype: str | None, prompt: str, offload: str | None, runs: 
     out["tokenizer_s"] = time.perf_counter() - t0
     out["ids"] = len(ids)
     out["rss_after_load_mb"] = _rss_mb()
-    times = []
+    times, per_layer = [], []
+
+    def on_layer(done, total):
+        now = time.perf_counter()
+        per_layer.append(now - last[0])
+        last[0] = now
+
     for _ in range(runs):
+        per_layer.clear()
         t0 = time.perf_counter()
-        ctx, mask = te.encode([prompt])
+        last = [t0]
+        ctx, mask = te.encode([prompt], callback=on_layer)
         times.append(time.perf_counter() - t0)
-    out.update(encode_s=times, context=list(ctx.shape), finite=bool(torch.isfinite(ctx).all()),
+    out.update(encode_s=times, last_run_layer_s=[round(t, 3) for t in per_layer], context=list(ctx.shape), finite=bool(torch.isfinite(ctx).all()),
                dtype=str(te.dtype), offload=te.offload, threads=torch.get_num_threads(),
                peak_rss_mb=_peak_rss_mb(), rss_end_mb=_rss_mb())
     return out
