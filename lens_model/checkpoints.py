@@ -67,8 +67,8 @@ DETECTION_KEYS: Mapping[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
-# safetensors dtype string -> (torch dtype used to view the bytes, bytes per element)
-_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+#: safetensors dtype string -> (torch dtype used to view the bytes, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
     "F16": (torch.float16, 2),
@@ -103,6 +103,14 @@ if hasattr(torch, "float8_e8m0fnu"):
     _TORCH_TO_ST[torch.float8_e8m0fnu] = "F8_E8M0"
 
 _MAX_HEADER = 256 * 1024 * 1024
+
+
+def safetensors_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors dtype string of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    try:
+        return _TORCH_TO_ST[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors name") from None
 
 
 class CheckpointError(ValueError):
@@ -142,26 +150,18 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
             raise CheckpointError(
                 f"{_display(path)}: GGUF files are not supported; use the safetensors files from Comfy-Org/Lens."
             )
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{_display(path)}: looks like a pickled PyTorch checkpoint; this pack only reads .safetensors "
-                "files (pickle can run arbitrary code)."
-            )
         if len(head) < 8:
             raise CheckpointError(
                 f"{_display(path)}: safetensors header unreadable: the file is only {size} bytes (incomplete download?)."
             )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(
-                f"{_display(path)}: safetensors header unreadable / file shorter than header says "
-                f"(header length {n}, file size {size}; incomplete download?)."
-            )
+            raise CheckpointError(_not_safetensors_message(path, head, n, size))
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{_display(path)}: safetensors header unreadable ({e}); is this a safetensors file?") from e
+        raise CheckpointError(_not_safetensors_message(path, head, n, size)) from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{_display(path)}: safetensors header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
@@ -183,6 +183,20 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
             "the file is truncated (incomplete download?). Download it again."
         )
     return infos, dict(metadata)
+
+
+def _not_safetensors_message(path: Path, head: bytes, n: int, size: int) -> str:
+    """Why the first bytes of ``path`` are not a readable safetensors header (checked only after
+    parsing failed: a valid header length may start with any byte)."""
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return (
+            f"{_display(path)}: looks like a pickled PyTorch checkpoint; this pack only reads .safetensors "
+            "files (pickle can run arbitrary code)."
+        )
+    return (
+        f"{_display(path)}: safetensors header unreadable / file shorter than header says "
+        f"(header length {n}, file size {size}; incomplete download, or not a safetensors file?)."
+    )
 
 
 def _resolve_files(path: Path, component: str) -> tuple[list[Path], Path]:
@@ -381,13 +395,13 @@ class TensorSource:
 
     # -- data ---------------------------------------------------------------------------------
     def read_raw(self, key: str) -> torch.Tensor:
-        """The tensor's bytes as a 1-D uint8 tensor."""
+        """The tensor's bytes as a 1-D uint8 tensor (fresh memory, read with ``pread``)."""
         info = self.info(key)
-        buf = bytearray(info.nbytes)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
+            view = memoryview(out.numpy()).cast("B")
             fd = os.open(info.file, os.O_RDONLY)
             try:
-                view = memoryview(buf)
                 done = 0
                 while done < info.nbytes:
                     got = os.preadv(fd, [view[done:]], info.start + done)
@@ -396,7 +410,7 @@ class TensorSource:
                     done += got
             finally:
                 os.close(fd)
-        return torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        return out
 
     def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Read one tensor. F8_E8M0 comes back as uint8 exponent bytes; other dtypes as stored.
@@ -406,7 +420,7 @@ class TensorSource:
         """
         info = self.info(key)
         try:
-            tdtype, _ = _DTYPES[info.dtype]
+            tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
         except KeyError:
             raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.") from None
         raw = self.read_raw(key)
@@ -425,7 +439,7 @@ class TensorSource:
         info = self.info(key)
         if len(info.shape) != 2:
             raise ValueError(f"{self.name}: `{self.stored_key(key)}` is not 2-D.")
-        tdtype, itemsize = _DTYPES[info.dtype]
+        tdtype, itemsize = SAFETENSORS_DTYPES[info.dtype]
         rows, cols = info.shape
         row_bytes = cols * itemsize
         flat = index.reshape(-1).tolist()

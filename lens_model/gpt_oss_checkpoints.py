@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from . import quant
-from .checkpoints import _DTYPES, CheckpointError, TensorSource, quant_layers
+from .checkpoints import SAFETENSORS_DTYPES, CheckpointError, TensorSource, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def map_tensor(info, populate: bool = True) -> torch.Tensor:
     and is unmapped as soon as the last tensor viewing it is freed, so the pages count towards the
     resident set only while the layer is in use. Writes (there are none) would stay private.
     """
-    tdtype, _ = _DTYPES[info.dtype]
+    tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=tdtype)
     gran = mmap.ALLOCATIONGRANULARITY

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoints import PREFIXES, SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, read_safetensors_header, safetensors_dtype_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -895,12 +897,6 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 # Validation and loading
 # ------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-}
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
 class _DictSource:
     """Minimal TensorSource-like view of an in-memory state dict (for :meth:`Flux2VAE.from_state_dict`)."""
 
@@ -917,7 +913,7 @@ class _DictSource:
         return tuple(self._sd[key].shape)
 
     def dtype(self, key: str) -> str:
-        return _TORCH_TO_ST.get(self._sd[key].dtype, str(self._sd[key].dtype))
+        return safetensors_dtype_name(self._sd[key].dtype)
 
     def read(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         t = self._sd[key]
@@ -925,7 +921,8 @@ class _DictSource:
 
 
 def _vae_prefix(keys: list[str]) -> str:
-    for prefix in ("first_stage_model.", "vae."):
+    """The component prefix (``vae.`` / ``first_stage_model.``) carried by more than 5 keys, else ``""``."""
+    for prefix in PREFIXES["vae"]:
         if sum(k.startswith(prefix) for k in keys) > 5:
             return prefix
     return ""
@@ -1037,7 +1034,7 @@ def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype
         raise ValueError(f"`{name}`: tensor shapes do not match the config: {'; '.join(bad[:10])}.")
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    stored = _ST_DTYPES.get(source.dtype(to_internal["decoder.conv_in.weight"]), torch.float32)
+    stored = SAFETENSORS_DTYPES.get(source.dtype(to_internal["decoder.conv_in.weight"]), (torch.float32, 4))[0]
     dtype = _resolve_dtype(dtype, stored, device)
     state = {}
     for ik in expected:
@@ -1070,7 +1067,6 @@ def load_vae(
     Raises ValueError (``CheckpointError``) / FileNotFoundError with a message naming the file, what
     was found and the fix (e.g. a FLUX.1 VAE, a video VAE, a 4-channel SD VAE, a DiT or text encoder).
     """
-    from .checkpoints import CheckpointError, open_checkpoint
 
     try:
         source = open_checkpoint(path, "vae")
@@ -1091,7 +1087,6 @@ def _diagnose_foreign_file(path: Any) -> str | None:
     """A specific message for a single file that open_checkpoint refused as a VAE (or None)."""
     from pathlib import Path
 
-    from .checkpoints import read_safetensors_header
 
     p = Path(path)
     if not p.is_file() or p.suffix not in (".safetensors", ".sft"):

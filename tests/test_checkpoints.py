@@ -177,3 +177,15 @@ def test_identity_changes_when_the_file_changes(tmp_path):
     import os
     os.utime(f, ns=(1, 1))
     assert checkpoints.path_identity(f) != before
+
+
+def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
+    # a valid header whose length's low byte is 0x80 must not be mistaken for a pickle
+    f = tmp_path / "x.safetensors"
+    for pad in range(300):
+        checkpoints.write_safetensors(f, {"a": torch.zeros(2)}, {"p": "x" * pad})
+        if f.read_bytes()[:1] == b"\x80":
+            break
+    assert f.read_bytes()[:1] == b"\x80"
+    infos, meta = checkpoints.read_safetensors_header(f)
+    assert infos["a"].shape == (2,)
