@@ -8,9 +8,10 @@ Sections (each guarded: a failure prints its error and the script goes on):
    Lens-Turbo, 4 Euler steps, CFG 1, 120 text tokens at 1024^2 and 1440^2: seconds per step,
    ``torch.cuda.max_memory_allocated``, SDPA backend;
 4. the same with the optional fp8 weight-only storage (checkpoints.md §6 candidates);
-5. VAE decode (1024^2, 1440^2) and 6. one TE layer: provided by ``lens_model.vae`` /
-   ``lens_model.text_encoder`` through an optional ``gpu_check_section(device) -> dict`` hook; the VAE
-   falls back to a random-weight ``Flux2VAE`` decode; "skipped" when a module is missing.
+5. VAE decode (1024^2, 1440^2): ``lens_model.vae``'s optional ``gpu_check_section(device) -> dict``
+   hook, else a random-weight ``Flux2VAE`` decode;
+6. two full-size text-encoder layers (NVFP4, random codes) resident and streamed: seconds per layer,
+   peak VRAM, 24-layer estimates.
 
 Prints one ``RESULT {json}`` line per measurement and a final ``SUMMARY`` block. Designed to finish in
 well under 4 minutes on an H100 (model build ~10 s, each timed step well under a second).
@@ -258,16 +259,44 @@ def vae_check() -> None:
                out_shape=list(img.shape), note="random weights; mid-attention kernel: not probed by the fallback")
 
 
-@section("TE layer")
+@section("TE layers")
 def te_check() -> None:
-    fn, why = hook("text_encoder")
-    if why:
-        result(section="te_layer", status=why)
-        return
-    if fn is None:
-        result(section="te_layer", status="skipped: lens_model.text_encoder has no gpu_check_section(device) hook")
-        return
-    result(section="te_layer", **fn(DEV))
+    """Two full-size gpt-oss layers (ComfyUI NVFP4 layout, random codes) on the GPU.
+
+    The file is synthesised by bench/bench_text_encoder.py (~2.3 GB in /tmp). Measures the encode of
+    the 125-id fox prompt through layers 0-1 in the resident ("device") and streamed ("layers")
+    placements: seconds per layer and peak VRAM, extrapolated to 24 layers for the resident mode.
+    Targets (issue #3): whole encoder resident <= 14 GB VRAM, streamed <= 4 GB.
+    """
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_text_encoder as bte
+    from lens_model.text_encoder import load_text_encoder
+
+    path = Path("/tmp/lens_gpu_check/gpt_oss_nvfp4_2layers.safetensors")
+    if not path.exists():
+        bte.synthesize(path, layers=2)
+    dtype = torch.float32 if DRY else torch.bfloat16
+    for offload in ("device", "layers"):
+        reset_peak()
+        base = allocated_gib()
+        te = load_text_encoder(path, dtype=dtype, device=DEV, offload=offload, selected_layers=(1,))
+        ids = torch.tensor([te.tokenize(bte.PROMPT)])
+        mask = torch.ones_like(ids)
+        te.encode_ids(ids, mask)  # warm-up (first touch, kernels)
+        sync()
+        t = time.perf_counter()
+        out = te.encode_ids(ids, mask)
+        sync()
+        per_layer = (time.perf_counter() - t) / 2
+        peak = peak_gib() - base
+        row = dict(section="te_layers", offload=offload, dtype=str(dtype), tokens=int(ids.shape[1]),
+                   seconds_per_layer=round(per_layer, 4), encode_24_layers_estimate_s=round(24 * per_layer, 2),
+                   peak_vram_gib_2_layers=round(peak, 3), finite=bool(torch.isfinite(out[0]).all()))
+        if offload == "device":
+            row["resident_24_layers_estimate_gib"] = round(peak / 2 * 24, 2)
+        result(**row)
+        te.unload()
+        del te, out
 
 
 def main() -> None:
