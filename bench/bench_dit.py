@@ -59,10 +59,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def random_model(cfg: LensDiTConfig, dtype: torch.dtype, seed: int = 0) -> LensTransformer:
-    """Random weights with sane scales (so activations stay finite in bf16)."""
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill a DiT with random weights of sane scales (activations stay finite in bf16), in place."""
     torch.manual_seed(seed)
-    model = LensTransformer(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -71,7 +70,12 @@ def random_model(cfg: LensDiTConfig, dtype: torch.dtype, seed: int = 0) -> LensT
                 p.normal_(1.0, 0.05)
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    return model.to(dtype).eval()
+    return model.eval()
+
+
+def random_model(cfg: LensDiTConfig, dtype: torch.dtype, seed: int = 0) -> LensTransformer:
+    """A random-weight DiT built in fp32 on the CPU, then cast to ``dtype``."""
+    return randomize_(LensTransformer(cfg, dtype=torch.float32), seed).to(dtype)
 
 
 def inputs(cfg: LensDiTConfig, h: int, w: int, s: int, seed: int = 1):

@@ -136,20 +136,12 @@ def golden_check() -> None:
 
 
 def random_full_model(dtype=torch.bfloat16):
+    from bench_dit import randomize_
     from lens_model.dit import LensDiTConfig, LensTransformer
 
-    torch.manual_seed(0)
     with DEV:
         model = LensTransformer(LensDiTConfig(num_layers=LAYERS), dtype=dtype)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.01)
-            elif p.dim() == 1:
-                p.normal_(1.0, 0.05)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    return model.eval()
+    return randomize_(model)
 
 
 def sigmas_for(size: int, steps: int) -> torch.Tensor:
