@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import sys
 import time
 import traceback
