@@ -1,0 +1,362 @@
+"""End-to-end CPU anchor (performance.md §4): Lens-Turbo text-to-image with full-size random weights.
+
+Runs ``lens_model.pipeline.generate(...)`` (the path the ``lens`` CLI takes) in a fresh child process
+on the CPU: 256x256, 4 steps, CFG 1, seed 42, prompt "a red fox in the snow", with
+
+- the DiT as one bf16 ``.safetensors`` file in the ComfyUI layout (``model.diffusion_model.`` keys,
+  48 blocks, ~8.2 GB),
+- the gpt-oss-20b text encoder in the ComfyUI NVFP4 layout (~13.2 GB, made by
+  ``bench/bench_text_encoder.py``; synthesised here through it when missing),
+- the FLUX.2 VAE in fp32, BFL layout (~336 MB),
+
+all random. Missing files are synthesised once under /tmp/lens_bench/ (the DiT is written tensor by
+tensor in bf16, never holding the model) and reused afterwards.
+
+Reported per run: wall seconds per stage (TE load + encode + release, DiT load, every sampling step,
+DiT release, VAE load, VAE decode, PNG encode), the total, the child's peak RSS (VmHWM = ru_maxrss,
+file-backed pages included) with per-stage peaks of anonymous / file-backed RSS sampled every 20 ms,
+bytes the child read from storage per stage (/proc/self/io), whether the output is finite and the
+PNG size. The spec's target for the pack: <= 50 s and <= 12 GB peak RSS (ComfyUI core on the Zen 5
+avx512_bf16 anchor machine: 100-105 s, 24.3 GB).
+
+    python bench/bench_end_to_end.py                 # synthesise if needed, one run
+    python bench/bench_end_to_end.py --runs 2        # two runs, each in a fresh process
+    python bench/bench_end_to_end.py --synthesize-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+PROMPT = "a red fox in the snow"
+BENCH_DIR = Path("/tmp/lens_bench")
+DIT_PATH = BENCH_DIR / "lens_turbo_bf16_random_comfy.safetensors"
+TE_PATH = BENCH_DIR / "gpt_oss_20b_nvfp4_random.safetensors"
+VAE_PATH = BENCH_DIR / "flux2_vae_fp32_random_bfl.safetensors"
+OUT_PNG = BENCH_DIR / "e2e_out.png"
+COMFY_DIT_PREFIX = "model.diffusion_model."
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def _write_streamed(path: Path, entries: list[tuple[str, tuple[int, ...], str]], make, metadata: dict) -> None:
+    """Write a safetensors file header-first, then each tensor from ``make(index, key, shape)`` in
+    turn (only one tensor is alive at a time)."""
+    sizes = {"BF16": 2, "F32": 4}
+    header, off = {}, 0
+    for key, shape, dt in entries:
+        n = sizes[dt] * math.prod(shape)
+        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    t0 = time.perf_counter()
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for i, (key, shape, dt) in enumerate(entries):
+            t = make(i, key, shape).contiguous()
+            assert tuple(t.shape) == tuple(shape) and {torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype] == dt, key
+            f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
+            del t
+    os.replace(tmp, path)
+    print(f"wrote {path} ({path.stat().st_size / GB:.2f} GB, {len(entries)} tensors) in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def synthesize_dit(path: Path, seed: int = 0) -> Path:
+    """Full-size Lens DiT (48 blocks) in bf16, ComfyUI single-file layout, random weights with the
+    scales of ``bench_dit.randomize_`` (bias N(0, 0.01), norm weights N(1, 0.05), matrices
+    N(0, 1/sqrt(fan_in))), drawn per tensor in fp32 and cast to bf16."""
+    from lens_model.dit import LensDiTConfig
+
+    shapes = LensDiTConfig().expected_shapes()
+    keys = list(shapes)
+
+    def make(i, key, shape):
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        if key.endswith("bias"):
+            t = torch.randn(shape, generator=g).mul_(0.01)
+        elif len(shape) == 1:
+            t = torch.randn(shape, generator=g).mul_(0.05).add_(1.0)
+        else:
+            t = torch.randn(shape, generator=g).mul_(1.0 / math.sqrt(shape[1]))
+        return t.to(torch.bfloat16)
+
+    _write_streamed(path, [(COMFY_DIT_PREFIX + k, tuple(shapes[k]), "BF16") for k in keys],
+                    lambda i, k, s: make(i, k[len(COMFY_DIT_PREFIX):], s),
+                    {"format": "pt", "lens_bench": "random Lens-Turbo DiT, bf16, ComfyUI layout"})
+    return path
+
+
+def synthesize_vae(path: Path, seed: int = 0) -> Path:
+    """Full-size FLUX.2 VAE (default config) with PyTorch's default init, fp32, BFL key layout
+    (the module's own state-dict names), latent BN statistics mean N(0, 0.5), var U(0.1, 2.1)."""
+    from safetensors.torch import save_file
+
+    from lens_model.vae import Flux2VAE
+
+    torch.manual_seed(seed)
+    vae = Flux2VAE().eval()
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.1, 2.1)
+    sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file(sd, str(tmp), metadata={"format": "pt", "lens_bench": "random FLUX.2 VAE, fp32, BFL layout"})
+    os.replace(tmp, path)
+    print(f"wrote {path} ({path.stat().st_size / GB:.3f} GB, {len(sd)} tensors)", flush=True)
+    return path
+
+
+def ensure_files(dit: Path, te: Path, vae: Path) -> None:
+    if not te.exists():
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_text_encoder import synthesize
+
+        synthesize(te, 24)
+    if not dit.exists():
+        synthesize_dit(dit)
+    if not vae.exists():
+        synthesize_vae(vae)
+    for p in (dit, te, vae):
+        print(f"using {p} ({p.stat().st_size / GB:.2f} GB)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Child: one generate() call, instrumented
+
+
+def _status() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _read_bytes() -> int:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+class Timeline:
+    """Stage boundaries with wall time, storage reads and RSS maxima sampled by a thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.t0 = time.perf_counter()
+        self.stages: list[dict] = []
+        self._cur = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.begin("startup")
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            s = _status()
+            with self._lock:
+                cur = self._cur
+                for k in ("VmRSS", "RssAnon", "RssFile"):
+                    cur["max_" + k] = max(cur.get("max_" + k, 0), s.get(k, 0))
+
+    def begin(self, name: str) -> None:
+        now, rb, s = time.perf_counter(), _read_bytes(), _status()
+        with self._lock:
+            if self._cur is not None:
+                c = self._cur
+                c["s"] = now - c.pop("_t")
+                c["read_gb"] = (rb - c.pop("_rb")) / GB
+                c["rss_end_gb"] = s["VmRSS"] / GB
+                for k in ("VmRSS", "RssAnon", "RssFile"):
+                    c["max_" + k] = max(c.get("max_" + k, 0), s.get(k, 0))
+                self.stages.append(c)
+            self._cur = None if name is None else {"stage": name, "_t": now, "_rb": rb,
+                                                    "start_s": now - self.t0}
+
+    def end(self) -> list[dict]:
+        self.begin(None)
+        self._stop.set()
+        self._thread.join()
+        for c in self.stages:
+            for k in ("VmRSS", "RssAnon", "RssFile"):
+                c["max_" + k] = round(c["max_" + k] / GB, 3)
+            for k in ("s", "start_s", "read_gb", "rss_end_gb"):
+                c[k] = round(c[k], 3)
+        return self.stages
+
+
+def child(args) -> dict:
+    import lens_model.dit as dit_mod
+    import lens_model.pipeline as pipeline
+    import lens_model.text_encoder as te_mod
+    import lens_model.vae as vae_mod
+
+    tl = Timeline()
+    res: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "rss_start_gb": _status()["VmRSS"] / GB}
+
+    # Record stage boundaries around the functions generate() calls; each wrapper calls the original.
+    def wrap(mod, name, before=None, after=None):
+        orig = getattr(mod, name)
+
+        def w(*a, **k):
+            if before:
+                tl.begin(before)
+            out = orig(*a, **k)
+            if after:
+                tl.begin(after)
+            return out
+
+        setattr(mod, name, w)
+        return orig
+
+    wrap(te_mod, "load_text_encoder", before="te_load", after="te_encode")
+    wrap(pipeline, "encode_prompts", after="te_release")
+    wrap(dit_mod, "load_transformer", before="dit_load", after="step_1")
+    wrap(pipeline, "_load_vae", before="vae_load", after="vae_decode")
+    orig_decode = vae_mod.Flux2VAE.decode
+
+    def decode(self, *a, **k):
+        out = orig_decode(self, *a, **k)
+        tl.begin("vae_release")
+        return out
+
+    vae_mod.Flux2VAE.decode = decode
+    finite_steps = []
+
+    def callback(step, total, x, denoised):
+        finite_steps.append(bool(torch.isfinite(x).all()))
+        tl.begin(f"step_{step + 2}" if step + 1 < total else "dit_release")
+
+    tl.begin("import")
+    t_start = time.perf_counter()
+    images = pipeline.generate(
+        PROMPT, transformer_path=args.dit, text_encoder_path=args.te, vae_path=args.vae,
+        width=args.size, height=args.size, steps=args.steps, guidance=args.cfg, seed=args.seed,
+        device="cpu", callback=callback, output_type="pt")
+    t_gen = time.perf_counter() - t_start
+    tl.begin("png")
+    img = pipeline.to_pil(images)[0]
+    img.save(args.out, format="PNG")
+    stages = tl.end()
+    res.update(
+        generate_s=round(t_gen, 3), stages=stages,
+        peak_rss_gb=round(_status()["VmHWM"] / GB, 3),
+        ru_maxrss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
+        image_shape=list(images.shape), finite=bool(torch.isfinite(images).all()),
+        latents_finite_per_step=finite_steps,
+        image_mean=round(float(images.mean()), 4), image_std=round(float(images.std()), 4),
+        png=str(args.out), png_bytes=Path(args.out).stat().st_size,
+        png_sha256=hashlib.sha256(Path(args.out).read_bytes()).hexdigest(),
+        read_total_gb=round(sum(s["read_gb"] for s in stages), 3))
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent
+
+
+def summarize(res: dict) -> dict:
+    st = {s["stage"]: s for s in res["stages"]}
+    steps = [st[k]["s"] for k in sorted((k for k in st if k.startswith("step_")), key=lambda k: int(k[5:]))]
+    g = lambda *names: round(sum(st[n]["s"] for n in names if n in st), 2)  # noqa: E731
+    peak = lambda *names: max(st[n]["max_VmRSS"] for n in names if n in st)  # noqa: E731
+    return {
+        "total_generate_s": round(res["generate_s"], 2),
+        "te_load_encode_s": g("te_load", "te_encode", "te_release"),
+        "te_load_s": g("te_load"), "te_encode_s": g("te_encode"), "te_release_s": g("te_release"),
+        "dit_load_s": g("dit_load"),
+        "step_s": [round(s, 2) for s in steps], "sampling_s": round(sum(steps), 2),
+        "dit_release_s": g("dit_release"),
+        "vae_load_decode_s": g("vae_load", "vae_decode", "vae_release"),
+        "vae_load_s": g("vae_load"), "vae_decode_s": g("vae_decode"),
+        "peak_rss_gb": res["peak_rss_gb"],
+        "peak_rss_by_stage_gb": {"te": peak("te_load", "te_encode", "te_release"),
+                                 "dit": peak("dit_load", *(f"step_{i + 1}" for i in range(len(steps))), "dit_release"),
+                                 "vae": peak("vae_load", "vae_decode", "vae_release")},
+        "read_from_storage_gb": res["read_total_gb"],
+        "finite": res["finite"] and all(res["latents_finite_per_step"]),
+        "png_bytes": res["png_bytes"], "png_sha256": res["png_sha256"][:16],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dit", type=Path, default=DIT_PATH)
+    ap.add_argument("--te", type=Path, default=TE_PATH)
+    ap.add_argument("--vae", type=Path, default=VAE_PATH)
+    ap.add_argument("--out", type=Path, default=OUT_PNG)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--cfg", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--runs", type=int, default=1, help="runs, each in a fresh child process")
+    ap.add_argument("--synthesize-only", action="store_true")
+    ap.add_argument("--log", action="store_true", help="show the pipeline's INFO log of each run")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    ensure_files(args.dit, args.te, args.vae)
+    if args.synthesize_only:
+        return
+    cmd = [sys.executable, __file__, "--child", "--dit", str(args.dit), "--te", str(args.te), "--vae", str(args.vae),
+           "--out", str(args.out), "--size", str(args.size), "--steps", str(args.steps), "--cfg", str(args.cfg),
+           "--seed", str(args.seed)]
+    summaries = []
+    for run in range(args.runs):
+        print(f"run {run + 1}/{args.runs}: load average {os.getloadavg()[0]:.2f}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if args.log or proc.returncode:
+            print(proc.stderr, file=sys.stderr)
+        if proc.returncode:
+            print(proc.stdout, file=sys.stderr)
+            raise SystemExit(proc.returncode)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        res = json.loads(line[len("RESULT "):])
+        summary = summarize(res)
+        summaries.append(summary)
+        print(json.dumps({"run": run + 1, "summary": summary, "detail": res}, indent=1), flush=True)
+    print("SUMMARY " + json.dumps(summaries), flush=True)
+
+
+if __name__ == "__main__":
+    main()
