@@ -365,7 +365,7 @@ W, H = 48, 32
 
 
 def repoint(api, names):
-    p = copy.deepcopy(api)
+    p = shrink(api)
     for entry in p.values():
         t, inp = entry["class_type"], entry["inputs"]
         if t == "LensNodesDiTLoader":
@@ -377,7 +377,15 @@ def repoint(api, names):
             inp["vae_name"] = names["vae"]
         elif t == "VAELoader":
             inp["vae_name"] = names["vae"] + "diffusion_pytorch_model.safetensors"
-        elif t == "LensNodesResolution":
+    return p
+
+
+def shrink(api):
+    """A copy of an API prompt at W x H with at most 4 steps (model names unchanged)."""
+    p = copy.deepcopy(api)
+    for entry in p.values():
+        t, inp = entry["class_type"], entry["inputs"]
+        if t == "LensNodesResolution":
             inp.update(base="custom", width=W, height=H)
         if t == "LensNodesSampler":
             inp["steps"] = min(inp["steps"], 4)  # keep the 20-step example quick on a CPU
@@ -413,13 +421,18 @@ def wf_env(comfy_env, tokenizer, monkeypatch):
     text_encode.FEATURES.clear()
 
 
-def reference_image(api, tokenizer, env):
-    """What the Python API gives for the sampler/encoders/VAE settings of an API workflow."""
+def reference_image(api, tokenizer, env, te_path=GOLDEN / "text_encoder", vae_path=GOLDEN / "vae", dit_path=None,
+                    te_dtype=torch.float32):
+    """What the Python API gives for the sampler/encoders/VAE settings of an API workflow.
+
+    Defaults: the golden tiny TE (fp32) and VAE and the TE-matched DiT in ``env``; ``tokenizer``
+    None finds the TE's own tokenizer.
+    """
     import lens_model as lm
     import lens_model.sampling as sampling
 
     s = next(e["inputs"] for e in api.values() if e["class_type"] == "LensNodesSampler")
-    te = lm.load_text_encoder(GOLDEN / "text_encoder", dtype=torch.float32, device="cpu", tokenizer=tokenizer)
+    te = lm.load_text_encoder(te_path, dtype=te_dtype, device="cpu", tokenizer=tokenizer)
 
     def features(link):
         enc = api[link[0]]["inputs"]
@@ -429,7 +442,7 @@ def reference_image(api, tokenizer, env):
 
     ctx, mask = features(s["positive"])
     nctx, nmask = features(s["negative"]) if "negative" in s else (None, None)
-    vae = lm.load_vae(GOLDEN / "vae", dtype=torch.float32)
+    vae = lm.load_vae(vae_path, dtype=torch.float32)
     noise = lm.make_noise(s["seed"], 1, H // 16, W // 16, layout=s["noise_layout"])
     latent_src = api[s["latent"][0]] if "latent" in s else None
     if latent_src is not None and latent_src["class_type"] == "LensNodesVAEEncode":
@@ -443,7 +456,7 @@ def reference_image(api, tokenizer, env):
     else:
         sig = lm.lens_sigmas(H, W, s["steps"])
         x = noise
-    model = lm.load_transformer(env.folder("diffusion_models") / "lens_tiny_te64")
+    model = lm.load_transformer(dit_path or env.folder("diffusion_models") / "lens_tiny_te64")
     out = lm.sample(model, x, sig, ctx, mask, negative_context=nctx, negative_mask=nmask,
                     guidance_scale=s["cfg"], cfg_mode=s["cfg_mode"])
     return vae.decode(out)
