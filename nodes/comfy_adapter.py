@@ -1,9 +1,10 @@
 """The only place where the pack touches ComfyUI.
 
-Every ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``) is imported
-lazily inside the function that needs it, so ``nodes`` imports cleanly in a plain Python
-environment (tests, scripts). Outside ComfyUI each function falls back to a sensible default:
-CUDA if present else CPU, no-op memory calls, no progress bar, no interrupt.
+Every ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``,
+``comfy.latent_formats``, ``latent_preview``) is imported lazily inside the function that needs it,
+so ``nodes`` imports cleanly in a plain Python environment (tests, scripts). Outside ComfyUI each
+function falls back to a sensible default: CUDA if present else CPU, no-op memory calls, no
+progress bar, no previews, no interrupt.
 
 ComfyUI is GPL-3.0: we call it at run time, we never copy its code.
 """
@@ -274,3 +275,71 @@ def progress_bar(total: int):
     except ImportError:
         return _NoProgress()
     return comfy.utils.ProgressBar(int(total))
+
+
+# --------------------------------------------------------------------------------------------
+# latent previews
+# --------------------------------------------------------------------------------------------
+
+_preview_note_logged = False
+
+
+def _preview_unavailable(reason) -> None:
+    global _preview_note_logged
+    if not _preview_note_logged:
+        _preview_note_logged = True
+        logger.debug("MMDiT Sampler: no latent previews (%s).", reason)
+
+
+def make_previewer(device):
+    """ComfyUI's latent previewer for Lens latents, or None when no previews are sent.
+
+    Returns ``preview(x0 [B, 128, h, w]) -> ("JPEG", PIL.Image, max_size) | None``, the value
+    ``ProgressBar.update_absolute(value, total, preview)`` takes. Everything comes from core at run
+    time: ``latent_preview.get_previewer(device, comfy.latent_formats.Flux2())`` honours the user's
+    preview method (none / auto / latent2rgb / taesd with models/vae_approx/taef2_decoder), and
+    the previewer's ``decode_latent_to_preview_image`` turns x0 into the image. Like core's
+    KSampler, the previewer gets x0 in the model's latent space (``process_in`` of the LATENT
+    space; identity for Flux2). The pack holds no latent→RGB factors of its own.
+
+    Outside ComfyUI, or on a ComfyUI without these names, there are no previews (logged once at
+    debug level). A previewer that fails while decoding is dropped for the rest of the run with
+    one warning; sampling goes on.
+    """
+    try:
+        import latent_preview  # ComfyUI root module
+        from comfy import latent_formats
+        fmt = latent_formats.Flux2()
+        get_previewer = latent_preview.get_previewer
+    except (ImportError, AttributeError) as e:
+        _preview_unavailable(e)
+        return None
+    try:
+        previewer = get_previewer(device, fmt)
+    except Exception as e:  # e.g. an unreadable TAESD file; previews are optional
+        logger.warning("MMDiT Sampler: ComfyUI's latent previewer could not be set up (%s); "
+                       "sampling without previews.", e)
+        return None
+    if previewer is None:  # the user's preview method is "none"
+        return None
+    decode = getattr(previewer, "decode_latent_to_preview_image", None)
+    if decode is None:
+        _preview_unavailable(f"{type(previewer).__name__} has no decode_latent_to_preview_image")
+        return None
+    process_in = getattr(fmt, "process_in", None)
+    failed = False
+
+    def preview(x0):
+        nonlocal failed
+        if failed:
+            return None
+        try:
+            z = process_in(x0) if process_in is not None else x0
+            return decode("JPEG", z)
+        except Exception as e:  # never fail a generation over a preview (BaseException passes)
+            failed = True
+            logger.warning("MMDiT Sampler: latent preview failed (%s: %s); no more previews "
+                           "this run.", type(e).__name__, e)
+            return None
+
+    return preview
