@@ -104,7 +104,9 @@ class LensNodesSampler:
         "or core VAEDecode (flux2-vae). Not supported: inpainting (a latent noise_mask, e.g. from "
         "Set Latent Noise Mask, is ignored) and batch_index (from Latent From Batch / Repeat "
         "Latent Batch): the noise for the whole batch comes from the seed, image i of a batch "
-        "is not the same as image i generated alone with another batch size."
+        "is not the same as image i generated alone with another batch size. Live previews "
+        "follow ComfyUI's preview setting (--preview-method or the live preview method in the "
+        "settings: none, auto/latent2rgb, or taesd with taef2_decoder in models/vae_approx)."
     )
     CATEGORY = CATEGORY
     SEARCH_ALIASES = ["lens", "lens sampler", "mmdit", "ksampler", "sampler", "generate",
@@ -237,13 +239,16 @@ class LensNodesSampler:
         handle = model
         total = len(sigmas) - 1
         pbar = comfy.progress_bar(total)
+        dev = handle.device
+        preview = comfy.make_previewer(dev)  # None: the user's preview method is "none"
 
-        def callback(step, n, x_k, denoised):
-            pbar.update_absolute(step + 1, n, None)
+        def callback(step, n, x_next, denoised):
+            # denoised = x_k - sigma_k * v, the x0 estimate [B, 128, h, w] on `dev`
+            image = preview(denoised) if preview is not None else None
+            pbar.update_absolute(step + 1, n, image)
             comfy.check_interrupt()
 
         comfy.check_interrupt()
-        dev = handle.device
         try:
             transformer = handle.for_compute()
             with torch.no_grad():
