@@ -9,7 +9,12 @@ ComfyUI is not on PyPI, so the node tests run against these fakes:
 - ``comfy.model_management``: CPU device, recorded free/unload calls, ``should_use_bf16`` (answers
   ``env.bf16`` for non-CPU devices), an interrupt flag and an ``InterruptProcessingException``
   deriving from BaseException (like core's);
-- ``comfy.utils.ProgressBar``: records every ``update`` / ``update_absolute`` call.
+- ``comfy.utils.ProgressBar``: records every ``update`` / ``update_absolute`` call;
+- ``comfy.latent_formats.Flux2``: 128 channels, 16× downscale, identity ``process_in`` /
+  ``process_out`` (no latent→RGB factors: the stand-in previewer does not need any);
+- ``latent_preview.get_previewer(device, latent_format)``: None while ``env.preview_method`` is
+  "none" (core's default), else a previewer whose ``decode_latent_to_preview_image(format, x0)``
+  records ``x0`` in ``env.previews`` and returns ``("JPEG", FakePreviewImage, 512)``.
 
 Use the ``comfy_env`` fixture (import it into a test module: ``from comfy_stubs import comfy_env``).
 It installs the fakes into ``sys.modules`` for one test and removes them afterwards.
@@ -52,6 +57,10 @@ class ComfyEnv:
     interrupt_after_checks: int | None = None          # raise on the n-th check from now
     interrupted: bool = False
     bf16: bool = True                                  # should_use_bf16 for non-CPU devices
+    preview_method: str = "none"                       # "none" (core's default), "latent2rgb", ...
+    previewer_requests: list = field(default_factory=list)  # (device, latent_format) per call
+    previews: list = field(default_factory=list)       # (preview_format, x0 CPU copy) per preview
+    preview_error: BaseException | None = None         # raised by the fake decode when set
 
     def folder(self, key: str) -> Path:
         return self.models_dir / FOLDERS[key][0]
@@ -192,6 +201,55 @@ def _make_utils(env: ComfyEnv) -> types.ModuleType:
     return utils
 
 
+@dataclass
+class FakePreviewImage:
+    """What the stand-in previewer returns in place of a PIL image."""
+
+    shape: tuple
+
+
+def _make_latent_formats() -> types.ModuleType:
+    lf = types.ModuleType("comfy.latent_formats")
+
+    class Flux2:
+        latent_channels = 128
+        latent_dimensions = 2
+        spacial_downscale_ratio = 16
+        taesd_decoder_name = "taef2_decoder"
+
+        def process_in(self, latent):
+            return latent
+
+        def process_out(self, latent):
+            return latent
+
+    lf.Flux2 = Flux2
+    return lf
+
+
+def _make_latent_preview(env: ComfyEnv) -> types.ModuleType:
+    lp = types.ModuleType("latent_preview")
+
+    class FakePreviewer:
+        def __init__(self, latent_format):
+            self.latent_format = latent_format
+
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            if env.preview_error is not None:
+                raise env.preview_error
+            env.previews.append((preview_format, x0.detach().to("cpu", copy=True)))
+            return ("JPEG", FakePreviewImage(tuple(x0.shape)), 512)
+
+    def get_previewer(device, latent_format):
+        env.previewer_requests.append((device, latent_format))
+        if env.preview_method == "none":
+            return None
+        return FakePreviewer(latent_format)
+
+    lp.get_previewer = get_previewer
+    return lp
+
+
 def install(monkeypatch, root: Path) -> ComfyEnv:
     models = root / "models"
     for dirs in FOLDERS.values():
@@ -202,12 +260,16 @@ def install(monkeypatch, root: Path) -> ComfyEnv:
     comfy.__path__ = []  # a package, so `import comfy.utils` resolves through sys.modules
     mm = _make_model_management(env)
     utils = _make_utils(env)
+    latent_formats = _make_latent_formats()
     comfy.model_management = mm
     comfy.utils = utils
+    comfy.latent_formats = latent_formats
     monkeypatch.setitem(sys.modules, "folder_paths", _make_folder_paths(env))
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", latent_formats)
+    monkeypatch.setitem(sys.modules, "latent_preview", _make_latent_preview(env))
     monkeypatch.setenv("LENS_NODES_CACHE_DIR", str(root / "cache"))
     return env
 

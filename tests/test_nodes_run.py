@@ -256,6 +256,101 @@ def test_progress_reported_every_step(models, cases):
     assert all(p is None for (*_, p) in models.progress)  # no previews by default
 
 
+def test_default_preview_method_none_sends_no_previews(models, cases):
+    # core's get_previewer answers None for preview method "none": asked once, nothing decoded
+    run_sampler(load_dit(), cond_from(cases, 0), steps=3, width=32, height=32)
+    assert len(models.previewer_requests) == 1 and models.previews == []
+    assert [p for (*_, p) in models.progress] == [None, None, None]
+
+
+def test_previews_every_step_are_x0_in_flux2_format(models, cases):
+    import sys
+
+    import lens_model as lm
+    from comfy_stubs import FakePreviewImage
+    from nodes import LensNodesEmptyLatent
+
+    models.preview_method = "latent2rgb"
+    pos = cond_from(cases, 0)
+    latent = LensNodesEmptyLatent().generate(width=48, height=32, batch_size=2)[0]
+    out = run_sampler(load_dit(), pos, latent=latent, seed=9, steps=4)["samples"]
+
+    # one previewer per run, for core's Flux2 latent format on the sampling device
+    assert len(models.previewer_requests) == 1
+    device, fmt = models.previewer_requests[0]
+    assert torch.device(device).type == "cpu"
+    assert isinstance(fmt, sys.modules["comfy.latent_formats"].Flux2)
+    # one preview per step, each handed to the progress bar with its step
+    sent = [(v, t, p) for (_, kind, v, t, p) in models.progress if kind == "abs"]
+    assert [(v, t) for v, t, _ in sent] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(p == ("JPEG", FakePreviewImage((2, 128, 2, 3)), 512) for *_, p in sent)
+    assert len(models.previews) == 4
+    assert all(f == "JPEG" and x0.shape == (2, 128, 2, 3) for f, x0 in models.previews)
+    assert models.interrupt_checks == 5  # still before the first step and after every step
+
+    # the same x0 as lens_model.sample's callback gives, and the final latent is unchanged
+    model = lm.load_transformer(GOLDEN / "transformer")
+    noise = lm.make_noise(9, 2, 2, 3)
+    sig = lm.lens_sigmas(32, 48, 4)
+    ctx, mask = pos[0][0], pos[0][1]["attention_mask"].bool()
+    seen = []
+    want = lm.sample(model, noise, sig, ctx, mask,
+                     callback=lambda k, n, x, d: seen.append((x.clone(), d.clone())))
+    assert torch.equal(out, want)
+    for (_, x0), (_, d) in zip(models.previews, seen):
+        assert torch.equal(x0, d)
+    # and x0 = x_k - sigma_k * v(x_k), recomputed with the DiT from the latents before each step
+    xs = [noise] + [x for x, _ in seen[:-1]]
+    c2, m2 = ctx.expand(2, -1, -1), mask.expand(2, -1)
+    for k, ((_, x0), x_k) in enumerate(zip(models.previews, xs)):
+        s_k = float(sig[k])
+        with torch.no_grad():
+            v = model(x_k, torch.full((2,), s_k), c2, m2).float()
+        torch.testing.assert_close(x0, x_k - s_k * v, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(models.previews[0][1], models.previews[-1][1])
+
+
+@pytest.mark.parametrize("missing", ["latent_preview", "Flux2"])
+def test_no_previews_without_core_preview_machinery(models, cases, monkeypatch, caplog, missing):
+    import sys
+
+    import nodes.comfy_adapter as adapter
+
+    if missing == "latent_preview":
+        monkeypatch.delitem(sys.modules, "latent_preview")
+    else:  # an older ComfyUI without the Flux2 latent format
+        monkeypatch.delattr(sys.modules["comfy.latent_formats"], "Flux2")
+    monkeypatch.setattr(adapter, "_preview_note_logged", False)
+    models.preview_method = "latent2rgb"
+    handle = load_dit()
+    pos = cond_from(cases, 0)
+    with caplog.at_level(logging.DEBUG, logger="nodes.comfy_adapter"):
+        a = run_sampler(handle, pos, steps=2, width=32, height=32)["samples"]
+        b = run_sampler(handle, pos, steps=2, width=32, height=32)["samples"]
+    assert torch.equal(a, b)
+    assert models.previews == [] and all(p is None for (*_, p) in models.progress)
+    notes = [r for r in caplog.records if "no latent previews" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.DEBUG  # once per process
+
+
+def test_failing_preview_is_dropped_and_sampling_goes_on(models, cases, caplog):
+    handle = load_dit()
+    pos = cond_from(cases, 0)
+    clean = run_sampler(handle, pos, steps=3, width=32, height=32)["samples"]
+    models.preview_method = "taesd"
+    models.preview_error = RuntimeError("bad taef2 file")
+    models.progress.clear()
+    with caplog.at_level(logging.WARNING):
+        out = run_sampler(handle, pos, steps=3, width=32, height=32)["samples"]
+    assert torch.equal(out, clean)
+    assert [p for (*_, p) in models.progress] == [None, None, None]
+    assert caplog.text.count("latent preview failed") == 1 and "bad taef2 file" in caplog.text
+    # an interrupt (BaseException) raised while previewing is not swallowed
+    models.preview_error = InterruptProcessingException()
+    with pytest.raises(InterruptProcessingException):
+        run_sampler(handle, pos, steps=3, width=32, height=32)
+
+
 def test_interrupt_mid_sampling_raises_and_rerun_is_identical(models, cases):
     handle = load_dit()
     pos = cond_from(cases, 1)
