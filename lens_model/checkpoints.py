@@ -8,9 +8,12 @@ Every Lens loader goes through :func:`open_checkpoint`, which
 3. strips the known key prefixes of the requested component (spec checkpoints.md §2);
 4. detects which model the keys belong to and refuses the wrong kind with an actionable message.
 
-Tensors are then read one at a time with ``os.pread`` into fresh memory (:meth:`TensorSource.read`).
-Nothing is memory-mapped, so a 13 GB text encoder read layer by layer never keeps the whole file
-resident: page-cache pages are not part of the process's resident set.
+Tensors are then read one at a time, either with ``os.pread`` into fresh memory
+(:meth:`TensorSource.read`) or as a per-tensor copy-on-write memory map of the file
+(:meth:`TensorSource.map`, :func:`map_tensor`). A mapping covers one tensor and is unmapped when the
+last tensor viewing it is freed, so a 13 GB text encoder read layer by layer never keeps the whole
+file mapped, while a model that keeps its mapped weights (the DiT on the CPU) holds them in
+file-backed page-cache pages instead of a private copy.
 
 Pickle formats (``.ckpt``, ``.pt``, ``.bin``) are never opened; GGUF is detected and refused.
 """
@@ -20,8 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -134,6 +139,49 @@ class TensorInfo:
 
 def _display(path: Path) -> str:
     return str(path)
+
+
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14): fault a whole mapping in, page-cache pages shared
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+def map_tensor(info: TensorInfo, populate: bool = True) -> torch.Tensor:
+    """One tensor of a safetensors file as a copy-on-write memory map (no copy, no zero-fill).
+
+    ``info``: a :class:`TensorInfo`. Returns the tensor in its stored dtype and shape (F8_E8M0 as
+    uint8 bytes, as :meth:`TensorSource.read`). The mapping covers only this tensor (from the
+    allocation-granularity boundary below it), is prefaulted on the calling thread when
+    ``populate`` (one ``madvise`` instead of a page fault per 4 KiB), and is unmapped as soon as
+    the last tensor viewing it is freed; while it lives, its pages count towards the resident set
+    as file-backed (page-cache) pages. Writes stay private to the process (``MAP_PRIVATE``).
+
+    The mapping reads the file as it is on disk, page by page, for as long as it lives: a file
+    *replaced* meanwhile (a new file renamed over it, or deleted) does not affect it, but a file
+    *rewritten in place* (same inode, e.g. ``cp new old`` or a download resumed into it) changes
+    the tensor's values under it, and truncating it makes reads past the new end raise SIGBUS.
+    On Windows a mapped file cannot be deleted or replaced while mapped.
+
+    Raises OSError / ValueError / BufferError when the file cannot be mapped (callers fall back to
+    :meth:`TensorSource.read`), KeyError for a dtype missing from :data:`SAFETENSORS_DTYPES`.
+    """
+    tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=tdtype)
+    gran = mmap.ALLOCATIONGRANULARITY
+    base = info.start // gran * gran
+    with open(info.file, "rb") as f:
+        m = mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_COPY, offset=base)
+    if populate and hasattr(m, "madvise"):
+        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
+            if advice is None:
+                continue
+            try:
+                m.madvise(advice)
+                break
+            except OSError:
+                continue
+    raw = torch.frombuffer(m, dtype=torch.uint8, offset=info.start - base, count=info.nbytes)
+    return raw.view(tdtype).reshape(info.shape)
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -338,7 +386,8 @@ def wrong_kind_message(name: str, found: str, component: str) -> str:
 class TensorSource:
     """Header-level view of a checkpoint (one file or a shard set) with the key prefix stripped.
 
-    Tensors are read on demand, one at a time, with ``os.pread`` into fresh CPU memory.
+    Tensors are read on demand, one at a time: with ``os.pread`` into fresh CPU memory
+    (:meth:`read`) or as a copy-on-write memory map of the file (:meth:`map`).
     """
 
     def __init__(
@@ -430,6 +479,20 @@ class TensorSource:
         if device is not None:
             t = t.to(device)
         return t
+
+    def map(self, key: str, populate: bool = True) -> torch.Tensor:
+        """One tensor as a per-tensor copy-on-write memory map of its file (:func:`map_tensor`).
+
+        Same dtype, shape and values as :meth:`read` (F8_E8M0 as uint8 bytes) without a copy: the
+        tensor views the file's page-cache pages and keeps the mapping alive; it is unmapped when
+        the last tensor viewing it is freed. The file must not be rewritten in place while the
+        tensor lives (see :func:`map_tensor`). Raises OSError / ValueError / BufferError when the
+        file cannot be mapped.
+        """
+        info = self.info(key)
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.")
+        return map_tensor(info, populate=populate)
 
     def read_rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of a 2-D tensor, reading only those rows (e.g. embedding lookups).

@@ -23,16 +23,14 @@ Nothing here reads ``lm_head.weight`` / ``unembedding.weight`` / ``norm.weight``
 from __future__ import annotations
 
 import logging
-import mmap
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
 from . import quant
-from .checkpoints import SAFETENSORS_DTYPES, CheckpointError, TensorSource, quant_layers
+from .checkpoints import CheckpointError, TensorSource, map_tensor, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -341,38 +339,6 @@ class _BankSpec:
     keys: dict  # role -> stored key (codes, scales, global_scale, weight, bias)
 
 
-# madvise(MADV_POPULATE_READ) (Linux >= 5.14): fault a whole mapping in, page-cache pages shared
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
-
-
-def map_tensor(info, populate: bool = True) -> torch.Tensor:
-    """One tensor of a safetensors file as a copy-on-write memory map (no copy, no zero-fill).
-
-    ``info``: a :class:`~lens_model.checkpoints.TensorInfo`. The mapping covers only this tensor (from
-    the allocation-granularity boundary below it), is prefaulted on this thread when ``populate``,
-    and is unmapped as soon as the last tensor viewing it is freed, so the pages count towards the
-    resident set only while the layer is in use. Writes (there are none) would stay private.
-    """
-    tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=tdtype)
-    gran = mmap.ALLOCATIONGRANULARITY
-    base = info.start // gran * gran
-    with open(info.file, "rb") as f:
-        m = mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_COPY, offset=base)
-    if populate and hasattr(m, "madvise"):
-        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
-            if advice is None:
-                continue
-            try:
-                m.madvise(advice)
-                break
-            except OSError:
-                continue
-    raw = torch.frombuffer(m, dtype=torch.uint8, offset=info.start - base, count=info.nbytes)
-    return raw.view(tdtype).reshape(info.shape)
-
-
 class GptOssCheckpoint:
     """A gpt-oss text-encoder checkpoint seen through the internal layout.
 
@@ -380,7 +346,7 @@ class GptOssCheckpoint:
     reads headers and ``comfy_quant`` markers only. :meth:`read_layer` reads one decoder layer
     (stored dtypes); :meth:`embed` reads only the embedding rows it needs.
 
-    Layer tensors are memory-mapped one tensor at a time (:func:`map_tensor`; ~20x faster than
+    Layer tensors are memory-mapped one tensor at a time (:func:`.checkpoints.map_tensor`; ~20x faster than
     reading into fresh memory) when ``use_mmap``, else read with ``pread`` by the TensorSource.
     """
 

@@ -189,3 +189,93 @@ def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
     assert f.read_bytes()[:1] == b"\x80"
     infos, meta = checkpoints.read_safetensors_header(f)
     assert infos["a"].shape == (2,)
+
+
+# -- memory-mapped tensors -------------------------------------------------------------------------
+
+def _mapped_files(t: torch.Tensor) -> list[str]:
+    """Paths of the /proc/self/maps entries that contain the tensor's first byte."""
+    addr = t.data_ptr()
+    hits = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= addr < hi:
+                hits.append(parts[5] if len(parts) > 5 else "")
+    return hits
+
+
+def _mixed_file(tmp_path):
+    tensors = {
+        "odd": torch.arange(7, dtype=torch.uint8),  # leaves the next tensor at an odd file offset
+        "bf16": torch.randn(33, 17).bfloat16(),
+        "f32": torch.randn(5, 3),
+        "f8": (torch.randn(4, 8) * 3).to(torch.float8_e4m3fn),
+        "i64": torch.arange(-3, 3, dtype=torch.int64),
+        "empty": torch.zeros(0, 4),
+        "big": torch.randn(300, 1000),  # spans several pages and allocation granules
+    }
+    f = tmp_path / "mixed.safetensors"
+    checkpoints.write_safetensors(f, tensors)
+    return f, tensors
+
+
+def test_map_equals_read_bitwise(tmp_path):
+    f, tensors = _mixed_file(tmp_path)
+    src = checkpoints.TensorSource([f], tmp_path, str(f), checkpoints.read_safetensors_header(f)[0], {}, "", None)
+    for key, want in tensors.items():
+        m, r = src.map(key), src.read(key)
+        assert m.dtype == r.dtype == want.dtype and m.shape == r.shape == want.shape, key
+        assert torch.equal(m.view(torch.uint8), r.view(torch.uint8)), key
+        assert torch.equal(m.view(torch.uint8), want.view(torch.uint8)), key
+    dit = open_checkpoint(GOLDEN / "lens_tiny_comfy_bf16.safetensors", "dit")
+    for key in dit.keys():
+        assert torch.equal(dit.map(key), dit.read(key)), key
+    with pytest.raises(KeyError, match="missing"):
+        dit.map("nope.weight")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_mapped_tensor_lives_in_the_file_and_is_unmapped_when_freed(tmp_path):
+    f, tensors = _mixed_file(tmp_path)
+    src = checkpoints.TensorSource([f], tmp_path, str(f), checkpoints.read_safetensors_header(f)[0], {}, "", None)
+    t = src.map("big")
+    assert _mapped_files(t) == [str(f)]
+    addr = t.data_ptr()
+    t.mul_(2.0)  # writes stay private (MAP_PRIVATE): the file is unchanged
+    assert torch.equal(src.read("big"), tensors["big"])
+    view = t[10:20]
+    del t
+    assert _mapped_files(view) == [str(f)]  # a view keeps the mapping alive
+    del view
+    import gc
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert not any(
+            int(line.split("-")[0], 16) <= addr < int(line.split()[0].split("-")[1], 16) and str(f) in line
+            for line in maps
+        )
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux mmap semantics")
+def test_mapped_tensor_survives_a_replaced_file_but_not_an_in_place_rewrite(tmp_path):
+    """The documented contract of TensorSource.map: replacing the file (new inode) is safe; rewriting
+    it in place shows the new bytes through pages the process has not written."""
+    f, tensors = _mixed_file(tmp_path)
+    src = checkpoints.TensorSource([f], tmp_path, str(f), checkpoints.read_safetensors_header(f)[0], {}, "", None)
+    t = src.map("big")
+    other = {k: (v * 0 if v.is_floating_point() and v.dtype != torch.float8_e4m3fn else v) for k, v in tensors.items()}
+    checkpoints.write_safetensors(f, other)  # writes a temporary file and renames it over `f`
+    assert torch.equal(t, tensors["big"])
+    f.unlink()
+    assert torch.equal(t, tensors["big"])
+
+    g, _ = _mixed_file(tmp_path)
+    src = checkpoints.TensorSource([g], tmp_path, str(g), checkpoints.read_safetensors_header(g)[0], {}, "", None)
+    t = src.map("big")
+    info = src.info("big")
+    with open(g, "r+b") as fh:  # in place: same inode
+        fh.seek(info.start)
+        fh.write(torch.zeros(300, 1000).numpy().tobytes())
+    assert t.abs().sum() == 0
