@@ -511,7 +511,9 @@ class LensTransformer(nn.Module):
     - returns: velocity v = noise - x0, [B, 128, h, w], in x's dtype
 
     Attributes: ``config`` (:class:`LensDiTConfig`), ``variant_defaults`` (set by the loader),
-    ``compute_dtype`` (None = derived from the weight dtype and device).
+    ``compute_dtype`` (None = derived from the weight dtype and device), ``cast_workspace`` (the
+    :class:`ops.CastWorkspace` its layers cast bf16 / quantised weights into when the compute dtype
+    differs; see :meth:`attach_cast_workspace`).
     """
 
     def __init__(
@@ -538,6 +540,26 @@ class LensTransformer(nn.Module):
         self.variant_defaults: dict = {"variant": "lens", "steps": 20, "cfg": 5.0}
         self.compute_dtype: torch.dtype | None = None
         self.source_identity: tuple | None = None
+        self.cast_workspace = ops.CastWorkspace()
+        self.attach_cast_workspace()
+
+    def attach_cast_workspace(self) -> None:
+        """Hand :attr:`cast_workspace` to every ops layer and size it to the largest weight.
+
+        Called at construction; call again after replacing layers (the loader does, after
+        installing :class:`ops.QuantLinear` layers). Layers without it cast into fresh memory.
+        """
+        largest = 0
+        for m in self.modules():
+            if isinstance(m, (ops.Linear, ops.QuantLinear)):
+                m.cast_workspace = self.cast_workspace
+                largest = max(largest, m.weight.numel())
+        self.cast_workspace.reserve(largest)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .float() ...: buffers on the old device or in the old dtype are stale
+        self.cast_workspace.clear()
+        return super()._apply(fn, recurse)
 
     # -- dtype / device -------------------------------------------------------------------------
     @property
@@ -919,6 +941,7 @@ def load_transformer(
         raise
     ops.release_free_memory()
 
+    model.attach_cast_workspace()  # quantised layers were installed after construction
     model.eval()
     model.variant_defaults = variant_defaults_for(source.name)
     model.source_identity = source.identity
