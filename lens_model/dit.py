@@ -884,8 +884,23 @@ def load_transformer(
     peak host memory is the final size plus one tensor. Quantised layers stay quantised
     (:class:`ops.QuantLinear`) and are dequantised per layer at use. On any error nothing is
     returned and the tensors read so far are released.
+
+    **Memory-mapped weights.** On the CPU, every tensor whose stored dtype is the model's dtype
+    (a bf16 file loaded as bf16, an fp32 folder as fp32, fp8 / MXFP8 weights) is not copied: it
+    stays a copy-on-write memory map of the file (:meth:`TensorSource.map
+    <lens_model.checkpoints.TensorSource.map>`), so the weights live in the kernel's page cache
+    (file-backed, shared with other processes reading the file, reclaimable under memory pressure
+    and re-read from the file when touched again) and a cached file loads at memory speed.
+    Tensors that are cast or moved to another device are mapped, converted and unmapped one at a
+    time. Consequence: **the file must not be modified in place while the model is loaded.**
+    Replacing it (a new file renamed over it, as downloaders do) or deleting it is safe: the model
+    keeps the old file's data. Rewriting it in place (same inode, e.g. ``cp new.safetensors
+    old.safetensors``, or a resumed download into it) silently changes the loaded model's weights
+    to the new bytes, and truncating it makes the next forward crash with SIGBUS. On Windows the
+    file cannot be deleted or replaced while the model is loaded. Writes to the weights stay
+    private to the process. Where mapping fails, tensors are read into memory as before.
     """
-    from .checkpoints import CheckpointError, open_checkpoint, quant_layers
+    from .checkpoints import open_checkpoint, quant_layers
 
     if weight_dtype not in (None, "fp8", "float8_e4m3fn"):
         raise ValueError(f"weight_dtype must be None or 'fp8', got {weight_dtype!r}")
@@ -908,19 +923,20 @@ def load_transformer(
     fp8_mode = weight_dtype is not None
 
     expected = cfg.expected_shapes()
+    fetch = _TensorFetcher(source)
     try:
         for layer, qcfg in qlayers.items():
-            _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
+            _load_quant_layer(model, fetch, layer, qcfg["format"], expected[layer + ".weight"], target, device)
         if fp8_mode:
             for layer in sorted(linear_names):
                 if layer in qlayers or not FP8_CANDIDATES.match(layer):
                     continue
-                w = source.read(layer + ".weight")
+                w = fetch(layer + ".weight")
                 w8, scale = ops.quantize_float8_tensorwise(w)
                 del w
                 bias = None
                 if layer + ".bias" in expected:
-                    bias = source.read(layer + ".bias", dtype=target, device=device)
+                    bias = fetch(layer + ".bias", dtype=target, device=device)
                 out_f, in_f = expected[layer + ".weight"]
                 model.set_submodule(
                     layer, ops.QuantLinear("float8_e4m3fn", in_f, out_f, w8.to(device), scale.to(device), bias)
@@ -930,8 +946,9 @@ def load_transformer(
             module = model.get_submodule(module_name)
             if isinstance(module, ops.QuantLinear):
                 continue
-            t = source.read(key, dtype=target, device=device)
+            t = fetch(key, dtype=target, device=device)
             module._parameters[pname] = nn.Parameter(t, requires_grad=False)
+            del t
         leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if leftovers:
             raise RuntimeError(f"internal error: tensors not loaded: {leftovers[:10]}")
@@ -954,25 +971,61 @@ def load_transformer(
     return model
 
 
-def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
+class _TensorFetcher:
+    """Tensors for :func:`load_transformer`: ``fetch(key, dtype=None, device=None)``.
+
+    Same values as ``source.read(key, dtype, device)``. A tensor that stays as stored on the CPU is
+    the memory map itself (:meth:`TensorSource.map`); one that is cast or moved is mapped, converted
+    and unmapped (no zero-filled or first-touched staging copy). Falls back to ``read`` for tensors
+    whose file offset is not a multiple of their element size, and for the rest of the load once
+    mapping the file fails.
+    """
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.use_map = True
+
+    def __call__(self, key: str, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        from .checkpoints import SAFETENSORS_DTYPES
+
+        if self.use_map:
+            info = self.source.info(key)
+            entry = SAFETENSORS_DTYPES.get(info.dtype)
+            if entry is not None and info.start % entry[1] == 0:
+                try:
+                    t = self.source.map(key)
+                except (OSError, ValueError, BufferError) as e:
+                    logger.warning("%s: memory-mapping `%s` failed (%s); reading tensors into memory instead.",
+                                   self.source.name, self.source.stored_key(key), e)
+                    self.use_map = False
+                else:
+                    if dtype is not None and t.dtype != dtype:
+                        t = t.to(dtype)
+                    if device is not None and t.device != torch.device(device):
+                        t = t.to(device)
+                    return t
+        return self.source.read(key, dtype=dtype, device=device)
+
+
+def _load_quant_layer(model, fetch, layer, fmt, shape, target, device) -> None:
     """Read one quantised Linear (weight, scale, bias) and install an :class:`ops.QuantLinear`."""
     out_f, in_f = shape
-    bias = source.read(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
-    weight = source.read(layer + ".weight")
+    bias = fetch(layer + ".bias", dtype=target, device=device) if layer + ".bias" in fetch.source else None
+    weight = fetch(layer + ".weight", device=device)
     scale2 = None
     if fmt == "mxfp8":
-        bits = source.read(layer + ".weight_scale")
+        bits = fetch(layer + ".weight_scale")
         if bits.dtype != torch.uint8:
             bits = bits.view(torch.uint8)
         out_p, in_p = weight.shape
         scale = quant.unswizzle_scales(bits, out_p, in_p // 32).contiguous()
     elif fmt == "float8_e4m3fn":
-        scale = source.read(layer + ".weight_scale", dtype=torch.float32).reshape(())
+        scale = fetch(layer + ".weight_scale", dtype=torch.float32).reshape(())
     else:  # nvfp4
-        scale = source.read(layer + ".weight_scale")
+        scale = fetch(layer + ".weight_scale")
         if scale.dtype != torch.uint8:
             scale = scale.view(torch.uint8)
-        scale2 = source.read(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
+        scale2 = fetch(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
         scale2 = scale2.to(device)
     model.set_submodule(
         layer, ops.QuantLinear(fmt, in_f, out_f, weight.to(device), scale.to(device), bias, weight_scale_2=scale2)

@@ -376,12 +376,14 @@ def test_truncated_file(tmp_path):
         load_transformer(path)
 
 
-def test_failed_load_keeps_nothing(monkeypatch):
-    """An error in the middle of reading leaves no real tensor in the half-built model."""
+@pytest.mark.parametrize("path", ["map", "read"])
+def test_failed_load_keeps_nothing(monkeypatch, path):
+    """An error in the middle of reading leaves no real tensor in the half-built model (mapped
+    tensors, and tensors read into memory once mapping is unavailable)."""
     from lens_model.checkpoints import TensorSource
 
     calls = {"n": 0}
-    real_read = TensorSource.read
+    real_read, real_map = TensorSource.read, TensorSource.map
 
     def failing_read(self, key, dtype=None, device=None):
         calls["n"] += 1
@@ -389,10 +391,20 @@ def test_failed_load_keeps_nothing(monkeypatch):
             raise OSError("disk went away")
         return real_read(self, key, dtype, device)
 
+    def failing_map(self, key, populate=True):
+        if path == "read":
+            raise OSError("mmap not available here")
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise RuntimeError("disk went away")  # not a mapping failure: must propagate
+        return real_map(self, key, populate)
+
     monkeypatch.setattr(TensorSource, "read", failing_read)
+    monkeypatch.setattr(TensorSource, "map", failing_map)
     try:
         load_transformer(GOLDEN / "transformer")
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        assert "disk went away" in str(err)
         tb = err.__traceback__
         models = []
         while tb is not None:
@@ -415,3 +427,118 @@ def test_chunked_fp8_quantiser_matches_reference():
     assert torch.equal(a8.view(torch.uint8), b8.view(torch.uint8)) and torch.equal(a_scale, b_scale)
     z8, z_scale = ops.quantize_float8_tensorwise(torch.zeros(4, 4))
     assert z_scale.item() == 1.0 and z8.float().eq(0).all()
+
+
+# -- memory-mapped loading --------------------------------------------------------------------------
+
+def _load_without_mapping(monkeypatch, *args, **kw) -> LensTransformer:
+    """load_transformer with TensorSource.map unavailable: every tensor is read into memory (the
+    loader before memory mapping)."""
+    from lens_model.checkpoints import TensorSource
+
+    def no_map(self, key, populate=True):
+        raise OSError("mapping disabled for this test")
+
+    with monkeypatch.context() as m:
+        m.setattr(TensorSource, "map", no_map)
+        return load_transformer(*args, **kw)
+
+
+def _file_backing(t: torch.Tensor) -> str | None:
+    """The file a tensor's memory belongs to (from /proc/self/maps), or None for anonymous memory."""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= addr < hi:
+                path = parts[5] if len(parts) > 5 else ""
+                return path if path.startswith("/") else None
+    return None
+
+
+def _quant_files(tmp_path) -> dict[str, Path]:
+    mx = tmp_path / "lens_mxfp8.safetensors"
+    write_safetensors(mx, mxfp8_state_dict(PREFIX))
+    f8 = tmp_path / "lens_fp8.safetensors"
+    sd = {}
+    for k, v in FP32.items():
+        layer = k.rsplit(".", 1)[0]
+        if layer in MXFP8_LAYERS and k.endswith(".weight"):
+            sd[k], sd[layer + ".weight_scale"] = quant.quantize_float8(v)
+            sd[layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+        else:
+            sd[k] = v.to(torch.bfloat16)
+    write_safetensors(f8, sd)
+    return {"mxfp8": mx, "fp8": f8}
+
+
+@pytest.mark.parametrize(
+    "what, dtype, kw",
+    [
+        ("folder", None, {}),  # fp32 -> fp32: mapped
+        ("bf16", None, {}),  # bf16 -> bf16: mapped
+        ("bf16", torch.float32, {}),  # cast: mapped, converted, unmapped
+        ("folder", torch.bfloat16, {}),
+        ("mxfp8", None, {}),
+        ("mxfp8", torch.float32, {}),
+        ("fp8", None, {}),
+        ("bf16", None, {"weight_dtype": "fp8"}),
+    ],
+)
+def test_mapped_load_equals_read_load_bitwise(tmp_path, monkeypatch, what, dtype, kw):
+    paths = {"folder": GOLDEN / "transformer", "bf16": GOLDEN / "lens_tiny_comfy_bf16.safetensors"}
+    if what not in paths:
+        paths.update(_quant_files(tmp_path))
+    mapped = load_transformer(paths[what], dtype=dtype, **kw)
+    read = _load_without_mapping(monkeypatch, paths[what], dtype=dtype, **kw)
+    sa, sb = mapped.state_dict(), read.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(sa[k].reshape(-1).view(torch.uint8), sb[k].reshape(-1).view(torch.uint8)), k
+    assert [type(m) for m in mapped.modules()] == [type(m) for m in read.modules()]
+    out_a, _ = run_case(mapped, 0)
+    out_b, _ = run_case(read, 0)
+    assert torch.equal(out_a, out_b)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_same_dtype_cpu_weights_live_in_the_file(tmp_path):
+    path = tmp_path / "lens_turbo_bf16.safetensors"
+    shutil.copy(GOLDEN / "lens_tiny_comfy_bf16.safetensors", path)
+    model = load_transformer(path)
+    w = model.transformer_blocks[1].img_mlp.w2.weight
+    assert _file_backing(w) == str(path)
+    assert _file_backing(model.txt_norm[0].weight) == str(path)
+    before = w.clone()
+    out_before, _ = run_case(model, 0)
+    # replacing the file (new inode, as downloaders do) leaves the loaded model untouched
+    other = {k: torch.zeros_like(v) for k, v in load_file(str(path)).items()}
+    save_file(other, str(tmp_path / "new.safetensors"))
+    (tmp_path / "new.safetensors").replace(path)
+    assert torch.equal(w, before)
+    assert torch.equal(run_case(model, 0)[0], out_before)
+    # a cast (bf16 file -> fp32 model) is converted into private memory
+    as_fp32 = load_transformer(GOLDEN / "lens_tiny_comfy_bf16.safetensors", dtype=torch.float32)
+    assert _file_backing(as_fp32.transformer_blocks[1].img_mlp.w2.weight) is None
+
+
+def test_misaligned_tensors_are_read_not_mapped(tmp_path):
+    """safetensors does not align tensors: a bf16 tensor after an odd-length uint8 one starts at an
+    odd offset and is read into (aligned) memory instead of being mapped."""
+    path = tmp_path / "lens_odd.safetensors"
+    sd = {"aaa_odd": torch.arange(3, dtype=torch.uint8)}  # written first: shifts every later tensor by 3
+    sd.update({k: v.to(torch.bfloat16) for k, v in FP32.items()})
+    write_safetensors(path, sd)
+    from lens_model.checkpoints import open_checkpoint
+
+    src = open_checkpoint(path, "dit")
+    odd = [k for k in src.keys() if k != "aaa_odd" and src.info(k).start % 2]
+    assert odd  # the fixture really has misaligned tensors
+    from lens_model.dit import _TensorFetcher
+
+    fetch = _TensorFetcher(src)
+    for k in odd[:3]:
+        t = fetch(k)
+        assert t.data_ptr() % 2 == 0 and torch.equal(t, src.read(k))
