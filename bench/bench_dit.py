@@ -9,6 +9,11 @@ ratios. Run on a quiet machine:
 
     python bench/bench_dit.py                 # all four runs, summary table
     python bench/bench_dit.py --only ours --dtype bf16 --blocks 1   # one run, JSON line
+    python bench/bench_dit.py --load FILE.safetensors   # time load_transformer(FILE) in a fresh process
+
+``--load`` reports the load's wall time, the process's peak RSS (VmHWM, file-backed pages
+included), anonymous / file-backed RSS after the load and the bytes read from storage
+(/proc/self/io). Warm the page cache first (``cat FILE > /dev/null``) to time the cached case.
 """
 
 from __future__ import annotations
@@ -171,9 +176,54 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: boo
     return lin(hs, "proj_out")
 
 
+# -- load timing (child process) ----------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _read_bytes() -> int:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_load(path: str, dtype_name: str | None) -> dict:
+    """Time ``load_transformer(path)`` once in this (fresh) process."""
+    from lens_model.dit import load_transformer
+
+    before_read = _read_bytes()
+    rss_before = rss_bytes()
+    t0 = time.perf_counter()
+    model = load_transformer(path, dtype=DTYPES[dtype_name] if dtype_name else None)
+    elapsed = time.perf_counter() - t0
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {
+        "load": str(path),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "seconds": round(elapsed, 3),
+        "weights_gb": round(nbytes / 1e9, 3),
+        "gb_per_s": round(nbytes / 1e9 / elapsed, 2),
+        "rss_before_gb": round(rss_before / 1e9, 3),
+        "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),
+        "rss_anon_gb": round(_status_kb("RssAnon") * 1024 / 1e9, 3),
+        "rss_file_gb": round(_status_kb("RssFile") * 1024 / 1e9, 3),
+        "read_from_storage_gb": round((_read_bytes() - before_read) / 1e9, 3),
+    }
+
+
 # -- one run (child process) ---------------------------------------------------------------------------
 
-def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compute: str | None) -> dict:
+def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compute: str | None, repeat: int = 1) -> dict:
     cfg = LensDiTConfig(num_layers=blocks)
     model = random_model(cfg, DTYPES[dtype_name])
     if compute:
@@ -189,9 +239,12 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         fwd(xs, ss, fs, ms, 8, 8)
         before = rss_bytes()
         reset_peak_rss()
-        t0 = time.perf_counter()
-        out = fwd(x, sigma, feats, mask, grid, grid)
-        elapsed = time.perf_counter() - t0
+        times = []
+        for _ in range(max(1, repeat)):
+            t0 = time.perf_counter()
+            out = fwd(x, sigma, feats, mask, grid, grid)
+            times.append(time.perf_counter() - t0)
+        elapsed = times[0]
         peak = peak_rss_bytes()
     out = out.float()
     torch.save(out, f"/tmp/bench_dit_{impl}_{dtype_name}.pt")
@@ -204,6 +257,7 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         "grid": grid,
         "text": text,
         "seconds": round(elapsed, 3),
+        **({"seconds_each": [round(t, 3) for t in times]} if len(times) > 1 else {}),
         "rss_before_gb": round(before / 1e9, 3),
         "peak_rss_gb": round(peak / 1e9, 3),
         "peak_delta_gb": round((peak - before) / 1e9, 3),
@@ -227,10 +281,17 @@ def main() -> None:
     ap.add_argument("--naive-bf16-blocks", type=int, default=None,
                     help="run the naive bf16 baseline with this many blocks and extrapolate its time linearly "
                          "(bf16 GEMMs are emulated on CPUs without AVX512-BF16/AMX: ~6 GFLOP/s on AVX2)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --only: time this many consecutive forwards "
+                    "(seconds = the first, seconds_each = all)")
+    ap.add_argument("--load", metavar="FILE", help="time load_transformer(FILE) in this process, print JSON")
+    ap.add_argument("--load-dtype", choices=list(DTYPES), default=None, help="dtype for --load (default: as stored)")
     args = ap.parse_args()
 
+    if args.load:
+        print(json.dumps(run_load(args.load, args.load_dtype)), flush=True)
+        return
     if args.only:
-        print(json.dumps(run_one(args.only, args.dtype, args.blocks, args.grid, args.text, args.compute)), flush=True)
+        print(json.dumps(run_one(args.only, args.dtype, args.blocks, args.grid, args.text, args.compute, args.repeat)), flush=True)
         return
 
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
