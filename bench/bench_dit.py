@@ -223,11 +223,18 @@ def run_load(path: str, dtype_name: str | None) -> dict:
 
 # -- one run (child process) ---------------------------------------------------------------------------
 
-def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compute: str | None, repeat: int = 1) -> dict:
+def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compute: str | None, repeat: int = 1,
+            cast_workspace: bool = True) -> dict:
+    import resource
+
     cfg = LensDiTConfig(num_layers=blocks)
     model = random_model(cfg, DTYPES[dtype_name])
     if compute:
         model.compute_dtype = DTYPES[compute]
+    if not cast_workspace:  # the layers cast into fresh memory per call (the code before the workspace)
+        for m in model.modules():
+            if hasattr(m, "cast_workspace"):
+                m.cast_workspace = None
     x, sigma, feats, mask = inputs(cfg, grid, grid, text)
     if impl == "ours":
         fwd = lambda *a: model.forward_tokens(a[0], a[1], a[2], a[3], (a[4], a[5]))  # noqa: E731
@@ -239,11 +246,13 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         fwd(xs, ss, fs, ms, 8, 8)
         before = rss_bytes()
         reset_peak_rss()
-        times = []
+        times, faults = [], []
         for _ in range(max(1, repeat)):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             out = fwd(x, sigma, feats, mask, grid, grid)
             times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         elapsed = times[0]
         peak = peak_rss_bytes()
     out = out.float()
@@ -258,6 +267,8 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         "text": text,
         "seconds": round(elapsed, 3),
         **({"seconds_each": [round(t, 3) for t in times]} if len(times) > 1 else {}),
+        "minor_page_faults_each": faults,
+        "cast_workspace": cast_workspace,
         "rss_before_gb": round(before / 1e9, 3),
         "peak_rss_gb": round(peak / 1e9, 3),
         "peak_delta_gb": round((peak - before) / 1e9, 3),
@@ -283,6 +294,8 @@ def main() -> None:
                          "(bf16 GEMMs are emulated on CPUs without AVX512-BF16/AMX: ~6 GFLOP/s on AVX2)")
     ap.add_argument("--repeat", type=int, default=1, help="with --only: time this many consecutive forwards "
                     "(seconds = the first, seconds_each = all)")
+    ap.add_argument("--no-cast-workspace", action="store_true", help="with --only ours: detach the model's "
+                    "CastWorkspace (cast bf16 weights into fresh memory per call, as before it existed)")
     ap.add_argument("--load", metavar="FILE", help="time load_transformer(FILE) in this process, print JSON")
     ap.add_argument("--load-dtype", choices=list(DTYPES), default=None, help="dtype for --load (default: as stored)")
     args = ap.parse_args()
@@ -291,7 +304,8 @@ def main() -> None:
         print(json.dumps(run_load(args.load, args.load_dtype)), flush=True)
         return
     if args.only:
-        print(json.dumps(run_one(args.only, args.dtype, args.blocks, args.grid, args.text, args.compute, args.repeat)), flush=True)
+        print(json.dumps(run_one(args.only, args.dtype, args.blocks, args.grid, args.text, args.compute, args.repeat,
+                                 cast_workspace=not args.no_cast_workspace)), flush=True)
         return
 
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
