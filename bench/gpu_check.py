@@ -209,6 +209,7 @@ def dit_fp8() -> None:
                 q = ops.QuantLinear("float8_e4m3fn", m.in_features, m.out_features, w8, s, m.bias)
                 model.set_submodule(name, q)
                 del m
+    model.attach_cast_workspace()  # the fp8 layers dequantise into the model's reused buffers
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
     result(section="dit_fp8_build", weights_gib=allocated_gib())
