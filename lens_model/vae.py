@@ -556,17 +556,12 @@ class Flux2VAE(nn.Module):
             if use_tiles:
                 out.append(self._encode_tiled(x, tile_size, overlap, progress))
                 continue
-            if tile == "auto" and self.device.type == "cuda":
-                try:
-                    z = self._encode_raw(x)
-                except torch.cuda.OutOfMemoryError:
-                    logger.warning("VAE encode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
-                    torch.cuda.empty_cache()
-                    progress.grow(n_tiles - 1)
-                    out.append(self._encode_tiled(x, tile_size, overlap, progress))
-                    continue
-            else:
-                z = self._encode_raw(x)
+            z = self._try_untiled(self._encode_raw, x, tile == "auto")
+            if z is None:
+                logger.warning("VAE encode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
+                progress.grow(n_tiles - 1)
+                out.append(self._encode_tiled(x, tile_size, overlap, progress))
+                continue
             out.append(z)
             progress.step()
         return torch.cat(out)
@@ -664,18 +659,12 @@ class Flux2VAE(nn.Module):
             if use_tiles:
                 x = self._decode_tiled(z, tile_size, overlap, progress)
             else:
-                if tile == "auto" and self.device.type == "cuda":
-                    try:
-                        x = self._decode_raw(z).cpu()
-                    except torch.cuda.OutOfMemoryError:
-                        logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
-                        torch.cuda.empty_cache()
-                        progress.grow(n_tiles - 1)
-                        x = self._decode_tiled(z, tile_size, overlap, progress)
-                    else:
-                        progress.step()
+                x = self._try_untiled(lambda t: self._decode_raw(t).cpu(), z, tile == "auto")
+                if x is None:
+                    logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
+                    progress.grow(n_tiles - 1)
+                    x = self._decode_tiled(z, tile_size, overlap, progress)
                 else:
-                    x = self._decode_raw(z).cpu()
                     progress.step()
             out.append(((x + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1))
         return torch.cat(out).contiguous()
@@ -689,6 +678,21 @@ class Flux2VAE(nn.Module):
         elt = torch.finfo(self.dtype).bits // 8
         attn = 0  # chunked: bounded by AttnBlock.score_budget_bytes
         return int(1.3 * (2.5 * px * c_in_top * elt + attn) + AttnBlock.score_budget_bytes)
+
+    def _try_untiled(self, run, x: torch.Tensor, retry_on_oom: bool) -> torch.Tensor | None:
+        """``run(x)``, or None when ``retry_on_oom`` and CUDA ran out of memory (the caller then tiles).
+
+        The retry happens after this returns: inside the ``except`` block the exception's traceback
+        would keep the failed attempt's activations alive (and unfreeable by ``empty_cache``).
+        """
+        if not (retry_on_oom and self.device.type == "cuda"):
+            return run(x)
+        try:
+            return run(x)
+        except torch.cuda.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()
+        return None
 
     def _exceeds_free_memory(self, need: int) -> bool:
         if self.device.type != "cuda":

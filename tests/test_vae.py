@@ -554,3 +554,37 @@ def test_rejects_other_state_dicts():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_vae(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_cuda_oom_retry_runs_after_failed_attempt_is_released(random_vae, monkeypatch, direction):
+    """tile="auto" on CUDA: after an out-of-memory error the tiled retry must not run while the
+    exception's traceback still holds the failed attempt's activations."""
+    import weakref
+
+    attempts: list[weakref.ref] = []
+    released_at_retry: list[bool] = []
+
+    def failing_raw(x):
+        activations = torch.empty(64)
+        attempts.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError("fake CUDA out of memory")
+
+    def tiled(x, tile_size, overlap, progress):
+        released_at_retry.append(attempts[-1]() is None)
+        progress.step()
+        f = random_vae.downscale
+        if direction == "decode":
+            return torch.zeros(1, 3, x.shape[2] * f, x.shape[3] * f)
+        return torch.zeros(1, 128, x.shape[1] // f, x.shape[2] // f)
+
+    monkeypatch.setattr(type(random_vae), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(random_vae, f"_{direction}_raw", failing_raw)
+    monkeypatch.setattr(random_vae, f"_{direction}_tiled", tiled)
+    if direction == "decode":
+        out = random_vae.decode(torch.zeros(1, 128, 4, 4), tile="auto")
+        assert out.shape == (1, 16, 16, 3)
+    else:
+        out = random_vae.encode(torch.zeros(1, 16, 16, 3), tile="auto")
+        assert out.shape == (1, 128, 4, 4)
+    assert released_at_retry == [True]
