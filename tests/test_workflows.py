@@ -193,6 +193,34 @@ def test_api_twin_matches_ui(name):
         assert set(entry["inputs"]) <= sockets | widgets
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_links_connect_matching_types(comfy_env, name):
+    """Core refuses a link whose source output type differs from the input's type
+    (return_type_mismatch); the UI link table's TYPE must name the same type."""
+    ui, api = load(name)
+
+    def returns(t):
+        cls = classes().get(t) or CORE_STANDINS[t]
+        return cls.RETURN_TYPES
+
+    def input_type(t, iname):
+        cls = classes().get(t) or CORE_STANDINS[t]
+        spec = cls.INPUT_TYPES()
+        s = {**spec.get("required", {}), **spec.get("optional", {})}[iname]
+        return s[0]
+
+    for nid, entry in api.items():
+        for iname, v in entry["inputs"].items():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
+                src_type = returns(api[v[0]]["class_type"])[v[1]]
+                assert src_type == input_type(entry["class_type"], iname), (name, nid, iname)
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for lid, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        assert returns(by_id[src]["type"])[src_slot] == typ, (name, lid)
+        dst_node = by_id[dst]
+        assert input_type(dst_node["type"], dst_node["inputs"][dst_slot]["name"]) == typ, (name, lid)
+
+
 def test_expected_settings():
     def sampler(name):
         _, api = load(name)
