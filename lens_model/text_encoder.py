@@ -536,9 +536,17 @@ class LensTextEncoder:
             return
         # stream: read layer i+1 on a thread while layer i runs
         ck, cfg, dev = self.checkpoint, self.config, self.device
+        # The reader thread copies to the GPU on the consumer's stream (and so its device): a thread
+        # starts on device 0's default stream, which would put the weights on another GPU for an
+        # unindexed "cuda" on a non-default current device, or tie their memory to a stream the
+        # forward does not run on when the caller computes on a side stream.
+        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
         def read(i: int) -> LayerWeights:
             lw = ck.read_layer(i, cfg)
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    return lw.to(stream.device)
             return lw.to(dev) if dev.type != "cpu" else lw
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens-te-read") as pool:

@@ -77,6 +77,27 @@ def test_offload_modes_give_identical_numbers(cases):
             assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_mode_copies_layers_on_the_callers_cuda_stream(cases, monkeypatch):
+    """The reader thread of offload="stream" must move weights on the stream the forward runs on."""
+    from lens_model.gpt_oss_checkpoints import LayerWeights
+
+    seen = []
+    to = LayerWeights.to
+
+    def recording_to(self, device, non_blocking=False):
+        seen.append(torch.cuda.current_stream())
+        return to(self, device, non_blocking=non_blocking)
+
+    monkeypatch.setattr(LayerWeights, "to", recording_to)
+    te = load_text_encoder(TE_DIR, dtype=torch.float32, device="cuda", offload="stream")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        feats = te.encode_ids(cases["input_ids"], cases["attention_mask"])
+        torch.testing.assert_close(feats[-1].cpu(), cases["expected_layer.3"], atol=1e-4, rtol=1e-4)
+    assert seen and all(s == side for s in seen)
+
+
 def test_padded_row_is_finite_and_matches_row_alone(cases, golden_te):
     ids, mask = cases["input_ids"], cases["attention_mask"]
     feats = golden_te.encode_ids(ids, mask)
