@@ -118,13 +118,12 @@ def _as_image_tensor(image, width: Optional[int], height: Optional[int]) -> torc
 
 def _schedule(height: int, width: int, steps: int, denoise: float, mu: Optional[float],
               schedule: str) -> torch.Tensor:
+    if schedule not in ("upstream", "comfyui"):
+        raise ValueError(f"schedule must be 'upstream' or 'comfyui', got {schedule!r}")
     if denoise < 1.0:
-        return img2img_sigmas(height, width, steps, denoise,
-                              mode="comfyui" if schedule == "comfyui" else "upstream", mu=mu)
+        return img2img_sigmas(height, width, steps, denoise, mode=schedule, mu=mu)
     if schedule == "comfyui":
         return comfyui_sigmas(height, width, steps, mu=mu)
-    if schedule != "upstream":
-        raise ValueError(f"schedule must be 'upstream' or 'comfyui', got {schedule!r}")
     return lens_sigmas(height, width, steps, mu=mu)
 
 
@@ -200,12 +199,20 @@ def generate_from_features(
         noise = make_noise(seed, total, h, w, layout=noise_layout)
     elif tuple(noise.shape) != (total, 128, h, w):
         raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
+    denoise = float(denoise)
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
+    if image is None and denoise < 1.0:
+        # pure noise is x at sigma 1, so a partial schedule would start from the wrong noise level
+        logger.warning("denoise %.2f needs an init image; without one the full schedule runs "
+                       "(text-to-image)", denoise)
+        denoise = 1.0
     if sigmas is None:
-        sigmas = _schedule(height, width, steps, float(denoise), mu, schedule)
+        sigmas = _schedule(height, width, steps, denoise, mu, schedule)
 
     vae_model = None
     own_vae = isinstance(vae, (str, os.PathLike))
-    if image is not None and float(denoise) < 1.0:
+    if image is not None and denoise < 1.0:
         vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
         z = vae_model.encode(_as_image_tensor(image, width, height))
         if z.shape[0] not in (1, total):

@@ -97,3 +97,28 @@ def test_uint8_conversion_truncates():
     assert images_to_uint8(x).tolist() == [[[[0, 127, 255], [254, 255, 0]]]]
     img = to_pil(x)[0]
     assert img.size == (2, 1) and img.getpixel((0, 0)) == (0, 127, 255)
+
+
+def _features_latents(**kw):
+    g = torch.Generator().manual_seed(0)
+    ctx, mask = torch.randn(1, 3, 128, generator=g), torch.ones(1, 3, dtype=torch.bool)
+    model = dit.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
+    args = dict(width=32, height=48, steps=2, guidance=1.0, seed=3, device="cpu",
+                output_type="latent")
+    args.update(kw)
+    return pipeline.generate_from_features(ctx, mask, model, None, **args)
+
+
+def test_denoise_without_image_runs_full_schedule():
+    # pure noise sits at sigma 1: without an init image denoise < 1 must not shorten the schedule
+    full = _features_latents()
+    assert torch.equal(_features_latents(denoise=0.5), full)
+    assert not torch.equal(_features_latents(steps=1), full)  # the comparison can tell schedules apart
+
+
+def test_bad_schedule_and_denoise_rejected():
+    image = torch.zeros(1, 48, 32, 3)
+    with pytest.raises(ValueError, match="'nope'"):
+        _features_latents(schedule="nope", image=image, denoise=0.5)
+    with pytest.raises(ValueError, match="1.5"):
+        _features_latents(denoise=1.5)
