@@ -448,18 +448,24 @@ class TensorSource:
         info = self.info(key)
         out = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            view = memoryview(out.numpy()).cast("B")
             fd = os.open(info.file, os.O_RDONLY)
             try:
-                done = 0
-                while done < info.nbytes:
-                    got = os.preadv(fd, [view[done:]], info.start + done)
-                    if got <= 0:
-                        raise CheckpointError(f"{info.file}: unexpected end of file reading `{self.stored_key(key)}`.")
-                    done += got
+                self._pread_exact(fd, memoryview(out.numpy()).cast("B"), info, info.start, key)
             finally:
                 os.close(fd)
         return out
+
+    def _pread_exact(self, fd: int, view: memoryview, info: TensorInfo, offset: int, key: str) -> None:
+        """Fill ``view`` from ``offset`` of ``info.file``; CheckpointError if the file ends first."""
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(
+                    f"{info.file}: unexpected end of file reading `{self.stored_key(key)}` (the file is shorter "
+                    "than its header says; was it truncated or rewritten after opening?). Download it again."
+                )
+            done += got
 
     def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Read one tensor. F8_E8M0 comes back as uint8 exponent bytes; other dtypes as stored.
@@ -514,7 +520,7 @@ class TensorSource:
         fd = os.open(info.file, os.O_RDONLY)
         try:
             for i, r in enumerate(unique):
-                os.preadv(fd, [out_bytes[i * row_bytes:(i + 1) * row_bytes]], info.start + r * row_bytes)
+                self._pread_exact(fd, out_bytes[i * row_bytes:(i + 1) * row_bytes], info, info.start + r * row_bytes, key)
         finally:
             os.close(fd)
         pos = {r: i for i, r in enumerate(unique)}

@@ -43,6 +43,20 @@ def test_read_rows_reads_only_the_requested_rows():
     assert torch.equal(src.read_rows("embed_tokens.weight", idx), full[idx])
 
 
+def test_read_rows_of_a_file_truncated_after_opening_raises(tmp_path):
+    f = tmp_path / "table.safetensors"
+    save_file({"table": torch.arange(40, dtype=torch.float32).reshape(10, 4)}, str(f))
+    infos, meta = checkpoints.read_safetensors_header(f)
+    src = checkpoints.TensorSource([f], tmp_path, str(f), infos, meta, "", None)
+    assert src.read_rows("table", torch.tensor([9]))[0].tolist() == [36.0, 37.0, 38.0, 39.0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 8])  # the last row is now half missing
+    with pytest.raises(CheckpointError, match="table.safetensors"):
+        src.read_rows("table", torch.tensor([9]))
+    with pytest.raises(CheckpointError, match="table.safetensors"):
+        src.read("table")
+
+
 def test_pipeline_root_resolves_component_subfolders(tmp_path):
     root = tmp_path / "Lens-Diffusers"
     root.mkdir()
