@@ -204,8 +204,7 @@ def dequantize_mxfp8(
     if in_p % 32 or out_p < out_features or in_p < in_features:
         raise ValueError(f"MXFP8 weight of shape {tuple(weight.shape)} cannot hold [{out_features}, {in_features}]")
     bits = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
-    e = unswizzle_scales(bits, out_p, in_p // 32).to(torch.float32)
-    scale = torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127.0))
+    scale = e8m0_to_float(unswizzle_scales(bits, out_p, in_p // 32))
     w = weight.to(torch.float32).reshape(out_p, in_p // 32, 32) * scale.unsqueeze(-1)
     return w.reshape(out_p, in_p)[:out_features, :in_features].to(dtype)
 
