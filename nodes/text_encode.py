@@ -10,6 +10,7 @@ disk, so an unchanged prompt never loads the 13 GB encoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,17 +89,20 @@ def _disk_get(key: str):
 
 
 def _disk_put(key: str, ctx, mask) -> None:
+    import torch
     from safetensors.torch import save_file
 
     path = _disk_path(key)
+    tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"context": ctx.contiguous(), "mask": mask.to(dtype=__import__("torch").uint8)},
+        save_file({"context": ctx.contiguous(), "mask": mask.to(dtype=torch.uint8)},
                   str(tmp), metadata={"key": key})
         tmp.replace(path)
     except OSError as e:
         logger.warning("could not write the text-feature cache %s: %s", path, e)
+        with contextlib.suppress(OSError):  # no half-written file left behind
+            tmp.unlink(missing_ok=True)
 
 
 def to_conditioning(ctx, mask):

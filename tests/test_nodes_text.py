@@ -130,6 +130,22 @@ def test_disk_cache_survives_a_restart(te_env):
     assert fresh.loads == 1
 
 
+def test_failed_disk_cache_write_leaves_no_partial_file(te_env, monkeypatch, caplog):
+    import safetensors.torch
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    handle = load_te()
+    out = encode(handle, "a green frog", cache_to_disk=True)  # the encode itself succeeds
+    assert out[0][0].shape[1] > 0
+    assert "could not write the text-feature cache" in caplog.text
+    assert [p for p in (te_env.root / "cache").rglob("*") if p.is_file()] == []
+
+
 def test_keep_loaded(te_env):
     handle = load_te(keep_loaded=True)
     encode(handle, "one")
