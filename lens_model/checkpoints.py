@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import mmap
 import os
 import struct
@@ -527,9 +526,6 @@ class TensorSource:
         gather = torch.tensor([pos[r] for r in flat], dtype=torch.long)
         return out[gather].reshape(*index.shape, cols)
 
-    def read_many(self, keys: Iterable[str], dtype: torch.dtype | None = None, device=None) -> dict[str, torch.Tensor]:
-        return {k: self.read(k, dtype, device) for k in keys}
-
 
 def file_identity(files: Iterable[Path], name: str | None = None) -> tuple:
     """(name, total bytes, newest mtime in ns) over ``files``."""
@@ -672,10 +668,3 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
                 f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     os.replace(tmp, path)
 
-
-def human_bytes(n: float) -> str:
-    if n <= 0:
-        return "0 B"
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    i = min(int(math.log(n, 1024)), len(units) - 1)
-    return f"{n / 1024 ** i:.2f} {units[i]}"
