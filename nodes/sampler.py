@@ -72,7 +72,9 @@ def prepare_latent(latent, width: int, height: int):
                              f"(use Lens Resolution, or round to {width // 16 * 16}×{height // 16 * 16}).")
         return torch.zeros(1, 128, height // 16, width // 16), False
     if not isinstance(latent, dict) or "samples" not in latent:
-        raise ValueError("latent must be a LATENT dict with 'samples'.")
+        got = sorted(latent) if isinstance(latent, dict) else type(latent).__name__
+        raise ValueError(f"latent must be a LATENT dict with 'samples', got {got}. Connect Lens "
+                         f"Empty Latent, FLUX2 VAE Encode or a core latent node.")
     s = latent["samples"]
     if s.ndim != 4:
         raise ValueError(f"latent has shape {tuple(s.shape)}; Lens needs [B, 128, h, w] "

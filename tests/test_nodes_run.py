@@ -203,6 +203,15 @@ def test_non_empty_foreign_latent_is_rejected(models, cases):
         LensNodesVAEDecode().decode(samples={"samples": torch.zeros(1, 4, 8, 8)}, vae=load_vae())
 
 
+def test_latent_without_samples_names_what_it_got(comfy_env):
+    from nodes.sampler import prepare_latent
+
+    with pytest.raises(ValueError, match=r"got \['noise_mask'\].*Empty Latent"):
+        prepare_latent({"noise_mask": torch.ones(1, 8, 8)}, 64, 64)
+    with pytest.raises(ValueError, match="got Tensor"):
+        prepare_latent(torch.zeros(1, 128, 4, 4), 64, 64)
+
+
 def test_our_latent_decodes_like_core_layout(models, cases):
     """Our LATENT is plain Flux2 layout: fp32, CPU, [B, 128, h, w], only 'samples'."""
     out = run_sampler(load_dit(), cond_from(cases, 0), width=48, height=32)
