@@ -178,7 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .pipeline import VARIANT_DEFAULTS, generate, variant_defaults
+    from .dit import VARIANT_DEFAULTS
+    from .pipeline import generate, variant_defaults
     from .resolution import resolution_for, validate_size
 
     if args.variant:

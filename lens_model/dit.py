@@ -537,7 +537,7 @@ class LensTransformer(nn.Module):
         )
         self.norm_out = AdaLayerNormOut(d, operations, **kw)
         self.proj_out = operations.Linear(d, config.proj_out_dim, **kw)
-        self.variant_defaults: dict = {"variant": "lens", "steps": 20, "cfg": 5.0}
+        self.variant_defaults: dict = dict(VARIANT_DEFAULTS["lens"])
         self.compute_dtype: torch.dtype | None = None
         self.source_identity: tuple | None = None
         self.cast_workspace = ops.CastWorkspace()
@@ -700,6 +700,15 @@ _QUANT_EXTRA_SUFFIXES = (".weight_scale", ".weight_scale_2", ".comfy_quant", ".i
 _FLOAT_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "turbo": {"variant": "turbo", "steps": 4, "cfg": 1.0},
+    "lens": {"variant": "lens", "steps": 20, "cfg": 5.0},
+    "base": {"variant": "base", "steps": 50, "cfg": 5.0},
+}
+"""Per-variant step and CFG defaults (model cards / ComfyUI templates, spec README §2). Callers get
+copies (:func:`variant_defaults_for`)."""
+
+
 def variant_defaults_for(name: str | Path) -> dict:
     """Default preset from a file or folder name: turbo 4 / 1.0, base 50 / 5.0, else 20 / 5.0.
 
@@ -714,10 +723,10 @@ def variant_defaults_for(name: str | Path) -> dict:
             break
     text = " ".join(parts).lower()
     if "turbo" in text:
-        return {"variant": "turbo", "steps": 4, "cfg": 1.0}
+        return dict(VARIANT_DEFAULTS["turbo"])
     if re.search(r"(^|[^a-z])base([^a-z]|$)", text):
-        return {"variant": "base", "steps": 50, "cfg": 5.0}
-    return {"variant": "lens", "steps": 20, "cfg": 5.0}
+        return dict(VARIANT_DEFAULTS["base"])
+    return dict(VARIANT_DEFAULTS["lens"])
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -1040,5 +1049,6 @@ __all__ = [
     "rope_frequencies",
     "timestep_embedding",
     "variant_defaults_for",
+    "VARIANT_DEFAULTS",
     "FP8_CANDIDATES",
 ]

@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .dit import variant_defaults_for
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import (
     StepCallback, img2img_sigmas, lens_sigmas, comfyui_sigmas, make_noise, noise_image_latents,
@@ -33,21 +34,11 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-VARIANT_DEFAULTS = {
-    "turbo": {"variant": "turbo", "steps": 4, "cfg": 1.0},
-    "lens": {"variant": "lens", "steps": 20, "cfg": 5.0},
-    "base": {"variant": "base", "steps": 50, "cfg": 5.0},
-}
-"""Per-variant step and CFG defaults (model cards / ComfyUI templates, spec README §2)."""
-
-
 def variant_defaults(name: Optional[PathLike]) -> dict:
     """Step/CFG defaults guessed from a checkpoint path (``dit.variant_defaults_for``): "turbo" →
     4 / 1.0, "base" → 50 / 5.0, anything else → Lens 20 / 5.0. Checkpoint keys do not say which
     variant a file is, so the name is the only hint; users may override."""
-    from .dit import variant_defaults_for
-
-    return dict(variant_defaults_for(str(name or "")))
+    return variant_defaults_for(str(name or ""))
 
 
 def default_device() -> torch.device:
