@@ -344,7 +344,9 @@ def img2img(classes):
     g.add("MarkdownNote", pos=(-420, 0), size=(380, 360), title="Note: image to image",
           text="# Lens Turbo, image to image\n\nThe loaded image is encoded with the FLUX.2 VAE "
                "(sides cropped to multiples of 16) and re-noised to denoise 0.6: lower keeps "
-               "more of the input.\n\n" + NOTE_FILES.format(dit="lens_turbo_bf16.safetensors"))
+               "more of the input. Pick your own picture in Load Image first: example.png is "
+               "a placeholder name, and ComfyUI refuses to queue while it is missing from the "
+               "input folder.\n\n" + NOTE_FILES.format(dit="lens_turbo_bf16.safetensors"))
     return g, "Lens Turbo: image to image"
 
 
