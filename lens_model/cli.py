@@ -100,7 +100,12 @@ def _download(filename: str, models_dir: Optional[str]) -> Path:
     logger.info("fetching %s/%s%s", HF_REPO, filename,
                 f" into {models_dir}" if models_dir else " (Hugging Face cache)")
     kw = {"local_dir": models_dir} if models_dir else {}
-    return Path(hf_hub_download(repo_id=HF_REPO, filename=filename, **kw))
+    try:
+        return Path(hf_hub_download(repo_id=HF_REPO, filename=filename, **kw))
+    except OSError as e:  # network and HTTP errors of huggingface_hub / requests are OSErrors
+        raise CliError(f"downloading {HF_REPO}/{filename} failed ({e}); check the network "
+                       "connection, or pass local files with --transformer/--text-encoder/--vae "
+                       "or --models-dir") from e
 
 
 def resolve_files(args: argparse.Namespace, variant: str) -> dict:

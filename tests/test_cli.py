@@ -214,3 +214,16 @@ def test_cli_models_dir_and_download(tmp_path, monkeypatch, fake_generate):
                                         "vae/flux2-vae.safetensors"]
     assert all(r[0] == "Comfy-Org/Lens" and r[2] == {} for r in requests)
 
+
+
+def test_cli_download_failure_is_a_cli_error(tmp_path, monkeypatch, fake_generate, capsys):
+    def hf_hub_download(repo_id, filename, **kw):
+        raise OSError("Connection refused")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub",
+                        types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    monkeypatch.setattr(cli, "_download", _REAL_DOWNLOAD)  # undo the fixture's guard
+    assert cli.main(["x", "--device", "cpu", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Comfy-Org/Lens/diffusion_models/lens_turbo_bf16.safetensors" in err
+    assert "Connection refused" in err and "--models-dir" in err
