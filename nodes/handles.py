@@ -247,6 +247,7 @@ class VAEHandle(Resident):
             return
         logger.info("releasing FLUX.2 VAE %s (another VAE was loaded by its loader)", self.path)
         self.vae = None
+        comfy.soft_empty_cache()  # as for the DiT: a VAE left on the GPU gives its memory back now
 
     def model(self):
         """The VAE wherever it is now (reloaded into host RAM if released)."""

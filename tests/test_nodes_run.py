@@ -622,8 +622,10 @@ def test_loader_frees_its_previous_model_and_old_handles_reload(models, cases):
 
     vloader = LensNodesVAELoader()
     v1 = vloader.load(vae_name=VAE)[0]
+    emptied = models.empty_cache_calls
     v2 = vloader.load(vae_name=VAE, dtype="bf16")[0]
     assert v1.vae is None and v2.vae is not None
+    assert models.empty_cache_calls > emptied  # the released VAE's memory goes back at once
     z = {"samples": torch.randn(1, 128, 2, 2, generator=torch.Generator().manual_seed(5))}
     from nodes import LensNodesVAEDecode
 
