@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
 API_DIR = WORKFLOWS / "api"
 
-CNR_ID = "lens-nodes"
-VERSION = "0.1.0"
+# the registry id and version ComfyUI-Manager resolves the pack by: pyproject's [project]
+_PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+CNR_ID = _PROJECT["name"]
+VERSION = _PROJECT["version"]
 CORE_VERSION = "0.22.0"
 HF = "https://huggingface.co/Comfy-Org/Lens/resolve/main"
 
