@@ -639,6 +639,8 @@ class LensTransformer(nn.Module):
         sigma = torch.as_tensor(timestep).to(device=device).reshape(-1)
         if sigma.numel() == 1 and bsz > 1:
             sigma = sigma.expand(bsz)
+        elif sigma.numel() != bsz:
+            raise ValueError(f"timestep has {sigma.numel()} values; expected 1 or {bsz} (one sigma per sample)")
         sigma = sigma.to(self.dtype)  # upstream rounds sigma to the DiT dtype (dit.md §4.3)
 
         if s:

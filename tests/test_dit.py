@@ -156,6 +156,9 @@ def test_bad_inputs_raise(tiny):
         tiny.forward_tokens(c["hidden_states"], c["timestep"], feats_of(c)[:3], None, c["grid_hw"])
     with pytest.raises(ValueError, match="encoder_mask"):
         tiny.forward_tokens(c["hidden_states"], c["timestep"], feats_of(c), torch.ones(1, 3), c["grid_hw"])
+    bsz = c["hidden_states"].shape[0]
+    with pytest.raises(ValueError, match=f"timestep has {bsz + 1} values; expected 1 or {bsz}"):
+        tiny.forward_tokens(c["hidden_states"], torch.full((bsz + 1,), 0.5), feats_of(c), None, c["grid_hw"])
 
 
 # -- RoPE --------------------------------------------------------------------------------------------
