@@ -178,9 +178,9 @@ def generate_from_features(
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
 
     own_dit = isinstance(transformer, (str, os.PathLike))
-    defaults = variant_defaults(transformer if own_dit else getattr(transformer, "name", None))
-    if not own_dit and getattr(transformer, "variant_defaults", None):
-        defaults = dict(transformer.variant_defaults)
+    defaults = None if own_dit else getattr(transformer, "variant_defaults", None)
+    if not defaults:
+        defaults = variant_defaults(transformer if own_dit else getattr(transformer, "name", None))
     steps = int(steps if steps is not None else defaults["steps"])
     guidance = float(guidance if guidance is not None else defaults["cfg"])
 
