@@ -298,11 +298,19 @@ class ExpertPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._local = threading.local()
+        caller_threads = torch.get_num_threads()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="lens-te-expert",
                                                            initializer=self._init)
+        # torch.set_num_threads(1) in a worker is per thread for threads that already run torch, but
+        # also becomes the count that threads initialising torch later start with: start every
+        # worker now (each blocks until all exist), then restore the caller's count as that default.
+        started = threading.Barrier(workers, timeout=60)
+        list(self._pool.map(lambda _: started.wait(), range(workers)))
+        torch.set_num_threads(caller_threads)
 
     def _init(self) -> None:
-        torch.set_num_threads(1)  # per-thread setting: the caller's threads are unaffected
+        torch.set_num_threads(1)
+        torch.get_num_threads()  # initialises this thread's torch threading now, with 1
 
     def workspace(self) -> Workspace:
         ws = getattr(self._local, "ws", None)

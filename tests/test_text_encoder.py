@@ -429,3 +429,24 @@ def test_selected_layers_can_grow_after_a_resident_load(cases):
     torch.testing.assert_close(feats[3], cases["expected_layer.3"], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="outside"):
         te.selected_layers = (24,)
+
+
+def test_expert_pool_leaves_the_thread_count_of_other_threads_alone():
+    """Workers run with one intra-op thread each, but torch.set_num_threads also sets the count
+    that threads initialising torch later inherit: creating the pool must not leave that at 1."""
+    import threading
+
+    from lens_model.text_encoder import ExpertPool
+
+    torch.set_num_threads(2)  # the autouse fixture restores the original count
+    pool = ExpertPool(2)
+    try:
+        assert pool.submit(torch.get_num_threads).result() == 1
+        seen = []
+        fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        fresh.start()
+        fresh.join()
+        assert seen == [2]
+        assert torch.get_num_threads() == 2
+    finally:
+        pool.shutdown()
