@@ -611,7 +611,10 @@ class LensTextEncoder:
         if tuple(mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
+            raise ValueError(
+                f"token ids span {int(ids.min())}..{int(ids.max())}, outside this text encoder's vocabulary "
+                f"0..{cfg.vocab_size - 1} ({self.name}); were they made by another tokenizer?"
+            )
         bsz, s = ids.shape
         if s == 0:
             return [torch.zeros(bsz, 0, cfg.hidden_size, dtype=self.dtype, device=self.device) for _ in self.selected_layers]

@@ -450,3 +450,9 @@ def test_expert_pool_leaves_the_thread_count_of_other_threads_alone():
         assert torch.get_num_threads() == 2
     finally:
         pool.shutdown()
+
+
+def test_out_of_vocabulary_ids_are_named(golden_te):
+    vocab = golden_te.config.vocab_size
+    with pytest.raises(ValueError, match=f"span 3..{vocab}, outside .* 0..{vocab - 1}"):
+        golden_te.encode_ids(torch.tensor([[3, vocab]]))
