@@ -86,7 +86,8 @@ def _as_image_tensor(image, width: Optional[int], height: Optional[int]) -> torc
 
         if not Path(image).is_file():
             raise FileNotFoundError(f"init image {str(image)!r} does not exist")
-        image = Image.open(image)
+        with Image.open(image) as im:  # decoded here, so the file is closed at once
+            image = im.convert("RGB")
     if isinstance(image, torch.Tensor):
         t = image.float()
         if t.dim() == 3:
