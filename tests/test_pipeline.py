@@ -106,7 +106,8 @@ def _features_latents(**kw):
     args = dict(width=32, height=48, steps=2, guidance=1.0, seed=3, device="cpu",
                 output_type="latent")
     args.update(kw)
-    return pipeline.generate_from_features(ctx, mask, model, None, **args)
+    vae = args.pop("vae", None)
+    return pipeline.generate_from_features(ctx, mask, model, vae, **args)
 
 
 def test_denoise_without_image_runs_full_schedule():
@@ -122,3 +123,16 @@ def test_bad_schedule_and_denoise_rejected():
         _features_latents(schedule="nope", image=image, denoise=0.5)
     with pytest.raises(ValueError, match="1.5"):
         _features_latents(denoise=1.5)
+
+
+def test_img2img_from_a_path_depends_on_the_image(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        p = tmp_path / f"init{i}.png"
+        Image.new("RGB", (16, 24), colour).save(p)  # resized to 32x48 by the pipeline
+        paths.append(p)
+    a, b = (_features_latents(image=p, denoise=0.5, vae=GOLDEN / "vae") for p in paths)
+    assert a.shape == (1, 128, 3, 2)
+    assert not torch.allclose(a, b, atol=1e-3)
