@@ -293,3 +293,13 @@ def test_mapped_tensor_survives_a_replaced_file_but_not_an_in_place_rewrite(tmp_
         fh.seek(info.start)
         fh.write(torch.zeros(300, 1000).numpy().tobytes())
     assert t.abs().sum() == 0
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoints.write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
