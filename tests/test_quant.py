@@ -7,7 +7,11 @@ import torch
 
 from lens_model import quant
 
-ck = pytest.importorskip("comfy_kitchen")
+try:
+    import comfy_kitchen as ck
+except ImportError:  # the reference is a test dependency; hand-checked cases still run without it
+    ck = None
+needs_ck = pytest.mark.skipif(ck is None, reason="comfy-kitchen (reference quantisers) not installed")
 
 
 def test_swizzle_matches_flat_index_formula():
@@ -51,6 +55,7 @@ def test_nvfp4_hand_checked_byte_is_high_nibble_first():
     assert out[0, 0].item() == 0.5 and out[0, 1].item() == -3.0
 
 
+@needs_ck
 @pytest.mark.parametrize("rows,cols", [(128, 64), (200, 96)])
 def test_nvfp4_matches_comfy_kitchen(rows, cols):
     g = torch.Generator().manual_seed(1)
@@ -62,6 +67,7 @@ def test_nvfp4_matches_comfy_kitchen(rows, cols):
     assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-6)
 
 
+@needs_ck
 def test_nvfp4_writer_round_trips_through_comfy_kitchen_dequant():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(2, 130, 64, generator=g)
@@ -75,6 +81,7 @@ def test_nvfp4_writer_round_trips_through_comfy_kitchen_dequant():
     assert ((ours - w).norm() / w.norm()) < 0.15
 
 
+@needs_ck
 def test_mxfp8_matches_comfy_kitchen():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(128, 96, generator=g)
