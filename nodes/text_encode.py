@@ -29,12 +29,22 @@ _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 class FeatureCache:
-    """LRU of (ctx [1, S, 4E] fp32 CPU, mask [1, S] bool CPU) per key string."""
+    """LRU of (ctx [1, S, 4E] fp32 CPU, mask [1, S] bool CPU) per key string.
 
-    def __init__(self, capacity: int = 64):
+    Bounded by entry count and by bytes (a 415-token prompt is ≈ 19 MB of fp32 features); the
+    newest entry is always kept, even when it alone exceeds the byte budget.
+    """
+
+    def __init__(self, capacity: int = 64, max_bytes: int = 512 * 1024 * 1024):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._data: OrderedDict[str, tuple] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(value: tuple) -> int:
+        return sum(t.numel() * t.element_size() for t in value if hasattr(t, "element_size"))
 
     def get(self, key: str):
         with self._lock:
@@ -45,14 +55,23 @@ class FeatureCache:
 
     def put(self, key: str, value: tuple) -> None:
         with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= self._size(old)
             self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self._bytes += self._size(value)
+            while len(self._data) > 1 and (len(self._data) > self.capacity or self._bytes > self.max_bytes):
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= self._size(evicted)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def __len__(self):
         return len(self._data)

@@ -252,3 +252,30 @@ def test_auto_dtype_on_a_gpu_follows_core_bf16_policy(te_env, monkeypatch):
     assert load_te(dtype="auto").dtype == torch.bfloat16
     te_env.bf16 = False
     assert load_te(dtype="bf16").dtype == torch.bfloat16  # an explicit choice is kept
+
+
+def test_feature_cache_is_bounded_by_count_and_bytes():
+    import torch
+
+    from nodes.text_encode import FeatureCache
+
+    def entry(tokens):  # fp32 features [1, S, 11520] + bool mask [1, S]
+        return (torch.zeros(1, tokens, 11520), torch.ones(1, tokens, dtype=torch.bool))
+
+    one = 100 * 11520 * 4 + 100  # bytes of a 100-token entry
+    cache = FeatureCache(capacity=3, max_bytes=2 * one)
+    cache.put("a", entry(100))
+    cache.put("b", entry(100))
+    assert len(cache) == 2 and cache.nbytes == 2 * one
+    cache.put("c", entry(100))  # over the byte budget: the oldest goes
+    assert cache.get("a") is None and cache.get("b") is not None and len(cache) == 2
+    cache.put("b", entry(100))  # replacing a key does not double-count it
+    assert cache.nbytes == 2 * one
+    cache.put("huge", entry(1000))  # larger than the whole budget: kept alone
+    assert len(cache) == 1 and cache.get("huge") is not None
+    small = FeatureCache(capacity=2, max_bytes=10**12)
+    for k in "xyz":
+        small.put(k, entry(1))
+    assert len(small) == 2 and small.get("x") is None
+    small.clear()
+    assert len(small) == 0 and small.nbytes == 0
