@@ -722,6 +722,26 @@ def _default_offload(device: torch.device, ckpt: GptOssCheckpoint, n_layers: int
     return "device"
 
 
+def _open_checked(path, config: GptOssConfig | dict | None = None) -> tuple[GptOssCheckpoint, GptOssConfig]:
+    """Open ``path`` as a gpt-oss checkpoint and check every shape against its configuration
+    (config.json when present, else inferred from the shapes). Reads headers only."""
+    source = open_checkpoint(path, "te")
+    ckpt = GptOssCheckpoint(source)
+    if isinstance(config, dict):
+        config = GptOssConfig.from_dict(config)
+    if config is None:
+        hf = find_gpt_oss_config_json(source)
+        config = GptOssConfig.from_dict(hf) if hf else GptOssConfig.infer(ckpt)
+    ckpt.validate(config)
+    return ckpt, config
+
+
+def inspect_text_encoder(path) -> GptOssConfig:
+    """The configuration of the gpt-oss checkpoint at ``path``, after checking its layout and every
+    shape (headers only: nothing is loaded). Raises the same errors as :func:`load_text_encoder`."""
+    return _open_checked(path)[1]
+
+
 def load_text_encoder(path, dtype=None, device=None, offload: str | None = None, *, config: GptOssConfig | dict | None = None,
                       selected_layers: Sequence[int] | None = None, tokenizer=None) -> LensTextEncoder:
     """Open a gpt-oss-20b text encoder for Lens.
@@ -743,14 +763,7 @@ def load_text_encoder(path, dtype=None, device=None, offload: str | None = None,
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(dtype, device)
-    source = open_checkpoint(path, "te")
-    ckpt = GptOssCheckpoint(source)
-    if isinstance(config, dict):
-        config = GptOssConfig.from_dict(config)
-    if config is None:
-        hf = find_gpt_oss_config_json(source)
-        config = GptOssConfig.from_dict(hf) if hf else GptOssConfig.infer(ckpt)
-    ckpt.validate(config)
+    ckpt, config = _open_checked(path, config)
     layers = tuple(selected_layers) if selected_layers is not None else DEFAULT_SELECTED_LAYERS
     if offload is None:
         offload = _default_offload(device, ckpt, max(layers) + 1)
@@ -773,6 +786,7 @@ __all__ = [
     "GptOssConfig",
     "LensTextEncoder",
     "load_text_encoder",
+    "inspect_text_encoder",
     "encode_prompt_cache_key",
     "yarn_inv_freq",
     "rope_cos_sin",

@@ -269,16 +269,9 @@ class LensNodesTextEncoderLoader:
         return (handle,)
 
 
-def _check_text_encoder(path: str) -> int | None:
-    """Validate the file is a gpt-oss text encoder (headers only) and return its hidden size."""
-    source = lens("checkpoints").open_checkpoint(path, "te")
-    for key in source.keys():
-        if key.endswith(("embed_tokens.weight", "embedding.weight")):
-            shape = source.shape(key)
-            if len(shape) == 2:
-                return int(shape[1])
-    cfg = source.config or {}
-    return cfg.get("hidden_size")
+def _check_text_encoder(path: str) -> int:
+    """Validate the text-encoder checkpoint (headers and shapes only) and return its hidden size."""
+    return lens("text_encoder").inspect_text_encoder(path).hidden_size
 
 
 class LensNodesVAELoader:

@@ -378,3 +378,20 @@ def test_full_size_config_is_inferred_from_a_comfy_file(tmp_path):
     assert cfg == GptOssConfig()  # gpt-oss-20b
     ck.validate(cfg)
     assert ck.layout == "comfy" and ck.expert_format == "nvfp4"
+
+
+def test_inspect_text_encoder_reads_headers_and_checks_shapes(tmp_path):
+    from lens_model.text_encoder import inspect_text_encoder
+
+    cfg = inspect_text_encoder(GOLDEN / "text_encoder")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_local_experts) == (64, 24, 4)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(GOLDEN / "text_encoder" / "model.safetensors"))
+    sd["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(60, 64)
+    bad = tmp_path / "te"
+    bad.mkdir()
+    save_file(sd, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((GOLDEN / "text_encoder" / "config.json").read_text())
+    with pytest.raises(Exception, match="q_proj"):
+        inspect_text_encoder(bad)
