@@ -527,6 +527,15 @@ class TensorSource:
         return out[gather].reshape(*index.shape, cols)
 
 
+def read_tensor_from_file(path: str | os.PathLike, key: str) -> torch.Tensor:
+    """One tensor of a single safetensors file, by its stored key (reads that tensor's bytes only)."""
+    path = Path(path)
+    infos, metadata = read_safetensors_header(path)
+    if key not in infos:
+        raise KeyError(f"{path}: no tensor `{key}`.")
+    return TensorSource([path], path.parent, str(path), infos, metadata, "", None).read(key)
+
+
 def file_identity(files: Iterable[Path], name: str | None = None) -> tuple:
     """(name, total bytes, newest mtime in ns) over ``files``."""
     files = list(files)

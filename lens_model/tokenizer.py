@@ -491,19 +491,13 @@ def _identity(path: Path) -> tuple[str, int, int]:
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    """Tensor names in a safetensors header, read without touching the data."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            return []
-        n = int.from_bytes(head, "little")
-        if n <= 0 or n > 100_000_000:
-            return []
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+    """Tensor names in a safetensors header (data untouched); [] for an unreadable header."""
+    from .checkpoints import CheckpointError, read_safetensors_header
+
+    try:
+        return list(read_safetensors_header(path)[0])
+    except (CheckpointError, OSError):
+        return []
 
 
 def _tokenizer_key(keys) -> str | None:
@@ -515,11 +509,10 @@ def _tokenizer_key(keys) -> str | None:
 
 def read_embedded_tokenizer_json(path: PathLike, key: str = "tokenizer_json") -> str:
     """The JSON text stored as a 1-D uint8 tensor ``key`` in a safetensors file (only that tensor is read)."""
-    from safetensors import safe_open
+    from .checkpoints import read_tensor_from_file
 
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        tensor = f.get_tensor(key)
+    tensor = read_tensor_from_file(path, key)
     if tensor.ndim != 1 or str(tensor.dtype) != "torch.uint8":
         raise ValueError(
             f"`{key}` in {path} is {tensor.dtype} {list(tensor.shape)}, expected a 1-D uint8 tensor "
