@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lens_model.dit import LensDiTConfig, LensTransformer, rope_frequencies, rope_positions  # noqa: E402
+from procstats import read_bytes, status_bytes  # noqa: E402  (bench/ is the script folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -178,30 +179,11 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: boo
 
 # -- load timing (child process) ----------------------------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _read_bytes() -> int:
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_load(path: str, dtype_name: str | None) -> dict:
     """Time ``load_transformer(path)`` once in this (fresh) process."""
     from lens_model.dit import load_transformer
 
-    before_read = _read_bytes()
+    before_read = read_bytes()
     rss_before = rss_bytes()
     t0 = time.perf_counter()
     model = load_transformer(path, dtype=DTYPES[dtype_name] if dtype_name else None)
@@ -215,9 +197,9 @@ def run_load(path: str, dtype_name: str | None) -> dict:
         "gb_per_s": round(nbytes / 1e9 / elapsed, 2),
         "rss_before_gb": round(rss_before / 1e9, 3),
         "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),
-        "rss_anon_gb": round(_status_kb("RssAnon") * 1024 / 1e9, 3),
-        "rss_file_gb": round(_status_kb("RssFile") * 1024 / 1e9, 3),
-        "read_from_storage_gb": round((_read_bytes() - before_read) / 1e9, 3),
+        "rss_anon_gb": round(status_bytes()["RssAnon"] / 1e9, 3),
+        "rss_file_gb": round(status_bytes()["RssFile"] / 1e9, 3),
+        "read_from_storage_gb": round((read_bytes() - before_read) / 1e9, 3),
     }
 
 

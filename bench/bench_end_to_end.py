@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from procstats import read_bytes, status_bytes  # noqa: E402  (bench/ is the script folder)
 
 PROMPT = "a red fox in the snow"
 BENCH_DIR = Path("/tmp/lens_bench")
@@ -151,27 +152,6 @@ def ensure_files(dit: Path, te: Path, vae: Path) -> None:
 # Child: one generate() call, instrumented
 
 
-def _status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-def _read_bytes() -> int:
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
 class Timeline:
     """Stage boundaries with wall time, storage reads and RSS maxima sampled by a thread."""
 
@@ -187,14 +167,14 @@ class Timeline:
 
     def _sample(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            s = _status()
+            s = status_bytes()
             with self._lock:
                 cur = self._cur
                 for k in ("VmRSS", "RssAnon", "RssFile"):
                     cur["max_" + k] = max(cur.get("max_" + k, 0), s.get(k, 0))
 
     def begin(self, name: str) -> None:
-        now, rb, s = time.perf_counter(), _read_bytes(), _status()
+        now, rb, s = time.perf_counter(), read_bytes(), status_bytes()
         with self._lock:
             if self._cur is not None:
                 c = self._cur
@@ -227,7 +207,7 @@ def child(args) -> dict:
 
     tl = Timeline()
     res: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "rss_start_gb": _status()["VmRSS"] / GB}
+                 "rss_start_gb": status_bytes()["VmRSS"] / GB}
 
     # Record stage boundaries around the functions generate() calls; each wrapper calls the original.
     def wrap(mod, name, before=None, after=None):
@@ -275,7 +255,7 @@ def child(args) -> dict:
     stages = tl.end()
     res.update(
         generate_s=round(t_gen, 3), stages=stages,
-        peak_rss_gb=round(_status()["VmHWM"] / GB, 3),
+        peak_rss_gb=round(status_bytes()["VmHWM"] / GB, 3),
         ru_maxrss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
         image_shape=list(images.shape), finite=bool(torch.isfinite(images).all()),
         latents_finite_per_step=finite_steps,
