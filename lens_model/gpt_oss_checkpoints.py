@@ -685,7 +685,6 @@ class GptOssCheckpoint:
 
     def read_layer(self, i: int, config) -> LayerWeights:
         """Read decoder layer ``i`` from the file (fresh CPU memory, stored dtypes)."""
-        src = self.source
         t: dict = {}
         for name in NORM_KEYS + ("self_attn.sinks", "mlp.router.weight", "mlp.router.bias"):
             t[name] = self._read(self._plain_key(i, name))

@@ -16,19 +16,13 @@ from lens_model import quant
 from lens_model.checkpoints import CheckpointError, open_checkpoint
 from lens_model.gpt_oss_checkpoints import GptOssCheckpoint
 from lens_model.text_encoder import GptOssConfig, load_text_encoder
-from test_text_encoder import save_st
+from test_text_encoder import _one_thread, save_st  # noqa: F401  (_one_thread: autouse fixture)
 
 TE_DIR = GOLDEN / "text_encoder"
 CONFIG = json.loads((TE_DIR / "config.json").read_text())
 L = CONFIG["num_hidden_layers"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def golden_sd_dict():
