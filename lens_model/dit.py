@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import ops
 from . import quant
+from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,17 @@ class LensDiTConfig:
     num_layers: int = 48
     num_attention_heads: int = 24
     attention_head_dim: int = 64
-    in_channels: int = 128
-    out_channels: int = 32
-    enc_hidden_dim: int = 2880
-    num_text_layers: int = 4
+    in_channels: int = LATENT_CHANNELS
+    out_channels: int = VAE_LATENT_CHANNELS
+    enc_hidden_dim: int = TEXT_HIDDEN_SIZE
+    num_text_layers: int = len(CAPTURED_LAYERS)
     mlp_hidden: int | None = None  # None -> int(inner_dim / 3 * 8), upstream's GateMLP width
     axes_dims_rope: tuple[int, int, int] = (8, 28, 28)
     rope_theta: float = 10000.0
     qk_norm_eps: float = 1e-6  # upstream; ComfyUI core uses 1e-5 (dit.md §6, §10)
     time_embed_dim: int = 256
     patch_size: int = 2
-    selected_layer_index: tuple[int, ...] = field(default=(5, 11, 17, 23))
+    selected_layer_index: tuple[int, ...] = field(default=CAPTURED_LAYERS)
 
     def __post_init__(self) -> None:
         self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)

@@ -12,17 +12,10 @@ from typing import Optional
 
 import torch
 
-from .sampling import LATENT_CHANNELS, MU_TOKEN_THRESHOLD
+from .constants import LATENT_CELL_PIXELS, LATENT_CHANNELS, MAX_SIDE, RATIOS, SIZE_MULTIPLE
+from .sampling import MU_TOKEN_THRESHOLD, image_tokens
 
 logger = logging.getLogger(__name__)
-
-MAX_SIDE = 2080
-"""Largest accepted side in pixels (the largest upstream preset side)."""
-
-SIZE_MULTIPLE = 16
-
-RATIOS = ("1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1")
-"""Upstream aspect ratios, W:H, portrait to landscape."""
 
 # base -> ratio (W:H) -> (height, width), exactly as the upstream table lists them.
 _PRESETS_HW: dict[int, dict[str, tuple[int, int]]] = {
@@ -103,7 +96,7 @@ def schedule_jump_warning(width: int, height: int) -> Optional[str]:
     between the two preset families run with a smaller shift than either family; quality there is
     unverified.
     """
-    n = (int(height) // 16) * (int(width) // 16)
+    n = image_tokens(height, width)
     if (int(width), int(height)) in PRESET_SIZES:
         return None
     if MU_TOKEN_THRESHOLD < n < _JUMP_ZONE_END:
@@ -137,9 +130,9 @@ def latent_from_core_empty(latent: dict) -> torch.Tensor:
     ratio = 8
     if isinstance(latent, dict) and latent.get("downscale_ratio_spacial") is not None:
         ratio = int(latent["downscale_ratio_spacial"])
-    hh = round(h * ratio / 16)
-    ww = round(w * ratio / 16)
+    hh = round(h * ratio / LATENT_CELL_PIXELS)
+    ww = round(w * ratio / LATENT_CELL_PIXELS)
     if hh < 1 or ww < 1:
         raise ValueError(f"empty LATENT {h}x{w} at 1/{ratio} is smaller than one Lens latent "
-                         f"position (16 px)")
+                         f"position ({LATENT_CELL_PIXELS} px)")
     return torch.zeros(b, LATENT_CHANNELS, hh, ww, dtype=torch.float32)

@@ -39,15 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import open_checkpoint
+from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN, TEXT_HIDDEN_SIZE, VOCAB_SIZE
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
 
 logger = logging.getLogger(__name__)
 
 #: Decoder layers whose output Lens feeds to the DiT (0-based, after the layer, before any norm).
-DEFAULT_SELECTED_LAYERS = (5, 11, 17, 23)
-#: Template tokens dropped from the features (text_encoder.md §5).
-PREFIX_LEN = 97
-PAD_ID = 199999
+DEFAULT_SELECTED_LAYERS = CAPTURED_LAYERS
 OFFLOAD_MODES = ("device", "layers", "stream")
 
 
@@ -59,8 +57,8 @@ OFFLOAD_MODES = ("device", "layers", "stream")
 class GptOssConfig:
     """gpt-oss hyper-parameters (HF ``config.json`` names; defaults are gpt-oss-20b)."""
 
-    vocab_size: int = 201088
-    hidden_size: int = 2880
+    vocab_size: int = VOCAB_SIZE
+    hidden_size: int = TEXT_HIDDEN_SIZE
     intermediate_size: int = 2880
     num_hidden_layers: int = 24
     num_attention_heads: int = 64

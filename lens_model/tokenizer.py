@@ -27,18 +27,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
+from .constants import DEFAULT_DATE, MAX_LENGTH, PAD_ID, PREFIX_LEN, SUFFIX_LEN, VOCAB_SIZE
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 # --------------------------------------------------------------------------------------------------
-# Constants (text_encoder.md §4-§6)
-
-PREFIX_LEN = 97
-SUFFIX_LEN = 22
-MAX_LENGTH = 512
-PAD_ID = 199999
-DEFAULT_DATE = "2026-05-23"
+# Constants (the template lengths, padding id and default date live in constants.py)
 
 TRUNCATION_MODES = ("suffix", "upstream")
 DEFAULT_TRUNCATION = "suffix"
@@ -50,7 +46,7 @@ FALLBACK_RANKS_PATH = DATA_DIR / "o200k_base.tiktoken.gz"
 # Named o200k_harmony special tokens; every other id in 200000..201087 is <|reserved_{id}|>.
 NAMED_SPECIAL_TOKENS: dict[str, int] = {
     "<|startoftext|>": 199998,
-    "<|endoftext|>": 199999,
+    "<|endoftext|>": PAD_ID,
     "<|return|>": 200002,
     "<|constrain|>": 200003,
     "<|channel|>": 200005,
@@ -61,7 +57,6 @@ NAMED_SPECIAL_TOKENS: dict[str, int] = {
     "<|endofprompt|>": 200018,
 }
 FIRST_SPECIAL_ID = 199998
-VOCAB_SIZE = 201088
 
 
 def _harmony_special_tokens() -> dict[str, int]:
@@ -217,7 +212,7 @@ class LensTokenizer:
             if len(ids) != PREFIX_LEN:
                 raise ValueError(
                     f"the Lens template prefix for date {key!r} is {len(ids)} tokens with the tokenizer "
-                    f"from {self.source}, expected {PREFIX_LEN}; the encoder's 97-token offset would "
+                    f"from {self.source}, expected {PREFIX_LEN}; the encoder's {PREFIX_LEN}-token offset would "
                     f"be wrong. Use a YYYY-MM-DD date and the o200k_harmony tokenizer."
                 )
             self._prefix_cache[key] = ids
