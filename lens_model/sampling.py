@@ -50,7 +50,89 @@ def image_tokens(height: int, width: int) -> int:
     return (int(height) // 16) * (int(width) // 16)
 
 
+MAX_STEPS = 200
+"""Largest step count accepted by :func:`check_sampling_options` (and the sampler node). The
+empirical-μ line is fitted between 10 and 200 steps (sampling.md §1); the models use 4-50."""
+
+MAX_GUIDANCE = 100.0
+"""Largest guidance scale accepted (core's KSampler uses the same bound)."""
+
+MU_RANGE = (-20.0, 20.0)
+"""Accepted schedule-shift overrides μ. The empirical μ of any size up to 4096² stays below 12; at
+|μ| = 20 the shift e^μ ≈ 5·10⁸ already saturates every σ to 1 (or 0) in float32."""
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf appeared in the sampler (in the start latent, the DiT output, the guided velocity
+    or the running latent). ``step`` is the 1-based step (0: before the first step), ``total`` the
+    step count and ``where`` names the tensor."""
+
+    def __init__(self, message: str, step: int, total: int, where: str):
+        super().__init__(message)
+        self.step = step
+        self.total = total
+        self.where = where
+
+
+def _finite_float(name: str, value, label: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{label} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{label} must be a finite number, got {out!r}")
+    return out
+
+
+def check_sampling_options(steps=None, guidance_scale=None, denoise=None, mu=None,
+                           names: Optional[dict] = None) -> None:
+    """Validate sampling options before any work starts; ``None`` skips an option.
+
+    Raises ValueError naming the option, its value and the accepted range:
+
+    - ``steps``: an integer in 1..:data:`MAX_STEPS` (200);
+    - ``guidance_scale``: a finite number in [0, :data:`MAX_GUIDANCE`] (CFG; 1 = no guidance);
+    - ``denoise``: a finite number in (0, 1] (img2img strength; 1 = text-to-image);
+    - ``mu``: a finite schedule-shift override in :data:`MU_RANGE` ([-20, 20]).
+
+    NaN and ±Inf are always rejected (they would otherwise turn every latent into NaN and give a
+    black image). ``names`` maps option names to the names the caller's user knows, e.g.
+    ``{"guidance_scale": "--cfg"}`` in a CLI or ``{"guidance_scale": "cfg"}`` in a node.
+    """
+    names = names or {}
+
+    def label(key: str) -> str:
+        return names.get(key, key)
+
+    if steps is not None:
+        bad = isinstance(steps, bool)
+        try:
+            as_int = int(steps)
+            bad = bad or as_int != steps
+        except (TypeError, ValueError, OverflowError):
+            bad = True
+        if bad or not 1 <= as_int <= MAX_STEPS:
+            raise ValueError(f"{label('steps')} must be an integer from 1 to {MAX_STEPS}, "
+                             f"got {steps!r}")
+    if guidance_scale is not None:
+        g = _finite_float("guidance_scale", guidance_scale, label("guidance_scale"))
+        if not 0.0 <= g <= MAX_GUIDANCE:
+            raise ValueError(f"{label('guidance_scale')} must be in [0, {MAX_GUIDANCE:g}], got {g!r}")
+    if denoise is not None:
+        d = _finite_float("denoise", denoise, label("denoise"))
+        if not 0.0 < d <= 1.0:
+            raise ValueError(f"{label('denoise')} must be in (0, 1], got {d!r}")
+    if mu is not None:
+        m = _finite_float("mu", mu, label("mu"))
+        if not MU_RANGE[0] <= m <= MU_RANGE[1]:
+            raise ValueError(f"{label('mu')} (schedule shift override) must be in "
+                             f"[{MU_RANGE[0]:g}, {MU_RANGE[1]:g}], got {m!r}")
+
+
 def _check_steps(steps) -> int:
+    """A positive integer step count (no upper bound: img2img builds n/s-step schedules)."""
     if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     return int(steps)
@@ -86,8 +168,13 @@ def lens_sigmas(height: int, width: int, steps: int, mu: Optional[float] = None)
     t_k = linspace(1, 1/n, n), σ_k = e^μ / (e^μ + (1/t_k − 1)), then σ_n = 0. μ defaults to
     :func:`empirical_mu` of N = (H/16)·(W/16) and n; pass ``mu`` to override it ("schedule μ
     override"). Computed in float64 and rounded once to float32 (diffusers works in float32; the
-    two agree to ≤ 1e-7).
+    two agree to ≤ 1e-7). ``steps`` and ``mu`` are checked by :func:`check_sampling_options`.
     """
+    check_sampling_options(steps=steps, mu=mu)
+    return _lens_schedule(height, width, int(steps), mu)
+
+
+def _lens_schedule(height: int, width: int, steps: int, mu: Optional[float]) -> torch.Tensor:
     steps = _check_steps(steps)
     if mu is None:
         mu = empirical_mu(image_tokens(height, width), steps)
@@ -124,6 +211,13 @@ def comfyui_sigmas(height: int, width: int, steps: int, mu: Optional[float] = No
     there core picks the neighbouring table entry (Δt = 1e-4) and so do we. Core evaluates the
     table in float32; we evaluate in float64 and round once (difference ≤ 1e-7).
     """
+    check_sampling_options(steps=steps, mu=mu)
+    return _comfyui_schedule(height, width, int(steps), mu, max_shift, base_shift)
+
+
+def _comfyui_schedule(height: int, width: int, steps: int, mu: Optional[float],
+                      max_shift: float = COMFY_MAX_SHIFT,
+                      base_shift: float = COMFY_BASE_SHIFT) -> torch.Tensor:
     steps = _check_steps(steps)
     if mu is None:
         mu = comfyui_mu(height, width, max_shift, base_shift)
@@ -141,17 +235,17 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
     ComfyUI's rule (sampling.md §7): n_total = ⌊n / s⌋ (computed as ``int(steps / denoise)``, like
     core's KSampler), build the full schedule for n_total steps (μ from N and n_total in "upstream"
     mode, :func:`comfyui_sigmas` in "comfyui" mode) and keep the last n + 1 values σ_start … 0.
-    s = 1 gives exactly the text-to-image schedule.
+    s = 1 gives exactly the text-to-image schedule. ``steps``, ``denoise`` and ``mu`` are checked
+    by :func:`check_sampling_options` (n_total itself may exceed :data:`MAX_STEPS`).
     """
-    steps = _check_steps(steps)
+    check_sampling_options(steps=steps, denoise=denoise, mu=mu)
+    steps = int(steps)
     denoise = float(denoise)
-    if not (0.0 < denoise <= 1.0):
-        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
     total = max(int(steps / denoise), steps)
     if mode == "upstream":
-        full = lens_sigmas(height, width, total, mu=mu)
+        full = _lens_schedule(height, width, total, mu)
     elif mode == "comfyui":
-        full = comfyui_sigmas(height, width, total, mu=mu)
+        full = _comfyui_schedule(height, width, total, mu)
     else:
         raise ValueError(f"img2img_sigmas mode must be 'upstream' or 'comfyui', got {mode!r}")
     return full[-(steps + 1):].clone()
@@ -340,7 +434,8 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
             rows are repeat-interleaved over the images (Bp = 1 broadcasts).
         negative_context, negative_mask: negative text ``[Bn, S_neg, 4E]``; None means the empty
             negative (a zero-length text stream, S = 0). Bn = 1 broadcasts.
-        guidance_scale: g. At g = 1 the unconditional pass is skipped (identical result).
+        guidance_scale: g, finite, in [0, 100] (checked before anything runs). At g = 1 the
+            unconditional pass is skipped (identical result).
         callback: ``callback(step, total, x, denoised)`` after each Euler step, with ``step`` the
             0-based index k of the step just taken (progress = step + 1 of total), ``x`` the new
             latent x_{k+1} and ``denoised`` = x_k − σ_k·v (the x₀ preview). Exceptions it raises
@@ -356,6 +451,14 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
     ``[B]`` tensor (the DiT rounds it to its own dtype); the output is upcast to float32, and CFG
     and the Euler update x ← x + (σ_{k+1} − σ_k)·v are float32. The text features are passed in
     their own dtype (moved to the model's device).
+
+    Raises:
+        ValueError: bad options (:func:`check_sampling_options`), shapes or non-finite sigmas,
+            before the first model call.
+        NonFiniteError: (a ValueError) the start latent is not finite, or NaN/Inf appears during
+            sampling; it names the step and the likely cause (fp16 overflow or broken weights
+            when the DiT output itself is non-finite, extreme guidance when only the guided
+            velocity is). One ``isfinite`` reduction per step detects it.
     """
     if noise.dim() != 4 or noise.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"noise must be [B, {LATENT_CHANNELS}, h, w], got {tuple(noise.shape)}")
@@ -364,6 +467,9 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
         raise ValueError(f"sigmas needs at least 2 values (n + 1 for n steps), got {sig.numel()}")
     if cfg_mode not in ("upstream", "comfyui"):
         raise ValueError(f"cfg_mode must be 'upstream' or 'comfyui', got {cfg_mode!r}")
+    check_sampling_options(guidance_scale=guidance_scale)
+    if not bool(torch.isfinite(sig).all()):
+        raise ValueError(f"sigmas must be finite, got {sig.tolist()}")
     g = float(guidance_scale)
     batch = noise.shape[0]
     dtype, device = _model_dtype_device(transformer, noise.device)
@@ -391,6 +497,10 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
 
     x = noise.to(device=device, dtype=torch.float32)
     n = sig.numel() - 1
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            "the start latent contains NaN or Inf before step 1: the noise or the image latents "
+            "(img2img) are broken; check the input latent or image.", 0, n, "start latent")
     with torch.no_grad():
         for k in range(n):
             s_k = float(sig[k])
@@ -408,12 +518,34 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
                 v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x, sigma=s_k)
             else:
                 v = v_c
-            del v_u
             denoised = x - s_k * v if callback is not None else None
             x = x + (sig[k + 1] - sig[k]).item() * v
+            if not bool(torch.isfinite(x).all()):  # one reduction per step
+                raise _non_finite(k, n, s_k, g, v_c, v_u, v)
+            del v_u
             if callback is not None:
                 callback(k, n, x, denoised)
     return x
+
+
+def _non_finite(k: int, n: int, sigma: float, g: float, v_c: torch.Tensor,
+                v_u: Optional[torch.Tensor], v: torch.Tensor) -> NonFiniteError:
+    """The error for a latent that became non-finite at step k (0-based), naming the likely cause."""
+    at = f"at step {k + 1} of {n} (sigma {sigma:.4g})"
+    if not bool(torch.isfinite(v_c).all()) or (v_u is not None and not bool(torch.isfinite(v_u).all())):
+        which = "conditional" if not bool(torch.isfinite(v_c).all()) else "unconditional"
+        return NonFiniteError(
+            f"the DiT returned NaN or Inf ({which} pass) {at}. Likely causes: a compute dtype "
+            f"that overflows (fp16: use bf16 or fp32), or broken weights (a corrupt or wrong DiT "
+            f"file, or a bad quantisation).", k + 1, n, "model output")
+    if not bool(torch.isfinite(v).all()):
+        return NonFiniteError(
+            f"the guided velocity became NaN or Inf {at} with guidance scale {g:g} although the "
+            f"model outputs are finite: the guidance is too extreme; lower cfg.",
+            k + 1, n, "guided velocity")
+    return NonFiniteError(
+        f"the latent became NaN or Inf {at}: the velocity is finite but too large (extreme "
+        f"guidance {g:g}, or a model/dtype problem such as fp16 overflow).", k + 1, n, "latent")
 
 
 def sample_to_tokens(latents: torch.Tensor) -> torch.Tensor:
@@ -431,7 +563,7 @@ def tokens_to_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 __all__: Sequence[str] = (
-    "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
+    "check_sampling_options", "NonFiniteError", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
     "make_noise", "noise_image_latents", "cfg_combine", "empty_text", "pad_text", "align_text",
     "expand_batch", "sample", "image_tokens", "sample_to_tokens", "tokens_to_latents",
 )

@@ -365,3 +365,115 @@ def test_sample_rejects_bad_inputs():
         sample(ToyDiT(), make_noise(0, 3, 2, 3), lens_sigmas(32, 48, 2), ctx, msk)
     with pytest.raises(ValueError, match="cfg_mode"):
         sample(ToyDiT(), noise, lens_sigmas(32, 48, 2), ctx, msk, cfg_mode="x")
+
+
+# ------------------------------------------------------------------------------------ option checks
+
+from lens_model.sampling import MAX_STEPS, NonFiniteError, check_sampling_options  # noqa: E402
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+def test_non_finite_guidance_rejected_before_sampling(bad):
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    model = ToyDiT()
+    with pytest.raises(ValueError, match=r"guidance_scale must be a finite number.*(nan|inf)"):
+        sample(model, noise, lens_sigmas(32, 48, 2), ctx, msk, neg, nmsk, guidance_scale=bad)
+    assert model.calls == []  # nothing ran
+
+
+@pytest.mark.parametrize("bad", NON_FINITE)
+def test_non_finite_mu_and_denoise_rejected_by_the_schedules(bad):
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        lens_sigmas(1024, 1024, 4, mu=bad)
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        comfyui_sigmas(1024, 1024, 4, mu=bad)
+    with pytest.raises(ValueError, match="denoise must be a finite number"):
+        img2img_sigmas(1024, 1024, 4, bad)
+
+
+def test_check_sampling_options_names_value_and_range():
+    check_sampling_options(steps=MAX_STEPS, guidance_scale=0.0, denoise=1.0, mu=-20.0)
+    check_sampling_options()  # everything optional
+    with pytest.raises(ValueError, match=r"steps must be an integer from 1 to 200, got 100000"):
+        check_sampling_options(steps=100000)
+    with pytest.raises(ValueError, match=r"steps must be an integer from 1 to 200, got 0"):
+        check_sampling_options(steps=0)
+    with pytest.raises(ValueError, match=r"steps must be an integer .* got 2\.5"):
+        check_sampling_options(steps=2.5)
+    with pytest.raises(ValueError, match=r"steps must be an integer .* got True"):
+        check_sampling_options(steps=True)
+    with pytest.raises(ValueError, match=r"guidance_scale must be in \[0, 100\], got -1\.0"):
+        check_sampling_options(guidance_scale=-1)
+    with pytest.raises(ValueError, match=r"denoise must be in \(0, 1\], got 0\.0"):
+        check_sampling_options(denoise=0)
+    with pytest.raises(ValueError, match=r"mu \(schedule shift override\) must be in \[-20, 20\]"):
+        check_sampling_options(mu=25)
+    with pytest.raises(ValueError, match=r"must be a number, got 'x'"):
+        check_sampling_options(guidance_scale="x")
+    # callers name their own flags
+    with pytest.raises(ValueError, match=r"^--cfg must be a finite number, got nan"):
+        check_sampling_options(guidance_scale=float("nan"), names={"guidance_scale": "--cfg"})
+
+
+def test_schedules_reject_unreasonable_steps_but_img2img_may_build_long_ones():
+    with pytest.raises(ValueError, match="from 1 to 200"):
+        lens_sigmas(1024, 1024, 100000)
+    with pytest.raises(ValueError, match="from 1 to 200"):
+        comfyui_sigmas(1024, 1024, 201)
+    # 200 steps at denoise 0.5 runs the tail of a 400-step schedule
+    sig = img2img_sigmas(1024, 1024, 200, 0.5)
+    assert sig.shape == (201,) and sig[-1].item() == 0.0
+
+
+class _BrokenDiT(ToyDiT):
+    """Returns NaN (or a huge value) in the conditional / unconditional pass from a given call on."""
+
+    def __init__(self, bad_call, value=float("nan"), only_uncond=False):
+        super().__init__()
+        self.bad_call, self.value, self.only_uncond = bad_call, value, only_uncond
+
+    def forward(self, x, sigma, context, mask):
+        out = super().forward(x, sigma, context, mask)
+        uncond = context.shape[1] == 2  # _toy_inputs: the negative has 2 tokens, the prompt 4
+        if len(self.calls) - 1 >= self.bad_call and (uncond or not self.only_uncond):
+            out = out.clone()
+            out[:, 0, 0, 0] = self.value
+        return out
+
+
+def test_non_finite_model_output_names_step_and_cause():
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    seen = []
+    with pytest.raises(NonFiniteError, match=r"DiT returned NaN or Inf \(conditional pass\) at "
+                                             r"step 2 of 3.*fp16.*weights") as err:
+        sample(_BrokenDiT(bad_call=1), noise, lens_sigmas(32, 48, 3), ctx, msk,
+               callback=lambda *a: seen.append(a[0]))
+    assert (err.value.step, err.value.total, err.value.where) == (2, 3, "model output")
+    assert isinstance(err.value, ValueError)
+    assert seen == [0]  # no callback (preview, progress) ever saw the NaN latent
+    with pytest.raises(NonFiniteError, match=r"unconditional pass\) at step 1 of 3"):
+        sample(_BrokenDiT(bad_call=0, only_uncond=True), noise, lens_sigmas(32, 48, 3), ctx, msk,
+               neg, nmsk, guidance_scale=4.0)
+
+
+def test_guidance_overflow_is_blamed_on_guidance():
+    noise, ctx, msk, neg, nmsk = _toy_inputs()
+    # finite but huge outputs: u + g(c - u) overflows float32 at g = 100
+    model = _BrokenDiT(bad_call=0, value=3e38, only_uncond=True)
+    with pytest.raises(NonFiniteError, match=r"guided velocity .* step 1 of 2 .* with "
+                                             r"guidance scale 100.*lower cfg") as err:
+        sample(model, noise, lens_sigmas(32, 48, 2), ctx, msk, neg, nmsk, guidance_scale=100.0)
+    assert err.value.where == "guided velocity"
+
+
+def test_non_finite_start_latent_rejected_before_the_model_runs():
+    noise, ctx, msk, _, _ = _toy_inputs()
+    noise[0, 3, 1, 1] = float("inf")
+    model = ToyDiT()
+    with pytest.raises(NonFiniteError, match="start latent") as err:
+        sample(model, noise, lens_sigmas(32, 48, 2), ctx, msk)
+    assert err.value.step == 0 and model.calls == []
+    with pytest.raises(ValueError, match="sigmas must be finite"):
+        sample(model, _toy_inputs()[0], torch.tensor([1.0, float("nan"), 0.0]), ctx, msk)
