@@ -14,7 +14,7 @@ Public entry points:
 
 Numerics (dit.md §4-§9): RMSNorm / LayerNorm statistics, the RoPE rotation and the sinusoid
 arguments are computed in fp32; everything else runs in the compute dtype (the weight dtype, or fp32
-for bf16 weights on CPUs without a native bf16 matmul, see :func:`ops.compute_dtype_for`).
+for bf16 weights on CPUs without a native bf16 matmul, see :func:`precision.compute_dtype_for`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from . import ops
 from . import quant
 from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS
+from .precision import compute_dtype_for, refuse_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -575,7 +575,7 @@ class LensTransformer(nn.Module):
     def resolved_compute_dtype(self) -> torch.dtype:
         if self.compute_dtype is not None:
             return self.compute_dtype
-        return ops.compute_dtype_for(self.dtype, self.device)
+        return compute_dtype_for(self.dtype, self.device)
 
     # -- forward --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -738,14 +738,7 @@ def _linear_names(model: nn.Module) -> set[str]:
 
 def _pick_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device, name: str) -> torch.dtype:
     dtype = requested if requested is not None else stored
-    if dtype == torch.float16:
-        alt = torch.bfloat16
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            alt = torch.float32
-        what = "requested" if requested is not None else f"stored in `{name}`"
-        warnings.warn(f"Lens does not run in fp16 (NaNs); fp16 was {what}, using {str(alt).replace('torch.', '')} instead.")
-        logger.warning("Lens does not run in fp16 (NaNs); using %s instead.", alt)
-        dtype = alt
+    dtype = refuse_fp16(dtype, device, "DiT", stored_in=None if requested is not None else name, stacklevel=3)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"unsupported DiT dtype {dtype}; use torch.bfloat16 or torch.float32")
     return dtype
@@ -870,6 +863,20 @@ def _config_for(source) -> LensDiTConfig:
             f"`{source.name}` does not look like a complete Lens DiT: key `{e.args[0]}` is missing, so the "
             "configuration cannot be derived. The file may be incomplete; download it again."
         ) from None
+
+
+def inspect_transformer(path: str | Path) -> LensDiTConfig:
+    """The configuration of the Lens DiT at ``path``, after checking every key, shape and
+    quantisation marker (headers only: no tensor is read; the model is built on the meta device to
+    list its Linear layers). Raises the same errors as :func:`load_transformer`, in milliseconds."""
+    from .checkpoints import open_checkpoint, quant_layers
+
+    source = open_checkpoint(path, "dit")
+    cfg = _config_for(source)
+    with torch.device("meta"):
+        model = LensTransformer(cfg)
+    _validate(source, cfg, quant_layers(source), _linear_names(model))
+    return cfg
 
 
 def load_transformer(
@@ -1048,6 +1055,7 @@ __all__ = [
     "LensDiTConfig",
     "LensTransformer",
     "load_transformer",
+    "inspect_transformer",
     "rope_positions",
     "rope_frequencies",
     "timestep_embedding",

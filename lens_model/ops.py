@@ -18,9 +18,7 @@ never sees storage formats.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import platform
 import threading
 from typing import Iterator
 
@@ -34,48 +32,6 @@ logger = logging.getLogger(__name__)
 
 #: Formats :class:`QuantLinear` can hold (ComfyUI ``comfy_quant`` names).
 QUANT_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
-
-
-# -- dtype policy ----------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX on x86, BF16 on ARM).
-
-    Without them oneDNN emulates bf16 GEMMs, which on an AVX2 machine runs ~15x slower than fp32.
-    """
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = line
-                    break
-    except OSError:
-        flags = ""
-    words = set(flags.split())
-    if words & {"avx512_bf16", "amx_bf16"}:
-        return True
-    if platform.machine().lower() in ("arm64", "aarch64") and ("bf16" in words or platform.system() == "Darwin"):
-        return True
-    return False
-
-
-def compute_dtype_for(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """Dtype the DiT computes in for weights stored as ``storage`` on ``device``.
-
-    fp32 stays fp32. bf16 computes in bf16 on GPUs and on CPUs with a native bf16 path, otherwise in
-    fp32 with the bf16 weights cast per layer at use (performance.md §4, CPU row). fp16 is never used
-    for compute (dit.md §9): it maps to bf16 where supported, else fp32.
-    """
-    device = torch.device(device)
-    if storage == torch.float32 or storage == torch.float64:
-        return torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16
 
 
 # -- cast workspace --------------------------------------------------------------------------------

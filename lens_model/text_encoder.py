@@ -31,7 +31,6 @@ import logging
 import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
@@ -41,6 +40,8 @@ import torch.nn.functional as F
 from .checkpoints import open_checkpoint
 from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN, TEXT_HIDDEN_SIZE, VOCAB_SIZE
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
+from .precision import default_compute_dtype as default_dtype  # public name of the text encoder's default
+from .precision import parse_dtype, refuse_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -396,36 +397,13 @@ def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: 
 # The encoder
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        fast = False
-        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-            fn = getattr(cpu, probe, None)
-            try:
-                fast = fast or bool(fn and fn())
-            except Exception:  # pragma: no cover - probe unavailable
-                pass
-        return torch.bfloat16 if fast else torch.float32
-    return torch.bfloat16
-
-
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto" or dtype == "default":
+    """The text encoder's compute dtype: None / "auto" -> :func:`precision.default_compute_dtype`;
+    fp16 -> bf16 with a warning (:func:`precision.refuse_fp16`); otherwise bf16 or fp32."""
+    dtype = parse_dtype(dtype)
+    if dtype is None:
         return default_dtype(device)
-    if isinstance(dtype, str):
-        named = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-                 "fp16": torch.float16, "float16": torch.float16}
-        if dtype not in named:
-            raise ValueError(f"unknown dtype {dtype!r}; use 'bf16' or 'fp32'")
-        dtype = named[dtype]
-    if dtype == torch.float16:
-        warnings.warn("Lens does not run the gpt-oss text encoder in fp16 (NaNs); using bf16 instead.", stacklevel=3)
-        logger.warning("fp16 requested for the text encoder; using bf16 instead (Lens does not run in fp16).")
-        return torch.bfloat16
+    dtype = refuse_fp16(dtype, device, "gpt-oss text encoder", stacklevel=3)
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"text encoder dtype must be bf16 or fp32, got {dtype}")
     return dtype
@@ -749,7 +727,7 @@ def load_text_encoder(path, dtype=None, device=None, offload: str | None = None,
             (``text_encoder/`` or the openai/gpt-oss-20b root, sharded with an index), OpenAI
             ``original/model.safetensors``, or an HF-dequantised bf16/fp32 file.
         dtype: compute dtype: None = bf16 where the device has native bf16 (CUDA, AVX512-BF16/AMX
-            CPUs), else fp32; fp16 is refused with a warning (bf16 is used).
+            CPUs), else fp32; fp16 is refused with a warning (bf16 is used; fp32 on a GPU without bf16).
         device: compute device (default CUDA if available, else CPU).
         offload: ``"device"`` | ``"layers"`` | ``"stream"`` (see module docstring); None picks
             ``"stream"`` on the CPU, ``"device"`` on a GPU with room for the model, else ``"stream"``.

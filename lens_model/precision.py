@@ -1,0 +1,140 @@
+"""Which dtype Lens computes in on which device: every dtype decision of the pack, made once.
+
+- :func:`cpu_has_native_bf16`: whether this CPU multiplies bf16 matrices in hardware.
+- :func:`default_compute_dtype`: the dtype a model computes in when the caller does not choose
+  (bf16 where the device computes it natively, else fp32).
+- :func:`compute_dtype_for`: the dtype the DiT computes in for weights stored in a given dtype.
+- :func:`refuse_fp16`: fp16 is never used (Lens produces NaNs in it); a request for it, or fp16
+  weights, become :func:`fp16_replacement` with a warning.
+- :func:`parse_dtype`: a dtype name (``"bf16"``, ``"fp32"``, ...) to a ``torch.dtype``.
+
+Nothing here runs at import time; the CPU probe runs once, at its first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Accepted dtype names and what they mean (``"auto"`` / None mean :func:`default_compute_dtype`).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def _torch_cpu_probe(name: str) -> bool:
+    fn = getattr(getattr(torch, "cpu", None), name, None)
+    try:
+        return bool(fn and fn())
+    except Exception:  # private probe: missing or failing means "not known to be there"
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX on x86, BF16 on ARM).
+
+    Without them oneDNN emulates bf16 GEMMs, which on an AVX2 machine runs ~15x slower than fp32.
+    x86 features come from PyTorch's own CPU probe or the ``flags`` line of ``/proc/cpuinfo``; ARM
+    counts when ``/proc/cpuinfo`` lists ``bf16`` or the machine is an Apple-silicon Mac.
+    """
+    if _torch_cpu_probe("_is_avx512_bf16_supported") or _torch_cpu_probe("_is_amx_tile_supported"):
+        return True
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        flags = ""
+    words = set(flags.split())
+    if words & {"avx512_bf16", "amx_bf16"}:
+        return True
+    if platform.machine().lower() in ("arm64", "aarch64") and ("bf16" in words or platform.system() == "Darwin"):
+        return True
+    return False
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 where ``device`` computes it natively (CUDA with bf16, CPUs per :func:`cpu_has_native_bf16`,
+    any other accelerator), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16
+
+
+def compute_dtype_for(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """Dtype the DiT computes in for weights stored as ``storage`` on ``device``.
+
+    fp32 (and fp64) weights compute in fp32. Any other storage (bf16, quantised) computes in
+    :func:`default_compute_dtype`: bf16 where the device has it natively, otherwise fp32 with the
+    weights cast per layer at use. fp16 is never a compute dtype.
+    """
+    if storage in (torch.float32, torch.float64):
+        return torch.float32
+    return default_compute_dtype(device)
+
+
+def fp16_replacement(device: torch.device | str) -> torch.dtype:
+    """The dtype used instead of fp16: bf16, or fp32 on a CUDA device without bf16."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
+
+
+def refuse_fp16(dtype: torch.dtype, device: torch.device | str, component: str, stored_in: str | None = None,
+                stacklevel: int = 2) -> torch.dtype:
+    """``dtype``, or :func:`fp16_replacement` with a warning when it is fp16.
+
+    component: what is being loaded, for the message ("DiT", "gpt-oss text encoder");
+    stored_in: the file name when the fp16 comes from the stored weights rather than a request;
+    stacklevel: as for ``warnings.warn``, counted from the caller of this function.
+    """
+    if dtype != torch.float16:
+        return dtype
+    alt = fp16_replacement(device)
+    what = f"stored in `{stored_in}`" if stored_in is not None else "requested"
+    msg = (f"Lens does not run the {component} in fp16 (NaNs); fp16 was {what}, using "
+           f"{str(alt).replace('torch.', '')} instead.")
+    warnings.warn(msg, stacklevel=stacklevel + 1)
+    logger.warning(msg)
+    return alt
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name in :data:`DTYPE_NAMES`; None, ``"auto"`` and ``"default"`` give None."""
+    if dtype is None or (isinstance(dtype, str) and dtype in ("auto", "default")):
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use 'bf16' or 'fp32'")
+        return DTYPE_NAMES[dtype]
+    return dtype
+
+
+__all__ = [
+    "DTYPE_NAMES",
+    "compute_dtype_for",
+    "cpu_has_native_bf16",
+    "default_compute_dtype",
+    "fp16_replacement",
+    "parse_dtype",
+    "refuse_fp16",
+]
