@@ -32,6 +32,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .quant import parse_comfy_quant
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("dit", "te", "vae")
@@ -621,8 +623,6 @@ def quant_layers(source: TensorSource) -> dict[str, dict]:
     Reads ``<layer>.comfy_quant`` tensors and the header metadata ``_quantization_metadata``; the
     metadata wins where both name a layer (ComfyUI does the same).
     """
-    from .quant import parse_comfy_quant
-
     layers: dict[str, dict] = {}
     for key in source.keys():
         if key.endswith(".comfy_quant"):

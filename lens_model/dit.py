@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import ops
 from . import quant
+from .checkpoints import SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, quant_layers
 from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS
 from .precision import compute_dtype_for, refuse_fp16
 
@@ -746,8 +747,6 @@ def _pick_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torc
 
 def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names: set[str]) -> None:
     """Check every key and shape against ``cfg``; raise CheckpointError listing the problems."""
-    from .checkpoints import CheckpointError
-
     name = source.name
     expected = cfg.expected_shapes()
     present = set(source.keys())
@@ -844,8 +843,6 @@ def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names
 
 
 def _config_for(source) -> LensDiTConfig:
-    from .checkpoints import CheckpointError
-
     shapes = source.shapes()
     cfg_dict = source.config
     if cfg_dict and cfg_dict.get("_class_name") not in (None, "LensTransformer2DModel"):
@@ -869,8 +866,6 @@ def inspect_transformer(path: str | Path) -> LensDiTConfig:
     """The configuration of the Lens DiT at ``path``, after checking every key, shape and
     quantisation marker (headers only: no tensor is read; the model is built on the meta device to
     list its Linear layers). Raises the same errors as :func:`load_transformer`, in milliseconds."""
-    from .checkpoints import open_checkpoint, quant_layers
-
     source = open_checkpoint(path, "dit")
     cfg = _config_for(source)
     with torch.device("meta"):
@@ -919,8 +914,6 @@ def load_transformer(
     file cannot be deleted or replaced while the model is loaded. Writes to the weights stay
     private to the process. Where mapping fails, tensors are read into memory as before.
     """
-    from .checkpoints import open_checkpoint, quant_layers
-
     if weight_dtype not in (None, "fp8", "float8_e4m3fn"):
         raise ValueError(f"weight_dtype must be None or 'fp8', got {weight_dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -1005,8 +998,6 @@ class _TensorFetcher:
         self.use_map = True
 
     def __call__(self, key: str, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
-        from .checkpoints import SAFETENSORS_DTYPES
-
         if self.use_map:
             info = self.source.info(key)
             entry = SAFETENSORS_DTYPES.get(info.dtype)

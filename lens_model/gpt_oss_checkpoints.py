@@ -22,6 +22,7 @@ Nothing here reads ``lm_head.weight`` / ``unembedding.weight`` / ``norm.weight``
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -740,8 +741,6 @@ def find_gpt_oss_config_json(source: TensorSource) -> dict | None:
     ``original/config.json`` format; other models' configs are ignored)."""
     if source.config:
         return source.config
-    import json
-
     cfg = source.root / "config.json"
     if cfg.is_file():
         try:

@@ -20,6 +20,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,8 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
 # Noise
 # --------------------------------------------------------------------------------------------------
 
-def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream") -> torch.Tensor:
+def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream",
+               batch_index: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Initial noise ``[B, 128, h, w]`` float32 on the CPU (sampling.md §6).
 
     - "upstream": ``torch.Generator("cpu").manual_seed(seed)``, ``randn([B, h·w, 128])`` in token
@@ -264,17 +266,52 @@ def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream") 
     - "comfy": core's ``prepare_noise``: ``randn([B, 128, h, w])`` from a generator seeded like
       ``torch.manual_seed(seed)``. The same seed gives a different image from "upstream".
 
+    ``batch_index`` (a LATENT's ``batch_index``: one non-negative int per image, from core's
+    Latent From Batch / Repeat Latent Batch / Latent Batch) gives image i the noise of position
+    ``batch_index[i]`` in a batch drawn from the seed, as core's ``prepare_noise`` does: single-image
+    draws are made in order for positions 0..max(batch_index) and each image takes its own
+    (repeated indices share noise). Without it, image i takes position i. A batch drawn at once
+    equals the same single-image draws in order (CPU ``randn``), so image k of a batch is also the
+    image k generated alone with ``batch_index=[k]``.
+
     A private generator is used, so the global RNG state is left untouched.
     """
     if batch < 1 or h < 1 or w < 1:
         raise ValueError(f"make_noise needs batch, h, w >= 1, got {batch}, {h}, {w}")
+    if layout not in ("upstream", "comfy"):
+        raise ValueError(f"noise layout must be 'upstream' or 'comfy', got {layout!r}")
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    if layout == "upstream":
-        tok = torch.randn([batch, h * w, LATENT_CHANNELS], generator=gen, dtype=torch.float32)
-        return tok.view(batch, h, w, LATENT_CHANNELS).permute(0, 3, 1, 2).contiguous()
-    if layout == "comfy":
-        return torch.randn([batch, LATENT_CHANNELS, h, w], generator=gen, dtype=torch.float32)
-    raise ValueError(f"noise layout must be 'upstream' or 'comfy', got {layout!r}")
+
+    def draw(n: int) -> torch.Tensor:
+        if layout == "upstream":
+            tok = torch.randn([n, h * w, LATENT_CHANNELS], generator=gen, dtype=torch.float32)
+            return tok.view(n, h, w, LATENT_CHANNELS).permute(0, 3, 1, 2).contiguous()
+        return torch.randn([n, LATENT_CHANNELS, h, w], generator=gen, dtype=torch.float32)
+
+    if batch_index is None:
+        return draw(batch)
+    index = _check_batch_index(batch_index, batch)
+    wanted = set(index)
+    picked = {}
+    for i in range(max(index) + 1):
+        one = draw(1)
+        if i in wanted:
+            picked[i] = one
+    return torch.cat([picked[i] for i in index])
+
+
+def _check_batch_index(batch_index, batch: int) -> list[int]:
+    try:
+        index = [int(i) for i in batch_index]
+        ok = all(int(a) == a and not isinstance(a, bool) for a in batch_index)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or any(i < 0 for i in index):
+        raise ValueError(f"batch_index must be a list of non-negative integers, got {batch_index!r}")
+    if len(index) != batch:
+        raise ValueError(f"batch_index has {len(index)} entries for a batch of {batch} latents "
+                         f"({batch_index!r})")
+    return index
 
 
 def noise_image_latents(noise: torch.Tensor, image_latents: torch.Tensor, sigma) -> torch.Tensor:
@@ -288,6 +325,75 @@ def noise_image_latents(noise: torch.Tensor, image_latents: torch.Tensor, sigma)
     sigma = float(sigma)
     z = image_latents.to(device=noise.device, dtype=torch.float32)
     return sigma * noise.float() + (1.0 - sigma) * z
+
+
+# --------------------------------------------------------------------------------------------------
+# Inpainting masks
+# --------------------------------------------------------------------------------------------------
+
+MASK_MODES = ("coverage", "comfyui")
+"""Pixel-mask → latent-grid downsampling modes of :func:`latent_mask`."""
+
+LATENT_CELL = 16
+"""Pixels per latent cell along one side (FLUX.2 VAE ×8, 2×2 patch)."""
+
+
+def repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Tile or truncate ``t`` along dim 0 to ``batch`` rows (core's rule for masks)."""
+    n = t.shape[0]
+    if n == batch:
+        return t
+    if n > batch:
+        return t[:batch]
+    reps = -(-batch // n)
+    return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch]
+
+
+def latent_mask(mask: torch.Tensor, h: int, w: int, batch: Optional[int] = None,
+                mode: str = "coverage") -> torch.Tensor:
+    """A pixel mask (1 = regenerate, soft values allowed) on the latent grid: ``[B, 1, h, w]`` fp32.
+
+    ``mask``: ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]`` in 0..1 at pixel resolution (a core MASK,
+    or a LATENT's ``noise_mask`` from core's SetLatentNoiseMask). Values are clipped to [0, 1];
+    NaN or Inf is a ValueError. ``h``, ``w``: the latent grid (image H/16 × W/16).
+
+    - "coverage" (default): a cell's value is the mean of its 16×16 pixels, so a cell is as masked
+      as its pixels and a 1-px stroke still marks its cells (1/16 per cell). When the mask has the
+      image's size (16h ≤ H < 16h + 16, same for W) it is first centre-cropped to 16h × 16w exactly
+      as FLUX2 VAE Encode and core's VAEEncode crop the pixels, so mask and latent stay aligned. A
+      mask of any other size is averaged over the whole grid (adaptive average pooling) with a
+      warning.
+    - "comfyui": core's ``reshape_mask``: bilinear resize of the whole mask straight to (h, w)
+      (align_corners False, no antialias, no crop). Bilinear ×1/16 reads only the two centre
+      pixels of each cell, so thin strokes can vanish and a size that is not a multiple of 16 is
+      misaligned by up to 15 px; offered for parity with core.
+
+    ``batch``: tile or truncate the mask rows to this many images (core's ``repeat_to_batch_size``).
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    m = torch.as_tensor(mask)
+    if m.ndim < 2 or (m.ndim == 4 and m.shape[1] != 1) or m.ndim > 4 or m.numel() == 0:
+        raise ValueError(f"mask must be [H, W], [B, H, W] or [B, 1, H, W], got {tuple(m.shape)}")
+    H, W = m.shape[-2:]
+    m = m.reshape(-1, 1, H, W).to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError("mask contains NaN or Inf")
+    m = m.clamp(0.0, 1.0)
+    if mode == "comfyui":
+        out = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    else:
+        ch, cw = LATENT_CELL * h, LATENT_CELL * w
+        if ch <= H < ch + LATENT_CELL and cw <= W < cw + LATENT_CELL:
+            y0, x0 = (H - ch) // 2, (W - cw) // 2
+            out = F.avg_pool2d(m[:, :, y0:y0 + ch, x0:x0 + cw], LATENT_CELL)
+        else:
+            logger.warning("mask is %dx%d px but the latent is %dx%d cells (%dx%d px); the mask is "
+                           "stretched over the image", W, H, w, h, cw, ch)
+            out = F.adaptive_avg_pool2d(m, (h, w))
+    if batch is not None:
+        out = repeat_to_batch(out, int(batch))
+    return out.contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +526,9 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
            context_mask: torch.Tensor, negative_context: Optional[torch.Tensor] = None,
            negative_mask: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
            callback: Optional[StepCallback] = None, cfg_mode: str = "upstream",
-           batch_cfg: bool = False) -> torch.Tensor:
+           batch_cfg: bool = False, denoise_mask: Optional[torch.Tensor] = None,
+           init_latents: Optional[torch.Tensor] = None,
+           init_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the Lens Euler sampler; returns the final latents ``[B, 128, h, w]`` float32 on the
     transformer's device (BN-normalised, ready for ``vae.decode``).
 
@@ -445,6 +553,28 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
         batch_cfg: False (default) runs cond and uncond as two passes of B, which halves the peak
             activation memory; True runs them as one 2B batch (upstream's way) with the text padded
             to a common length by zero features and mask False. Both agree to rounding.
+        denoise_mask: inpainting (core's semantics, ecosystem.md §4.3): ``[B or 1, 1 or 128, h, w]``
+            in [0, 1] on the latent grid (:func:`latent_mask` turns a pixel mask into one),
+            1 = regenerate, 0 = keep ``init_latents``, soft values blend. Before every model call
+            the kept part is replaced by the original noised to the current σ,
+            x_in = x·m + (σ·ε + (1 − σ)·z)·(1 − m); the model's x₀ estimate is blended back,
+            x₀ ← x₀·m + z·(1 − m), and the Euler step uses it. After the last step
+            x ← x·m + z·(1 − m), so cells with m = 0 come out exactly equal to z. A mask of ones
+            gives exactly the unmasked result.
+        init_latents: z ``[B or 1, 128, h, w]``, the original image latents; required with
+            ``denoise_mask``.
+        init_noise: ε ``[B, 128, h, w]``, the pure noise the original is noised with. Defaults to
+            ``noise`` when σ_0 = 1 (the start latent is then pure noise); for a partial schedule
+            (img2img, σ_0 < 1) pass the ε that built ``noise = σ_0·ε + (1 − σ_0)·z``.
+
+    Inpainting recipe (pixel mask ``mask`` [H, W] or [B, H, W], white/1 = repaint)::
+
+        z = vae.encode(image)                                     # [1, 128, h, w]
+        sig = img2img_sigmas(H, W, steps, denoise)                # or lens_sigmas(...) (denoise 1)
+        eps = make_noise(seed, B, h, w)
+        x = noise_image_latents(eps, z, sig[0])
+        m = latent_mask(mask, h, w, batch=B)                      # coverage downsampling
+        out = sample(dit, x, sig, ctx, ctx_mask, denoise_mask=m, init_latents=z, init_noise=eps)
 
     The running latent stays float32 between steps; the model is called with x cast to its compute
     dtype (``resolved_compute_dtype()`` if the model has it, else ``.dtype``) and σ_k as a float32
@@ -497,6 +627,7 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
 
     x = noise.to(device=device, dtype=torch.float32)
     n = sig.numel() - 1
+    inpaint = _inpaint_inputs(denoise_mask, init_latents, init_noise, x, float(sig[0]), n)
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(
             "the start latent contains NaN or Inf before step 1: the noise or the image latents "
@@ -505,7 +636,12 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
         for k in range(n):
             s_k = float(sig[k])
             t = torch.full((batch,), s_k, dtype=torch.float32, device=device)
-            xin = x.to(dtype)
+            if inpaint is not None:
+                m, keep, z, eps = inpaint
+                x_model = x * m + (s_k * eps + (1.0 - s_k) * z) * keep
+            else:
+                x_model = x
+            xin = x_model.to(dtype)
             if use_uncond and batch_cfg:
                 out = transformer(torch.cat([xin, xin]), torch.cat([t, t]), joint_ctx, joint_msk)
                 v_c, v_u = out.float().chunk(2)
@@ -513,19 +649,61 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
                 v_c = transformer(xin, t, ctx, msk).float()
                 v_u = transformer(xin, t, nctx, nmsk).float() if use_uncond else None
             if v_u is not None:
-                v = cfg_combine(v_c, v_u, g, cfg_mode, x=x, sigma=s_k)
+                v = cfg_combine(v_c, v_u, g, cfg_mode, x=x_model, sigma=s_k)
             elif cfg_mode == "comfyui":
-                v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x, sigma=s_k)
+                v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x_model, sigma=s_k)
             else:
                 v = v_c
+            if inpaint is not None and s_k > 0.0:
+                # core: x0 = x_in − σ·v, x0 ← x0·m + z·(1 − m), step direction d = (x − x0)/σ.
+                # Rearranged as d = v·m + (x − x_in·m − z·(1 − m))/σ: the same value, and exactly
+                # v where m = 1 (then x_in = x), so a mask of ones changes nothing.
+                v = v * m + (x - x_model * m - z * keep) / s_k
             denoised = x - s_k * v if callback is not None else None
             x = x + (sig[k + 1] - sig[k]).item() * v
+            if inpaint is not None and k == n - 1:
+                x = x * m + z * keep  # unmasked cells end exactly at the original
             if not bool(torch.isfinite(x).all()):  # one reduction per step
                 raise _non_finite(k, n, s_k, g, v_c, v_u, v)
             del v_u
             if callback is not None:
                 callback(k, n, x, denoised)
     return x
+
+
+def _inpaint_inputs(denoise_mask, init_latents, init_noise, x: torch.Tensor, sigma0: float,
+                    steps: int):
+    """Checked (m, 1 − m, z, ε) on x's device in fp32 for :func:`sample`, or None without a mask."""
+    if denoise_mask is None:
+        if init_noise is not None:
+            raise ValueError("init_noise is only used with denoise_mask")
+        return None
+    b, c, h, w = x.shape
+    if init_latents is None:
+        raise ValueError("denoise_mask needs init_latents (the original image latents to keep)")
+    m = torch.as_tensor(denoise_mask).to(device=x.device, dtype=torch.float32)
+    if m.ndim != 4 or m.shape[0] not in (1, b) or m.shape[1] not in (1, c) or m.shape[2:] != (h, w):
+        raise ValueError(f"denoise_mask must be [B or 1, 1 or {c}, {h}, {w}] on the latent grid "
+                         f"(see latent_mask), got {tuple(m.shape)}")
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0.0 or float(m.max()) > 1.0:
+        raise ValueError("denoise_mask values must be finite and in [0, 1]")
+    z = init_latents.to(device=x.device, dtype=torch.float32)
+    if z.ndim != 4 or z.shape[0] not in (1, b) or z.shape[1:] != x.shape[1:]:
+        raise ValueError(f"init_latents {tuple(z.shape)} do not match the noise {tuple(x.shape)}")
+    if init_noise is None:
+        if sigma0 != 1.0:
+            raise ValueError(f"the schedule starts at sigma {sigma0:.4g} < 1: pass init_noise, the "
+                             f"pure noise the start latent was made from")
+        eps = x
+    else:
+        eps = init_noise.to(device=x.device, dtype=torch.float32)
+        if eps.shape != x.shape:
+            raise ValueError(f"init_noise {tuple(eps.shape)} does not match the noise "
+                             f"{tuple(x.shape)}")
+    if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(eps).all())):
+        raise NonFiniteError("the inpainting init_latents or init_noise contain NaN or Inf "
+                             "before step 1", 0, steps, "start latent")
+    return m, 1.0 - m, z, eps
 
 
 def _non_finite(k: int, n: int, sigma: float, g: float, v_c: torch.Tensor,
@@ -564,6 +742,6 @@ def tokens_to_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 __all__: Sequence[str] = (
     "check_sampling_options", "NonFiniteError", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
-    "make_noise", "noise_image_latents", "cfg_combine", "empty_text", "pad_text", "align_text",
+    "make_noise", "noise_image_latents", "latent_mask", "repeat_to_batch", "MASK_MODES", "cfg_combine", "empty_text", "pad_text", "align_text",
     "expand_batch", "sample", "image_tokens", "sample_to_tokens", "tokens_to_latents",
 )

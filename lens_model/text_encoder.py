@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import tokenizer as lens_tokenizer
 from .checkpoints import open_checkpoint
 from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN, TEXT_HIDDEN_SIZE, VOCAB_SIZE
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
@@ -556,9 +557,7 @@ class LensTextEncoder:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self._tokenizer_path)
+            self._tokenizer = lens_tokenizer.load_tokenizer(self._tokenizer_path)
         return self._tokenizer
 
     def tokenize(self, prompt: str, date=None, strip_markers: bool = True, **kwargs) -> list[int]:
@@ -567,9 +566,7 @@ class LensTextEncoder:
 
     def cache_key(self, prompt: str, date=None, strip_markers: bool = True, **kwargs) -> str:
         """Key for caching features: prompt text, template date, options, file identity, dtype, layers."""
-        from .tokenizer import resolve_date
-
-        return encode_prompt_cache_key(prompt, resolve_date(date), self.identity, self.dtype, self.selected_layers,
+        return encode_prompt_cache_key(prompt, lens_tokenizer.resolve_date(date), self.identity, self.dtype, self.selected_layers,
                                        strip_markers=strip_markers, **kwargs)
 
     # -- encoding ----------------------------------------------------------------------------------
@@ -747,9 +744,7 @@ def load_text_encoder(path, dtype=None, device=None, offload: str | None = None,
         raise ValueError(f"offload must be one of {OFFLOAD_MODES} or None, got {offload!r}")
     tok_path = None
     if tokenizer is None:
-        from .tokenizer import find_tokenizer_source
-
-        find_tokenizer_source(path)  # fail now, with the places searched, if there is none
+        lens_tokenizer.find_tokenizer_source(path)  # fail now, with the places searched, if there is none
         tok_path = path
     t0 = time.perf_counter()
     enc = LensTextEncoder(ckpt, config, dtype, device, offload, layers, tokenizer=tokenizer, tokenizer_path=tok_path)

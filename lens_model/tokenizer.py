@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
+from .checkpoints import CheckpointError, read_safetensors_header, read_tensor_from_file
 from .constants import DEFAULT_DATE, MAX_LENGTH, PAD_ID, PREFIX_LEN, SUFFIX_LEN, VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
@@ -487,8 +488,6 @@ def _identity(path: Path) -> tuple[str, int, int]:
 
 def _safetensors_keys(path: Path) -> list[str]:
     """Tensor names in a safetensors header (data untouched); [] for an unreadable header."""
-    from .checkpoints import CheckpointError, read_safetensors_header
-
     try:
         return list(read_safetensors_header(path)[0])
     except (CheckpointError, OSError):
@@ -504,8 +503,6 @@ def _tokenizer_key(keys) -> str | None:
 
 def read_embedded_tokenizer_json(path: PathLike, key: str = "tokenizer_json") -> str:
     """The JSON text stored as a 1-D uint8 tensor ``key`` in a safetensors file (only that tensor is read)."""
-    from .checkpoints import read_tensor_from_file
-
     path = Path(path)
     tensor = read_tensor_from_file(path, key)
     if tensor.ndim != 1 or str(tensor.dtype) != "torch.uint8":

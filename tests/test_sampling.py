@@ -477,3 +477,148 @@ def test_non_finite_start_latent_rejected_before_the_model_runs():
     assert err.value.step == 0 and model.calls == []
     with pytest.raises(ValueError, match="sigmas must be finite"):
         sample(model, _toy_inputs()[0], torch.tensor([1.0, float("nan"), 0.0]), ctx, msk)
+
+
+# ------------------------------------------------------------------------------------ inpainting
+
+from lens_model.sampling import latent_mask, repeat_to_batch  # noqa: E402
+
+
+def _inpaint_case(batch=2, h=4, w=5, steps=3, denoise=0.6, seed=7):
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 128, h, w, generator=g)
+    ctx = torch.randn(1, 4, 8, generator=g)
+    msk = torch.ones(1, 4, dtype=torch.bool)
+    sig = img2img_sigmas(16 * h, 16 * w, steps, denoise)
+    eps = make_noise(seed, batch, h, w)
+    x = noise_image_latents(eps, z, sig[0])
+    return z, ctx, msk, sig, eps, x
+
+
+def test_inpaint_hard_mask_keeps_the_original_exactly_outside():
+    z, ctx, msk, sig, eps, x = _inpaint_case()
+    m = torch.zeros(1, 1, 4, 5)
+    m[..., 1:3, 2:4] = 1.0
+    out = sample(ToyDiT(), x, sig, ctx, msk, guidance_scale=3.0, negative_context=ctx[:, :2],
+                 negative_mask=msk[:, :2], denoise_mask=m, init_latents=z, init_noise=eps)
+    keep = (m == 0).expand_as(out)
+    assert torch.equal(out[keep], z.expand_as(out)[keep])
+    inside = (out - z)[:, :, 1:3, 2:4]
+    assert inside.abs().amin(dim=(1, 2, 3)).gt(0).all() and inside.abs().mean() > 1e-2
+
+
+def test_inpaint_mask_of_ones_equals_plain_img2img():
+    z, ctx, msk, sig, eps, x = _inpaint_case()
+    plain = sample(ToyDiT(), x, sig, ctx, msk)
+    ones = sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=torch.ones(1, 1, 4, 5),
+                  init_latents=z, init_noise=eps)
+    assert torch.equal(ones, plain)
+    # with sigma_0 = 1 (denoise 1) the start latent is the noise itself
+    full = lens_sigmas(64, 80, 2)
+    a = sample(ToyDiT(), eps, full, ctx, msk)
+    b = sample(ToyDiT(), eps, full, ctx, msk, denoise_mask=torch.ones(2, 128, 4, 5), init_latents=z)
+    assert torch.equal(a, b)
+
+
+def test_inpaint_soft_mask_follows_core_x0_blend():
+    """Hand loop of core's KSamplerX0Inpaint around an Euler sampler (ecosystem.md §4.3)."""
+    z, ctx, msk, sig, eps, x = _inpaint_case(batch=1)
+    m = torch.linspace(0, 1, 20).reshape(1, 1, 4, 5)
+    out = sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=m, init_latents=z, init_noise=eps)
+    ref_model = ToyDiT()
+    xr = x.clone()
+    for k in range(len(sig) - 1):
+        s, s_next = sig[k].item(), sig[k + 1].item()
+        x_in = xr * m + (s * eps + (1 - s) * z) * (1 - m)
+        v = ref_model(x_in, torch.full((1,), s), ctx, msk)
+        x0 = (x_in - s * v) * m + z * (1 - m)
+        xr = xr + (s_next - s) * (xr - x0) / s
+    xr = xr * m + z * (1 - m)
+    assert torch.allclose(out, xr, atol=1e-5)
+    assert not torch.allclose(out, z, atol=1e-3)
+
+
+def test_inpaint_bad_inputs():
+    z, ctx, msk, sig, eps, x = _inpaint_case()
+    m = torch.ones(1, 1, 4, 5)
+    with pytest.raises(ValueError, match="needs init_latents"):
+        sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=m)
+    with pytest.raises(ValueError, match="pass init_noise"):
+        sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=m, init_latents=z)
+    with pytest.raises(ValueError, match="denoise_mask must be"):
+        sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=torch.ones(1, 1, 64, 80), init_latents=z,
+               init_noise=eps)
+    with pytest.raises(ValueError, match="finite and in"):
+        sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=m * float("nan"), init_latents=z,
+               init_noise=eps)
+
+
+def test_latent_mask_coverage_keeps_a_thin_stroke_that_core_resize_loses():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, :, 3] = 1.0  # a 1-px vertical stroke in the first cell column
+    cov = latent_mask(mask, 4, 4)
+    assert cov.shape == (1, 1, 4, 4)
+    assert torch.equal(cov[0, 0, :, 0], torch.full((4,), 1 / 16))
+    assert cov[0, 0, :, 1:].abs().sum() == 0
+    core = latent_mask(mask, 4, 4, mode="comfyui")
+    assert core.abs().sum() == 0  # bilinear x1/16 samples pixels 7 and 8 of each cell only
+    # a 2x2 dot on those centre pixels: core sees a fully masked cell, coverage 4/256
+    dot = torch.zeros(64, 64)
+    dot[7:9, 23:25] = 1.0
+    assert latent_mask(dot, 4, 4, mode="comfyui")[0, 0, 0, 1] == 1.0
+    assert latent_mask(dot, 4, 4)[0, 0, 0, 1] == 4 / 256
+
+
+def test_latent_mask_coverage_crop_is_aligned_to_the_encoded_image():
+    # a 70x75 image encodes to 4x4 cells from the centre crop rows 3..67, columns 5..69
+    mask = torch.zeros(70, 75)
+    mask[3 + 16:3 + 32, 5 + 32:5 + 48] = 1.0  # exactly cell (1, 2) of the crop
+    cov = latent_mask(mask, 4, 4)
+    want = torch.zeros(1, 1, 4, 4)
+    want[0, 0, 1, 2] = 1.0
+    assert torch.equal(cov, want)
+    # only the crop counts: the 3 rows above it do not leak into row 0
+    mask[:3] = 1.0
+    assert torch.equal(latent_mask(mask, 4, 4), want)
+
+
+def test_latent_mask_shapes_batch_and_values(caplog):
+    m = torch.rand(2, 1, 32, 48)
+    assert latent_mask(m, 2, 3).shape == (2, 1, 2, 3)
+    assert latent_mask(m, 2, 3, batch=5).shape == (5, 1, 2, 3)
+    assert torch.equal(latent_mask(m, 2, 3, batch=3)[2], latent_mask(m, 2, 3)[0])
+    assert torch.equal(latent_mask(m, 2, 3, batch=1), latent_mask(m, 2, 3)[:1])
+    assert latent_mask(torch.full((32, 48), 3.0), 2, 3).max() == 1.0  # clipped
+    with pytest.raises(ValueError, match="NaN"):
+        latent_mask(torch.full((32, 48), float("nan")), 2, 3)
+    with pytest.raises(ValueError, match="mask mode"):
+        latent_mask(m, 2, 3, mode="nearest")
+    with caplog.at_level("WARNING"):
+        assert latent_mask(torch.ones(64, 64), 2, 3).shape == (1, 1, 2, 3)  # LoadImage's 64x64
+    assert "stretched" in caplog.text
+
+
+def test_repeat_to_batch_tiles_or_truncates():
+    t = torch.arange(2).reshape(2, 1)
+    assert repeat_to_batch(t, 5).flatten().tolist() == [0, 1, 0, 1, 0]
+    assert repeat_to_batch(t, 1).flatten().tolist() == [0]
+
+
+@pytest.mark.parametrize("layout", ["upstream", "comfy"])
+def test_batch_index_gives_each_image_its_batch_position_noise(layout):
+    full = make_noise(5, 4, 2, 3, layout=layout)
+    picked = make_noise(5, 3, 2, 3, layout=layout, batch_index=[3, 0, 3])
+    assert torch.equal(picked, full[[3, 0, 3]])
+    assert torch.equal(make_noise(5, 1, 2, 3, layout=layout, batch_index=[2]), full[2:3])
+
+
+def test_batch_index_matches_core_prepare_noise():
+    # core: torch.manual_seed(seed), then one randn([1, C, h, w]) per position 0..max(index)
+    torch.manual_seed(9)
+    draws = [torch.randn([1, 128, 2, 3], dtype=torch.float32) for _ in range(3)]
+    want = torch.cat([draws[2], draws[1]])
+    assert torch.equal(make_noise(9, 2, 2, 3, layout="comfy", batch_index=[2, 1]), want)
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        make_noise(9, 3, 2, 3, batch_index=[0, 1])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        make_noise(9, 2, 2, 3, batch_index=[0, -1])
