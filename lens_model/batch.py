@@ -1,0 +1,722 @@
+"""Batch text-to-image over a prompts file, in this process or on a Ray cluster.
+
+    python -m lens_model.batch prompts.jsonl --out images/            # in-process
+    python -m lens_model.batch prompts.jsonl --out images/ --ray auto  # on Ray Data (optional extra)
+
+Input: JSONL (one object a line) or Parquet (``pyarrow`` needed) rows with ``prompt`` and optional
+``id``, ``negative``, ``seed``, ``width``, ``height``, ``steps``, ``cfg``, ``variant`` and ``lora``.
+Missing values take the command-line tool's defaults (seed 0, 1:1 at base 1024 on the CPU / 1440 on
+CUDA, steps and CFG from the variant). A bad row is reported with its line number and skipped; the
+other rows still run.
+
+Stages (each model is loaded once per process or Ray actor, never per image):
+
+1. **encode** every unique text (prompts, and negatives where CFG ≠ 1) once. Features are stored as
+   safetensors files in a feature cache keyed by the text encoder file's identity, the dtype, the
+   template date and the text (:class:`FeatureCache`), so a rerun or another job over the same
+   prompts does not encode again;
+2. **sample** with the DiT, rows grouped by (size, steps, CFG) into batches of ``--dit-batch``
+   (each image sampled on its own, see :class:`DiTStage`);
+3. **decode** with the VAE and write ``<id>.png`` plus one manifest record per image
+   (``manifest.jsonl``, and ``manifest.parquet`` when pyarrow is installed): id, file, sha256,
+   every parameter and the seconds each stage spent on the row.
+
+Every PNG is byte-identical to what ``python -m lens_model.cli`` writes for the same parameters: the
+noise, schedule, sampler, decoder, uint8 conversion and PNG metadata are the pipeline's and the
+command-line tool's own functions. A rerun skips the ids whose manifest record has the same
+parameters and whose file still has the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from . import cli
+from .checkpoints import path_identity
+from .dit import VARIANT_DEFAULTS, load_transformer
+from .pipeline import default_device, encode_prompts, generate_from_features, to_pil
+from .resolution import resolution_for, validate_size
+from .sampling import make_noise
+
+logger = logging.getLogger(__name__)
+
+ROW_FIELDS = ("id", "prompt", "negative", "seed", "width", "height", "steps", "cfg", "variant",
+              "lora")
+"""Columns a prompts file may have (``prompt`` is required)."""
+
+JOB_FIELDS = ("model", "text_encoder", "vae", "noise_layout", "mu", "date", "dtype")
+"""Job-wide settings recorded with every image; together with the row's parameters they decide the
+image, so a resumed job compares them too."""
+
+STAGE_FIELDS = ("encode_s", "dit_s", "vae_s", "write_s")
+"""Seconds per stage in a manifest record (a batch's time is shared equally by its rows)."""
+
+MANIFEST_JSONL = "manifest.jsonl"
+MANIFEST_PARQUET = "manifest.parquet"
+_SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class BatchError(Exception):
+    """A user-facing error of the batch command (bad file, bad option): exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One image to make. ``line`` is the 1-based line (JSONL) or row number (Parquet)."""
+
+    id: str
+    prompt: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    variant: str
+    lora: Optional[str]  # the row's ``lora`` value as compact JSON; not applied yet (see README)
+    line: int = 0
+
+    def params(self) -> dict:
+        """The row's parameters as stored in the manifest (no id, no line)."""
+        d = asdict(self)
+        del d["id"], d["line"]
+        return d
+
+    @property
+    def size_key(self) -> tuple:
+        """Rows with the same key can share one DiT batch."""
+        return (self.width, self.height, self.steps, self.cfg)
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """Job-wide defaults a row falls back on (those of ``python -m lens_model.cli``)."""
+
+    variant: str = "turbo"
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+def _int_field(raw: dict, name: str, default: int, minimum: int) -> int:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _str_field(raw: dict, name: str, default: Optional[str]) -> Optional[str]:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _row_id(raw_id: Any, params: dict) -> str:
+    if raw_id is None:  # stable across reruns and edits of other lines: a digest of the parameters
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()
+        return "p" + digest[:16]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise ValueError(f"id must be a string or an integer, got {raw_id!r}")
+    rid = str(raw_id)
+    if not rid or len(rid) > 128 or not set(rid) <= _SAFE_ID or rid.startswith("."):
+        raise ValueError(f"id {rid!r} must be 1-128 characters of A-Z a-z 0-9 . _ - (it names the "
+                         "PNG file) and not start with '.'")
+    return rid
+
+
+def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
+    """Validate one input row (a dict) and fill in the defaults; raises ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a row must be an object, got {type(raw).__name__}")
+    prompt = _str_field(raw, "prompt", None)
+    if prompt is None:
+        raise ValueError("no 'prompt'")
+    variant = _str_field(raw, "variant", defaults.variant)
+    if variant not in VARIANT_DEFAULTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANT_DEFAULTS)}, got {variant!r}")
+    vdef = VARIANT_DEFAULTS[variant]
+    if (raw.get("width") is None) != (raw.get("height") is None):
+        raise ValueError("give both width and height, or neither")
+    width = _int_field(raw, "width", defaults.width, 1)
+    height = _int_field(raw, "height", defaults.height, 1)
+    width, height = validate_size(width, height)
+    cfg = raw.get("cfg")
+    if cfg is None:
+        cfg = vdef["cfg"]
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not cfg == cfg:
+        raise ValueError(f"cfg must be a number, got {cfg!r}")
+    lora = raw.get("lora")
+    params = dict(prompt=prompt, negative=_str_field(raw, "negative", ""),
+                  seed=_int_field(raw, "seed", defaults.seed, 0), width=width, height=height,
+                  steps=_int_field(raw, "steps", vdef["steps"], 1), cfg=float(cfg),
+                  variant=variant,
+                  lora=None if lora is None else json.dumps(lora, sort_keys=True,
+                                                            separators=(",", ":")))
+    if params["seed"] >= 2 ** 63:
+        raise ValueError(f"seed must be < 2**63, got {params['seed']}")
+    return BatchRow(id=_row_id(raw.get("id"), params), line=line, **params)
+
+
+def read_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded row or a ValueError) for every non-blank line / Parquet row."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise BatchError(f"{path} is Parquet: install pyarrow (pip install pyarrow), or give "
+                             "a JSONL file") from e
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield i, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield i, ValueError(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[BatchRow], list[RowError]]:
+    """Read and validate a prompts file. Returns the good rows in file order and the bad ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchError(f"prompts file {str(path)!r} does not exist")
+    rows: list[BatchRow] = []
+    errors: list[RowError] = []
+    seen: dict[str, BatchRow] = {}
+    unknown: set[str] = set()
+    for line, raw in read_raw_rows(path):
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            row = parse_row(raw, line, defaults)
+        except ValueError as e:
+            errors.append(RowError(line, str(e)))
+            continue
+        unknown.update(k for k in raw if k not in ROW_FIELDS)
+        first = seen.get(row.id)
+        if first is not None:
+            same = first.params() == row.params()
+            errors.append(RowError(line, f"id {row.id!r} already used on line {first.line}"
+                                   + (" (same parameters: skipped)" if same else "")))
+            continue
+        seen[row.id] = row
+        rows.append(row)
+    if unknown:
+        logger.warning("%s: columns %s are not used (known: %s)", path, sorted(unknown),
+                       ", ".join(ROW_FIELDS))
+    return rows, errors
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+class FeatureCache:
+    """Text-encoder features on disk: one safetensors file per (text encoder, dtype, date, text).
+
+    The key is :func:`lens_model.text_encoder.encode_prompt_cache_key` over the text encoder's file
+    identity (path, size, mtime), so replacing the file invalidates its entries. Files are written
+    to a temporary name and renamed, so a killed writer leaves no half entry; several processes may
+    share one folder (a shared filesystem for Ray workers on several nodes).
+    """
+
+    def __init__(self, root: str | os.PathLike, text_encoder_path, dtype: torch.dtype,
+                 date: Optional[str] = None):
+        from .text_encoder import encode_prompt_cache_key
+        from .tokenizer import resolve_date
+
+        self.root = Path(root)
+        self.date = date
+        identity = path_identity(text_encoder_path)
+        resolved = resolve_date(date)
+        self._key = lambda text: encode_prompt_cache_key(text, resolved, identity, dtype)
+
+    def key(self, text: str) -> str:
+        return self._key(text)
+
+    def path(self, text: str) -> Path:
+        k = self.key(text)
+        return self.root / k[:2] / f"{k}.safetensors"
+
+    def __contains__(self, text: str) -> bool:
+        return self.path(text).is_file()
+
+    def get(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(context [1, S, 4E], mask [1, S] bool)`` of ``text``; KeyError when not cached."""
+        from safetensors.torch import load_file
+
+        p = self.path(text)
+        if not p.is_file():
+            raise KeyError(f"no cached features for {text!r} in {self.root}")
+        t = load_file(str(p))
+        return t["context"], t["mask"]
+
+    def put(self, text: str, context: torch.Tensor, mask: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        p = self.path(text)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        save_file({"context": context.detach().cpu().contiguous(),
+                   "mask": mask.detach().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, p)
+
+
+def texts_to_encode(rows: Iterable[BatchRow]) -> list[str]:
+    """Unique texts the rows need, in first-use order: every prompt, and every non-empty negative of
+    a row with CFG ≠ 1 (at CFG 1 the command-line tool does not encode the negative either)."""
+    out: dict[str, None] = {}
+    for r in rows:
+        out.setdefault(r.prompt)
+        if r.cfg != 1.0 and r.negative.strip():
+            out.setdefault(r.negative)
+    return list(out)
+
+
+# --------------------------------------------------------------------------------------- stages
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What every stage of a job needs to know (picklable, so Ray actors receive it as is)."""
+
+    transformer: str
+    text_encoder: str
+    vae: str
+    out_dir: str
+    cache_dir: str
+    device: str
+    dtype: Optional[str] = None          # DiT compute dtype name (cli.DTYPES) or None = stored
+    date: Optional[str] = None
+    mu: Optional[float] = None
+    noise_layout: str = "upstream"
+
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return cli.DTYPES.get(self.dtype) if self.dtype else None
+
+    def job_params(self) -> dict:
+        return {"model": Path(self.transformer).name, "text_encoder": Path(self.text_encoder).name,
+                "vae": Path(self.vae).name, "noise_layout": self.noise_layout, "mu": self.mu,
+                "date": self.date, "dtype": self.dtype}
+
+    def feature_cache(self) -> FeatureCache:
+        from .text_encoder import resolve_dtype
+
+        te_dtype = resolve_dtype(None, torch.device(self.device))
+        return FeatureCache(self.cache_dir, self.text_encoder, te_dtype, self.date)
+
+
+class EncodeStage:
+    """Stage 1: encode texts missing from the feature cache (the text encoder loads on first need)."""
+
+    def __init__(self, job: JobSettings):
+        self.job = job
+        self.cache = job.feature_cache()
+        self._encoder = None
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, float]:
+        """Encode and cache each text not cached yet; returns seconds spent per text encoded."""
+        from .text_encoder import load_text_encoder
+
+        spent: dict[str, float] = {}
+        for text in texts:
+            if text in self.cache:
+                continue
+            if self._encoder is None:
+                self._encoder = load_text_encoder(self.job.text_encoder,
+                                                  device=torch.device(self.job.device))
+            t0 = time.perf_counter()
+            # one text per call, exactly as the command-line tool encodes a prompt or a negative
+            ctx, mask, _, _ = encode_prompts(self._encoder, [text], need_negative=False,
+                                             date=self.job.date)
+            self.cache.put(text, ctx, mask)
+            spent[text] = time.perf_counter() - t0
+        return spent
+
+    def close(self) -> None:
+        self._encoder = None
+
+
+class DiTStage:
+    """Stage 2: sample latents with a DiT loaded once.
+
+    Each row is sampled on its own (a batch of one, as the command-line tool samples one image):
+    a batched forward pass changes float results in the last bits (max |Δ| ≈ 5e-6 measured on the
+    tiny model on a CPU), enough to flip PNG bytes, so grouping only decides how many rows one
+    call (one Ray task) carries.
+    """
+
+    def __init__(self, job: JobSettings):
+        self.job = job
+        self.cache = job.feature_cache()
+        self.transformer = load_transformer(job.transformer, dtype=job.torch_dtype(),
+                                            device=torch.device(job.device))
+
+    def sample_row(self, row: BatchRow) -> torch.Tensor:
+        """Latents ``[1, 128, h, w]`` float32 on the CPU for one row, from cached features."""
+        ctx, mask = self.cache.get(row.prompt)
+        nctx = nmask = None
+        if row.cfg != 1.0 and row.negative.strip():
+            nctx, nmask = self.cache.get(row.negative)
+        noise = make_noise(row.seed, 1, row.height // 16, row.width // 16,
+                           layout=self.job.noise_layout)
+        return generate_from_features(
+            ctx, mask, self.transformer, None, row.width, row.height, steps=row.steps,
+            guidance=row.cfg, negative_context=nctx, negative_mask=nmask, noise=noise,
+            mu=self.job.mu, noise_layout=self.job.noise_layout,
+            device=torch.device(self.job.device), output_type="latent")
+
+    def __call__(self, rows: Sequence[BatchRow]) -> tuple[torch.Tensor, list[float]]:
+        """Latents ``[len(rows), 128, h, w]`` of rows sharing one :attr:`BatchRow.size_key`, and
+        the seconds each row took."""
+        if len({r.size_key for r in rows}) != 1:
+            raise ValueError("a DiT batch must share width, height, steps and cfg")
+        latents, seconds = [], []
+        for row in rows:
+            t0 = time.perf_counter()
+            latents.append(self.sample_row(row))
+            seconds.append(time.perf_counter() - t0)
+        return torch.cat(latents), seconds
+
+
+def png_metadata(row: BatchRow, job: JobSettings) -> dict:
+    """The ``lens_generation`` metadata the command-line tool writes for this row (same key order)."""
+    meta = {"prompt": row.prompt, "negative": row.negative, "seed": row.seed, "steps": row.steps,
+            "cfg": row.cfg, "width": row.width, "height": row.height, "variant": row.variant,
+            "model": Path(job.transformer).name, "noise_layout": job.noise_layout}
+    if job.mu is not None:
+        meta["mu"] = job.mu
+    meta["index"] = 0
+    return meta
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DecodeStage:
+    """Stage 3: decode latents with a VAE loaded once and write ``<id>.png`` files."""
+
+    def __init__(self, job: JobSettings):
+        from .vae import load_vae
+
+        self.job = job
+        self.out_dir = Path(job.out_dir)
+        self.vae = load_vae(job.vae, device=torch.device(job.device))
+
+    def __call__(self, rows: Sequence[BatchRow], latents: torch.Tensor) -> list[dict]:
+        """Write one PNG per row; returns manifest records (``vae_s``/``write_s`` filled in)."""
+        t0 = time.perf_counter()
+        images = to_pil(self.vae.decode(latents, tile="auto"))
+        vae_s = (time.perf_counter() - t0) / len(rows)
+        records = []
+        for row, img in zip(rows, images):
+            t1 = time.perf_counter()
+            path = self.out_dir / f"{row.id}.png"
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            img.save(tmp, format="PNG", pnginfo=cli._png_info(png_metadata(row, self.job)))
+            digest = sha256_file(tmp)
+            os.replace(tmp, path)
+            records.append(dict(id=row.id, file=path.name, sha256=digest, **row.params(),
+                                **self.job.job_params(), vae_s=vae_s,
+                                write_s=time.perf_counter() - t1))
+        return records
+
+
+def group_rows(rows: Sequence[BatchRow], batch_size: int) -> list[list[BatchRow]]:
+    """Split rows into DiT batches of at most ``batch_size`` rows sharing a size key (input order
+    kept within a key; keys in order of first appearance)."""
+    groups: dict[tuple, list[BatchRow]] = {}
+    for r in rows:
+        groups.setdefault(r.size_key, []).append(r)
+    out = []
+    for members in groups.values():
+        out.extend(members[i:i + batch_size] for i in range(0, len(members), batch_size))
+    return out
+
+
+# ------------------------------------------------------------------------------------- manifest
+
+class Manifest:
+    """``manifest.jsonl`` in the output folder: one record per image, appended as images are written
+    (a later record for the same id replaces an earlier one). :meth:`finish` rewrites it compacted
+    and writes ``manifest.parquet`` when pyarrow is installed."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.path = out_dir / MANIFEST_JSONL
+        self.records: dict[str, dict] = {}
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as f:
+                for n, text in enumerate(f, start=1):
+                    try:
+                        rec = json.loads(text)
+                        self.records[rec["id"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        logger.warning("%s line %d is not a manifest record; ignored", self.path, n)
+
+    def is_done(self, row: BatchRow, job_params: dict) -> bool:
+        """True when ``row`` has a record with the same parameters and its file is intact."""
+        rec = self.records.get(row.id)
+        if rec is None:
+            return False
+        want = dict(row.params(), **job_params)
+        if any(rec.get(k) != v for k, v in want.items()):
+            return False
+        path = self.out_dir / rec.get("file", "")
+        return path.is_file() and sha256_file(path) == rec.get("sha256")
+
+    def add(self, record: dict) -> None:
+        self.records[record["id"]] = record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, order: Sequence[str]) -> None:
+        index = {rid: i for i, rid in enumerate(order)}
+        recs = sorted(self.records.values(), key=lambda r: (index.get(r["id"], len(index)), r["id"]))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.path)
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            return
+        if recs:
+            columns = manifest_columns()
+            table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in recs])
+            pq.write_table(table, str(self.out_dir / MANIFEST_PARQUET))
+
+
+def manifest_columns() -> list[str]:
+    """Columns of a manifest record, in order."""
+    return ["id", "file", "sha256", *(f for f in ROW_FIELDS if f != "id"), *JOB_FIELDS,
+            *STAGE_FIELDS]
+
+
+class Progress:
+    """Logs rows done / total and images per minute."""
+
+    def __init__(self, total: int, skipped: int):
+        self.total, self.done, self.t0 = total, skipped, time.perf_counter()
+        self.made = 0
+
+    def add(self, n: int = 1) -> None:
+        self.done += n
+        self.made += n
+        minutes = (time.perf_counter() - self.t0) / 60.0
+        logger.info("%d/%d rows done, %.1f images/min", self.done, self.total,
+                    self.made / minutes if minutes > 0 else 0.0)
+
+
+# ------------------------------------------------------------------------------------ the runner
+
+@dataclass
+class BatchResult:
+    """What a run did: ids written, ids skipped (already in the manifest), bad rows."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    encoded: int = 0
+
+
+def plan(rows: Sequence[BatchRow], job: JobSettings) -> tuple[Manifest, list[BatchRow], list[str]]:
+    """Open the manifest and split rows into those still to make and the ids already done."""
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out_dir)
+    jp = job.job_params()
+    todo: list[BatchRow] = []
+    done: list[str] = []
+    for r in rows:
+        if manifest.is_done(r, jp):
+            done.append(r.id)
+        else:
+            todo.append(r)
+    return manifest, todo, done
+
+
+def run_in_process(rows: Sequence[BatchRow], job: JobSettings, dit_batch: int = 4) -> BatchResult:
+    """Run the three stages in this process (the job without Ray)."""
+    manifest, todo, done = plan(rows, job)
+    result = BatchResult(skipped=done)
+    progress = Progress(len(rows), len(done))
+    if todo:
+        encoder = EncodeStage(job)
+        spent = encoder(texts_to_encode(todo))
+        encoder.close()
+        result.encoded = len(spent)
+        dit, decoder = DiTStage(job), DecodeStage(job)
+        for group in group_rows(todo, dit_batch):
+            latents, dit_seconds = dit(group)
+            for row, dit_s, rec in zip(group, dit_seconds, decoder(group, latents)):
+                rec.update(encode_s=_encode_seconds(row, spent), dit_s=dit_s)
+                manifest.add(rec)
+                result.written.append(row.id)
+                progress.add()
+    manifest.finish([r.id for r in rows])
+    return result
+
+
+def _encode_seconds(row: BatchRow, spent: dict[str, float]) -> float:
+    return spent.get(row.prompt, 0.0) + (spent.get(row.negative, 0.0) if row.cfg != 1.0 else 0.0)
+
+
+# ------------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lens_model.batch",
+        description="Generate one PNG per row of a prompts file (JSONL or Parquet), in-process or "
+                    "on Ray Data; resumable, with a manifest.",
+        epilog="Row columns: prompt (required), id, negative, seed, width, height, steps, cfg, "
+               "variant, lora. Model files as in python -m lens_model.cli.")
+    p.add_argument("prompts", help="JSONL or Parquet (.parquet) prompts file")
+    p.add_argument("--out", required=True, help="output folder (PNGs and manifest.jsonl)")
+    p.add_argument("--variant", choices=tuple(VARIANT_DEFAULTS),
+                   help="default variant of rows without one (default: from the --transformer "
+                        "file name, else turbo)")
+    p.add_argument("--base", type=int, choices=(1024, 1440), default=None,
+                   help="default 1:1 size of rows without width/height (default 1024 on CPU, "
+                        "1440 on CUDA)")
+    p.add_argument("--mu", type=float, default=None, help="override the schedule shift mu")
+    p.add_argument("--noise-layout", choices=("upstream", "comfy"), default="upstream",
+                   help="noise draw layout (as in the command-line tool)")
+    p.add_argument("--date", default=None, help="template date (default 2026-05-23)")
+    p.add_argument("--feature-cache", default=None,
+                   help="text-feature cache folder (default OUT/.lens_features); share it between "
+                        "jobs to encode a prompt only once")
+    p.add_argument("--dit-batch", type=int, default=4,
+                   help="rows of one size handed to the DiT stage at once (default 4; each image "
+                        "is still sampled on its own, so the files do not depend on it)")
+    files = p.add_argument_group("model files (as python -m lens_model.cli)")
+    files.add_argument("--transformer")
+    files.add_argument("--text-encoder")
+    files.add_argument("--vae")
+    files.add_argument("--models-dir")
+    files.add_argument("--no-download", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="compute device (default: cuda if available)")
+    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default=None,
+                   help="DiT compute dtype (default: the stored dtype)")
+    ray = p.add_argument_group("Ray Data (pip install 'lens-nodes[batch]')")
+    ray.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                     help="run the stages as Ray Data actor pools: 'auto' joins the running "
+                          "cluster, 'local' starts one here, else a cluster address")
+    for stage, gpus in (("encode", "1 on CUDA"), ("dit", "1 on CUDA"), ("vae", "0.25 on CUDA")):
+        ray.add_argument(f"--{stage}-workers", type=int, default=1,
+                         help=f"{stage} actors (default 1)")
+        ray.add_argument(f"--{stage}-gpus", type=float, default=None,
+                         help=f"GPUs per {stage} actor (default {gpus}, else 0)")
+        ray.add_argument(f"--{stage}-cpus", type=float, default=1.0,
+                         help=f"CPUs per {stage} actor (default 1)")
+        ray.add_argument(f"--{stage}-memory", type=float, default=None, metavar="GB",
+                         help=f"memory to reserve per {stage} actor in GB")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
+    """Resolve files, device and defaults exactly as ``python -m lens_model.cli`` does."""
+    from .pipeline import variant_defaults
+
+    if args.variant:
+        variant = args.variant
+    elif args.transformer:
+        variant = variant_defaults(args.transformer)["variant"]
+    else:
+        variant = "turbo"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BatchError("--device cuda was requested but CUDA is not available")
+    device = torch.device(args.device) if args.device else default_device()
+    if args.dit_batch < 1:
+        raise BatchError(f"--dit-batch must be >= 1, got {args.dit_batch}")
+    width, height = resolution_for(args.base or (1024 if device.type == "cpu" else 1440), "1:1")
+    try:
+        files = cli.resolve_files(args, variant)
+    except cli.CliError as e:
+        raise BatchError(str(e)) from None
+    out = Path(args.out).expanduser()
+    job = JobSettings(transformer=str(files["transformer"]), text_encoder=str(files["text_encoder"]),
+                      vae=str(files["vae"]), out_dir=str(out),
+                      cache_dir=str(Path(args.feature_cache).expanduser() if args.feature_cache
+                                    else out / ".lens_features"),
+                      device=device.type, dtype=args.dtype, date=args.date, mu=args.mu,
+                      noise_layout=args.noise_layout)
+    return job, RowDefaults(variant=variant, width=width, height=height)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        job, defaults = job_from_args(args)
+        rows, errors = load_rows(args.prompts, defaults)
+        for err in errors:
+            print(f"lens-batch: {args.prompts}: {err}", file=sys.stderr)
+        if any(r.lora for r in rows):
+            logger.warning("the 'lora' column is recorded in the manifest but not applied yet: "
+                           "the pipeline has no LoRA support")
+        if args.ray:
+            from .batch_ray import RayOptions, run_on_ray
+
+            result = run_on_ray(rows, job, RayOptions.from_args(args), dit_batch=args.dit_batch)
+        else:
+            result = run_in_process(rows, job, dit_batch=args.dit_batch)
+    except BatchError as e:
+        print(f"lens-batch: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"lens-batch: error: {e}", file=sys.stderr)
+        return 1
+    result.errors = errors
+    logger.info("%d image(s) written, %d already done, %d bad row(s); manifest %s",
+                len(result.written), len(result.skipped), len(errors),
+                Path(job.out_dir) / MANIFEST_JSONL)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Batch generation (lens_model.batch): prompts-file parsing, the in-process runner against the
+command-line tool on tiny weights (byte-identical PNGs), the feature cache and resuming."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lens_model import batch, cli
+from test_cli import GOLDEN, tiny_te  # noqa: F401  (tiny_te: a module fixture, a TE fitting the tiny DiT)
+
+DEFAULTS = batch.RowDefaults(variant="lens", width=64, height=64)
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+def test_load_rows_defaults_and_bad_lines(tmp_path, caplog):
+    src = _write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a fox", "id": "fox"},
+        "{not json",
+        {"negative": "blurry"},
+        {"prompt": "a cat", "width": 64},
+        {"prompt": "a cat", "width": 100, "height": 64},
+        {"prompt": "a cat", "seed": -1},
+        {"prompt": "a cat", "id": "../evil"},
+        "",
+        {"prompt": "an owl", "id": "fox"},
+        {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}, "caption_src": "web"},
+        {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}},
+    ])
+    rows, errors = batch.load_rows(src, DEFAULTS)
+    assert [e.line for e in errors] == [2, 3, 4, 5, 6, 7, 9, 11]
+    msgs = {e.line: e.message for e in errors}
+    assert "JSON" in msgs[2] and "prompt" in msgs[3] and "both width and height" in msgs[4]
+    assert "100" in msgs[5] and "seed" in msgs[6] and "../evil" in msgs[7]
+    assert "line 1" in msgs[9] and "same parameters" in msgs[11]
+    fox, owl = rows
+    # the command-line tool's defaults: seed 0, the job's size, steps/cfg of the variant
+    assert (fox.id, fox.seed, fox.width, fox.height, fox.steps, fox.cfg, fox.negative) == \
+        ("fox", 0, 64, 64, 20, 5.0, "")
+    assert (owl.variant, owl.steps, owl.cfg, owl.lora, owl.line) == ("turbo", 4, 2.0, '{"x":1}', 10)
+    assert owl.id.startswith("p") and len(owl.id) == 17        # digest of the parameters
+    assert "caption_src" in caplog.text
+
+
+def test_texts_to_encode_skips_negatives_at_cfg_1():
+    rows = [batch.parse_row({"prompt": "a", "negative": "n1", "cfg": 1}, 1, DEFAULTS),
+            batch.parse_row({"prompt": "a", "negative": "n2", "seed": 1}, 2, DEFAULTS),
+            batch.parse_row({"prompt": "b", "negative": " ", "seed": 2}, 3, DEFAULTS)]
+    assert batch.texts_to_encode(rows) == ["a", "n2", "b"]
+
+
+def test_group_rows_by_size():
+    rows = [batch.parse_row({"prompt": str(i), "width": w, "height": 64}, i, DEFAULTS)
+            for i, w in enumerate([64, 32, 64, 64, 32])]
+    groups = batch.group_rows(rows, 2)
+    assert [[r.prompt for r in g] for g in groups] == [["0", "2"], ["3"], ["1", "4"]]
+
+
+# -------------------------------------------------------------------------- end to end, tiny
+
+ROWS = [
+    {"id": "fox", "prompt": "a red fox in the snow", "seed": 3, "steps": 2, "width": 64,
+     "height": 64},
+    {"id": "fox2", "prompt": "a red fox in the snow", "seed": 4, "steps": 2, "width": 64,
+     "height": 64, "negative": "blurry"},
+    "{broken",
+    {"id": "owl", "prompt": "an owl", "seed": 5, "steps": 2, "cfg": 1.0, "negative": "blurry",
+     "width": 48, "height": 64},
+]
+
+
+def _files(tiny_te):
+    return ["--transformer", str(GOLDEN / "transformer"), "--text-encoder", str(tiny_te),
+            "--vae", str(GOLDEN / "vae"), "--device", "cpu", "--no-download", "-q"]
+
+
+def _cli_png(tmp_path, tiny_te, row) -> bytes:
+    out = tmp_path / f"cli_{row['id']}.png"
+    argv = [row["prompt"], "-o", str(out), "--seed", str(row["seed"]), "--steps",
+            str(row["steps"]), "--width", str(row["width"]), "--height", str(row["height"])] + _files(tiny_te)
+    if "cfg" in row:
+        argv += ["--cfg", str(row["cfg"])]
+    if "negative" in row:
+        argv += ["--negative", row["negative"]]
+    assert cli.main(argv) == 0
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def cli_pngs(tmp_path_factory, tiny_te):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("cli")
+    return {r["id"]: _cli_png(tmp, tiny_te, r) for r in ROWS if isinstance(r, dict)}
+
+
+def _run(tmp_path, tiny_te, out, *extra):  # noqa: F811
+    src = _write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    return batch.main([str(src), "--out", str(out)] + _files(tiny_te)
+                      + list(extra))
+
+
+def test_batch_in_process_matches_cli_and_resumes(tmp_path, tiny_te, cli_pngs, monkeypatch,  # noqa: F811
+                                                  capsys):
+    import lens_model.text_encoder as te_mod
+
+    loads = []
+    real_load = te_mod.load_text_encoder
+    monkeypatch.setattr(te_mod, "load_text_encoder",
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    out = tmp_path / "out"
+    assert _run(tmp_path, tiny_te, out, "--variant", "lens") == 1      # one bad row
+    assert "prompts.jsonl: line 3:" in capsys.readouterr().err
+    for rid, want in cli_pngs.items():
+        assert (out / f"{rid}.png").read_bytes() == want, rid
+    # two distinct prompts + one negative (the owl's is not needed at CFG 1): three cache files,
+    # one text-encoder load
+    assert len(list((out / ".lens_features").rglob("*.safetensors"))) == 3
+    assert len(loads) == 1
+    records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["fox", "fox2", "owl"]
+    for r in records:
+        assert r["sha256"] == hashlib.sha256((out / r["file"]).read_bytes()).hexdigest()
+        assert r["model"] == "transformer" and r["steps"] == 2 and r["lora"] is None
+        assert all(r[k] >= 0 for k in batch.STAGE_FIELDS)
+    assert records[2]["cfg"] == 1.0 and (records[2]["width"], records[2]["height"]) == (48, 64)
+
+    # a rerun finds everything done: no encoder, no DiT, files untouched
+    monkeypatch.setattr(batch, "DiTStage", lambda *a: pytest.fail("DiT loaded on a rerun"))
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert _run(tmp_path, tiny_te, out, "--variant", "lens") == 1
+    assert len(loads) == 1
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
+
+    # a changed job parameter (the schedule shift) makes every row due again
+    result_rows, _ = batch.load_rows(tmp_path / "prompts.jsonl", DEFAULTS)
+    job = batch.JobSettings(transformer=str(GOLDEN / "transformer"), text_encoder=str(tiny_te),
+                            vae=str(GOLDEN / "vae"), out_dir=str(out),
+                            cache_dir=str(out / ".lens_features"), device="cpu", mu=0.5)
+    _, todo, done = batch.plan(result_rows, job)
+    assert (len(todo), done) == (3, [])
+
+
+def test_batch_grouped_dit_calls_give_the_same_files(tmp_path, tiny_te, cli_pngs):  # noqa: F811
+    out = tmp_path / "grouped"
+    assert _run(tmp_path, tiny_te, out, "--variant", "lens", "--dit-batch", "1") == 1
+    for rid, want in cli_pngs.items():
+        assert (out / f"{rid}.png").read_bytes() == want, rid
+
+
+def test_batch_parquet_in_and_out(tmp_path, tiny_te, cli_pngs):  # noqa: F811
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [r for r in ROWS if isinstance(r, dict)][:1]
+    src = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), str(src))
+    out = tmp_path / "pq"
+    assert batch.main([str(src), "--out", str(out), "--variant", "lens"] + _files(tiny_te)) == 0
+    assert (out / "fox.png").read_bytes() == cli_pngs["fox"]
+    table = pq.read_table(str(out / "manifest.parquet")).to_pylist()
+    assert [r["id"] for r in table] == ["fox"]
+    assert table[0]["sha256"] == hashlib.sha256(cli_pngs["fox"]).hexdigest()
+    assert list(table[0]) == batch.manifest_columns()
