@@ -123,6 +123,20 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, incomplete or not the model that was asked for."""
 
 
+class WrongComponentError(CheckpointError):
+    """A file holds another kind of model (``found``) than the one asked for (``component``).
+
+    The message uses the ComfyUI wording; :meth:`reworded` gives it with another fix text (see
+    :func:`wrong_kind_message`)."""
+
+    def __init__(self, name: str, found: str, component: str) -> None:
+        self.name, self.found, self.component = name, found, component
+        super().__init__(wrong_kind_message(name, found, component))
+
+    def reworded(self, fixes: Mapping[str, str]) -> str:
+        return wrong_kind_message(self.name, self.found, self.component, fixes)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: ``file`` bytes ``[start, end)``, stored ``dtype`` and ``shape``."""
@@ -374,11 +388,15 @@ _EXPECTED = {
 }
 
 
-def wrong_kind_message(name: str, found: str, component: str) -> str:
-    """The error text for a file that holds ``found`` where ``component`` was expected."""
+def wrong_kind_message(name: str, found: str, component: str, fixes: Mapping[str, str] | None = None) -> str:
+    """The error text for a file that holds ``found`` where ``component`` was expected.
+
+    ``fixes``: component -> what to do with a file of that kind, worded for the caller's interface
+    (default: the ComfyUI folders and loader nodes; the command-line tool names its options)."""
+    fixes = _FIX if fixes is None else fixes
     text = f"`{name}` looks like {_FAMILY_TEXT.get(found, found)}, not {_EXPECTED[component]}."
-    if found in _FIX:
-        text += " " + _FIX[found]
+    if found in fixes:
+        text += " " + fixes[found]
     elif component == "vae" and found == "other_vae":
         text += " Lens needs the FLUX.2 VAE (`flux2-vae.safetensors`)."
     return text
@@ -606,7 +624,7 @@ def open_checkpoint(path: str | os.PathLike, component: str) -> TensorSource:
         found = detect_component(keys)
         if found == component:  # detection keys present only under an unexpected prefix
             found = "unknown"
-        raise CheckpointError(wrong_kind_message(display, found, component))
+        raise WrongComponentError(display, found, component)
     config = read_config(root) if (path.is_dir() or path.name.endswith(".index.json") or len(files) > 1) else None
     if config is None and path.is_file() and (root / "config.json").is_file() and root.name == DIFFUSERS_SUBFOLDERS[component]:
         config = read_config(root)

@@ -16,23 +16,143 @@ from __future__ import annotations
 
 import gc
 import logging
+import operator
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .dit import variant_defaults_for
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import (
-    StepCallback, img2img_sigmas, lens_sigmas, comfyui_sigmas, make_noise, noise_image_latents,
-    sample,
+    StepCallback, check_sampling_options, img2img_sigmas, lens_sigmas, comfyui_sigmas, make_noise,
+    noise_image_latents, sample,
 )
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+
+ProgressCallback = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: ``stage`` is one of :data:`STAGES`; it may raise to abort."""
+
+STAGES = ("text encoder", "VAE encode", "sampling", "VAE decode")
+"""Progress stages, in order: text-encoder layers (per encoded prompt batch), VAE encoder blocks
+(img2img only), sampling steps, VAE decoder blocks."""
+
+SEED_MAX = 2**64 - 1
+"""Largest seed: seeds are 0..2⁶⁴−1, the range of ComfyUI's seed widgets (0..0xffffffffffffffff)
+and of ``torch.Generator.manual_seed``."""
+
+MAX_BATCH = 64
+"""Largest ``batch`` (images per prompt) :func:`generate` accepts."""
+
+PYTHON_NAMES = {"steps": "steps", "guidance_scale": "guidance", "denoise": "denoise", "mu": "mu",
+                "seed": "seed", "batch": "batch"}
+"""How :func:`check_generation_options` names each option by default (the Python argument)."""
+
+PYTHON_FILE_LABELS = {"dit": "transformer_path", "te": "text_encoder_path", "vae": "vae_path"}
+PYTHON_FILE_FIXES = {"dit": "Pass it as transformer_path.", "te": "Pass it as text_encoder_path.",
+                     "vae": "Pass it as vae_path."}
+"""How :func:`check_model_files` names the files, and what it tells the user to do with a file of
+another kind, by default (the command-line tool passes its option names instead)."""
+
+
+def check_generation_options(steps=None, guidance=None, mu=None, denoise=None, seed=None,
+                             batch=None, names: Optional[Mapping[str, str]] = None) -> None:
+    """Validate generation options before any model runs; ``None`` skips an option.
+
+    ``steps``, ``guidance``, ``denoise`` and ``mu`` go through
+    :func:`lens_model.sampling.check_sampling_options` (steps 1..200, finite guidance in [0, 100],
+    denoise in (0, 1], μ in [−20, 20]; NaN / Inf never pass); ``seed`` must be an integer in
+    0..:data:`SEED_MAX`, ``batch`` in 1..:data:`MAX_BATCH`. Raises ValueError naming the option
+    (``names`` maps the keys of :data:`PYTHON_NAMES` to what the caller's user knows, e.g.
+    ``{"guidance_scale": "--cfg"}``), its value and the accepted range.
+    """
+    names = dict(PYTHON_NAMES, **(names or {}))
+    check_sampling_options(steps=steps, guidance_scale=guidance, denoise=denoise, mu=mu,
+                           names=names)
+    for key, value, lo, hi in (("seed", seed, 0, SEED_MAX), ("batch", batch, 1, MAX_BATCH)):
+        if value is None:
+            continue
+        try:
+            as_int = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            as_int = None
+        if as_int is None or not lo <= as_int <= hi:
+            raise ValueError(f"{names[key]} must be an integer from {lo} to {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What :func:`check_model_files` read from the headers (None for a file not given)."""
+
+    transformer: Any = None   # lens_model.dit.LensDiTConfig
+    text_encoder: Any = None  # lens_model.text_encoder.GptOssConfig
+    vae: Any = None           # lens_model.vae.Flux2VAEConfig
+
+
+def check_model_files(transformer_path: Optional[PathLike] = None,
+                      text_encoder_path: Optional[PathLike] = None,
+                      vae_path: Optional[PathLike] = None, *,
+                      labels: Optional[Mapping[str, str]] = None,
+                      fixes: Optional[Mapping[str, str]] = None) -> ModelFiles:
+    """Check the model files from their headers only (milliseconds; nothing is loaded).
+
+    Each given file must be the right kind of model, in a known layout, with every tensor shape
+    consistent (:func:`~lens_model.dit.inspect_transformer`,
+    :func:`~lens_model.text_encoder.inspect_text_encoder`, :func:`~lens_model.vae.inspect_vae`), and
+    the files must fit each other: the text encoder's width and layer count feed the DiT's text
+    input, the VAE's latent channels are the DiT's. Messages start with the file's label
+    (``labels``, keyed "dit" / "te" / "vae"; default the :func:`generate` argument names) and a file
+    of another kind gets the fix in ``fixes`` (default :data:`PYTHON_FILE_FIXES`; see
+    :func:`lens_model.checkpoints.wrong_kind_message`). Raises FileNotFoundError or
+    :class:`~lens_model.checkpoints.CheckpointError` (a ValueError).
+    """
+    from .checkpoints import CheckpointError, WrongComponentError
+    from .dit import inspect_transformer
+    from .text_encoder import DEFAULT_SELECTED_LAYERS, inspect_text_encoder
+    from .vae import inspect_vae
+
+    labels = dict(PYTHON_FILE_LABELS, **(labels or {}))
+    fixes = PYTHON_FILE_FIXES if fixes is None else fixes
+    found = {}
+    for key, path, inspect in (("dit", transformer_path, inspect_transformer),
+                               ("te", text_encoder_path, inspect_text_encoder),
+                               ("vae", vae_path, inspect_vae)):
+        if path is None:
+            continue
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{labels[key]}: {str(path)!r} does not exist")
+        try:
+            found[key] = inspect(path)
+        except WrongComponentError as e:
+            raise CheckpointError(f"{labels[key]}: {e.reworded(fixes)}") from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{labels[key]}: {e}") from None
+        except ValueError as e:  # CheckpointError and the configuration checks
+            raise CheckpointError(f"{labels[key]}: {e}") from None
+    dit, te, vae = found.get("dit"), found.get("te"), found.get("vae")
+    if dit is not None and te is not None:
+        layers = tuple(DEFAULT_SELECTED_LAYERS)
+        if te.hidden_size != dit.enc_hidden_dim or dit.num_text_layers != len(layers):
+            raise CheckpointError(
+                f"{labels['te']} and {labels['dit']} do not fit each other: the text encoder gives "
+                f"{len(layers)} layers of width {te.hidden_size}, the DiT takes {dit.num_text_layers} "
+                f"of width {dit.enc_hidden_dim}. Lens needs gpt-oss-20b (width 2880) with the Lens DiT; "
+                "pick files of the same model (tiny test models only fit each other).")
+        if te.num_hidden_layers <= max(layers):
+            raise CheckpointError(
+                f"{labels['te']}: the text encoder has {te.num_hidden_layers} layers; Lens reads "
+                f"layers {list(layers)} (gpt-oss-20b has 24).")
+    if dit is not None and vae is not None and vae.bn_channels != dit.in_channels:
+        raise CheckpointError(
+            f"{labels['vae']} and {labels['dit']} do not fit each other: the VAE's latents have "
+            f"{vae.bn_channels} channels, the DiT takes {dit.in_channels}. Lens needs the FLUX.2 VAE.")
+    return ModelFiles(dit, te, vae)
 
 def variant_defaults(name: Optional[PathLike]) -> dict:
     """Step/CFG defaults guessed from a checkpoint path (``dit.variant_defaults_for``): "turbo" →
@@ -146,6 +266,7 @@ def generate_from_features(
     vae_tile="auto",
     callback: Optional[StepCallback] = None,
     output_type: str = "pil",
+    progress: Optional[ProgressCallback] = None,
 ):
     """Sample and decode from precomputed text features (no text encoder needed).
 
@@ -167,9 +288,19 @@ def generate_from_features(
             the stored dtype). ``vae_dtype`` likewise for the VAE.
         output_type: "pil" (list of PIL images), "pt" (``[B, H, W, 3]`` float in 0..1) or
             "latent" (``[B, 128, h, w]`` float32, no decode).
+        progress: ``progress(stage, done, total)`` after each VAE encoder block ("VAE encode"),
+            sampling step ("sampling") and VAE decoder block ("VAE decode"); it may raise to stop.
+
+    Options are checked (:func:`check_generation_options`), and a transformer or VAE given as a path
+    is checked from its header (:func:`check_model_files`), before any model runs.
     """
     from .dit import load_transformer
 
+    check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
+                             batch=batch)
+    own_dit = isinstance(transformer, (str, os.PathLike))
+    own_vae = isinstance(vae, (str, os.PathLike))
+    check_model_files(transformer if own_dit else None, None, vae if own_vae else None)
     width, height = validate_size(width, height)
     warn = schedule_jump_warning(width, height)
     if warn:
@@ -178,7 +309,6 @@ def generate_from_features(
     if output_type not in ("pil", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
 
-    own_dit = isinstance(transformer, (str, os.PathLike))
     defaults = None if own_dit else getattr(transformer, "variant_defaults", None)
     if not defaults:
         defaults = variant_defaults(transformer if own_dit else getattr(transformer, "name", None))
@@ -203,10 +333,10 @@ def generate_from_features(
         sigmas = _schedule(height, width, steps, denoise, mu, schedule)
 
     vae_model = None
-    own_vae = isinstance(vae, (str, os.PathLike))
     if image is not None and denoise < 1.0:
         vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
-        z = vae_model.encode(_as_image_tensor(image, width, height))
+        z = vae_model.encode(_as_image_tensor(image, width, height),
+                             **_vae_progress(progress, "VAE encode"))
         if z.shape[0] not in (1, total):
             raise ValueError(f"init image batch {z.shape[0]} does not match {total} images")
         noise = noise_image_latents(noise, z, float(sigmas[0]))
@@ -214,11 +344,18 @@ def generate_from_features(
     elif image is not None:
         logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
 
+    step_callback = callback
+    if progress is not None:
+        def step_callback(k, n, x, denoised):
+            if callback is not None:
+                callback(k, n, x, denoised)
+            progress("sampling", k + 1, n)
+
     dit = load_transformer(transformer, dtype=dtype, device=device) if own_dit else transformer
     try:
         t0 = time.perf_counter()
         latents = sample(dit, noise, sigmas, context, context_mask, negative_context,
-                         negative_mask, guidance_scale=guidance, callback=callback,
+                         negative_mask, guidance_scale=guidance, callback=step_callback,
                          cfg_mode=cfg_mode)
         logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", len(sigmas) - 1, width,
                     height, guidance, time.perf_counter() - t0)
@@ -232,13 +369,20 @@ def generate_from_features(
     if vae_model is None:
         vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
     try:
-        images = vae_model.decode(latents, tile=vae_tile)
+        images = vae_model.decode(latents, tile=vae_tile, **_vae_progress(progress, "VAE decode"))
     finally:
         del latents
         if own_vae:
             del vae_model
             _free(device)
     return images if output_type == "pt" else to_pil(images)
+
+
+def _vae_progress(progress: Optional[ProgressCallback], stage: str) -> dict:
+    """Keyword arguments for ``Flux2VAE.encode`` / ``decode``: per-block progress under ``stage``."""
+    if progress is None:
+        return {}
+    return {"callback": lambda done, total: progress(stage, done, total), "progress_unit": "block"}
 
 
 def _load_vae(path, dtype, device):
@@ -248,14 +392,18 @@ def _load_vae(path, dtype, device):
 
 
 def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",
-                   need_negative: bool = True, date: Optional[str] = None):
+                   need_negative: bool = True, date: Optional[str] = None,
+                   progress: Optional[ProgressCallback] = None):
     """Encode prompts (and a non-empty negative) with a loaded text encoder.
 
     Returns ``(context [P, S, 4E], mask [P, S], negative_context or None, negative_mask or None)``.
     An empty/whitespace negative gives None (the zero-length text stream, sampling.md §5); it is
-    never encoded as a templated empty string.
+    never encoded as a templated empty string. ``progress("text encoder", layer, layers)`` follows
+    each encoder run (prompts, then the negative).
     """
     kw = {} if date is None else {"date": date}
+    if progress is not None:
+        kw["callback"] = lambda done, total: progress("text encoder", done, total)
     ctx, mask = text_encoder.encode(list(prompts), **kw)
     nctx = nmask = None
     if need_negative and negative and negative.strip():
@@ -289,6 +437,7 @@ def generate(
     vae_tile="auto",
     callback: Optional[StepCallback] = None,
     output_type: str = "pil",
+    progress: Optional[ProgressCallback] = None,
 ):
     """Text-to-image (or img2img) from checkpoint paths; returns a list of ``PIL.Image``.
 
@@ -296,7 +445,13 @@ def generate(
     for all P·batch images. Steps and CFG default from the transformer's file name (turbo 4 / 1.0,
     base 50 / 5.0, otherwise 20 / 5.0); at CFG 1 the negative prompt is not encoded (it has no
     effect). The other arguments are those of :func:`generate_from_features`; ``date`` is the
-    template date (default 2026-05-23, pinned by the text encoder).
+    template date (default 2026-05-23, pinned by the text encoder); ``progress(stage, done, total)``
+    also follows the text encoder's layers ("text encoder").
+
+    Before any model runs, the options are checked (:func:`check_generation_options`: NaN / Inf
+    guidance, μ or denoise, steps outside 1..200, a seed outside 0..2⁶⁴−1 are ValueErrors) and so are
+    all three files, from their headers (:func:`check_model_files`: kind, layout, shapes and fit),
+    so a wrong file costs milliseconds, not a text-encoder run.
     """
     from .text_encoder import load_text_encoder
 
@@ -309,7 +464,10 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
+    check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
+                             batch=batch)
     width, height = validate_size(width, height)
+    check_model_files(transformer_path, text_encoder_path, vae_path)
     device = torch.device(device) if device is not None else default_device()
     defaults = variant_defaults(transformer_path)
     steps = int(steps if steps is not None else defaults["steps"])
@@ -319,7 +477,7 @@ def generate(
     te = load_text_encoder(text_encoder_path, dtype=text_encoder_dtype, device=device)
     try:
         ctx, mask, nctx, nmask = encode_prompts(te, prompts, negative, need_negative=guidance != 1.0,
-                                                date=date)
+                                                date=date, progress=progress)
     finally:
         del te
         _free(device)
@@ -334,4 +492,4 @@ def generate(
         negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
         schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
         denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
-        callback=callback, output_type=output_type)
+        callback=callback, output_type=output_type, progress=progress)

@@ -40,6 +40,7 @@ __all__ = [
     "Encoder",
     "Decoder",
     "load_vae",
+    "inspect_vae",
     "patchify",
     "unpatchify",
     "to_bfl_key",
@@ -325,6 +326,27 @@ class AttnBlock(nn.Module):
         return o.transpose(1, 2).reshape(b, c, hh, ww).add_(x)
 
 
+def _no_op() -> None:
+    pass
+
+
+class _Ticker:
+    """Calls ``on_block()`` for the first ``n - 1`` units; :meth:`finish` reports the last one, so the
+    final call comes when the pass's output exists."""
+
+    def __init__(self, on_block: Callable[[], None] | None, n: int) -> None:
+        self.on_block, self.left = on_block, n
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.on_block is not None and self.left > 0:
+            self.on_block()
+
+    def finish(self) -> None:
+        if self.on_block is not None:
+            self.on_block()
+
+
 class MidBlock(nn.Module):
     """Resnet(C), optional Attn(C), Resnet(C)."""
 
@@ -334,11 +356,22 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, groups) if attention else None
         self.block_2 = ResnetBlock(channels, channels, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_blocks(self) -> int:
+        """Progress units of :meth:`forward`: the resnets and the attention block."""
+        return 2 + (self.attn_1 is not None)
+
+    def forward(self, x: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+        """``on_block()`` is called after each resnet / attention block (it may raise to abort)."""
+        tick = on_block or _no_op
         x = self.block_1(x)
+        tick()
         if self.attn_1 is not None:
             x = self.attn_1(x)
-        return self.block_2(x)
+            tick()
+        x = self.block_2(x)
+        tick()
+        return x
 
 
 class _Level(nn.Module):
@@ -378,17 +411,28 @@ class Encoder(nn.Module):
             nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_blocks(self) -> int:
+        """Progress units of one :meth:`forward`: every resnet and downsampler, then the mid block's."""
+        return sum(len(lv.block) + (lv.downsample is not None) for lv in self.down) + self.mid.num_blocks
+
+    def forward(self, x: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+        """``on_block()`` is called after each of the :attr:`num_blocks` units (the last one once the
+        output is ready); it may raise to abort between blocks."""
+        tick = _Ticker(on_block, self.num_blocks)
         h = self.conv_in(x)
         for level in self.down:
             for blk in level.block:
                 h = blk(h)
+                tick()
             if level.downsample is not None:
                 h = level.downsample(h)
-        h = self.mid(h)
+                tick()
+        h = self.mid(h, tick)
         h = self.conv_out(F.silu(self.norm_out(h), inplace=True))
         if self.quant_conv is not None:
             h = self.quant_conv(h)
+        tick.finish()
         return h
 
 
@@ -418,19 +462,31 @@ class Decoder(nn.Module):
         self.norm_out = _norm(ch[0], g)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_blocks(self) -> int:
+        """Progress units of one :meth:`forward`: the mid block's, then every resnet and upsampler."""
+        return self.mid.num_blocks + sum(len(lv.block) + (lv.upsample is not None) for lv in self.up)
+
+    def forward(self, z: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+        """``on_block()`` is called after each of the :attr:`num_blocks` units (the last one once the
+        output is ready); it may raise to abort between blocks."""
+        tick = _Ticker(on_block, self.num_blocks)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.conv_in(z)
         del z
-        h = self.mid(h)
+        h = self.mid(h, tick)
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for blk in level.block:
                 h = blk(h)
+                tick()
             if level.upsample is not None:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
+                tick()
+        h = self.conv_out(F.silu(self.norm_out(h), inplace=True))
+        tick.finish()
+        return h
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,8 +494,16 @@ class Decoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 TileArg = bool | str
-#: ``callback(done, total)``: units (tiles, or samples when untiled) finished so far, of ``total``.
+#: ``callback(done, total)``: units finished so far, of ``total``. Units are tiles (samples when
+#: untiled) with ``progress_unit="tile"``, or encoder / decoder blocks of every tile and sample with
+#: ``progress_unit="block"``.
 ProgressCallback = Callable[[int, int], None]
+PROGRESS_UNITS = ("tile", "block")
+
+
+def _check_progress_unit(unit: str) -> None:
+    if unit not in PROGRESS_UNITS:
+        raise ValueError(f"progress_unit must be one of {PROGRESS_UNITS}, got {unit!r}.")
 
 
 def _check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:
@@ -450,17 +514,31 @@ def _check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:
 
 
 class _Progress:
-    """Counts finished tiles / samples and reports them to an optional callback."""
+    """Counts finished units and reports them to an optional callback.
 
-    def __init__(self, callback: ProgressCallback | None, total: int) -> None:
+    ``total`` counts passes (tiles / samples). With ``blocks_per_pass`` 1 a unit is a pass
+    (:meth:`step`); with more, a unit is one encoder / decoder block (:meth:`block`, handed to the
+    network as ``on_block``) and :meth:`step` reports nothing.
+    """
+
+    def __init__(self, callback: ProgressCallback | None, total: int, blocks_per_pass: int = 1) -> None:
         self.callback = callback
-        self.total = total
+        self.per_pass = max(1, blocks_per_pass)
+        self.total = total * self.per_pass
         self.done = 0
 
     def grow(self, extra: int) -> None:
-        self.total += max(0, extra)
+        self.total += max(0, extra) * self.per_pass
+
+    def block(self) -> None:
+        if self.per_pass > 1:
+            self._tick()
 
     def step(self) -> None:
+        if self.per_pass == 1:
+            self._tick()
+
+    def _tick(self) -> None:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, max(self.total, self.done))
@@ -512,6 +590,7 @@ class Flux2VAE(nn.Module):
         tile_size: int = 64,
         overlap: int = 16,
         callback: ProgressCallback | None = None,
+        progress_unit: str = "tile",
     ) -> torch.Tensor:
         """``images: [B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE; an alpha channel is dropped) ->
         ``[B, 128, H/16, W/16]`` float32 on the CPU: BN-normalised patchified posterior mean.
@@ -529,12 +608,15 @@ class Flux2VAE(nn.Module):
         cells; "auto" = untiled, but tiled when on CUDA the estimated peak exceeds free memory or the
         untiled encode runs out of memory (the CPU never tiles under "auto").
         ``callback(done, total)`` is called after every tile (untiled: after every sample); it may
-        raise to abort. ``total`` grows if "auto" switches a sample to tiles.
+        raise to abort. ``total`` grows if "auto" switches a sample to tiles. With
+        ``progress_unit="block"`` it is called after every encoder block of every tile / sample
+        instead (``encoder.num_blocks`` per pass: finer progress, and an abort between blocks).
         Each sample of the batch is encoded separately.
         """
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"encode expects images [B, H, W, 3] in 0..1, got shape {tuple(images.shape)}.")
         _check_tile_args(tile, tile_size, overlap)
+        _check_progress_unit(progress_unit)
         b, hh, ww, _ = images.shape
         f = self.downscale
         if hh % f or ww % f:
@@ -544,7 +626,8 @@ class Flux2VAE(nn.Module):
             )
         h, w = hh // f, ww // f
         n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
-        progress = _Progress(callback, b * (n_tiles if tile is True else 1))
+        progress = _Progress(callback, b * (n_tiles if tile is True else 1),
+                             self.encoder.num_blocks if progress_unit == "block" else 1)
         out = []
         for i in range(b):  # one sample at a time: activations dominate memory, not weights
             x = images[i:i + 1, :, :, :3]
@@ -556,7 +639,7 @@ class Flux2VAE(nn.Module):
             if use_tiles:
                 out.append(self._encode_tiled(x, tile_size, overlap, progress))
                 continue
-            z = self._try_untiled(self._encode_raw, x, tile == "auto")
+            z = self._try_untiled(lambda t: self._raw(self._encode_raw, t, progress), x, tile == "auto")
             if z is None:
                 logger.warning("VAE encode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
                 progress.grow(n_tiles - 1)
@@ -566,11 +649,17 @@ class Flux2VAE(nn.Module):
             progress.step()
         return torch.cat(out)
 
-    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _raw(run, x: torch.Tensor, progress: "_Progress") -> torch.Tensor:
+        """``run(x)`` (``_encode_raw`` / ``_decode_raw``), with ``progress.block`` as ``on_block``
+        when progress counts blocks."""
+        return run(x, progress.block) if progress.per_pass > 1 else run(x)
+
+    def _encode_raw(self, images: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
         """``images: [1, H, W, 3]`` in [0, 1] -> ``[1, 128, H/16, W/16]`` Lens latent, float32 CPU."""
         x = images[..., :3].to(device=self.device, dtype=torch.float32)
         x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
-        moments = self.encoder(x)
+        moments = self.encoder(x, on_block)
         mean = moments[:, :self.config.latent_channels]
         return self.normalize(mean).float().cpu()
 
@@ -582,7 +671,7 @@ class Flux2VAE(nn.Module):
         ys = self._tile_starts(h, tile_size, overlap)
         xs = self._tile_starts(w, tile_size, overlap)
         if len(ys) == 1 and len(xs) == 1:
-            z = self._encode_raw(images)
+            z = self._raw(self._encode_raw, images, progress)
             progress.step()
             return z
         out = torch.zeros(1, self.config.bn_channels, h, w, dtype=torch.float32)
@@ -593,7 +682,7 @@ class Flux2VAE(nn.Module):
             for x0 in xs:
                 tw = min(tile_size, w - x0)
                 wx = self._ramp(tw, overlap, x0 > 0, x0 + tw < w)
-                z = self._encode_raw(images[:, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f])
+                z = self._raw(self._encode_raw, images[:, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f], progress)
                 mask = wy[:, None] * wx[None, :]
                 out[:, :, y0:y0 + th, x0:x0 + tw].addcmul_(z, mask)
                 wsum[:, :, y0:y0 + th, x0:x0 + tw].add_(mask)
@@ -608,10 +697,10 @@ class Flux2VAE(nn.Module):
         return int(1.3 * (4 * height * width * ch0 * elt) + AttnBlock.score_budget_bytes)
 
     # -- decode -------------------------------------------------------------------------------
-    def _decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+    def _decode_raw(self, latents: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
         """``latents: [B, 128, h, w]`` -> ``[B, 3, 16h, 16w]`` decoder output (about [-1, 1]), float32."""
         z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
-        return self.decoder(z).float()
+        return self.decoder(z, on_block).float()
 
     @torch.no_grad()
     def decode(
@@ -621,6 +710,7 @@ class Flux2VAE(nn.Module):
         tile_size: int = 64,
         overlap: int = 16,
         callback: ProgressCallback | None = None,
+        progress_unit: str = "tile",
     ) -> torch.Tensor:
         """``latents: [B, 128, h, w]`` (Lens / ComfyUI LATENT samples) -> ``[B, 16h, 16w, 3]`` float32 on
         the CPU in [0, 1], = clamp((x + 1) / 2, 0, 1).
@@ -637,6 +727,9 @@ class Flux2VAE(nn.Module):
         memory (CPU never tiles under "auto").
         ``callback(done, total)`` is called after every tile (untiled: after every sample), so a caller
         can report progress and abort by raising; ``total`` grows if "auto" switches a sample to tiles.
+        With ``progress_unit="block"`` it is called after every decoder block of every tile / sample
+        instead (``decoder.num_blocks`` per pass, 18 for the FLUX.2 VAE): progress and aborts between
+        blocks, not only between tiles.
         Each sample of the batch is decoded separately.
         """
         if latents.ndim != 4 or latents.shape[1] != self.config.bn_channels:
@@ -645,9 +738,11 @@ class Flux2VAE(nn.Module):
                 f"got shape {tuple(latents.shape)}."
             )
         _check_tile_args(tile, tile_size, overlap)
+        _check_progress_unit(progress_unit)
         b, _, h, w = latents.shape
         n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
-        progress = _Progress(callback, b * (n_tiles if tile is True else 1))
+        progress = _Progress(callback, b * (n_tiles if tile is True else 1),
+                             self.decoder.num_blocks if progress_unit == "block" else 1)
         out = []
         for i in range(b):
             z = latents[i:i + 1]
@@ -659,7 +754,7 @@ class Flux2VAE(nn.Module):
             if use_tiles:
                 x = self._decode_tiled(z, tile_size, overlap, progress)
             else:
-                x = self._try_untiled(lambda t: self._decode_raw(t).cpu(), z, tile == "auto")
+                x = self._try_untiled(lambda t: self._raw(self._decode_raw, t, progress).cpu(), z, tile == "auto")
                 if x is None:
                     logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
                     progress.grow(n_tiles - 1)
@@ -734,7 +829,7 @@ class Flux2VAE(nn.Module):
         ys = self._tile_starts(h, tile_size, overlap)
         xs = self._tile_starts(w, tile_size, overlap)
         if len(ys) == 1 and len(xs) == 1:
-            x = self._decode_raw(z).cpu()
+            x = self._raw(self._decode_raw, z, progress).cpu()
             progress.step()
             return x
         out = torch.zeros(1, self.config.out_channels, h * f, w * f, dtype=torch.float32)
@@ -746,7 +841,7 @@ class Flux2VAE(nn.Module):
             for x0 in xs:
                 tw = min(tile_size, w - x0)
                 wx = self._ramp(tw * f, ramp, x0 > 0, x0 + tw < w)
-                img = self._decode_raw(z[:, :, y0:y0 + th, x0:x0 + tw]).cpu()
+                img = self._raw(self._decode_raw, z[:, :, y0:y0 + th, x0:x0 + tw], progress).cpu()
                 mask = wy[:, None] * wx[None, :]
                 out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].addcmul_(img, mask)
                 wsum[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].add_(mask)
@@ -991,7 +1086,10 @@ def _resolve_dtype(requested: torch.dtype | None, stored: torch.dtype, device: t
     return dtype
 
 
-def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype, device) -> Flux2VAE:
+def _check_layout(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None
+                  ) -> tuple[Flux2VAEConfig, dict[str, str], dict[str, tuple[int, ...]], list[str]]:
+    """Header-level checks (kind, layout, every shape): ``(config, internal key -> stored key,
+    expected internal key -> shape, stored keys)``. Reads no tensor."""
     name = source.name
     raw_keys = list(source.keys())
     n = _num_levels(raw_keys)
@@ -1036,7 +1134,14 @@ def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype
     bad = [f"{to_internal[k]} {list(shapes[k])} (expected {list(s)})" for k, s in expected.items() if shapes[k] != s]
     if bad:
         raise ValueError(f"`{name}`: tensor shapes do not match the config: {'; '.join(bad[:10])}.")
+    return cfg, to_internal, expected, raw_keys
 
+
+def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype, device) -> Flux2VAE:
+    name = source.name
+    cfg, to_internal, expected, raw_keys = _check_layout(source, config)
+    with torch.device("meta"):
+        model = Flux2VAE(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     stored = SAFETENSORS_DTYPES.get(source.dtype(to_internal["decoder.conv_in.weight"]), (torch.float32, 4))[0]
     dtype = _resolve_dtype(dtype, stored, device)
@@ -1072,19 +1177,36 @@ def load_vae(
     was found and the fix (e.g. a FLUX.1 VAE, a video VAE, a 4-channel SD VAE, a DiT or text encoder).
     """
 
-    try:
-        source = open_checkpoint(path, "vae")
-    except CheckpointError as e:
-        specific = _diagnose_foreign_file(path)
-        if specific:
-            raise CheckpointError(specific) from e
-        raise
+    source = _open_vae(path)
     try:
         return _build(source, None, dtype, device)
     except CheckpointError:
         raise
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+
+
+def inspect_vae(path: str | Any) -> Flux2VAEConfig:
+    """The configuration of the FLUX.2 VAE at ``path``, after checking its kind, key layout and every
+    shape (headers only: nothing is loaded). Raises the same errors as :func:`load_vae`."""
+    source = _open_vae(path)
+    try:
+        return _check_layout(source, None)[0]
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _open_vae(path: Any):
+    """``open_checkpoint(path, "vae")`` with a specific message for VAEs of other families."""
+    try:
+        return open_checkpoint(path, "vae")
+    except CheckpointError as e:
+        specific = _diagnose_foreign_file(path)
+        if specific:
+            raise CheckpointError(specific) from e
+        raise
 
 
 def _diagnose_foreign_file(path: Any) -> str | None:

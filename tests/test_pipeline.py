@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import lens_model.pipeline as pipeline
+from lens_model.checkpoints import CheckpointError
 from lens_model.pipeline import images_to_uint8, to_pil, variant_defaults
+from lens_tiny_files import write_broken_transformer, write_flux1_vae, write_tiny_text_encoder
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 dit = pytest.importorskip("lens_model.dit")
@@ -22,16 +24,26 @@ class FakeTE:
     def __init__(self, log):
         self.log = log
 
-    def encode(self, prompts, date=None):
+    def encode(self, prompts, date=None, callback=None):
         self.log.append(("encode", list(prompts), date))
+        for layer in range(1, 4):
+            if callback is not None:
+                callback(layer, 3)
         g = torch.Generator().manual_seed(len(prompts[0]))
         s = 3
         return torch.randn(len(prompts), s, 128, generator=g), torch.ones(len(prompts), s, dtype=torch.bool)
 
 
+@pytest.fixture(scope="module")
+def tiny_te(tmp_path_factory):
+    """Headers of a text encoder that fits the golden tiny DiT (the loader itself is faked)."""
+    return write_tiny_text_encoder(tmp_path_factory.mktemp("te"), vocab_size=512)
+
+
 @pytest.fixture
-def ladder(monkeypatch):
+def ladder(monkeypatch, tiny_te):
     log = []
+    log_te[:] = [tiny_te]
     te_ref = []
     real_load_transformer = dit.load_transformer
 
@@ -51,8 +63,11 @@ def ladder(monkeypatch):
     return log
 
 
+log_te = []  # the tiny text-encoder folder of the current test (set by ``ladder``)
+
+
 def _gen(**kw):
-    args = dict(transformer_path=GOLDEN / "transformer", text_encoder_path=GOLDEN / "text_encoder",
+    args = dict(transformer_path=GOLDEN / "transformer", text_encoder_path=log_te[0],
                 vae_path=GOLDEN / "vae", width=32, height=48, steps=2, device="cpu")
     args.update(kw)
     return pipeline.generate(**args)
@@ -136,3 +151,65 @@ def test_img2img_from_a_path_depends_on_the_image(tmp_path):
     a, b = (_features_latents(image=p, denoise=0.5, vae=GOLDEN / "vae") for p in paths)
     assert a.shape == (1, 128, 3, 2)
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+# ------------------------------------------------------------------ checks before any model runs
+
+def test_generate_checks_all_three_files_before_any_model_runs(ladder, tmp_path):
+    bad_dit = write_broken_transformer(tmp_path / "lens_broken.safetensors")
+    with pytest.raises(CheckpointError, match=r"transformer_path: .*lens_broken.*img_mlp\.w2"):
+        _gen(prompt="x", transformer_path=bad_dit)
+    flux1 = write_flux1_vae(tmp_path / "ae.safetensors")
+    with pytest.raises(CheckpointError, match=r"vae_path: .*FLUX\.1"):
+        _gen(prompt="x", vae_path=flux1)
+    # a text encoder given as the VAE: the fix names the Python argument, not ComfyUI folders
+    with pytest.raises(CheckpointError, match="vae_path: .*text encoder") as e:
+        _gen(prompt="x", vae_path=log_te[0])
+    assert "text_encoder_path" in str(e.value) and "models/" not in str(e.value)
+    # files that are each fine but do not fit each other (text width 64 vs the DiT's 32)
+    with pytest.raises(CheckpointError, match="64.*32"):
+        _gen(prompt="x", text_encoder_path=GOLDEN / "text_encoder")
+    assert ladder == []  # nothing was loaded or encoded
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(guidance=float("inf")), "guidance"),
+    (dict(mu=float("nan")), "mu"),
+    (dict(denoise=float("nan")), "denoise"),
+    (dict(steps=201), "200"),
+    (dict(seed=2**64), "18446744073709551615"),
+    (dict(seed=-1), "seed"),
+    (dict(batch=0), "batch"),
+])
+def test_generate_rejects_bad_options_up_front(ladder, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        _gen(prompt="x", **kw)
+    assert ladder == []
+
+
+def test_generate_largest_seed_is_accepted(ladder):
+    assert len(_gen(prompt="x", guidance=1.0, seed=2**64 - 1)) == 1
+
+
+def test_generate_reports_progress_per_stage(ladder):
+    seen = []
+    _gen(prompt="x", negative="blurry", guidance=4.0, progress=lambda *a: seen.append(a))
+    stages = [s for s, _, _ in seen]
+    assert stages[:6] == ["text encoder"] * 6          # prompt, then the negative: 3 layers each
+    sampling = [(d, t) for s, d, t in seen if s == "sampling"]
+    assert sampling == [(1, 2), (2, 2)]
+    decode = [(d, t) for s, d, t in seen if s == "VAE decode"]
+    total = decode[0][1]
+    assert total > 1 and decode == [(i, total) for i in range(1, total + 1)]  # per decoder block
+    assert stages.index("VAE decode") > stages.index("sampling")
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_decode(stage, done, total):
+        if stage == "VAE decode" and done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _gen(prompt="x", guidance=1.0, progress=stop_in_decode)
