@@ -6,6 +6,7 @@ names may change. Importing this package does no torch work and touches no files
 
 from .latent import LensNodesEmptyLatent, LensNodesResolution
 from .loaders import LensNodesDiTLoader, LensNodesTextEncoderLoader, LensNodesVAELoader
+from .lora import LensNodesLoRALoader
 from .sampler import LensNodesSampler
 from .text_encode import LensNodesTextEncode
 from .vae_nodes import LensNodesVAEDecode, LensNodesVAEEncode
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "LensNodesVAEEncode": LensNodesVAEEncode,
     "LensNodesResolution": LensNodesResolution,
     "LensNodesEmptyLatent": LensNodesEmptyLatent,
+    "LensNodesLoRALoader": LensNodesLoRALoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LensNodesVAEEncode": "FLUX2 VAE Encode",
     "LensNodesResolution": "Lens Resolution",
     "LensNodesEmptyLatent": "Lens Empty Latent",
+    "LensNodesLoRALoader": "Lens LoRA Loader",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -26,6 +26,7 @@ INPUT_ORDER = {
     "LensNodesVAEEncode": ["pixels", "vae", "tile"],
     "LensNodesResolution": ["base", "ratio", "width", "height"],
     "LensNodesEmptyLatent": ["width", "height", "batch_size"],
+    "LensNodesLoRALoader": ["model", "lora_name", "strength"],
 }
 RETURNS = {
     "LensNodesDiTLoader": ("LENS_DIT",),
@@ -37,6 +38,7 @@ RETURNS = {
     "LensNodesVAEEncode": ("LATENT",),
     "LensNodesResolution": ("INT", "INT"),
     "LensNodesEmptyLatent": ("LATENT",),
+    "LensNodesLoRALoader": ("LENS_DIT",),
 }
 DISPLAY = {
     "LensNodesDiTLoader": "LensLoader",
@@ -48,6 +50,7 @@ DISPLAY = {
     "LensNodesVAEEncode": "FLUX2 VAE Encode",
     "LensNodesResolution": "Lens Resolution",
     "LensNodesEmptyLatent": "Lens Empty Latent",
+    "LensNodesLoRALoader": "Lens LoRA Loader",
 }
 PRIMITIVES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CUSTOM = {"LENS_DIT", "LENS_TE", "LENS_VAE", "CONDITIONING", "LATENT", "IMAGE"}
@@ -74,7 +77,7 @@ def test_root_package_imports_without_comfyui_or_torch_work():
         f" submodule_search_locations=[{str(ROOT)!r}])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['lens_pack'] = m\n"
         "spec.loader.exec_module(m)\n"
-        "assert len(m.NODE_CLASS_MAPPINGS) == 9, m.NODE_CLASS_MAPPINGS\n"
+        "assert len(m.NODE_CLASS_MAPPINGS) == 10, m.NODE_CLASS_MAPPINGS\n"
         "assert m.WEB_DIRECTORY is None\n"
         "assert not hasattr(m, 'comfy_entrypoint')\n"
         "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'comfy', 'folder_paths')"
