@@ -5,7 +5,7 @@ Every Lens loader goes through :func:`open_checkpoint`, which
 1. resolves what the user pointed at (a ``.safetensors`` / ``.sft`` file, a shard of a sharded set, a
    ``*.safetensors.index.json``, a diffusers component folder or a diffusers pipeline root);
 2. reads the safetensors **headers only** and checks that every file is as long as its header says;
-3. strips the known key prefixes of the requested component (spec checkpoints.md §2);
+3. strips the known key prefixes of the requested component (ComfyUI, diffusers and training tools);
 4. detects which model the keys belong to and refuses the wrong kind with an actionable message.
 
 Tensors are then read one at a time, either with ``os.pread`` into fresh memory
@@ -51,7 +51,7 @@ COMPONENT_FOLDERS = {"dit": "models/diffusion_models", "te": "models/text_encode
 #: Sub-folder of a diffusers pipeline root that holds each component.
 DIFFUSERS_SUBFOLDERS = {"dit": "transformer", "te": "text_encoder", "vae": "vae"}
 
-#: Candidate key prefixes per component, tried longest first (checkpoints.md §2).
+#: Candidate key prefixes per component, tried longest first.
 PREFIXES = {
     "dit": ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "net."),
     "te": ("text_encoders.gpt_oss.transformer.", "text_encoders.", "transformer.", "model."),
@@ -317,8 +317,7 @@ def _files_from_index(index: Path, check: bool = True) -> list[Path]:
 def strip_prefix(keys: Iterable[str], component: str) -> str:
     """Pick the prefix to strip for ``component`` (``""`` when the keys are bare).
 
-    A prefix is accepted when more than 5 keys carry it and stripping it yields the detection keys
-    (checkpoints.md §2).
+    A prefix is accepted when more than 5 keys carry it and stripping it yields the detection keys.
     """
     keys = list(keys)
     if _detect_bare(set(keys), component):

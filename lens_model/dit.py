@@ -1,6 +1,6 @@
 """Lens DiT (``LensTransformer2DModel``): a dual-stream MMDiT in the Qwen-Image style.
 
-Pure PyTorch reimplementation of Microsoft Lens ``transformer.py`` @ 5bf0f0c (spec dit.md). The
+Pure PyTorch reimplementation of Microsoft Lens ``transformer.py`` @ 5bf0f0c. The
 image and text streams keep separate weights and meet only in joint attention. Submodule names equal
 the checkpoint keys (``img_in``, ``txt_norm.{k}``, ``transformer_blocks.{i}.attn.img_qkv``,
 ``img_mod.1``, ``norm_out.linear``, ...), so diffusers and ComfyUI state dicts load without renaming.
@@ -12,7 +12,7 @@ Public entry points:
 - :func:`load_transformer` - build on the meta device and fill tensor by tensor from any supported
   layout (diffusers folder, sharded set, single file with or without prefix, ComfyUI MXFP8 / fp8).
 
-Numerics (dit.md §4-§9): RMSNorm / LayerNorm statistics, the RoPE rotation and the sinusoid
+Numerics: RMSNorm / LayerNorm statistics, the RoPE rotation and the sinusoid
 arguments are computed in fp32; everything else runs in the compute dtype (the weight dtype, or fp32
 for bf16 weights on CPUs without a native bf16 matmul, see :func:`precision.compute_dtype_for`).
 """
@@ -49,7 +49,7 @@ CPU_ATTENTION_CHUNK_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class LensDiTConfig:
-    """Hyper-parameters of the Lens DiT (dit.md §1). Defaults are the full 4.1 B model."""
+    """Hyper-parameters of the Lens DiT. Defaults are the full 4.1 B model."""
 
     num_layers: int = 48
     num_attention_heads: int = 24
@@ -61,7 +61,7 @@ class LensDiTConfig:
     mlp_hidden: int | None = None  # None -> int(inner_dim / 3 * 8), upstream's GateMLP width
     axes_dims_rope: tuple[int, int, int] = (8, 28, 28)
     rope_theta: float = 10000.0
-    qk_norm_eps: float = 1e-6  # upstream; ComfyUI core uses 1e-5 (dit.md §6, §10)
+    qk_norm_eps: float = 1e-6  # upstream's value; ComfyUI core's Lens model uses 1e-5
     time_embed_dim: int = 256
     patch_size: int = 2
     selected_layer_index: tuple[int, ...] = field(default=CAPTURED_LAYERS)
@@ -92,7 +92,7 @@ class LensDiTConfig:
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "LensDiTConfig":
-        """From a diffusers ``transformer/config.json`` dict. ``inner_dim`` is ignored (dit.md §1)."""
+        """From a diffusers ``transformer/config.json`` dict. ``inner_dim`` is ignored (the width is always heads x head_dim)."""
         kw: dict = {}
         for name in (
             "num_layers",
@@ -117,7 +117,7 @@ class LensDiTConfig:
 
     @classmethod
     def from_state_dict_shapes(cls, shapes: dict[str, Sequence[int]]) -> "LensDiTConfig":
-        """Infer the configuration from bare key -> shape (dit.md §1).
+        """Infer the configuration from bare key -> shape.
 
         For MXFP8 layers (a ``<layer>.weight_scale`` key is present) the stored weight may be padded
         to multiples of 32; the MLP width then follows upstream's rule int(D / 3 * 8).
@@ -204,7 +204,7 @@ class LensDiTConfig:
 # =================================================================================================
 
 def rope_positions(h: int, w: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frame, y, x) positions of the image and text tokens (dit.md §5).
+    """(frame, y, x) positions of the image and text tokens (3-axis RoPE, image grid centred on 0).
 
     Image token n = r*w + c gets (0, r - ceil(h/2), c - ceil(w/2)); text token k gets
     max(h//2, w//2) + k on all three axes.
@@ -241,7 +241,7 @@ def rope_frequencies(
 
 
 def timestep_embedding(sigma: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Cos-first sinusoid of 1000*sigma (dit.md §7).
+    """Cos-first sinusoid of 1000*sigma (the cos half, then the sin half).
 
     sigma: [B] (already rounded to the DiT dtype) -> fp32 [B, dim]; args (sigma_fp32 * f_j) * 1000.
     """
@@ -359,7 +359,7 @@ class AdaLayerNormOut(nn.Module):
 
 
 class LensJointAttention(nn.Module):
-    """Joint image+text attention with separate projections per stream (dit.md §6)."""
+    """Joint image+text attention with separate projections per stream."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, qk_eps: float, operations: ops.Operations, **kw) -> None:
         super().__init__()
@@ -458,7 +458,7 @@ def sdpa_backend_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 
 class LensTransformerBlock(nn.Module):
-    """One dual-stream block (dit.md §6)."""
+    """One dual-stream block: per stream, modulated RMSNorm, joint attention and a gated MLP."""
 
     def __init__(self, cfg: LensDiTConfig, operations: ops.Operations, **kw) -> None:
         super().__init__()
@@ -643,7 +643,7 @@ class LensTransformer(nn.Module):
             sigma = sigma.expand(bsz)
         elif sigma.numel() != bsz:
             raise ValueError(f"timestep has {sigma.numel()} values; expected 1 or {bsz} (one sigma per sample)")
-        sigma = sigma.to(self.dtype)  # upstream rounds sigma to the DiT dtype (dit.md §4.3)
+        sigma = sigma.to(self.dtype)  # upstream rounds sigma to the DiT dtype before embedding it
 
         if s:
             tn = torch.stack([m.weight for m in self.txt_norm]).to(torch.float32)  # [K, E]
@@ -694,7 +694,8 @@ class LensTransformer(nn.Module):
 # Loading
 # =================================================================================================
 
-#: Linear layers that the optional ``weight_dtype="fp8"`` storage mode quantises (checkpoints.md §6).
+#: Linear layers that the optional ``weight_dtype="fp8"`` storage mode quantises: the attention and
+#: MLP projections of every block (the bulk of the weights; embeddings, modulation and output stay).
 FP8_CANDIDATES = re.compile(
     r"^transformer_blocks\.\d+\.(attn\.(img_qkv|txt_qkv|to_out\.0|to_add_out)|(img|txt)_mlp\.w[123])$"
 )

@@ -1,6 +1,6 @@
 """gpt-oss text-encoder checkpoints: key-layout normalisation and quantised expert banks.
 
-Four layouts (spec text_encoder.md §7, checkpoints.md §4) are normalised to ONE internal layout with
+Four layouts are normalised to ONE internal layout with
 bare names (``embed_tokens.weight``, ``layers.{i}.self_attn.q_proj.weight``, ...) and expert banks
 in Linear orientation ``[E_x, out, in]``:
 
@@ -42,7 +42,7 @@ NORM_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BANKS = ("gate_up_proj", "down_proj")
 
-#: Linear quantisation formats a q/k/v/o/router Linear may carry (checkpoints.md §3).
+#: Quantisation formats a q/k/v/o Linear may carry (ComfyUI per-layer ``comfy_quant`` markers).
 LINEAR_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
 
 _E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)

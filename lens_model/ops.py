@@ -10,7 +10,7 @@ never sees storage formats.
   second resident copy.
 - :class:`QuantLinear` keeps ``float8_e4m3fn`` (per-tensor scale), ``mxfp8`` (E8M0 block scales)
   or ``nvfp4`` weights in their stored form and dequantises the whole matrix to the compute dtype
-  at each call (checkpoints.md §3: "dequantise per layer at use").
+  at each call, so only one layer's dense weight exists at a time.
 - :class:`CastWorkspace` is the scratch memory those per-call casts / dequantisations write into:
   one per model, handed to its layers (``layer.cast_workspace``), reused across layers and steps.
 """
@@ -306,7 +306,7 @@ def quantize_float8_tensorwise(weight: torch.Tensor, chunk_elements: int = 1 << 
 
     Same values as :func:`quant.quantize_float8`, but converted in row chunks so the only full-size
     temporary is the fp8 result (no fp32 copy of the whole matrix). Used by the optional
-    ``weight_dtype="fp8"`` storage mode (checkpoints.md §6 candidates only).
+    ``weight_dtype="fp8"`` storage mode (for the layers in :data:`lens_model.dit.FP8_CANDIDATES`).
     """
     amax = weight.abs().amax().to(torch.float32)
     scale = amax / 448.0 if amax > 0 else torch.ones((), dtype=torch.float32, device=weight.device)

@@ -1,8 +1,7 @@
 """Block-quantised weight formats: MXFP4 (OpenAI/HF), NVFP4 and MXFP8 (ComfyUI), per-tensor FP8.
 
 Only dequantisation runs at inference time; the ``quantize_*`` writers exist to synthesise test and
-benchmark files in exactly the layouts ComfyUI / comfy-kitchen and transformers write
-(spec text_encoder.md §8, checkpoints.md §3).
+benchmark files in exactly the layouts ComfyUI / comfy-kitchen and transformers write.
 
 Conventions: a weight is ``[..., out, in]`` (Linear orientation); leading dims are expert banks.
 Block scales of NVFP4 and MXFP8 are stored *swizzled* in 128x4 tiles (:func:`unswizzle_scales`).

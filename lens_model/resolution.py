@@ -1,4 +1,4 @@
-"""Resolution presets, size validation and core EMPTY-latent conversion (spec sampling.md §3, §8).
+"""Resolution presets, size validation and conversion of core's empty LATENT into a Lens latent.
 
 Upstream presets (``resolution.py`` of Microsoft Lens): ratio strings are **W:H**, and the upstream
 table lists **height × width**; the functions here return ``(width, height)``. Every side is a
@@ -92,7 +92,7 @@ def validate_size(width: int, height: int) -> tuple[int, int]:
 def schedule_jump_warning(width: int, height: int) -> Optional[str]:
     """A warning for non-preset sizes with 4300 < N < 7676 image tokens, else None.
 
-    Above 4300 tokens upstream's empirical μ drops from ≈ 2.3 to ≈ 1.2 (sampling.md §3), so sizes
+    Above 4300 tokens upstream's empirical μ drops from ≈ 2.3 to ≈ 1.2, so sizes
     between the two preset families run with a smaller shift than either family; quality there is
     unverified.
     """

@@ -1,8 +1,5 @@
 """gpt-oss-20b as Lens' frozen text encoder, in plain PyTorch.
 
-Spec: text_encoder.md §1-§3 (math, captured layers), §5 (padding, offset, empty prompts), §8-§9
-(per-expert dequantisation, dtype, memory); checkpoints.md §4 (layouts, config inference).
-
 The encoder runs decoder layers 0..max(selected) on a templated prompt and returns the raw residual
 stream after layers 5, 11, 17 and 23 (0-based, residual included, no final norm). ``lm_head`` and the
 final ``norm`` are never read. Expert banks stay quantised and are dequantised one expert at a time,
@@ -143,7 +140,7 @@ class GptOssConfig:
 
     @classmethod
     def infer(cls, ckpt: GptOssCheckpoint) -> "GptOssConfig":
-        """From tensor shapes of a single file (checkpoints.md §4): head_dim 64 and the remaining
+        """From tensor shapes of a single file without config.json: head_dim 64 and the remaining
         constants are the gpt-oss-20b defaults."""
         shapes = ckpt.shapes()
         vocab, hidden = shapes["embed_tokens.weight"]
@@ -166,7 +163,7 @@ class GptOssConfig:
 def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies [head_dim/2] (fp32) and the cos/sin amplitude factor.
 
-    YaRN (text_encoder.md §2.3): theta_j = base^(-2j/d); ramp between
+    YaRN: theta_j = base^(-2j/d); ramp between
     low = max(corr(beta_fast), 0) and high = min(corr(beta_slow), d-1), corr(n) = d ln(L/(2 pi n)) / (2 ln base);
     inv_freq = theta (1 - r) + theta / factor * r; amplitude 0.1 ln(factor) + 1.
     """
@@ -240,7 +237,7 @@ def attention_bias(attention_mask: torch.Tensor, window: int | None) -> torch.Te
 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, bias: torch.Tensor,
                    scale: float, max_scores: int = 1 << 24) -> torch.Tensor:
-    """Softmax attention with one extra "sink" logit per head (text_encoder.md §2.3), in fp32.
+    """Softmax attention with one extra "sink" logit per head (a learned logit with no value), in fp32.
 
     q: [B, H, S, d]; k, v: [B, KV, S, d] (GQA: head h uses KV head h // (H/KV)); sinks: [H];
     bias: [B, S, S] additive. out_i = sum_j e^{l_ij} v_j / (sum_j e^{l_ij} + e^{s_h}); a fully masked

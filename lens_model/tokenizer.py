@@ -1,8 +1,5 @@
 """The o200k_harmony tokenizer and the Lens harmony prompt template.
 
-Spec: text_encoder.md §4 (template), §5 (length, truncation, markers), §6 (tokenizer sources) and
-checkpoints.md §4 (where a text encoder's tokenizer is looked for).
-
 A prompt P becomes ``PREFIX(date) + P + SUFFIX``; the prefix is 97 tokens for any date and the suffix
 22 tokens. Special tokens bound every segment, so ids(prefix + P + suffix) = ids(prefix) ++ ids(P) ++
 ids(suffix). The sequence is capped at 512 tokens; the encoder later drops the first 97 positions.
@@ -68,7 +65,7 @@ def _harmony_special_tokens() -> dict[str, int]:
 HARMONY_SPECIAL_TOKENS: dict[str, int] = _harmony_special_tokens()
 """All 1090 o200k_harmony special tokens (ids 199998..201087), string -> id."""
 
-# o200k pre-tokenizer regex: the alternation of seven patterns (text_encoder.md §6 item 3).
+# o200k pre-tokenizer regex: the alternation of seven patterns (the split tiktoken's o200k_base uses).
 O200K_PATTERN = "|".join(
     [
         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -81,7 +78,8 @@ O200K_PATTERN = "|".join(
     ]
 )
 
-# The harmony template (text_encoder.md §4), split around {DATE} and {PROMPT}. There is no newline
+# Lens' harmony template (system, developer and user messages, then a fixed assistant analysis),
+# split around {DATE} and {PROMPT}. There is no newline
 # between <|end|> and the next <|start|>.
 _PREFIX_HEAD = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -139,7 +137,7 @@ def render_prefix(date: Union[str, datetime.date, None] = None) -> str:
 
 
 def render_template(prompt: str, date: Union[str, datetime.date, None] = None) -> str:
-    """The exact harmony string Lens feeds to gpt-oss (text_encoder.md §4), byte for byte.
+    """The exact harmony string Lens feeds to gpt-oss, byte for byte.
 
     ``date`` defaults to DEFAULT_DATE ("2026-05-23"); "today" uses the local clock (upstream does
     this, so its features drift from day to day). The prompt is inserted as is: strip control
@@ -149,7 +147,7 @@ def render_template(prompt: str, date: Union[str, datetime.date, None] = None) -
 
 
 def strip_harmony_markers(text: str) -> str:
-    """Remove harmony control-token strings from user text (text_encoder.md §5).
+    """Remove harmony control-token strings from user text, so a prompt cannot end its own message.
 
     Removes ``<|start|>``, ``<|end|>``, ``<|message|>``, ``<|channel|>``, ``<|return|>``, ``<|call|>``,
     ``<|constrain|>``, ``<|endoftext|>``, ``<|startoftext|>``, ``<|endofprompt|>`` and
@@ -244,7 +242,7 @@ class LensTokenizer:
                 ``"suffix"`` (default): keep the first ``max_length - 22`` ids and then the 22-token
                 suffix, so the sequence still ends like the template;
                 ``"upstream"``: plain right truncation of the whole sequence, as upstream Lens does
-                (spec text_encoder.md §5 and the golden long-prompt case); the suffix is lost.
+                (the golden long-prompt case checks this); the suffix is lost.
                 Either way a warning is logged. Prompts under 394 tokens are never truncated.
             keep_suffix: shorthand for ``truncation``: True = "suffix", False = "upstream".
             max_length: the cap; None disables it.
@@ -407,7 +405,7 @@ def _byte_level_table() -> dict[int, str]:
 
 
 def build_tokenizer_from_ranks(ranks: dict[bytes, int]):
-    """An in-memory ``tokenizers.Tokenizer`` equal to o200k_harmony (text_encoder.md §6 item 3).
+    """An in-memory ``tokenizers.Tokenizer`` giving the same ids as o200k_harmony (the fallback source).
 
     Byte-level BPE vocab and merges derived from the ranks (``ignore_merges=True``), Split(o200k
     regex, isolated) + ByteLevel(use_regex=False) pre-tokenizer, ByteLevel decoder, and the 1090
@@ -562,7 +560,7 @@ def _embedded_from_index(index: Path, member: str | None = None) -> tuple[Path, 
 
 
 def find_tokenizer_source(weights_path: PathLike) -> tuple[str, Path]:
-    """Where the tokenizer for text-encoder weights at ``weights_path`` comes from (checkpoints.md §4).
+    """Where the tokenizer for text-encoder weights at ``weights_path`` comes from, first match wins.
 
     Returns ``(kind, location)``:
       ``("embedded", file)``: a ``tokenizer_json`` uint8 tensor inside the safetensors ``file``
