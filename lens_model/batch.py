@@ -60,7 +60,8 @@ JOB_FIELDS = ("model", "text_encoder", "vae", "noise_layout", "mu", "date", "dty
 image, so a resumed job compares them too."""
 
 STAGE_FIELDS = ("encode_s", "dit_s", "vae_s", "write_s")
-"""Seconds per stage in a manifest record (a batch's time is shared equally by its rows)."""
+"""Seconds each stage spent on the row, in a manifest record (encode_s: 0 when its texts were
+cached)."""
 
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -397,17 +398,14 @@ class DiTStage:
             mu=self.job.mu, noise_layout=self.job.noise_layout,
             device=torch.device(self.job.device), output_type="latent")
 
-    def __call__(self, rows: Sequence[BatchRow]) -> tuple[torch.Tensor, list[float]]:
-        """Latents ``[len(rows), 128, h, w]`` of rows sharing one :attr:`BatchRow.size_key`, and
-        the seconds each row took."""
-        if len({r.size_key for r in rows}) != 1:
-            raise ValueError("a DiT batch must share width, height, steps and cfg")
+    def __call__(self, rows: Sequence[BatchRow]) -> tuple[list[torch.Tensor], list[float]]:
+        """Latents ``[1, 128, h, w]`` of each row and the seconds each row took."""
         latents, seconds = [], []
         for row in rows:
             t0 = time.perf_counter()
             latents.append(self.sample_row(row))
             seconds.append(time.perf_counter() - t0)
-        return torch.cat(latents), seconds
+        return latents, seconds
 
 
 def png_metadata(row: BatchRow, job: JobSettings) -> dict:
@@ -439,23 +437,22 @@ class DecodeStage:
         self.out_dir = Path(job.out_dir)
         self.vae = load_vae(job.vae, device=torch.device(job.device))
 
-    def __call__(self, rows: Sequence[BatchRow], latents: torch.Tensor) -> list[dict]:
-        """Write one PNG per row; returns manifest records (``vae_s``/``write_s`` filled in)."""
+    def __call__(self, rows: Sequence[BatchRow], latents: Sequence[torch.Tensor]) -> list[dict]:
+        """Decode each row's latents ``[1, 128, h, w]`` and write its PNG; returns manifest records
+        (``vae_s``/``write_s`` filled in)."""
+        return [self.write(row, lat) for row, lat in zip(rows, latents)]
+
+    def write(self, row: BatchRow, latents: torch.Tensor) -> dict:
         t0 = time.perf_counter()
-        images = to_pil(self.vae.decode(latents, tile="auto"))
-        vae_s = (time.perf_counter() - t0) / len(rows)
-        records = []
-        for row, img in zip(rows, images):
-            t1 = time.perf_counter()
-            path = self.out_dir / f"{row.id}.png"
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            img.save(tmp, format="PNG", pnginfo=cli._png_info(png_metadata(row, self.job)))
-            digest = sha256_file(tmp)
-            os.replace(tmp, path)
-            records.append(dict(id=row.id, file=path.name, sha256=digest, **row.params(),
-                                **self.job.job_params(), vae_s=vae_s,
-                                write_s=time.perf_counter() - t1))
-        return records
+        image = to_pil(self.vae.decode(latents, tile="auto"))[0]
+        t1 = time.perf_counter()
+        path = self.out_dir / f"{row.id}.png"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        image.save(tmp, format="PNG", pnginfo=cli._png_info(png_metadata(row, self.job)))
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        return dict(id=row.id, file=path.name, sha256=digest, **row.params(),
+                    **self.job.job_params(), vae_s=t1 - t0, write_s=time.perf_counter() - t1)
 
 
 def group_rows(rows: Sequence[BatchRow], batch_size: int) -> list[list[BatchRow]]:

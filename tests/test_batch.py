@@ -147,13 +147,6 @@ def test_batch_in_process_matches_cli_and_resumes(tmp_path, tiny_te, cli_pngs, m
     assert (len(todo), done) == (3, [])
 
 
-def test_batch_grouped_dit_calls_give_the_same_files(tmp_path, tiny_te, cli_pngs):  # noqa: F811
-    out = tmp_path / "grouped"
-    assert _run(tmp_path, tiny_te, out, "--variant", "lens", "--dit-batch", "1") == 1
-    for rid, want in cli_pngs.items():
-        assert (out / f"{rid}.png").read_bytes() == want, rid
-
-
 def test_batch_parquet_in_and_out(tmp_path, tiny_te, cli_pngs):  # noqa: F811
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -168,3 +161,41 @@ def test_batch_parquet_in_and_out(tmp_path, tiny_te, cli_pngs):  # noqa: F811
     assert [r["id"] for r in table] == ["fox"]
     assert table[0]["sha256"] == hashlib.sha256(cli_pngs["fox"]).hexdigest()
     assert list(table[0]) == batch.manifest_columns()
+
+
+# ------------------------------------------------------------------------------- Ray Data path
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance (2 CPUs) for this module's Ray tests."""
+    ray = pytest.importorskip("ray", reason="ray is an optional extra (pip install 'lens-nodes[batch]')")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_batch_on_ray_survives_a_killed_worker(tmp_path, tiny_te, cli_pngs, ray_local,  # noqa: F811
+                                               capsys):
+    from lens_model import batch_ray
+
+    src = _write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    rows, errors = batch.load_rows(src, DEFAULTS)
+    assert [e.line for e in errors] == [3]
+    out = tmp_path / "ray"
+    job = batch.JobSettings(transformer=str(GOLDEN / "transformer"), text_encoder=str(tiny_te),
+                            vae=str(GOLDEN / "vae"), out_dir=str(out),
+                            cache_dir=str(out / ".lens_features"), device="cpu")
+    marker = tmp_path / "killed"
+    opts = batch_ray.RayOptions(fault_marker=str(marker))
+    result = batch_ray.run_on_ray(rows, job, opts, dit_batch=2)
+    assert marker.exists()                             # a DiT worker did die mid-job
+    assert sorted(result.written) == ["fox", "fox2", "owl"] and result.encoded == 3
+    for rid, want in cli_pngs.items():
+        assert (out / f"{rid}.png").read_bytes() == want, rid
+    ids = [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert ids == ["fox", "fox2", "owl"]               # every image once
+
+    # the same command line with --ray finds everything done
+    assert _run(tmp_path, tiny_te, out.parent / "ray", "--variant", "lens", "--ray", "local") == 1
+    assert "line 3" in capsys.readouterr().err
+    assert [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()] == ids
