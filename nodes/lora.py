@@ -46,7 +46,10 @@ class LoRAModel:
         return getattr(self._base, name)
 
     def __setattr__(self, name, value):
-        setattr(self._base, name, value)
+        if name in LoRAModel.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._base, name, value)  # state belongs to the upstream handle
 
     def __repr__(self) -> str:
         names = ", ".join(f"{lo.name}@{s:g}" for lo, s in self.loras)

@@ -7,6 +7,7 @@ names written out by hand below; lens_model.lora is only used to read and apply 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -539,6 +540,8 @@ def test_node_chains_without_mutating_upstream(comfy_env, dit_handle, tmp_path):
     assert [(lo.name, s) for lo, s in m2.loras] == [(p1.name, 0.6), (p2.name, -0.4)]
     assert m2.config is dit_handle.config and m2.device == dit_handle.device
     assert m2.base_handle is dit_handle
+    m3 = copy.copy(m2)
+    assert m3.loras == m2.loras and m3.base_handle is dit_handle
     dit = m2.for_compute()
     assert dit is dit_handle.for_compute()
     base_out = run(dit)
