@@ -15,6 +15,7 @@ from .common import CATEGORY, lens, out_of_memory
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ["upstream", "comfyui"]
+MASK_MODES = ["coverage", "comfyui"]
 NOISE_LAYOUTS = ["upstream", "comfy"]
 CFG_MODES = ["upstream", "comfyui"]
 MAX_SIDE = 4096
@@ -79,10 +80,6 @@ def prepare_latent(latent, width: int, height: int):
     if s.ndim != 4:
         raise ValueError(f"latent has shape {tuple(s.shape)}; Lens needs [B, 128, h, w] "
                          f"(image latents, not video).")
-    if latent.get("noise_mask") is not None:
-        logger.warning("latent noise_mask is ignored: the MMDiT Sampler does not inpaint.")
-    if latent.get("batch_index") is not None:
-        logger.info("latent batch_index is ignored: noise is drawn for the whole batch from the seed.")
     if s.shape[1] != 128:
         if not bool((s == 0).all()):
             raise ValueError(
@@ -102,13 +99,14 @@ class LensNodesSampler:
     DESCRIPTION = (
         "Generates Lens latents: Euler flow-matching steps with the upstream Lens schedule and "
         "per-token norm-rescaled CFG. Turbo: 4 steps, CFG 1. Lens: 20 steps, CFG 5. Connect a "
-        "latent with content and lower denoise for image-to-image. Decode with FLUX2 VAE Decode "
-        "or core VAEDecode (flux2-vae). Not supported: inpainting (a latent noise_mask, e.g. from "
-        "Set Latent Noise Mask, is ignored) and batch_index (from Latent From Batch / Repeat "
-        "Latent Batch): the noise for the whole batch comes from the seed, image i of a batch "
-        "is not the same as image i generated alone with another batch size. Live previews "
-        "follow ComfyUI's preview setting (--preview-method or the live preview method in the "
-        "settings: none, auto/latent2rgb, or taesd with taef2_decoder in models/vae_approx)."
+        "latent with content and lower denoise for image-to-image. Inpainting: a latent with a "
+        "noise_mask (core's Set Latent Noise Mask after VAE Encode; white/1 = repaint) keeps the "
+        "unmasked area exactly and regenerates the masked one, as core's samplers do. A latent's "
+        "batch_index (Latent From Batch, Repeat Latent Batch) gives each image the noise of its "
+        "batch position, as in core. Decode with FLUX2 VAE Decode or core VAEDecode (flux2-vae). "
+        "Live previews follow ComfyUI's preview setting (--preview-method or the live preview "
+        "method in the settings: none, auto/latent2rgb, or taesd with taef2_decoder in "
+        "models/vae_approx)."
     )
     CATEGORY = CATEGORY
     SEARCH_ALIASES = ["lens", "lens sampler", "mmdit", "ksampler", "sampler", "generate",
@@ -167,7 +165,8 @@ class LensNodesSampler:
                 "latent": ("LATENT", {
                     "tooltip": "Start latent: Lens Empty Latent, FLUX2 VAE Encode, or core "
                                "empty/Flux2 latents. Sets the size and batch; overrides "
-                               "width/height. Its noise_mask and batch_index are ignored."}),
+                               "width/height. Its noise_mask (inpainting) and batch_index are "
+                               "honoured as in core's samplers."}),
                 "mu": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 5.0, "step": 0.01,
                     "tooltip": "Schedule shift override (μ; the shift is e^μ). 0 = automatic "
@@ -176,12 +175,18 @@ class LensNodesSampler:
                     "default": "upstream",
                     "tooltip": "upstream: per-token norm rescale of the guided velocity. "
                                "comfyui: core's CFG + CFGNorm clamp, for parity checks."}),
+                "mask_mode": (MASK_MODES, {
+                    "default": "coverage",
+                    "tooltip": "How a latent's pixel noise_mask becomes the 1/16 latent grid. "
+                               "coverage: each 16×16-px cell is as masked as its pixels (thin "
+                               "strokes count), aligned with the VAE's crop. comfyui: core's "
+                               "bilinear resize (samples the cell centre only), for parity."}),
             },
         }
 
     def sample(self, model, positive, seed=0, steps=4, cfg=1.0, schedule="upstream", denoise=1.0,
                noise_layout="upstream", width=1024, height=1024, negative=None, latent=None,
-               mu=0.0, cfg_mode="upstream"):
+               mu=0.0, cfg_mode="upstream", mask_mode="coverage"):
         import torch
 
         if not hasattr(model, "for_compute"):
@@ -193,18 +198,24 @@ class LensNodesSampler:
             raise ValueError(f"noise_layout must be one of {NOISE_LAYOUTS}, got {noise_layout!r}")
         if cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
-        steps = int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if not 0.0 <= float(denoise) <= 1.0:
-            raise ValueError(f"denoise must be in [0, 1], got {denoise}")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         sampling = lens("sampling")
         resolution = lens("resolution")
+        # NaN/Inf can arrive through the API (FLOAT widgets do not reject them): refuse up front
+        names = {"guidance_scale": "cfg", "steps": "steps", "denoise": "denoise", "mu": "mu"}
+        sampling.check_sampling_options(steps=steps, guidance_scale=cfg, names=names)
+        if denoise != 0:  # 0 = return the latent unchanged
+            sampling.check_sampling_options(denoise=denoise, names=names)
+        if mu != 0:  # 0 = automatic
+            sampling.check_sampling_options(mu=mu, names=names)
+        steps = int(steps)
 
         samples, has_content = prepare_latent(latent, int(width), int(height))
+        extra = _passed_through(latent)
         if float(denoise) == 0.0:
             logger.info("MMDiT Sampler: denoise 0, returning the latent unchanged.")
-            return ({"samples": samples.to(comfy.intermediate_device())},)
+            return ({**extra, "samples": samples.to(comfy.intermediate_device())},)
         batch, _, h, w = samples.shape
         H, W = 16 * h, 16 * w
 
@@ -223,6 +234,14 @@ class LensNodesSampler:
             logger.warning("%s", warning)
 
         mu_value = float(mu) if mu and float(mu) > 0 else None
+        noise_mask = latent.get("noise_mask") if isinstance(latent, dict) else None
+        denoise_mask = None
+        if noise_mask is not None:
+            denoise_mask = sampling.latent_mask(noise_mask, h, w, batch=batch, mode=mask_mode)
+            if not has_content:
+                logger.warning("MMDiT Sampler: the latent has a noise_mask but no image content; "
+                               "the unmasked area is kept as an empty (zero) latent. Encode the "
+                               "image with FLUX2 VAE Encode before Set Latent Noise Mask.")
         img2img = has_content and float(denoise) < 1.0
         if float(denoise) < 1.0 and not has_content:
             logger.warning("denoise %.2f needs an image latent (VAE Encode); the latent is empty, "
@@ -235,8 +254,14 @@ class LensNodesSampler:
             sigmas = sampling.lens_sigmas(H, W, steps, mu=mu_value)
         sigmas = sigmas.to(torch.float32)
 
-        noise = sampling.make_noise(int(seed), batch, h, w, layout=noise_layout)
+        batch_index = latent.get("batch_index") if isinstance(latent, dict) else None
+        noise = sampling.make_noise(int(seed), batch, h, w, layout=noise_layout,
+                                    batch_index=batch_index)
         x = sampling.noise_image_latents(noise, samples, sigmas[0]) if img2img else noise
+        inpaint = {}
+        if denoise_mask is not None:
+            # moved to the model's device inside sample()
+            inpaint = dict(denoise_mask=denoise_mask, init_latents=samples, init_noise=noise)
 
         handle = model
         total = len(sigmas) - 1
@@ -259,8 +284,14 @@ class LensNodesSampler:
                     negative_context=None if nctx is None else nctx.to(dev),
                     negative_mask=None if nmask is None else nmask.to(dev),
                     guidance_scale=float(cfg), callback=callback, cfg_mode=cfg_mode,
+                    **inpaint,
                 )
             out = out.detach().to(comfy.intermediate_device(), torch.float32)
+        except sampling.NonFiniteError as e:
+            hint = (" In LensLoader try weight_dtype 'default' or 'fp32', or re-download the DiT."
+                    if e.where == "model output" else "")
+            raise sampling.NonFiniteError(f"MMDiT Sampler: {e}{hint}", e.step, e.total,
+                                          e.where) from None
         except torch.cuda.OutOfMemoryError as e:
             # same exception type, so core still sees an OOM; our DiT leaves the GPU first
             raise out_of_memory(
@@ -273,4 +304,12 @@ class LensNodesSampler:
             ) from e
         finally:
             handle.after_use()
-        return ({"samples": out},)
+        return ({**extra, "samples": out},)
+
+
+def _passed_through(latent) -> dict:
+    """LATENT keys core's samplers keep in their output (noise_mask, batch_index, …); the spatial
+    ratio of an empty latent is dropped, as core does."""
+    if not isinstance(latent, dict):
+        return {}
+    return {k: v for k, v in latent.items() if k not in ("samples", "downscale_ratio_spacial")}

@@ -82,7 +82,7 @@ def test_sampler_and_decode_match_upstream_golden(models, cases, monkeypatch, n)
     h, w = H // 16, W // 16
     init = tokens_to_latents(cases[f"case{n}.initial_latents"], h, w)
 
-    def fake_noise(seed, batch, hh, ww, layout="upstream"):
+    def fake_noise(seed, batch, hh, ww, layout="upstream", batch_index=None):
         assert (batch, hh, ww) == (B, h, w)
         return init.clone()
 
@@ -373,6 +373,49 @@ def test_interrupt_mid_sampling_raises_and_rerun_is_identical(models, cases):
         run_sampler(handle, pos, **kw)
     again = run_sampler(handle, pos, **kw)["samples"]
     assert torch.equal(clean, again)
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("cfg", float("nan")), ("cfg", float("inf")), ("mu", float("nan")), ("mu", float("-inf")),
+    ("denoise", float("nan")), ("steps", 100000),
+])
+def test_sampler_rejects_non_finite_options_before_work(models, cases, field, bad):
+    handle = load_dit()
+    with pytest.raises(ValueError, match=rf"{field} must be (a finite number|an integer from 1 to 200), "
+                                         rf"got {bad!r}"):
+        run_sampler(handle, cond_from(cases, 0), width=32, height=32, **{field: bad})
+    assert models.bars == []  # rejected before any progress bar (or model) started
+
+
+class _NaNFromStep:
+    """Wraps the DiT: from model call ``k`` on, the output is NaN (a stand-in for fp16 overflow)."""
+
+    def __init__(self, inner, k):
+        self.inner, self.k, self.calls = inner, k, 0
+        self.dtype, self.device = inner.dtype, inner.device
+        self.resolved_compute_dtype = getattr(inner, "resolved_compute_dtype", None)
+
+    def __call__(self, *args):
+        out = self.inner(*args)
+        self.calls += 1
+        return out * float("nan") if self.calls > self.k else out
+
+
+def test_sampler_non_finite_model_output_is_a_clear_node_error(models, cases, monkeypatch):
+    import lens_model.sampling as sampling
+
+    handle = load_dit()
+    real = handle.for_compute
+    monkeypatch.setattr(handle, "for_compute", lambda *a, **k: _NaNFromStep(real(*a, **k), 1))
+    with pytest.raises(sampling.NonFiniteError,
+                       match=r"^MMDiT Sampler: the DiT returned NaN .* step 2 of 4.*fp16.*"
+                             r"weight_dtype") as err:
+        run_sampler(handle, cond_from(cases, 0), width=32, height=32)
+    assert err.value.step == 2
+    # progress went to step 1 only: no NaN latent reached a preview or the output
+    assert [v for (_, kind, v, _, _) in models.progress if kind == "abs"] == [1]
+    monkeypatch.undo()
+    assert torch.isfinite(run_sampler(handle, cond_from(cases, 0), width=32, height=32)["samples"]).all()
 
 
 def test_interrupt_is_not_swallowed_by_except_exception(models, cases):
