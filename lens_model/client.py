@@ -1,4 +1,4 @@
-"""Queue an API-format ComfyUI workflow and fetch its images (standard library only).
+"""Queue API-format ComfyUI workflows on one or several servers and fetch their images.
 
 Run it as ``python -m lens_model.client WORKFLOW_api.json [options]``::
 
@@ -10,7 +10,7 @@ The client talks to a running ComfyUI server (spec comfyui.md §9):
 1. reads the workflow, refusing the UI (editor) format, and applies the overrides
    (``--prompt``, ``--negative``, ``--seed``, ``--width``/``--height``, ``--steps``, ``--cfg``,
    ``--set NODE_ID.INPUT=VALUE``) to a copy;
-2. opens the websocket ``/ws?clientId=<id>`` when it can (a minimal RFC 6455 client, below) and
+2. opens the websocket ``/ws?clientId=<id>`` when it can (``websocket-client``) and
    ``POST /prompt {prompt, client_id, prompt_id}``; an HTTP 400 is reported node by node;
 3. follows progress over the websocket (``executing``, ``progress``, ``execution_error``,
    ``execution_interrupted``) or, without one, polls ``GET /history/{prompt_id}`` (and
@@ -29,14 +29,11 @@ Python API: :class:`ComfyClient`, :func:`apply_overrides`, :func:`load_workflow`
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
 import hashlib
 import json
 import logging
 import os
-import socket
-import ssl
 import struct
 import sys
 import time
@@ -47,6 +44,11 @@ import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+try:  # the websocket-client package (requirements.txt); without it prompts are followed by polling
+    import websocket as _wsclient
+except ImportError:  # pragma: no cover - exercised only where the package is missing
+    _wsclient = None
 
 logger = logging.getLogger(__name__)
 
@@ -383,189 +385,55 @@ def apply_overrides(prompt: Mapping, prompt_text: str | None = None, negative: s
 
 
 # --------------------------------------------------------------------------------------------
-# Minimal RFC 6455 websocket client (text/binary frames, fragmentation, ping/pong, close)
+# Websocket (websocket-client; without it the client polls /history)
 # --------------------------------------------------------------------------------------------
-_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-MAX_WS_MESSAGE = 64 * 1024 * 1024
-
-
-def _xor_mask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    if n == 0:
-        return b""
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
-
-
-def encode_frame(opcode: int, payload: bytes, mask: bool = True, fin: bool = True,
-                 key: bytes | None = None) -> bytes:
-    """One websocket frame. Clients must mask (RFC 6455 §5.3); ``key``: 4 bytes, random if None."""
-    head = bytearray([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head.append(mbit | n)
-    elif n < 1 << 16:
-        head.append(mbit | 126)
-        head += struct.pack(">H", n)
-    else:
-        head.append(mbit | 127)
-        head += struct.pack(">Q", n)
-    if mask:
-        key = os.urandom(4) if key is None else key
-        return bytes(head) + key + _xor_mask(payload, key)
-    return bytes(head) + payload
-
-
-def decode_frame(buf: bytes | bytearray) -> tuple[bool, int, bytes, int] | None:
-    """Parse one frame at the start of ``buf``: (fin, opcode, unmasked payload, bytes used), or None
-    when ``buf`` does not hold a whole frame yet."""
-    if len(buf) < 2:
-        return None
-    fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
-    masked, n, pos = bool(buf[1] & 0x80), buf[1] & 0x7F, 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n, pos = struct.unpack(">H", bytes(buf[2:4]))[0], 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n, pos = struct.unpack(">Q", bytes(buf[2:10]))[0], 10
-    if n > MAX_WS_MESSAGE:
-        raise WebSocketError(f"websocket frame of {n} bytes exceeds the {MAX_WS_MESSAGE} byte "
-                             "limit")
-    key = b""
-    if masked:
-        if len(buf) < pos + 4:
-            return None
-        key, pos = bytes(buf[pos:pos + 4]), pos + 4
-    if len(buf) < pos + n:
-        return None
-    payload = bytes(buf[pos:pos + n])
-    return fin, opcode, (_xor_mask(payload, key) if masked else payload), pos + n
-
-
 class WebSocket:
-    """Blocking websocket client, enough for ComfyUI's ``/ws`` feed.
+    """ComfyUI's ``/ws`` feed over the ``websocket-client`` library.
 
-    ``recv(timeout)`` returns ``("text", str)``, ``("binary", bytes)`` or None when nothing complete
-    arrived in time (partial data is kept for the next call); it answers pings and raises
-    :class:`WebSocketError` once the server closes.
+    ``recv(timeout)`` returns ``("text", str)``, ``("binary", bytes)`` or None when no whole message
+    arrived in time (the library keeps partial frames for the next call); pings are answered by the
+    library; :class:`WebSocketError` is raised once the server closes or the connection breaks.
     """
 
-    def __init__(self, sock: socket.socket, leftover: bytes = b""):
-        self.sock = sock
-        self._buf = bytearray(leftover)
-        self._frag_op: int | None = None
-        self._frag = bytearray()
+    def __init__(self, conn: Any):
+        self.conn = conn
         self.closed = False
 
     @classmethod
     def connect(cls, url: str, timeout: float = 10.0) -> "WebSocket":
-        u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("ws", "wss"):
-            raise WebSocketError(f"not a websocket url: {url}")
-        port = u.port or (443 if u.scheme == "wss" else 80)
-        sock = socket.create_connection((u.hostname, port), timeout=timeout)
+        if _wsclient is None:
+            raise WebSocketError("the websocket-client package is not installed "
+                                 "(pip install websocket-client)")
         try:
-            if u.scheme == "wss":
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
-            key = base64.b64encode(os.urandom(16)).decode()
-            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-            host = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
-            sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                          "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(4096)
-                if not chunk or len(data) > 65536:
-                    raise WebSocketError(f"websocket handshake with {url}: connection closed or "
-                                         "oversized response")
-                data += chunk
-            head, _, leftover = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            status = lines[0].split(" ", 2)
-            if len(status) < 2 or status[1] != "101":
-                raise WebSocketError(f"websocket handshake with {url} refused: {lines[0]}")
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (ln.partition(":") for ln in lines[1:])}
-            expect = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
-            if headers.get("sec-websocket-accept") != expect:
-                raise WebSocketError(f"websocket handshake with {url}: bad Sec-WebSocket-Accept")
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, leftover)
-
-    def send(self, opcode: int, payload: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(opcode, payload, mask=True))
-
-    def send_text(self, text: str) -> None:
-        self.send(OP_TEXT, text.encode("utf-8"))
+            return cls(_wsclient.create_connection(url, timeout=timeout))
+        except (_wsclient.WebSocketException, OSError) as e:
+            raise WebSocketError(f"websocket handshake with {url} failed: {e}") from None
 
     def recv(self, timeout: float | None) -> tuple[str, str | bytes] | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            frame = decode_frame(self._buf)
-            if frame is None:
-                if self.closed:
-                    raise WebSocketError("websocket closed")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self.sock.settimeout(remaining)
-                try:
-                    chunk = self.sock.recv(65536)
-                except socket.timeout:
-                    return None
-                if not chunk:
-                    self.closed = True
-                    raise WebSocketError("websocket connection closed by the server")
-                self._buf += chunk
-                continue
-            fin, opcode, payload, used = frame
-            del self._buf[:used]
-            if opcode == OP_PING:
-                self.send(OP_PONG, payload)
-            elif opcode == OP_PONG:
-                pass
-            elif opcode == OP_CLOSE:
-                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
-                try:
-                    self.send(OP_CLOSE, payload[:2])
-                except OSError:
-                    pass
-                self.closed = True
-                raise WebSocketError(f"websocket closed by the server (code {code})")
-            elif opcode in (OP_TEXT, OP_BINARY, OP_CONT):
-                if opcode != OP_CONT:
-                    self._frag_op, self._frag = opcode, bytearray()
-                elif self._frag_op is None:
-                    raise WebSocketError("websocket continuation frame without a first frame")
-                self._frag += payload
-                if len(self._frag) > MAX_WS_MESSAGE:
-                    raise WebSocketError("websocket message too large")
-                if fin:
-                    op, data = self._frag_op, bytes(self._frag)
-                    self._frag_op, self._frag = None, bytearray()
-                    return ("text", data.decode("utf-8")) if op == OP_TEXT else ("binary", data)
-            else:
-                raise WebSocketError(f"websocket frame with unknown opcode {opcode:#x}")
+        if self.closed:
+            raise WebSocketError("websocket closed")
+        try:
+            self.conn.settimeout(timeout)
+            opcode, data = self.conn.recv_data()
+        except _wsclient.WebSocketTimeoutException:
+            return None
+        except (_wsclient.WebSocketException, OSError) as e:
+            self.closed = True
+            raise WebSocketError(f"websocket connection lost ({e or type(e).__name__})") from None
+        if opcode == _wsclient.ABNF.OPCODE_CLOSE:
+            self.closed = True
+            code = struct.unpack(">H", data[:2])[0] if len(data) >= 2 else 1005
+            raise WebSocketError(f"websocket closed by the server (code {code})")
+        if opcode == _wsclient.ABNF.OPCODE_TEXT:
+            return "text", data.decode("utf-8") if isinstance(data, bytes) else data
+        return "binary", bytes(data)
 
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self.sock.settimeout(1.0)
-                self.send(OP_CLOSE, struct.pack(">H", 1000))
-            except OSError:
-                pass
-            self.closed = True
+        self.closed = True
         try:
-            self.sock.close()
-        except OSError:
+            self.conn.settimeout(1.0)
+            self.conn.close()
+        except (_wsclient.WebSocketException, OSError):
             pass
 
 
