@@ -12,6 +12,7 @@ what the Python API computes for the same inputs.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 import sys
@@ -29,6 +30,18 @@ WF = ROOT / "workflows"
 API = WF / "api"
 TOOLS = ROOT / "tools"
 NAMES = ["lens_turbo_t2i", "lens_t2i", "lens_img2img", "lens_mixed_core_vae"]
+
+
+def _import_build_workflows():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        import build_workflows
+    finally:
+        sys.path.remove(str(TOOLS))
+    return build_workflows
+
+
+bw = _import_build_workflows()  # file names: workflows/<title>.json|.jpg, workflows/api/<name>_api.json
 CORE_TYPES = {"SaveImage", "LoadImage", "VAELoader", "VAEDecode"}
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 # widget values each core node stores in the UI file (LoadImage also stores its upload button)
@@ -44,7 +57,8 @@ def classes():
 
 
 def load(name):
-    return json.loads((WF / f"{name}.json").read_text()), json.loads((API / f"{name}_api.json").read_text())
+    return (json.loads(bw.ui_path(name).read_text(encoding="utf-8")),
+            json.loads(bw.api_path(name).read_text(encoding="utf-8")))
 
 
 def pyproject():
@@ -72,10 +86,14 @@ def widget_inputs(node_type):
 # -------------------------------------------------------------------------------------------
 
 def test_every_workflow_has_an_api_twin():
-    # ComfyUI's template library lists every top-level *.json of workflows/ (not subfolders):
-    # only UI-format files there, the API twins in workflows/api/, no scripts in workflows/.
-    assert sorted(p.name for p in WF.iterdir() if p.is_file()) == sorted(f"{n}.json" for n in NAMES)
+    # ComfyUI's template library lists every top-level *.json of workflows/ (not subfolders) and
+    # shows the same-name .jpg as its thumbnail: only UI-format files and their thumbnails there,
+    # the API twins in workflows/api/, no scripts in workflows/.
+    assert sorted(p.name for p in WF.iterdir() if p.is_file()) == sorted(
+        [f"{title}.json" for title, _ in bw.TEMPLATE_TITLES.values()]
+        + [f"{title}.jpg" for title, _ in bw.TEMPLATE_TITLES.values()])
     assert sorted(p.name for p in API.iterdir()) == sorted(f"{n}_api.json" for n in NAMES)
+    assert list(bw.EXAMPLES) == list(bw.TEMPLATE_TITLES) == NAMES
     for name in NAMES:
         ui, api = load(name)
         assert "nodes" in ui and "links" in ui  # UI format
@@ -83,13 +101,48 @@ def test_every_workflow_has_an_api_twin():
 
 
 def test_committed_files_equal_the_generator_output():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import build_workflows
-    finally:
-        sys.path.remove(str(TOOLS))
-    for name, (ui, api) in build_workflows.build().items():
+    for name, (ui, api) in bw.build().items():
         assert load(name) == (ui, api), f"{name}: run python tools/build_workflows.py"
+
+
+def test_template_browser_titles_are_readable():
+    # The browser titles a custom-node template by its file name (no metadata file is read).
+    titles = [title for title, _ in bw.TEMPLATE_TITLES.values()]
+    assert len(set(t.lower() for t in titles)) == len(titles)
+    for name, (title, subtitle) in bw.TEMPLATE_TITLES.items():
+        assert re.fullmatch(r"Lens [A-Za-z0-9 ]+", title) and "_" not in title and title != name
+        assert bw.ui_path(name).name == f"{title}.json" and subtitle
+        ui, _ = load(name)
+        assert ui["extra"]["info"]["name"].replace(":", "") == title  # the name stored in the file
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_thumbnail_is_a_small_square_jpeg_next_to_its_workflow(name):
+    from PIL import Image, ImageStat
+
+    path = bw.thumbnail_path(name)
+    assert path.parent == WF and path.stem == bw.ui_path(name).stem
+    assert 0 < path.stat().st_size < 50_000
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and img.mode == "RGB"
+        assert img.width == img.height >= 256
+        assert max(ImageStat.Stat(img).stddev) > 10  # a drawn card, not a blank image
+
+
+def test_thumbnail_tool_draws_each_graph():
+    from PIL import Image
+
+    cards = {}
+    for name, (title, subtitle) in bw.TEMPLATE_TITLES.items():
+        ui, _ = load(name)
+        data = bw.thumbnail_jpeg(ui, title, subtitle)
+        assert len(data) < bw.THUMBNAIL_MAX_BYTES
+        cards[name] = np.asarray(Image.open(io.BytesIO(data)).convert("L"), dtype=np.float32)
+    # different workflows give different cards (the graph and the title are drawn)
+    for a in NAMES:
+        for b in NAMES:
+            if a < b:
+                assert np.abs(cards[a] - cards[b]).mean() > 1.0, (a, b)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,22 +1,33 @@
-"""Regenerate the example workflows (UI format 0.4 + API-format twins) from the node schemas.
+"""Regenerate the example workflows (UI format 0.4 + API-format twins + thumbnails) from the node schemas.
 
     python tools/build_workflows.py
 
-Writes ``workflows/<name>.json`` (UI format) and ``workflows/api/<name>_api.json`` (API format).
-ComfyUI's template library lists every top-level ``*.json`` of the pack's ``workflows/`` folder (not
-its subfolders), so only the UI files sit there; the API twins live in ``workflows/api/`` and this
-script lives outside ``workflows/`` altogether.
+Writes, for each example id (``lens_turbo_t2i`` ...): ``workflows/<title>.json`` (UI format),
+``workflows/<title>.jpg`` (its thumbnail) and ``workflows/api/<id>_api.json`` (API format).
+
+How ComfyUI's template browser shows a pack's templates (ComfyUI ``/api/workflow_templates`` and
+the frontend's template store): it lists every top-level ``*.json`` of the pack's ``workflows/``
+folder (``example_workflows/`` is the recommended name; ``workflows`` is accepted), not of its
+subfolders, and serves the folder at ``/api/workflow_templates/<pack folder>/``. A custom-node
+template has no metadata: its title is the file name without ``.json`` (shown as is; the
+description is the same name with ``-`` and ``_`` turned into spaces) and its thumbnail is the
+``.jpg`` with the same name (only ``.jpg`` is requested). So the UI files are named by their
+readable titles (:data:`TEMPLATE_TITLES`), the API twins keep the short ids for scripts and live
+in ``workflows/api/``, and this script lives outside ``workflows/`` altogether.
 
 Widget values are written positionally in each node's input order, read from the live
 ``INPUT_TYPES`` (a seed widget carries its control value), so the files follow the schema. The
 tests (tests/test_workflows.py) check the committed files against the same rules and run the API
-twins through the nodes.
+twins through the nodes. The thumbnails are small title cards drawn with Pillow from the UI graph
+(node boxes and links), so they show what the workflow contains.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -389,6 +400,33 @@ EXAMPLES = {
 }
 
 
+# The template browser shows the UI file's name as the title: {example id: (file title, card subtitle)}.
+# Plain ASCII letters, digits and spaces, so the names are valid file names and URLs everywhere.
+TEMPLATE_TITLES = {
+    "lens_turbo_t2i": ("Lens Turbo text to image", "4 steps, CFG 1"),
+    "lens_t2i": ("Lens text to image", "20 steps, CFG 5, negative prompt"),
+    "lens_img2img": ("Lens Turbo image to image", "4 steps, denoise 0.6"),
+    "lens_mixed_core_vae": ("Lens Turbo with core VAE decode", "core VAELoader and VAEDecode"),
+}
+THUMBNAIL_SIZE = 384  # px, square like the browser's cards
+THUMBNAIL_MAX_BYTES = 50_000
+
+
+def ui_path(name: str) -> Path:
+    """``workflows/<title>.json`` of example ``name``."""
+    return WORKFLOWS / f"{TEMPLATE_TITLES[name][0]}.json"
+
+
+def thumbnail_path(name: str) -> Path:
+    """``workflows/<title>.jpg``: the template browser's thumbnail for ``ui_path(name)``."""
+    return ui_path(name).with_suffix(".jpg")
+
+
+def api_path(name: str) -> Path:
+    """``workflows/api/<name>_api.json``."""
+    return API_DIR / f"{name}_api.json"
+
+
 def build() -> dict[str, tuple[dict, dict]]:
     classes = _import_nodes()
     out = {}
@@ -398,11 +436,89 @@ def build() -> dict[str, tuple[dict, dict]]:
     return out
 
 
+# -- thumbnails ----------------------------------------------------------------------------------
+_BACKGROUND = (24, 26, 33)
+_TEXT = (236, 238, 244)
+_MUTED = (150, 156, 172)
+_LINK = (120, 128, 150)
+_OURS = (52, 96, 160)  # this pack's nodes
+_CORE = (70, 110, 70)  # ComfyUI core nodes
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (FreeType)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def thumbnail(ui: dict, title: str, subtitle: str):
+    """A square title card: the title, a subtitle and the workflow's node graph (PIL image)."""
+    from PIL import Image, ImageDraw
+
+    size = THUMBNAIL_SIZE
+    img = Image.new("RGB", (size, size), _BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    margin = 22
+    y = margin
+    for line in textwrap.wrap(title, width=18):
+        draw.text((margin, y), line, font=_font(34), fill=_TEXT)
+        y += 40
+    draw.text((margin, y + 4), subtitle, font=_font(17), fill=_MUTED)
+    top = y + 40
+
+    nodes = [n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY]
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    box_w, box_h = size - 2 * margin, size - margin - top
+    scale = min(box_w / (x1 - x0), box_h / (y1 - y0))
+    off_x = margin + (box_w - scale * (x1 - x0)) / 2
+    off_y = top + (box_h - scale * (y1 - y0)) / 2
+
+    def rect(n):
+        left = off_x + scale * (n["pos"][0] - x0)
+        upper = off_y + scale * (n["pos"][1] - y0)
+        return left, upper, left + scale * n["size"][0], upper + scale * n["size"][1]
+
+    by_id = {n["id"]: n for n in nodes}
+    for _, src, _, dst, _, _ in ui["links"]:
+        a, b = rect(by_id[src]), rect(by_id[dst])
+        draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=_LINK, width=2)
+    label_font = _font(11)
+    for n in nodes:
+        left, upper, right, lower = rect(n)
+        ours = n["properties"].get("cnr_id") == CNR_ID
+        draw.rounded_rectangle((left, upper, right, lower), radius=4, fill=_OURS if ours else _CORE,
+                               outline=_TEXT, width=1)
+        label = n.get("title") or _display_name(n["type"])
+        lines = textwrap.wrap(label, width=max(4, int((right - left) / 6.5)), break_long_words=False)
+        for i, line in enumerate(lines[: max(1, int((lower - upper - 4) // 12))]):
+            while len(line) > 1 and label_font.getlength(line) > right - left - 6:
+                line = line[:-1]  # clip a word wider than its box
+            draw.text((left + 4, upper + 3 + 12 * i), line, font=label_font, fill=_TEXT)
+    return img
+
+
+def thumbnail_jpeg(ui: dict, title: str, subtitle: str) -> bytes:
+    buf = io.BytesIO()
+    thumbnail(ui, title, subtitle).save(buf, format="JPEG", quality=85, optimize=True)
+    data = buf.getvalue()
+    if len(data) > THUMBNAIL_MAX_BYTES:
+        raise ValueError(f"thumbnail for {title!r} is {len(data)} bytes (limit {THUMBNAIL_MAX_BYTES})")
+    return data
+
+
 def main() -> None:
     API_DIR.mkdir(parents=True, exist_ok=True)
     for name, (ui, api) in build().items():
-        (WORKFLOWS / f"{name}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
-        (API_DIR / f"{name}_api.json").write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
+        title, subtitle = TEMPLATE_TITLES[name]
+        ui_path(name).write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
+        thumbnail_path(name).write_bytes(thumbnail_jpeg(ui, title, subtitle))
+        api_path(name).write_text(json.dumps(api, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
