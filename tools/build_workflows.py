@@ -16,7 +16,8 @@ readable titles (:data:`TEMPLATE_TITLES`), the API twins keep the short ids for 
 in ``workflows/api/``, and this script lives outside ``workflows/`` altogether.
 
 Widget values are written positionally in each node's input order, read from the live
-``INPUT_TYPES`` (a seed widget carries its control value), so the files follow the schema. The
+``INPUT_TYPES`` (a seed widget carries its control value), so the files follow the schema; a widget
+an example does not set takes its ``INPUT_TYPES`` default. The
 tests (tests/test_workflows.py) check the committed files against the same rules and run the API
 twins through the nodes. The thumbnails are small title cards drawn with Pillow from the UI graph
 (node boxes and links), so they show what the workflow contains.
@@ -113,6 +114,19 @@ def node_interface(node_type: str, classes) -> dict:
     return {"inputs": ins, "outputs": list(zip(names, cls.RETURN_TYPES))}
 
 
+def widget_default(node_type: str, name: str, classes):
+    """The INPUT_TYPES default of one of our nodes' widgets (a combo without one: its first option)."""
+    for group in ("required", "optional"):
+        s = classes[node_type].INPUT_TYPES().get(group, {}).get(name)
+        if s is not None:
+            opts = s[1] if len(s) > 1 else {}
+            if "default" in opts:
+                return opts["default"]
+            if isinstance(s[0], list) and s[0]:
+                return s[0][0]
+    raise KeyError(f"{node_type}.{name} has no default: the example must set it")
+
+
 class Graph:
     def __init__(self, classes):
         self.classes = classes
@@ -135,6 +149,12 @@ class Graph:
         src_node["out_links"].setdefault(src_slot, []).append(lid)
         self.links.append([lid, src, src_slot, dst, dst_input, out_type])
         return lid
+
+    def _widget(self, n: dict, name: str):
+        """The value an example chose, else the node's default (a widget added to a node later)."""
+        if name in n["widgets"] or n["type"] in CORE:
+            return n["widgets"][name]
+        return widget_default(n["type"], name, self.classes)
 
     # -- execution order -----------------------------------------------------------------------
     def _order(self):
@@ -170,7 +190,7 @@ class Graph:
                     if (t, name) == ("LoadImage", "upload"):
                         values.append("image")
                         continue
-                    values.append(n["widgets"][name])
+                    values.append(self._widget(n, name))
                     if count == 2:
                         values.append(n["seed_control"] or "randomize")
                     if link is None:
@@ -234,7 +254,7 @@ class Graph:
                 if link is not None:
                     inputs[name] = [str(link[1]), link[2]]
                 elif is_widget:
-                    inputs[name] = n["widgets"][name]
+                    inputs[name] = self._widget(n, name)
             title = n["title"] or _display_name(t)
             out[str(n["id"])] = {"inputs": inputs, "class_type": t, "_meta": {"title": title}}
         return out
