@@ -760,7 +760,7 @@ def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names
                 f"`{name}`: `{source.stored_key(layer)}` carries a quantisation marker ({fmt}) but is not a "
                 "Linear layer of the Lens DiT (norm weights cannot be quantised)."
             )
-        if fmt not in ops.QUANT_FORMATS:
+        if fmt not in quant.LINEAR_FORMATS:
             raise CheckpointError(quant.unsupported_format_message(name, source.stored_key(layer), fmt))
         wkey = layer + ".weight"
         if wkey not in present:
@@ -945,7 +945,7 @@ def load_transformer(
                 if layer in qlayers or not FP8_CANDIDATES.match(layer):
                     continue
                 w = fetch(layer + ".weight")
-                w8, scale = ops.quantize_float8_tensorwise(w)
+                w8, scale = quant.quantize_float8(w)
                 del w
                 bias = None
                 if layer + ".bias" in expected:

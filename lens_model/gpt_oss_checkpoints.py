@@ -31,6 +31,7 @@ from typing import Iterable
 import torch
 
 from . import quant
+from .ops import QuantLinear
 from .checkpoints import CheckpointError, TensorSource, map_tensor, quant_layers
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,11 @@ ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BANKS = ("gate_up_proj", "down_proj")
 
 #: Quantisation formats a q/k/v/o Linear may carry (ComfyUI per-layer ``comfy_quant`` markers).
-LINEAR_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
+LINEAR_FORMATS = quant.LINEAR_FORMATS
 
 _E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
 _E4M3_TABLE = torch.where(torch.isnan(_E4M3_TABLE), torch.zeros_like(_E4M3_TABLE), _E4M3_TABLE)
-_E8M0_TABLE = torch.exp2(torch.arange(256, dtype=torch.float32) - 127.0)
-_E8M0_TABLE[255] = float("nan")
+_E8M0_TABLE = quant.e8m0_to_float(torch.arange(256, dtype=torch.uint8), zero_byte_is_zero=False)
 
 #: Rows of one expert matrix dequantised at a time on the CPU (~1.5 MB of fp32 for in = 2880, so a
 #: chunk stays in the L2 cache between dequantisation and its matmul).
@@ -259,43 +259,12 @@ class Workspace:
 
 
 @dataclass
-class QuantLinear:
-    """A Linear weight stored with a ComfyUI per-layer quantisation marker (``format``).
-
-    ``weight`` / ``weight_scale`` / ``weight_scale_2`` as stored; :meth:`dense` dequantises to
-    ``[out_features, in_features]``.
-    """
-
-    format: str
-    out_features: int
-    in_features: int
-    weight: torch.Tensor
-    weight_scale: torch.Tensor | None = None
-    weight_scale_2: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale, self.weight_scale_2) if t is not None)
-
-    def to(self, device, non_blocking: bool = False) -> "QuantLinear":
-        return QuantLinear(self.format, self.out_features, self.in_features, _move(self.weight, device, non_blocking),
-                           _move(self.weight_scale, device, non_blocking), _move(self.weight_scale_2, device, non_blocking))
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.format == "nvfp4":
-            return quant.dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2,
-                                          self.out_features, self.in_features, dtype)
-        if self.format == "mxfp8":
-            return quant.dequantize_mxfp8(self.weight, self.weight_scale, self.out_features, self.in_features, dtype)
-        return quant.dequantize_float8(self.weight, self.weight_scale, dtype)
-
-
-@dataclass
 class LayerWeights:
     """All tensors of one decoder layer in the internal layout (names relative to ``layers.{i}.``).
 
-    Plain entries are tensors in their stored dtype; ``self_attn.{q,k,v,o}_proj.weight`` may be a
-    :class:`QuantLinear`; ``mlp.experts.{gate_up_proj,down_proj}`` are :class:`ExpertBank`.
+    Plain entries are tensors in their stored dtype; ``self_attn.{q,k,v,o}_proj.weight`` may be an
+    :class:`lens_model.ops.QuantLinear` (the DiT's layer, without bias: the bias stays a plain entry);
+    ``mlp.experts.{gate_up_proj,down_proj}`` are :class:`ExpertBank`.
     """
 
     index: int
@@ -312,11 +281,17 @@ class LayerWeights:
         return total
 
     def to(self, device, non_blocking: bool = False) -> "LayerWeights":
-        return LayerWeights(self.index, {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()})
+        """A copy on ``device``; this one's tensors stay where they are."""
+        def move(v):
+            if isinstance(v, QuantLinear):
+                return v.moved(device, non_blocking=non_blocking)
+            return v.to(device, non_blocking=non_blocking)
+
+        return LayerWeights(self.index, {k: move(v) for k, v in self.tensors.items()})
 
     def linear_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = self.tensors[name]
-        return w.dense(dtype) if isinstance(w, QuantLinear) else w.to(dtype)
+        return w.dequantize(dtype) if isinstance(w, QuantLinear) else w.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -621,8 +596,9 @@ class GptOssCheckpoint:
                     f"`{self.name}`: layer `{src.stored_key(layer)}` is `{fmt}` but its weight is stored as {wdt}; "
                     "expected F8_E4M3 (ComfyUI would corrupt it too)."
                 )
-            if fmt == "mxfp8" and (shape[0] < out_f or shape[1] < in_f):
-                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` is {list(shape)}; expected at least {[out_f, in_f]}.")
+            if fmt == "mxfp8" and (shape[0] < out_f or shape[1] < in_f or shape[1] % quant.MX_BLOCK):
+                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` is {list(shape)}; expected at least "
+                                      f"{[out_f, in_f]}, padded to multiples of {quant.MX_BLOCK}.")
             if fmt == "float8_e4m3fn" and shape != (out_f, in_f):
                 raise CheckpointError(f"`{self.name}`: layer `{src.stored_key(layer)}` is {list(shape)}; expected {[out_f, in_f]}.")
             if fmt == "mxfp8" and f"{layer}.weight_scale" not in src:
@@ -682,7 +658,11 @@ class GptOssCheckpoint:
         scale2 = self._read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
         if scale is not None and scale.dtype not in (torch.uint8,) and fmt in ("nvfp4", "mxfp8"):
             scale = scale.view(torch.uint8)
-        return QuantLinear(fmt, out_f, in_f, self._read(f"{layer}.weight"), scale, scale2)
+        weight = self._read(f"{layer}.weight")
+        if fmt == "mxfp8":  # QuantLinear keeps MXFP8 scales unswizzled, as the DiT loader stores them
+            out_p, in_p = weight.shape
+            scale = quant.unswizzle_scales(scale, out_p, in_p // quant.MX_BLOCK).contiguous()
+        return QuantLinear(fmt, in_f, out_f, weight, scale, None, weight_scale_2=scale2)
 
     def read_layer(self, i: int, config) -> LayerWeights:
         """Read decoder layer ``i`` from the file (fresh CPU memory, stored dtypes)."""

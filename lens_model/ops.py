@@ -3,7 +3,8 @@
 This is the seam between the model math (``dit.py``) and weight storage, in the spirit of
 ComfyUI's ``operations`` objects: the model builds its Linears through an :class:`Operations`
 object, and the loader swaps in :class:`QuantLinear` for layers stored quantised. The forward math
-never sees storage formats.
+never sees storage formats. The text encoder keeps its quantised attention projections as
+:class:`QuantLinear` too; every format's arithmetic lives in :mod:`lens_model.quant`.
 
 - :class:`Linear` is an ``nn.Linear`` that casts its weight to the input dtype when they differ,
   so bf16 weights can run in an fp32 compute dtype (CPUs without a native bf16 matmul) without a
@@ -30,8 +31,8 @@ from . import quant
 
 logger = logging.getLogger(__name__)
 
-#: Formats :class:`QuantLinear` can hold (ComfyUI ``comfy_quant`` names).
-QUANT_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
+#: Formats :class:`QuantLinear` can hold (ComfyUI ``comfy_quant`` names); the list lives in quant.py.
+QUANT_FORMATS = quant.LINEAR_FORMATS
 
 
 # -- cast workspace --------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class QuantLinear(nn.Module):
         in_features: int,
         out_features: int,
         weight: torch.Tensor,
-        weight_scale: torch.Tensor,
+        weight_scale: torch.Tensor | None,
         bias: torch.Tensor | None,
         weight_scale_2: torch.Tensor | None = None,
     ) -> None:
@@ -225,6 +226,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (weight, scales, bias)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.weight_scale, self.weight_scale_2, self.bias)
+                   if t is not None)
+
+    def moved(self, device, non_blocking: bool = False) -> "QuantLinear":
+        """A new layer holding this one's tensors on ``device`` (``self`` is left where it is, unlike
+        ``Module.to``): the text encoder keeps layers in host memory and moves a copy per run."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return QuantLinear(self.fmt, self.in_features, self.out_features, move(self.weight), move(self.weight_scale),
+                           move(self.bias), move(self.weight_scale_2))
+
     def dequantize(self, dtype: torch.dtype, workspace: CastWorkspace | None = None) -> torch.Tensor:
         """The dense weight [out, in] in ``dtype`` (products formed in fp32).
 
@@ -232,18 +248,11 @@ class QuantLinear(nn.Module):
         in its buffers (valid until the lease ends). Fresh memory otherwise.
         """
         if self.fmt == "mxfp8":
-            return dequantize_mxfp8_unswizzled(
+            return quant.dequantize_mxfp8_unswizzled(
                 self.weight, self.weight_scale, self.out_features, self.in_features, dtype, workspace=workspace
             )
         if self.fmt == "float8_e4m3fn":
-            if workspace is None:
-                w = self.weight.to(torch.float32)
-            else:
-                w = workspace.cast(self.weight, torch.float32)
-            w.mul_(self.weight_scale.to(torch.float32))
-            if workspace is None or dtype == torch.float32:
-                return w.to(dtype)
-            return workspace.cast(w, dtype, slot=1)
+            return quant.dequantize_float8(self.weight, self.weight_scale, dtype, workspace=workspace)
         return quant.dequantize_nvfp4(
             self.weight, self.weight_scale, self.weight_scale_2, self.out_features, self.in_features, dtype
         )
@@ -260,62 +269,8 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), b)
 
 
-def e8m0_scale(e: torch.Tensor) -> torch.Tensor:
-    """E8M0 exponent bytes -> fp32 2^(e - 127), with byte 0 -> exactly 0.
-
-    Built from the bits: placing e in the fp32 exponent field gives 2^(e - 127) for e = 1..254 and
-    the all-zero pattern (0.0) for e = 0, which is the MXFP8 writers' meaning of byte 0.
-    """
-    return (e.to(torch.int32) << 23).view(torch.float32)
-
-
-def dequantize_mxfp8_unswizzled(
-    weight: torch.Tensor,
-    scales: torch.Tensor,
-    out_features: int,
-    in_features: int,
-    dtype: torch.dtype,
-    workspace: CastWorkspace | None = None,
-) -> torch.Tensor:
-    """MXFP8 with already-unswizzled scales.
-
-    weight: float8_e4m3fn [out_p, in_p] (contiguous when ``workspace`` is given);
-    scales: uint8 [out_p, in_p / 32]
-    returns: [out_features, in_features] in ``dtype`` (in ``workspace``'s buffers when given: the
-    caller must hold a lease on it)
-    """
-    out_p, in_p = weight.shape
-    if workspace is None:
-        w = weight.to(torch.float32)
-    else:
-        w = workspace.cast(weight, torch.float32)
-    w = w.view(out_p, in_p // 32, 32)
-    w.mul_(e8m0_scale(scales).unsqueeze(-1))
-    w = w.view(out_p, in_p)
-    if out_p != out_features or in_p != in_features:
-        w = w[:out_features, :in_features]
-    if workspace is None:
-        return w.to(dtype)
-    if dtype == torch.float32:
-        return w
-    return workspace.cast(w, dtype, slot=1)
-
-
-def quantize_float8_tensorwise(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [out, in] -> (float8_e4m3fn [out, in], fp32 scalar scale = amax / 448).
-
-    Same values as :func:`quant.quantize_float8`, but converted in row chunks so the only full-size
-    temporary is the fp8 result (no fp32 copy of the whole matrix). Used by the optional
-    ``weight_dtype="fp8"`` storage mode (for the layers in :data:`lens_model.dit.FP8_CANDIDATES`).
-    """
-    amax = weight.abs().amax().to(torch.float32)
-    scale = amax / 448.0 if amax > 0 else torch.ones((), dtype=torch.float32, device=weight.device)
-    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
-    rows_per_chunk = max(1, chunk_elements // max(1, weight[0].numel()))
-    for i in range(0, weight.shape[0], rows_per_chunk):
-        chunk = weight[i:i + rows_per_chunk].to(torch.float32) / scale
-        out[i:i + rows_per_chunk] = chunk.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return out, scale.reshape(()).to(torch.float32)
+#: The DiT's fp8 storage mode quantises with :func:`quant.quantize_float8` (kept under this name for callers).
+quantize_float8_tensorwise = quant.quantize_float8
 
 
 def release_free_memory() -> None:

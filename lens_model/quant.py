@@ -1,7 +1,10 @@
 """Block-quantised weight formats: MXFP4 (OpenAI/HF), NVFP4 and MXFP8 (ComfyUI), per-tensor FP8.
 
-Only dequantisation runs at inference time; the ``quantize_*`` writers exist to synthesise test and
-benchmark files in exactly the layouts ComfyUI / comfy-kitchen and transformers write.
+This module is the one implementation of every stored weight format, for the DiT
+(:class:`lens_model.ops.QuantLinear`) and the text encoder alike. Dequantisation runs at inference
+time; :func:`quantize_float8` also serves the DiT's optional fp8 storage mode, and the other
+``quantize_*`` writers exist to synthesise test and benchmark files in exactly the layouts ComfyUI /
+comfy-kitchen and transformers write.
 
 Conventions: a weight is ``[..., out, in]`` (Linear orientation); leading dims are expert banks.
 Block scales of NVFP4 and MXFP8 are stored *swizzled* in 128x4 tiles (:func:`unswizzle_scales`).
@@ -16,8 +19,18 @@ import torch
 #: FP4 E2M1 code -> value. Codes 8..15 are the negated values of 0..7 (8 is -0).
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
-#: Quantisation formats this package can read.
-SUPPORTED_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4", "mxfp4")
+#: Formats a quantised Linear layer may be stored in (ComfyUI ``comfy_quant`` names), in the DiT and
+#: in the text encoder's attention projections.
+LINEAR_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
+
+#: Quantisation formats this package can read: the Linear formats, and MXFP4 for expert banks.
+SUPPORTED_FORMATS = LINEAR_FORMATS + ("mxfp4",)
+
+#: Elements sharing one E8M0 scale in MXFP4 and MXFP8 blocks.
+MX_BLOCK = 32
+
+#: Elements sharing one E4M3 scale in NVFP4 blocks.
+NVFP4_BLOCK = 16
 
 _E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 
@@ -91,7 +104,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     table = _pair_table(dtype, low_first=True, device=blocks.device)
     values = torch.nn.functional.embedding(blocks.to(torch.int32), table)  # [..., out, G, 16, 2]
     values = values.reshape(*lead, out, groups, 32)
-    scale = torch.exp2(scales.to(torch.float32) - 127.0).to(dtype)
+    scale = e8m0_to_float(scales, zero_byte_is_zero=False).to(dtype)
     values.mul_(scale.unsqueeze(-1))
     return values.reshape(*lead, out, groups * 32)
 
@@ -200,12 +213,44 @@ def dequantize_mxfp8(
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"MXFP8 weight must be float8_e4m3fn, got {weight.dtype}")
     out_p, in_p = weight.shape
-    if in_p % 32 or out_p < out_features or in_p < in_features:
+    if in_p % MX_BLOCK or out_p < out_features or in_p < in_features:
         raise ValueError(f"MXFP8 weight of shape {tuple(weight.shape)} cannot hold [{out_features}, {in_features}]")
     bits = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
-    scale = e8m0_to_float(unswizzle_scales(bits, out_p, in_p // 32))
-    w = weight.to(torch.float32).reshape(out_p, in_p // 32, 32) * scale.unsqueeze(-1)
-    return w.reshape(out_p, in_p)[:out_features, :in_features].to(dtype)
+    return dequantize_mxfp8_unswizzled(weight, unswizzle_scales(bits, out_p, in_p // MX_BLOCK), out_features,
+                                       in_features, dtype)
+
+
+def dequantize_mxfp8_unswizzled(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    dtype: torch.dtype,
+    workspace=None,
+) -> torch.Tensor:
+    """MXFP8 -> dense, with the block scales already unswizzled (the DiT loader unswizzles once).
+
+    weight: float8_e4m3fn ``[out_p, in_p]`` (contiguous when ``workspace`` is given);
+    scales: uint8 E8M0 ``[out_p, in_p / 32]``
+    workspace: a :class:`lens_model.ops.CastWorkspace` the caller holds a lease on, or None. With
+        one, the result lives in its reused buffers (valid until the lease ends); fresh memory otherwise.
+    returns: ``[out_features, in_features]`` in ``dtype`` (products formed in fp32, padding sliced off)
+    """
+    out_p, in_p = weight.shape
+    if workspace is None:
+        w = weight.to(torch.float32)
+    else:
+        w = workspace.cast(weight, torch.float32)
+    w = w.view(out_p, in_p // MX_BLOCK, MX_BLOCK)
+    w.mul_(e8m0_to_float(scales).unsqueeze(-1))
+    w = w.view(out_p, in_p)
+    if out_p != out_features or in_p != in_features:
+        w = w[:out_features, :in_features]
+    if workspace is None:
+        return w.to(dtype)
+    if dtype == torch.float32:
+        return w
+    return workspace.cast(w, dtype, slot=1)
 
 
 def quantize_mxfp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,21 +272,40 @@ def quantize_mxfp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(out_p, in_p).to(torch.float8_e4m3fn), swizzle_scales(e.to(torch.uint8))
 
 
-def dequantize_float8(weight: torch.Tensor, scale: torch.Tensor | float | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Per-tensor scaled FP8 -> dense: ``float(w) * s`` formed in fp32, cast to ``dtype``."""
-    w = weight.to(torch.float32)
+def dequantize_float8(weight: torch.Tensor, scale: torch.Tensor | float | None, dtype: torch.dtype = torch.bfloat16,
+                      workspace=None) -> torch.Tensor:
+    """Per-tensor scaled FP8 -> dense: ``float(w) * s`` formed in fp32, cast to ``dtype`` (no scale: s = 1).
+
+    workspace: as for :func:`dequantize_mxfp8_unswizzled` (``weight`` contiguous when given).
+    """
+    if workspace is None:
+        w = weight.to(torch.float32, copy=True)
+    else:
+        w = workspace.cast(weight, torch.float32)
     if scale is not None:
         s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
-        w = w * s.to(device=w.device, dtype=torch.float32)
-    return w.to(dtype)
+        w.mul_(s.to(device=w.device, dtype=torch.float32))
+    if workspace is None or dtype == torch.float32:
+        return w.to(dtype)
+    return workspace.cast(w, dtype, slot=1)
 
 
-def quantize_float8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense -> (float8_e4m3fn weight, fp32 scalar scale = amax / 448)."""
-    w = weight.detach().float()
-    amax = w.abs().max()
-    scale = amax / 448.0 if amax > 0 else torch.tensor(1.0)
-    return (w / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale.reshape(()).to(torch.float32)
+def quantize_float8(weight: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense -> (float8_e4m3fn weight of the same shape, fp32 scalar scale = amax / 448).
+
+    Converted in row chunks of about ``chunk_elements`` elements, so the only full-size temporary is
+    the fp8 result (no fp32 copy of the whole matrix): the DiT's ``weight_dtype="fp8"`` storage mode
+    quantises each weight as it loads. An all-zero weight gets scale 1.
+    """
+    weight = weight.detach()
+    amax = weight.abs().amax().to(torch.float32)
+    scale = amax / 448.0 if amax > 0 else torch.ones((), dtype=torch.float32, device=weight.device)
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows_per_chunk = max(1, chunk_elements // max(1, weight[0].numel()))
+    for i in range(0, weight.shape[0], rows_per_chunk):
+        chunk = weight[i:i + rows_per_chunk].to(torch.float32) / scale
+        out[i:i + rows_per_chunk] = chunk.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return out, scale.reshape(()).to(torch.float32)
 
 
 # -- comfy_quant markers ----------------------------------------------------------------------------
@@ -274,14 +338,25 @@ def unsupported_format_message(name: str, layer: str, fmt: str) -> str:
     )
 
 
-def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
-    """E8M0 exponent bytes -> fp32 powers of two (byte 0 -> 0, as the MXFP8 writer uses it)."""
-    e = e.to(torch.float32)
-    return torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127.0))
+def e8m0_to_float(e: torch.Tensor, zero_byte_is_zero: bool = True) -> torch.Tensor:
+    """E8M0 exponent bytes (uint8) -> fp32 2^(e - 127), exactly; byte 255 gives +inf.
+
+    Built from the bits: e placed in the fp32 exponent field is 2^(e - 127) for e = 1..254. Byte 0 is
+    0.0 by default, the meaning ComfyUI's MXFP8 writers give it (an all-zero block); with
+    ``zero_byte_is_zero=False`` it is 2^-127 (a subnormal), as MXFP4 files from OpenAI / transformers
+    read it.
+    """
+    bits = e.to(torch.int32) << 23
+    if not zero_byte_is_zero:
+        bits = torch.where(e == 0, 1 << 22, bits)
+    return bits.view(torch.float32)
 
 
 __all__ = [
     "E2M1_VALUES",
+    "LINEAR_FORMATS",
+    "MX_BLOCK",
+    "NVFP4_BLOCK",
     "SUPPORTED_FORMATS",
     "padded_scale_shape",
     "unswizzle_scales",
@@ -291,6 +366,7 @@ __all__ = [
     "dequantize_nvfp4",
     "quantize_nvfp4",
     "dequantize_mxfp8",
+    "dequantize_mxfp8_unswizzled",
     "quantize_mxfp8",
     "dequantize_float8",
     "quantize_float8",

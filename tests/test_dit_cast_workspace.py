@@ -46,7 +46,7 @@ def _old_dequantize(self, dtype):
     if self.fmt == "mxfp8":
         out_p, in_p = self.weight.shape
         w = self.weight.to(torch.float32).view(out_p, in_p // 32, 32)
-        w.mul_(ops.e8m0_scale(self.weight_scale).unsqueeze(-1))
+        w.mul_(quant.e8m0_to_float(self.weight_scale).unsqueeze(-1))
         w = w.view(out_p, in_p)[: self.out_features, : self.in_features]
         return w.to(dtype)
     if self.fmt == "float8_e4m3fn":

@@ -228,8 +228,12 @@ def test_mxfp8_quantization_metadata_header(tmp_path):
 
 
 def test_mxfp8_scale_byte_zero_is_zero():
-    assert ops.e8m0_scale(torch.tensor([0, 1, 126, 127, 128, 254], dtype=torch.uint8)).tolist() == [
+    assert quant.e8m0_to_float(torch.tensor([0, 1, 126, 127, 128, 254], dtype=torch.uint8)).tolist() == [
         0.0, 2.0 ** -126, 0.5, 1.0, 2.0, 2.0 ** 127
+    ]
+    # MXFP4 files (OpenAI / transformers) read byte 0 as 2^-127, not 0
+    assert quant.e8m0_to_float(torch.tensor([0, 1], dtype=torch.uint8), zero_byte_is_zero=False).tolist() == [
+        2.0 ** -127, 2.0 ** -126
     ]
     w = torch.randn(64, 64)
     w[:, 32:] = 0.0  # all-zero blocks -> writer stores byte 0
@@ -422,10 +426,11 @@ def test_failed_load_keeps_nothing(monkeypatch, path):
 def test_chunked_fp8_quantiser_matches_reference():
     w = torch.randn(300, 96) * 0.1
     w[7, 3] = 5.0
-    a8, a_scale = ops.quantize_float8_tensorwise(w, chunk_elements=1000)  # 10 rows per chunk
-    b8, b_scale = quant.quantize_float8(w)
-    assert torch.equal(a8.view(torch.uint8), b8.view(torch.uint8)) and torch.equal(a_scale, b_scale)
-    z8, z_scale = ops.quantize_float8_tensorwise(torch.zeros(4, 4))
+    a8, a_scale = quant.quantize_float8(w, chunk_elements=1000)  # 10 rows per chunk
+    ref_scale = torch.tensor(5.0) / 448.0  # amax / 448 in fp32
+    ref8 = (w / ref_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)  # whole matrix at once
+    assert torch.equal(a8.view(torch.uint8), ref8.view(torch.uint8)) and torch.equal(a_scale, ref_scale)
+    z8, z_scale = quant.quantize_float8(torch.zeros(4, 4))
     assert z_scale.item() == 1.0 and z8.float().eq(0).all()
 
 
