@@ -121,7 +121,9 @@ class RowError:
         return f"line {self.line}: {self.message}"
 
 
-def _int_field(raw: dict, name: str, default: int, minimum: int) -> int:
+def int_field(raw: dict, name: str, default: Optional[int], minimum: int) -> Optional[int]:
+    """``raw[name]`` as an int >= ``minimum`` (a float with an integer value is accepted: Parquet
+    and pandas turn integer columns with gaps into floats); ``default`` when absent or null."""
     value = raw.get(name)
     if value is None:
         return default
@@ -134,7 +136,8 @@ def _int_field(raw: dict, name: str, default: int, minimum: int) -> int:
     return value
 
 
-def _str_field(raw: dict, name: str, default: Optional[str]) -> Optional[str]:
+def str_field(raw: dict, name: str, default: Optional[str]) -> Optional[str]:
+    """``raw[name]`` as a string; ``default`` when absent or null."""
     value = raw.get(name)
     if value is None:
         return default
@@ -150,9 +153,14 @@ def _row_id(raw_id: Any, params: dict) -> str:
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         raise ValueError(f"id must be a string or an integer, got {raw_id!r}")
     rid = str(raw_id)
+    return check_id(rid)
+
+
+def check_id(rid: str) -> str:
+    """``rid`` if it can name an output file, else ValueError."""
     if not rid or len(rid) > 128 or not set(rid) <= _SAFE_ID or rid.startswith("."):
         raise ValueError(f"id {rid!r} must be 1-128 characters of A-Z a-z 0-9 . _ - (it names the "
-                         "PNG file) and not start with '.'")
+                         "image file) and not start with '.'")
     return rid
 
 
@@ -160,17 +168,17 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
     """Validate one input row (a dict) and fill in the defaults; raises ValueError saying what is wrong."""
     if not isinstance(raw, dict):
         raise ValueError(f"a row must be an object, got {type(raw).__name__}")
-    prompt = _str_field(raw, "prompt", None)
+    prompt = str_field(raw, "prompt", None)
     if prompt is None:
         raise ValueError("no 'prompt'")
-    variant = _str_field(raw, "variant", defaults.variant)
+    variant = str_field(raw, "variant", defaults.variant)
     if variant not in VARIANT_DEFAULTS:
         raise ValueError(f"variant must be one of {sorted(VARIANT_DEFAULTS)}, got {variant!r}")
     vdef = VARIANT_DEFAULTS[variant]
     if (raw.get("width") is None) != (raw.get("height") is None):
         raise ValueError("give both width and height, or neither")
-    width = _int_field(raw, "width", defaults.width, 1)
-    height = _int_field(raw, "height", defaults.height, 1)
+    width = int_field(raw, "width", defaults.width, 1)
+    height = int_field(raw, "height", defaults.height, 1)
     width, height = validate_size(width, height)
     cfg = raw.get("cfg")
     if cfg is None:
@@ -178,9 +186,9 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not cfg == cfg:
         raise ValueError(f"cfg must be a number, got {cfg!r}")
     lora = raw.get("lora")
-    params = dict(prompt=prompt, negative=_str_field(raw, "negative", ""),
-                  seed=_int_field(raw, "seed", defaults.seed, 0), width=width, height=height,
-                  steps=_int_field(raw, "steps", vdef["steps"], 1), cfg=float(cfg),
+    params = dict(prompt=prompt, negative=str_field(raw, "negative", ""),
+                  seed=int_field(raw, "seed", defaults.seed, 0), width=width, height=height,
+                  steps=int_field(raw, "steps", vdef["steps"], 1), cfg=float(cfg),
                   variant=variant,
                   lora=None if lora is None else json.dumps(lora, sort_keys=True,
                                                             separators=(",", ":")))
@@ -489,11 +497,13 @@ class Manifest:
 
     def is_done(self, row: BatchRow, job_params: dict) -> bool:
         """True when ``row`` has a record with the same parameters and its file is intact."""
-        rec = self.records.get(row.id)
-        if rec is None:
-            return False
-        want = dict(row.params(), **job_params)
-        if any(rec.get(k) != v for k, v in want.items()):
+        return self.matches(row.id, dict(row.params(), **job_params))
+
+    def matches(self, rid: str, params: dict) -> bool:
+        """True when id ``rid`` has a record holding every item of ``params`` and its file still
+        has the recorded sha256."""
+        rec = self.records.get(rid)
+        if rec is None or any(rec.get(k) != v for k, v in params.items()):
             return False
         path = self.out_dir / rec.get("file", "")
         return path.is_file() and sha256_file(path) == rec.get("sha256")
@@ -505,7 +515,9 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
 
-    def finish(self, order: Sequence[str]) -> None:
+    def finish(self, order: Sequence[str], columns: Optional[Sequence[str]] = None) -> None:
+        """Rewrite the JSONL compacted (records in ``order``, then the others) and write the
+        Parquet twin with ``columns`` (default :func:`manifest_columns`) when pyarrow is there."""
         index = {rid: i for i, rid in enumerate(order)}
         recs = sorted(self.records.values(), key=lambda r: (index.get(r["id"], len(index)), r["id"]))
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -519,7 +531,7 @@ class Manifest:
         except ImportError:
             return
         if recs:
-            columns = manifest_columns()
+            columns = list(columns or manifest_columns())
             table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in recs])
             pq.write_table(table, str(self.out_dir / MANIFEST_PARQUET))
 

@@ -582,3 +582,175 @@ def test_dry_run_prints_prompt(tmp_path, capsys):
     assert rc == 0
     p = json.loads(capsys.readouterr().out)
     assert p["4"]["inputs"]["text"] == "x" and p["7"]["inputs"]["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# several servers, one prompts file
+# ------------------------------------------------------------------------------------------------
+class MultiFake:
+    """A fake ComfyUI that takes many prompts: each finishes ``runs_for`` history polls after it
+    was queued (``hold``: never), and its image bytes name the prompt text, seed and server. No
+    websocket (404): prompts are followed by polling."""
+
+    def __init__(self, name, runs_for=2, hold=False):
+        self.name, self.runs_for, self.hold = name, runs_for, hold
+        self.prompts: dict[str, dict] = {}
+        self.polls: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.got_prompt = threading.Event()
+        self.control_posts: list[tuple[str, dict]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body, ctype="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path in ("/interrupt", "/queue"):
+                    fake.control_posts.append((self.path, body))
+                    return self._send(200, b"", "text/plain")
+                with fake.lock:
+                    fake.prompts[body["prompt_id"]] = body["prompt"]
+                    fake.polls[body["prompt_id"]] = 0
+                fake.got_prompt.set()
+                return self._send(200, {"prompt_id": body["prompt_id"], "number": 1,
+                                        "node_errors": {}})
+
+            def do_GET(self):
+                u = urllib.parse.urlsplit(self.path)
+                if u.path.startswith("/history/"):
+                    pid = urllib.parse.unquote(u.path[len("/history/"):])
+                    with fake.lock:
+                        if pid not in fake.prompts:
+                            return self._send(200, {})
+                        fake.polls[pid] += 1
+                        done = not fake.hold and fake.polls[pid] > fake.runs_for
+                    if not done:
+                        return self._send(200, {})
+                    return self._send(200, {pid: {"outputs": {"10": {"images": [
+                        {"filename": f"{pid}.png", "subfolder": "", "type": "output"}]}},
+                        "status": {"status_str": "success", "completed": True}}})
+                if u.path == "/queue":
+                    with fake.lock:
+                        live = [pid for pid in fake.prompts
+                                if fake.hold or fake.polls[pid] <= fake.runs_for]
+                    items = [[i, pid, {}, {}, ["10"]] for i, pid in enumerate(live)]
+                    return self._send(200, {"queue_running": items[:1],
+                                            "queue_pending": items[1:]})
+                if u.path == "/view":
+                    pid = dict(urllib.parse.parse_qsl(u.query))["filename"][:-4]
+                    inputs = fake.prompts[pid]
+                    data = (PNG_BYTES + inputs["4"]["inputs"]["text"].encode() + b"/seed="
+                            + str(inputs["7"]["inputs"]["seed"]).encode())
+                    return self._send(200, data, "image/png")
+                return self._send(404, b"404: Not Found", "text/plain")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+        self.stopped = False
+
+    def stop(self):
+        if not self.stopped:
+            self.stopped = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def multi_servers():
+    made = []
+
+    def make(*a, **kw):
+        made.append(MultiFake(*a, **kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _prompts_file(tmp_path, n):
+    rows = [{"id": f"r{i}", "prompt": f"prompt {i}", "seed": 100 + i} for i in range(n)]
+    rows.insert(3, {"id": "bad", "seed": 1})          # no prompt: reported, the rest still run
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _expected(i):
+    return PNG_BYTES + f"prompt {i}/seed={100 + i}".encode()
+
+
+def test_many_servers_one_stopped_mid_run(multi_servers, tmp_path, caplog):
+    a, b, c = multi_servers("a"), multi_servers("b", hold=True), multi_servers("c")
+    wf = _write(tmp_path, LENS_API)
+    prompts = _prompts_file(tmp_path, 8)
+    servers = tmp_path / "servers.txt"
+    servers.write_text(f"# the farm\n{c.url}\n\n")
+    stopper = threading.Thread(target=lambda: b.got_prompt.wait(10) and b.stop(), daemon=True)
+    stopper.start()
+    out = tmp_path / "out"
+    status = lc.main([str(wf), "--prompts", str(prompts), "--server", a.url, "--server", b.url,
+                      "--servers-file", str(servers), "--output-dir", str(out),
+                      "--no-websocket", "--poll-interval", "0.01", "--timeout", "30",
+                      "--steps", "3"])
+    stopper.join(5)
+    assert status == 1                                   # the bad row
+    assert "line 4: no 'prompt'" in caplog.text
+    assert b.stopped and b.prompts                       # b took prompts, then went away
+    records = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(f"r{i}" for i in range(8))   # each once
+    for r in records:
+        i = int(r["id"][1:])
+        assert (out / r["file"]).read_bytes() == _expected(i)
+        assert r["server"] in (a.url, c.url) and r["seed"] == 100 + i
+    # every prompt reached a live server once and carried the command line's --steps
+    done = {**a.prompts, **c.prompts}
+    assert len(done) == 8 and all(p["7"]["inputs"]["steps"] == 3 for p in done.values())
+    assert a.prompts and c.prompts                       # spread over both live servers
+
+    # a rerun finds every row in the manifest and queues nothing
+    n_a, n_c = len(a.prompts), len(c.prompts)
+    assert lc.main([str(wf), "--prompts", str(prompts), "--server", a.url, "--server", c.url,
+                    "--output-dir", str(out), "--no-websocket", "--timeout", "30"]) == 1
+    assert (len(a.prompts), len(c.prompts)) == (n_a, n_c)
+
+
+def test_many_servers_ctrl_c_cancels_everywhere(multi_servers, tmp_path, monkeypatch):
+    a, b = multi_servers("a", hold=True), multi_servers("b", hold=True)
+    rows, errors = lc.load_prompt_rows(_prompts_file(tmp_path, 4))
+    assert [e.split(":")[0] for e in errors] == ["line 4"]
+    real = lc.ServerPool.next_done
+    calls = []
+
+    def interrupt_later(self, timeout):
+        calls.append(1)
+        if len(self.in_flight) == 4 or len(calls) > 200:
+            raise KeyboardInterrupt
+        return real(self, 0.01)
+
+    monkeypatch.setattr(lc.ServerPool, "next_done", interrupt_later)
+    with pytest.raises(KeyboardInterrupt):
+        lc.run_many(LENS_API, rows, [a.url, b.url], tmp_path / "out", per_server=2,
+                    use_websocket=False, poll_interval=0.01)
+    cancelled = {body.get("prompt_id") or body["delete"][0]
+                 for srv in (a, b) for _, body in srv.control_posts}
+    assert cancelled == set(a.prompts) | set(b.prompts) and len(cancelled) == 4
