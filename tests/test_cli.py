@@ -1,6 +1,7 @@
 """Command-line tool: end to end on tiny weights, argument handling, file resolution and downloads."""
 
 import json
+import logging
 import subprocess
 import sys
 import types
@@ -12,11 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import lens_model.pipeline as pipeline
 from lens_model import cli
+from lens_tiny_files import write_broken_transformer, write_flux1_vae, write_tiny_text_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 _REAL_DOWNLOAD = cli._download
+_REAL_CHECK = pipeline.check_model_files
 
 pytest.importorskip("lens_model.text_encoder", reason="text encoder module not in the repo yet")
 
@@ -30,35 +34,7 @@ def tiny_te(tmp_path_factory) -> Path:
     has 512 entries while the harmony template needs ids up to ~200k. This folder keeps the golden
     configuration except hidden_size 32 and the full o200k_harmony vocabulary (201088).
     """
-    out = tmp_path_factory.mktemp("tiny_te")
-    cfg = json.loads((GOLDEN / "text_encoder/config.json").read_text())
-    hid, heads, kv, hd, inter, ne = 32, cfg["num_attention_heads"], cfg["num_key_value_heads"], \
-        cfg["head_dim"], cfg["intermediate_size"], cfg["num_local_experts"]
-    cfg.update(hidden_size=hid, vocab_size=201088)
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape, std=0.1):
-        return torch.randn(*shape, generator=g) * std
-
-    sd = {"model.embed_tokens.weight": r(cfg["vocab_size"], hid, std=1.0),
-          "model.norm.weight": torch.ones(hid)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": 1 + r(hid), p + "post_attention_layernorm.weight": 1 + r(hid),
-            p + "self_attn.q_proj.weight": r(heads * hd, hid), p + "self_attn.q_proj.bias": r(heads * hd),
-            p + "self_attn.k_proj.weight": r(kv * hd, hid), p + "self_attn.k_proj.bias": r(kv * hd),
-            p + "self_attn.v_proj.weight": r(kv * hd, hid), p + "self_attn.v_proj.bias": r(kv * hd),
-            p + "self_attn.o_proj.weight": r(hid, heads * hd), p + "self_attn.o_proj.bias": r(hid),
-            p + "self_attn.sinks": r(heads),
-            p + "mlp.router.weight": r(ne, hid), p + "mlp.router.bias": r(ne),
-            p + "mlp.experts.gate_up_proj": r(ne, hid, 2 * inter),
-            p + "mlp.experts.gate_up_proj_bias": r(ne, 2 * inter),
-            p + "mlp.experts.down_proj": r(ne, inter, hid), p + "mlp.experts.down_proj_bias": r(ne, hid),
-        })
-    save_file(sd, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return write_tiny_text_encoder(tmp_path_factory.mktemp("tiny_te"))
 
 
 def test_cli_end_to_end_tiny(tmp_path, tiny_te):
@@ -80,6 +56,10 @@ def test_cli_end_to_end_tiny(tmp_path, tiny_te):
     assert "prompt" not in img.text  # ComfyUI would parse a "prompt" chunk as workflow JSON
     pixels = torch.from_numpy(np.array(img)).float()
     assert pixels.std() > 0
+    # stderr is not a terminal here: progress as plain lines with rate and ETA, no bar redraws
+    assert "\r" not in res.stderr
+    for line in ("text encoder: 24/24 layers [", "sampling: 2/2 steps [", "VAE decode: "):
+        assert line in res.stderr, res.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------- in-process, fake pipeline
@@ -93,9 +73,9 @@ def fake_generate(monkeypatch):
         n = kw["batch"]
         return [Image.new("RGB", (kw["width"], kw["height"]), (i * 40, 0, 0)) for i in range(n)]
 
-    import lens_model.pipeline as pipeline
-
     monkeypatch.setattr(pipeline, "generate", generate)
+    # the placeholder files of _local are not models: file checks have their own tests
+    monkeypatch.setattr(pipeline, "check_model_files", lambda *a, **kw: None)
 
     def no_download(filename, models_dir):
         raise AssertionError(f"unexpected download of {filename}")
@@ -156,11 +136,23 @@ def test_cli_batch_writes_numbered_files(tmp_path, fake_generate, capsys):
     (["--width", "64"], "both --width and --height"),
     (["--width", "64", "--height", "64", "--ratio", "1:1"], "exclusive"),
     (["--steps", "0"], "--steps"),
+    (["--steps", "100000"], "from 1 to 200"),
     (["--ratio", "5:4"], "5:4"),
+    (["--cfg", "nan"], "--cfg must be a finite number"),
+    (["--cfg", "inf"], "--cfg must be a finite number"),
+    (["--mu", "nan"], "--mu must be a finite number"),
+    (["--denoise", "nan"], "--denoise must be a finite number"),
+    (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to 18446744073709551615"),
+    (["--seed", "-1"], "--seed must be an integer from 0"),
+    (["--batch", "0"], "--batch must be an integer from 1 to 64"),
+    (["--batch", "100000"], "--batch must be an integer from 1 to 64"),
+    (["--width", "4096", "--height", "64"], "--width 4096 is out of range"),
+    (["-o", "fox.gif"], "unknown image type '.gif'"),
 ])
 def test_cli_argument_errors(tmp_path, fake_generate, capsys, args, needle):
     assert cli.main(["x", "-o", str(tmp_path / "o.png")] + args + _local(tmp_path)) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and "Overflow" not in err and "Traceback" not in err
     assert not fake_generate
 
 
@@ -227,3 +219,222 @@ def test_cli_download_failure_is_a_cli_error(tmp_path, monkeypatch, fake_generat
     err = capsys.readouterr().err
     assert "Comfy-Org/Lens/diffusion_models/lens_turbo_bf16.safetensors" in err
     assert "Connection refused" in err and "--models-dir" in err
+
+
+# ------------------------------------------------------------------ file checks before any work
+
+@pytest.fixture(scope="module")
+def header_te(tmp_path_factory) -> Path:
+    """Text-encoder headers that fit the golden tiny DiT (small vocabulary: header checks only)."""
+    return write_tiny_text_encoder(tmp_path_factory.mktemp("header_te"), vocab_size=512)
+
+
+def _files(te, transformer=GOLDEN / "transformer", vae=GOLDEN / "vae"):
+    return ["--transformer", str(transformer), "--text-encoder", str(te), "--vae", str(vae),
+            "--device", "cpu", "--width", "64", "--height", "64", "--no-download"]
+
+
+def test_cli_checks_all_three_files_before_any_model_runs(tmp_path, fake_generate, monkeypatch,
+                                                           capsys, header_te):
+    monkeypatch.setattr(pipeline, "check_model_files", _REAL_CHECK)
+    out = ["x", "-o", str(tmp_path / "o.png")]
+    broken = write_broken_transformer(tmp_path / "lens_turbo_broken.safetensors")
+    assert cli.main(out + _files(header_te, transformer=broken)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens: error: --transformer: ") and "img_mlp.w2.weight" in err
+    # a text encoder given as the VAE: the message names the CLI options, not ComfyUI folders
+    assert cli.main(out + _files(header_te, vae=header_te)) == 2
+    err = capsys.readouterr().err
+    assert "--vae: " in err and "Pass it with --text-encoder" in err
+    assert "models/" not in err and "loader" not in err
+    assert cli.main(out + _files(header_te, vae=write_flux1_vae(tmp_path / "ae.safetensors"))) == 2
+    assert "--vae: " in (err := capsys.readouterr().err) and "FLUX.1" in err
+    # each file fine on its own, but the text encoder is 64 wide and the DiT takes 32
+    assert cli.main(out + _files(GOLDEN / "text_encoder")) == 2
+    err = capsys.readouterr().err
+    assert "--text-encoder and --transformer do not fit" in err and "64" in err
+    assert not fake_generate  # nothing ran
+    assert cli.main(out + _files(header_te)) == 0  # the consistent set passes the checks
+
+
+# ------------------------------------------------------------------ output files
+
+def test_cli_output_type_from_extension(tmp_path, fake_generate, capsys):
+    for name, fmt in (("fox.jpg", "JPEG"), ("fox.JPEG", "JPEG"), ("fox.webp", "WEBP"),
+                      ("fox", "PNG")):
+        out = tmp_path / name
+        assert cli.main(["fox", "-o", str(out), "--width", "64", "--height", "64"]
+                        + _local(tmp_path)) == 0
+        written = Path(capsys.readouterr().out.strip())
+        assert written == (out if out.suffix else tmp_path / "fox.png")
+        with Image.open(written) as img:
+            assert img.format == fmt and img.size == (64, 64)
+    assert not (tmp_path / "fox.jpg.png").exists()
+    with Image.open(tmp_path / "fox.jpg") as img:
+        assert img.info["comment"].decode().startswith("fox\nSteps: 4")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+def test_cli_ctrl_c_one_line_exit_130_no_partial_files(tmp_path, monkeypatch, fake_generate, capsys):
+    def interrupted(prompt, **kw):
+        kw["progress"]("text encoder", 1, 24)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "generate", interrupted)
+    out = tmp_path / "fox.png"
+    assert cli.main(["fox", "-o", str(out)] + _local(tmp_path)) == 130
+    cap = capsys.readouterr()
+    assert cap.err == "interrupted\n" and cap.out == ""
+    assert not out.exists()
+
+    # interrupted while the image is being written: neither the file nor a temporary is left
+    monkeypatch.setattr(pipeline, "generate",
+                        lambda prompt, **kw: [Image.new("RGB", (kw["width"], kw["height"]))])
+    real_save = Image.Image.save
+
+    def save_then_stop(self, fp, *a, **kw):
+        real_save(self, fp, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_then_stop)
+    before = set(tmp_path.iterdir())
+    assert cli.main(["fox", "-o", str(out), "--width", "64", "--height", "64"]
+                    + _local(tmp_path)) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert set(tmp_path.iterdir()) == before and not out.exists()
+
+
+# ------------------------------------------------------------------ progress
+
+def _fake_run(progress):
+    for i in range(1, 4):
+        progress("text encoder", i, 3)
+    for i in range(1, 3):
+        progress("sampling", i, 2)
+    for i in range(1, 6):
+        progress("VAE decode", i, 5)
+
+
+def test_progress_plain_lines_when_not_a_terminal(tmp_path, monkeypatch, fake_generate, capsys, caplog):
+    def generate(prompt, **kw):
+        _fake_run(kw["progress"])
+        return [Image.new("RGB", (kw["width"], kw["height"]))]
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    argv = ["fox", "-o", str(tmp_path / "a.png"), "--width", "64", "--height", "64"]
+    with caplog.at_level(logging.INFO, logger="lens_model.cli"):
+        assert cli.main(argv + [a for a in _local(tmp_path) if a != "-q"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "lens_model.cli"]
+    for want in ("text encoder: 1/3 layers [", "text encoder: 3/3 layers [", "sampling: 2/2 steps [",
+                 "VAE decode: 5/5 blocks ["):
+        assert any(line.startswith(want) for line in lines), lines
+    assert any("/s]" in line and "<" in line for line in lines)  # rate and ETA
+    assert "\r" not in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lens_model.cli"):
+        assert cli.main(argv + _local(tmp_path)) == 0  # -q
+    assert not [r for r in caplog.records if "sampling" in r.getMessage()]
+
+
+def test_progress_bar_on_a_terminal(capsys):
+    reporter = cli.ProgressReporter("bar")
+    _fake_run(reporter)
+    reporter.close()
+    err = capsys.readouterr().err
+    assert "\r" in err and "sampling: 100%" in err and "2/2" in err and "step/s" in err
+
+
+# ------------------------------------------------------------------ --models-dir
+
+def _touch(root, *names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def _vae_header(path):
+    """A safetensors header the kind detector reads as a FLUX.2 VAE (not loadable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"decoder.up.0.block.0.norm1.weight": torch.zeros(1),
+               "bn.running_mean": torch.zeros(1)}, str(path))
+
+
+def test_models_dir_missing_is_an_error_not_a_download(tmp_path, fake_generate, capsys):
+    assert cli.main(["x", "--device", "cpu", "--models-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--models-dir" in err and "does not exist" in err and "nope" in err
+
+
+def test_models_dir_finds_other_names_and_logs_the_choice(tmp_path, fake_generate, caplog):
+    _touch(tmp_path, "diffusion_models/lens_bf16.safetensors",
+           "diffusion_models/lens_turbo_mxfp8.safetensors", "diffusion_models/flux1-dev.safetensors",
+           "text_encoders/t5xxl_fp16.safetensors", "text_encoders/gpt_oss_20b_mxfp4.safetensors",
+           "vae/ae.safetensors", "vae/sdxl_vae.safetensors")
+    _vae_header(tmp_path / "vae/my-vae.safetensors")  # no hint in the name: found by its header
+    args = cli.build_parser().parse_args(["x", "--models-dir", str(tmp_path), "--no-download"])
+    with caplog.at_level(logging.INFO, logger="lens_model.cli"):
+        files = cli.find_local_files(args)
+    assert files == {"transformer": tmp_path / "diffusion_models/lens_turbo_mxfp8.safetensors",
+                     "text_encoder": tmp_path / "text_encoders/gpt_oss_20b_mxfp4.safetensors",
+                     "vae": tmp_path / "vae/my-vae.safetensors"}
+    text = caplog.text
+    assert "diffusion_models/lens_bf16.safetensors, diffusion_models/lens_turbo_mxfp8.safetensors" in text
+    assert "using diffusion_models/lens_turbo_mxfp8.safetensors" in text
+    # --variant lens picks the non-Turbo file; a second Turbo file under the Comfy-Org name wins
+    args.variant = "lens"
+    assert cli.find_local_files(args)["transformer"].name == "lens_bf16.safetensors"
+    _touch(tmp_path, "diffusion_models/lens_turbo_bf16.safetensors")
+    args.variant = None
+    assert cli.find_local_files(args)["transformer"].name == "lens_turbo_bf16.safetensors"
+
+
+def test_models_dir_without_turbo_uses_the_lens_file_it_has(tmp_path, fake_generate):
+    _touch(tmp_path, "unet/lens_bf16.safetensors", "clip/gpt_oss_20b_nvfp4.safetensors",
+           "vae/flux2-vae.safetensors")
+    assert cli.main(["x", "-o", str(tmp_path / "o.png"), "--models-dir", str(tmp_path),
+                     "--device", "cpu", "--no-download", "-q"]) == 0
+    kw = fake_generate[-1]
+    assert kw["transformer_path"] == tmp_path / "unet/lens_bf16.safetensors"
+    assert (kw["steps"], kw["guidance"]) == (20, 5.0)  # Lens defaults from the file name
+
+
+def test_variant_guess_matches_help(tmp_path, fake_generate):
+    helptext = " ".join(cli.build_parser().format_help().split())
+    assert "any other name -> lens; without a DiT file: turbo" in helptext
+    assert cli.main(["x", "-o", str(tmp_path / "o.png")] + _local(tmp_path, "my_dit.safetensors")) == 0
+    assert (fake_generate[-1]["steps"], fake_generate[-1]["guidance"]) == (20, 5.0)
+    assert cli.main(["x", "-o", str(tmp_path / "o.png")] + _local(tmp_path, "Lens-Turbo.sft")) == 0
+    assert (fake_generate[-1]["steps"], fake_generate[-1]["guidance"]) == (4, 1.0)
+
+
+def test_every_option_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Command line"):]
+    section = section[:section.index("\n## ", 3)]
+    for action in cli.build_parser()._actions:
+        for opt in action.option_strings:
+            if opt not in ("-h", "--help"):
+                assert opt in section, opt
+
+
+HUB_SCRIPT = r"""
+import sys, huggingface_hub
+from huggingface_hub.utils import logging as hf_logging
+
+def hf_hub_download(repo_id, filename, **kw):
+    hf_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    raise OSError("Connection refused")
+
+huggingface_hub.hf_hub_download = hf_hub_download
+from lens_model import cli
+sys.exit(cli.main(["x", "--device", "cpu", "-o", sys.argv[1]]))
+"""
+
+
+def test_hub_warnings_print_once(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    res = subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(tmp_path / "o.png")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("Retrying in 1s") == 1, res.stderr
+    assert "Connection refused" in res.stderr
