@@ -11,10 +11,46 @@ logger = logging.getLogger(__name__)
 
 TILE_MODES = ["auto", "on", "off"]
 _TILE_ARG = {"auto": "auto", "on": True, "off": False}
+CELL = 16  # pixels per latent cell
+DEFAULT_TILE_PX = 256
+"""Default tile side. On a CPU the FLUX.2 VAE needs ≈ 9 s per 256² px (≈ 145 s for 1024²) and its
+slowest block ≈ 13 % of a pass, so 256-px tiles with a Cancel check after every block stop within
+about 1-2 s; 512-px tiles would take ≈ 5 s."""
+MAX_TILE_PX = 4096
+
+
+def _tile_size_input(what: str):
+    return ("INT", {
+        "default": DEFAULT_TILE_PX, "min": 128, "max": MAX_TILE_PX, "step": 64,
+        "tooltip": f"Tile side in pixels (multiple of 16) when {what} in tiles, with a quarter of "
+                   f"it as blended overlap. Smaller tiles: less memory and a quicker Cancel on the "
+                   f"CPU, more seams to blend; larger: closer to the untiled result."})
+
+
+def _tiling(tile: str, tile_size, device) -> tuple:
+    """-> (tile argument of lens_model's encode/decode, tile size in cells, overlap in cells).
+
+    "auto" tiles on the CPU (a whole 1024² image is one ≈ 145 s pass there, too long to cancel);
+    on a GPU it stays untiled unless memory is short.
+    """
+    import torch
+
+    if tile not in TILE_MODES:
+        raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+    if (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size % CELL
+            or not 128 <= tile_size <= MAX_TILE_PX):
+        raise ValueError(f"tile_size must be a multiple of {CELL} pixels from 128 to "
+                         f"{MAX_TILE_PX}, got {tile_size!r}")
+    arg = _TILE_ARG[tile]
+    if arg == "auto" and torch.device(device).type == "cpu":
+        arg = True
+    cells = tile_size // CELL
+    return arg, cells, max(1, cells // 4)
 
 
 def _progress(total: int):
-    """A VAE ``callback(done, total)``: ComfyUI progress plus the Cancel check, between tiles/images."""
+    """A VAE ``callback(done, total)``: ComfyUI progress plus the Cancel check. Called after every
+    encoder / decoder block (``progress_unit="block"``), so Cancel works inside a tile too."""
     pbar = comfy.progress_bar(total)
 
     def callback(done, n):
@@ -22,6 +58,15 @@ def _progress(total: int):
         comfy.check_interrupt()
 
     return callback
+
+
+def _check_finite(t, what: str) -> None:
+    import torch
+
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf values; refusing to turn them into an image. "
+                         f"Check the node that produced it (a sampler in fp16, broken weights, "
+                         f"extreme guidance).")
 
 
 def _vae_handle(vae):
@@ -52,13 +97,17 @@ class LensNodesVAEDecode:
                 "vae": ("LENS_VAE", {"tooltip": "From FLUX2 VAE Loader."}),
                 "tile": (TILE_MODES, {
                     "default": "auto",
-                    "tooltip": "auto: whole image, tiles only when GPU memory is short. on: "
-                               "1024-px tiles with 256-px blended overlap (less memory, tiny "
-                               "tone differences). off: never tile."}),
-            }
+                    "tooltip": "auto: on a GPU the whole image, tiles only when memory is short; "
+                               "on the CPU tiles of tile_size, so Cancel stops within about 2 s. "
+                               "on: always tiles of tile_size (less memory, tiny tone "
+                               "differences). off: never tile."}),
+            },
+            "optional": {
+                "tile_size": _tile_size_input("decoding"),
+            },
         }
 
-    def decode(self, samples, vae, tile="auto"):
+    def decode(self, samples, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         import torch
 
         handle = _vae_handle(vae)
@@ -70,14 +119,17 @@ class LensNodesVAEDecode:
                 f"FLUX2 VAE Decode needs Lens / FLUX.2 latents [B, 128, h, w], got "
                 f"{tuple(z.shape)}. Latents of other models need their own VAE."
             )
+        _tiling(tile, tile_size, "cpu")  # options checked before any work
+        _check_finite(z, "FLUX2 VAE Decode: the latent")
         comfy.check_interrupt()
         est = getattr(handle.model(), "estimate_decode_bytes", None)
         work = est(z.shape[-2], z.shape[-1]) if est is not None else 0
         try:
             model = handle.for_compute(work)
-            # one image (or tile) at a time inside; progress and Cancel between them
-            images = model.decode(z.to(torch.float32), tile=_TILE_ARG[tile],
-                                  callback=_progress(z.shape[0]))
+            arg, cells, overlap = _tiling(tile, tile_size, model.device)
+            # one image (or tile) at a time inside; progress and Cancel after every decoder block
+            images = model.decode(z.to(torch.float32), tile=arg, tile_size=cells, overlap=overlap,
+                                  callback=_progress(z.shape[0]), progress_unit="block")
         except torch.cuda.OutOfMemoryError as e:
             raise out_of_memory(
                 e,
@@ -110,20 +162,24 @@ class LensNodesVAEEncode:
             "optional": {
                 "tile": (TILE_MODES, {
                     "default": "auto",
-                    "tooltip": "auto: whole image, tiles only when GPU memory is short. on: "
-                               "1024-px tiles with 256-px blended overlap (less memory, latents "
-                               "differ slightly). off: never tile."}),
+                    "tooltip": "auto: on a GPU the whole image, tiles only when memory is short; "
+                               "on the CPU tiles of tile_size, so Cancel stops within about 2 s. "
+                               "on: always tiles of tile_size (less memory, latents differ "
+                               "slightly). off: never tile."}),
+                "tile_size": _tile_size_input("encoding"),
             },
         }
 
-    def encode(self, pixels, vae, tile="auto"):
+    def encode(self, pixels, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         import torch
 
         handle = _vae_handle(vae)
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        _tiling(tile, tile_size, "cpu")  # options checked before any work
         if pixels.ndim != 4 or pixels.shape[-1] not in (3, 4):
             raise ValueError(f"pixels must be an IMAGE [B, H, W, 3], got {tuple(pixels.shape)}.")
+        _check_finite(pixels, "FLUX2 VAE Encode: the image")
         _, H, W, _ = pixels.shape
         h, w = H // 16 * 16, W // 16 * 16
         if h == 0 or w == 0:
@@ -136,8 +192,10 @@ class LensNodesVAEEncode:
         comfy.check_interrupt()
         try:
             model = handle.for_compute()
-            z = model.encode(pixels[..., :3].to(torch.float32), tile=_TILE_ARG[tile],
-                             callback=_progress(pixels.shape[0]))
+            arg, cells, overlap = _tiling(tile, tile_size, model.device)
+            z = model.encode(pixels[..., :3].to(torch.float32), tile=arg, tile_size=cells,
+                             overlap=overlap, callback=_progress(pixels.shape[0]),
+                             progress_unit="block")
         except torch.cuda.OutOfMemoryError as e:
             raise out_of_memory(
                 e,

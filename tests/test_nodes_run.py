@@ -601,18 +601,26 @@ def test_failed_move_to_gpu_leaves_the_model_in_ram(comfy_env):
 # VAE progress / interrupt, encode tiling
 # -------------------------------------------------------------------------------------------
 
-def test_vae_decode_progress_and_interrupt(models):
+def _abs_progress(env):
+    return [(v, t) for (_, kind, v, t, _) in env.progress if kind == "abs"]
+
+
+def test_vae_decode_progress_and_interrupt_per_block(models):
     from nodes import LensNodesVAEDecode
 
     z = {"samples": torch.randn(2, 128, 2, 3, generator=torch.Generator().manual_seed(0))}
     vae = load_vae()
+    per_image = lm_vae().decoder.num_blocks
+    assert per_image > 3
     images = LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")[0]
-    assert [(v, t) for (_, kind, v, t, _) in models.progress if kind == "abs"] == [(1, 2), (2, 2)]
+    assert _abs_progress(models) == [(i, 2 * per_image) for i in range(1, 2 * per_image + 1)]
     want = lm_vae().decode(z["samples"])
     assert torch.equal(images, want)
-    models.interrupt_at(2)  # the check after the first image
+    models.progress.clear()
+    models.interrupt_at(3)  # one check before the work, then after every decoder block
     with pytest.raises(InterruptProcessingException):
         LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")
+    assert len(_abs_progress(models)) == 2 < per_image  # stopped inside the first image
     assert torch.equal(LensNodesVAEDecode().decode(samples=z, vae=vae, tile="auto")[0], want)
 
 
@@ -623,17 +631,63 @@ def test_vae_encode_tile_option_progress_and_interrupt(models):
     pixels = torch.rand(2, 32, 48, 3)
     vae = load_vae()
     node = LensNodesVAEEncode()
+    per_image = lm_vae().encoder.num_blocks
     out = node.encode(pixels=pixels, vae=vae)[0]["samples"]  # tile defaults to "auto"
-    assert [(v, t) for (_, kind, v, t, _) in models.progress if kind == "abs"] == [(1, 2), (2, 2)]
+    assert _abs_progress(models)[-1] == (2 * per_image, 2 * per_image)
     assert torch.equal(out, lm_vae().encode(pixels))
-    # the node's tiles are 64 cells (1024 px): a small image is one tile, so "on" is exact here
+    # a small image is one tile, so "on" is exact here
     assert torch.equal(node.encode(pixels=pixels, vae=vae, tile="on")[0]["samples"], out)
     assert torch.equal(node.encode(pixels=pixels, vae=vae, tile="off")[0]["samples"], out)
     with pytest.raises(ValueError, match="tile must be"):
         node.encode(pixels=pixels, vae=vae, tile="yes")
-    models.interrupt_at(2)
+    models.progress.clear()
+    models.interrupt_at(3)
     with pytest.raises(InterruptProcessingException):
         node.encode(pixels=pixels, vae=vae)
+    assert len(_abs_progress(models)) == 2 < per_image  # stopped inside the first image
+
+
+def test_vae_tile_size_is_a_visible_choice_and_auto_tiles_on_the_cpu(models):
+    from nodes import LensNodesVAEDecode, LensNodesVAEEncode
+
+    dec, enc = LensNodesVAEDecode(), LensNodesVAEEncode()
+    for node in (dec, enc):
+        opt = type(node).INPUT_TYPES()["optional"]["tile_size"][1]
+        assert opt["default"] == 256 and opt["min"] <= 256 <= opt["max"]
+    z = torch.randn(1, 128, 10, 12, generator=torch.Generator().manual_seed(5))  # 160x192 px
+    ref = lm_vae()
+    # 128-px tiles = 8 cells with a quarter (2 cells) of overlap
+    tiled = ref.decode(z, tile=True, tile_size=8, overlap=2)
+    untiled = ref.decode(z, tile=False)
+    assert not torch.equal(tiled, untiled)
+    vae = load_vae()
+    assert torch.equal(dec.decode(samples={"samples": z}, vae=vae, tile="on", tile_size=128)[0], tiled)
+    # the CPU tiles under "auto" (a whole image would be one uncancellable pass)
+    assert torch.equal(dec.decode(samples={"samples": z}, vae=vae, tile="auto", tile_size=128)[0], tiled)
+    assert torch.equal(dec.decode(samples={"samples": z}, vae=vae, tile="off", tile_size=128)[0], untiled)
+    # the default 256 px (16 cells) holds this latent in one tile
+    assert torch.equal(dec.decode(samples={"samples": z}, vae=vae)[0], untiled)
+    pixels = untiled[:, :96, :128]
+    want = ref.encode(pixels, tile=True, tile_size=8, overlap=2)
+    assert torch.equal(enc.encode(pixels=pixels, vae=vae, tile_size=128)[0]["samples"], want)
+    for bad in (100, 64, 8192, 130.0):
+        with pytest.raises(ValueError, match="tile_size must be a multiple of 16"):
+            dec.decode(samples={"samples": z}, vae=vae, tile_size=bad)
+        with pytest.raises(ValueError, match="tile_size must be a multiple of 16"):
+            enc.encode(pixels=pixels, vae=vae, tile_size=bad)
+
+
+def test_vae_nodes_refuse_non_finite_inputs(models):
+    from nodes import LensNodesVAEDecode, LensNodesVAEEncode
+
+    z = torch.zeros(1, 128, 2, 2)
+    z[0, 5, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="latent contains NaN or Inf"):
+        LensNodesVAEDecode().decode(samples={"samples": z}, vae=load_vae())
+    pixels = torch.full((1, 32, 32, 3), float("inf"))
+    with pytest.raises(ValueError, match="image contains NaN or Inf"):
+        LensNodesVAEEncode().encode(pixels=pixels, vae=load_vae())
+    assert models.bars == []
 
 
 def lm_vae():
