@@ -7,6 +7,7 @@ from our Empty Latent / VAE Encode, core's EmptyFlux2LatentImage / VAEEncode (FL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from . import comfy_adapter as comfy
@@ -278,7 +279,7 @@ class LensNodesSampler:
         comfy.check_interrupt()
         try:
             transformer = handle.for_compute()
-            with torch.no_grad():
+            with torch.no_grad(), cancel_inside_forward(transformer):
                 out = sampling.sample(
                     transformer, x.to(dev), sigmas.to(dev), ctx.to(dev), mask.to(dev),
                     negative_context=None if nctx is None else nctx.to(dev),
@@ -305,6 +306,28 @@ class LensNodesSampler:
         finally:
             handle.after_use()
         return ({**extra, "samples": out},)
+
+
+@contextlib.contextmanager
+def cancel_inside_forward(transformer):
+    """Check ComfyUI's Cancel before every transformer block and each of its parts (attention,
+    MLPs, ...) while sampling: a CPU step of the full DiT takes minutes, so checks between steps
+    alone are far too coarse. Forward pre-hooks, removed on exit; a model without
+    ``transformer_blocks`` gets no hooks."""
+    blocks = getattr(transformer, "transformer_blocks", None) or []
+    handles = []
+
+    def check(module, args):
+        comfy.check_interrupt()
+
+    try:
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(check))
+            handles += [child.register_forward_pre_hook(check) for child in block.children()]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _passed_through(latent) -> dict:

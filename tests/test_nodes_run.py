@@ -418,6 +418,22 @@ def test_sampler_non_finite_model_output_is_a_clear_node_error(models, cases, mo
     assert torch.isfinite(run_sampler(handle, cond_from(cases, 0), width=32, height=32)["samples"]).all()
 
 
+def test_cancel_is_checked_inside_a_dit_step_and_hooks_are_removed(models, cases):
+    handle = load_dit()
+    pos = cond_from(cases, 0)
+    clean = run_sampler(handle, pos, seed=2, width=32, height=32)["samples"]
+    blocks = handle.for_compute().transformer_blocks
+    assert models.interrupt_checks > 4 * len(blocks)  # several checks per block per step
+    models.progress.clear()
+    models.interrupt_at(3)
+    with pytest.raises(InterruptProcessingException):
+        run_sampler(handle, pos, seed=2, width=32, height=32)
+    assert _abs_progress(models) == []  # stopped inside the first step
+    assert all(not b._forward_pre_hooks for b in blocks)
+    assert all(not m._forward_pre_hooks for b in blocks for m in b.children())
+    assert torch.equal(run_sampler(handle, pos, seed=2, width=32, height=32)["samples"], clean)
+
+
 def test_interrupt_is_not_swallowed_by_except_exception(models, cases):
     assert not issubclass(InterruptProcessingException, Exception)
     models.interrupted = True
