@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="DiT compute dtype (default: the stored dtype)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="only print the output path(s) and errors (no progress)")
+                   help="only print the output path(s), warnings and errors (no progress)")
     return p
 
 
