@@ -405,7 +405,8 @@ class TensorSource:
     """Header-level view of a checkpoint (one file or a shard set) with the key prefix stripped.
 
     Tensors are read on demand, one at a time: with ``os.pread`` into fresh CPU memory
-    (:meth:`read`) or as a copy-on-write memory map of the file (:meth:`map`).
+    (:meth:`read`), as a copy-on-write memory map of the file (:meth:`map`), or mapped where that
+    works and read otherwise (:meth:`fetch`, what the loaders use).
     """
 
     def __init__(
@@ -425,6 +426,8 @@ class TensorSource:
         self.metadata = metadata
         self.prefix = prefix
         self.config = config
+        #: :meth:`fetch` maps tensors while this is true; it turns false when mapping the file fails.
+        self.use_map = True
 
     # -- header queries -------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -517,6 +520,32 @@ class TensorSource:
         if info.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.")
         return map_tensor(info, populate=populate)
+
+    def fetch(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Same values as :meth:`read`, without a copy where possible.
+
+        A tensor that stays as stored on the CPU is the memory map itself (:meth:`map`); one that is
+        cast or moved is mapped, converted and unmapped (no zero-filled staging copy). Tensors whose
+        file offset is not a multiple of their element size are read; once mapping the file fails
+        (logged once), every later tensor is read too (:attr:`use_map`).
+        """
+        if self.use_map:
+            info = self.info(key)
+            entry = SAFETENSORS_DTYPES.get(info.dtype)
+            if entry is not None and info.start % entry[1] == 0:
+                try:
+                    t = self.map(key)
+                except (OSError, ValueError, BufferError) as e:
+                    logger.warning("%s: memory-mapping `%s` failed (%s); reading tensors into memory instead.",
+                                   self.name, self.stored_key(key), e)
+                    self.use_map = False
+                else:
+                    if dtype is not None and t.dtype != dtype:
+                        t = t.to(dtype)
+                    if device is not None and t.device != torch.device(device):
+                        t = t.to(device)
+                    return t
+        return self.read(key, dtype=dtype, device=device)
 
     def read_rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of a 2-D tensor, reading only those rows (e.g. embedding lookups).

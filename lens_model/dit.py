@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import ops
 from . import quant
-from .checkpoints import SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, quant_layers
+from .checkpoints import CheckpointError, open_checkpoint, quant_layers
 from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS
 from .precision import compute_dtype_for, refuse_fp16
 
@@ -903,7 +903,8 @@ def load_transformer(
     **Memory-mapped weights.** On the CPU, every tensor whose stored dtype is the model's dtype
     (a bf16 file loaded as bf16, an fp32 folder as fp32, fp8 / MXFP8 weights) is not copied: it
     stays a copy-on-write memory map of the file (:meth:`TensorSource.map
-    <lens_model.checkpoints.TensorSource.map>`), so the weights live in the kernel's page cache
+    <lens_model.checkpoints.TensorSource.map>`, through :meth:`TensorSource.fetch
+    <lens_model.checkpoints.TensorSource.fetch>`), so the weights live in the kernel's page cache
     (file-backed, shared with other processes reading the file, reclaimable under memory pressure
     and re-read from the file when touched again) and a cached file loads at memory speed.
     Tensors that are cast or moved to another device are mapped, converted and unmapped one at a
@@ -936,10 +937,10 @@ def load_transformer(
     fp8_mode = weight_dtype is not None
 
     expected = cfg.expected_shapes()
-    fetch = _TensorFetcher(source)
+    fetch = source.fetch
     try:
         for layer, qcfg in qlayers.items():
-            _load_quant_layer(model, fetch, layer, qcfg["format"], expected[layer + ".weight"], target, device)
+            _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
         if fp8_mode:
             for layer in sorted(linear_names):
                 if layer in qlayers or not FP8_CANDIDATES.match(layer):
@@ -984,44 +985,11 @@ def load_transformer(
     return model
 
 
-class _TensorFetcher:
-    """Tensors for :func:`load_transformer`: ``fetch(key, dtype=None, device=None)``.
-
-    Same values as ``source.read(key, dtype, device)``. A tensor that stays as stored on the CPU is
-    the memory map itself (:meth:`TensorSource.map`); one that is cast or moved is mapped, converted
-    and unmapped (no zero-filled or first-touched staging copy). Falls back to ``read`` for tensors
-    whose file offset is not a multiple of their element size, and for the rest of the load once
-    mapping the file fails.
-    """
-
-    def __init__(self, source) -> None:
-        self.source = source
-        self.use_map = True
-
-    def __call__(self, key: str, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
-        if self.use_map:
-            info = self.source.info(key)
-            entry = SAFETENSORS_DTYPES.get(info.dtype)
-            if entry is not None and info.start % entry[1] == 0:
-                try:
-                    t = self.source.map(key)
-                except (OSError, ValueError, BufferError) as e:
-                    logger.warning("%s: memory-mapping `%s` failed (%s); reading tensors into memory instead.",
-                                   self.source.name, self.source.stored_key(key), e)
-                    self.use_map = False
-                else:
-                    if dtype is not None and t.dtype != dtype:
-                        t = t.to(dtype)
-                    if device is not None and t.device != torch.device(device):
-                        t = t.to(device)
-                    return t
-        return self.source.read(key, dtype=dtype, device=device)
-
-
-def _load_quant_layer(model, fetch, layer, fmt, shape, target, device) -> None:
+def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
     """Read one quantised Linear (weight, scale, bias) and install an :class:`ops.QuantLinear`."""
+    fetch = source.fetch
     out_f, in_f = shape
-    bias = fetch(layer + ".bias", dtype=target, device=device) if layer + ".bias" in fetch.source else None
+    bias = fetch(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
     weight = fetch(layer + ".weight", device=device)
     scale2 = None
     if fmt == "mxfp8":

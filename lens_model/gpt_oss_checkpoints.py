@@ -32,7 +32,7 @@ import torch
 
 from . import quant
 from .ops import QuantLinear
-from .checkpoints import CheckpointError, TensorSource, map_tensor, quant_layers
+from .checkpoints import CheckpointError, TensorSource, quant_layers
 
 logger = logging.getLogger(__name__)
 
@@ -322,13 +322,14 @@ class GptOssCheckpoint:
     reads headers and ``comfy_quant`` markers only. :meth:`read_layer` reads one decoder layer
     (stored dtypes); :meth:`embed` reads only the embedding rows it needs.
 
-    Layer tensors are memory-mapped one tensor at a time (:func:`.checkpoints.map_tensor`; ~20x faster than
+    Layer tensors are memory-mapped one tensor at a time (:meth:`TensorSource.fetch`; ~20x faster than
     reading into fresh memory) when ``use_mmap``, else read with ``pread`` by the TensorSource.
     """
 
     def __init__(self, source: TensorSource, use_mmap: bool = True) -> None:
         self.source = source
-        self.use_mmap = use_mmap
+        if not use_mmap:
+            self.use_mmap = False
         self.name = source.name
         keys = set(source.keys())
         if "block.0.attn.sinks" in keys and "layers.0.self_attn.sinks" not in keys:
@@ -624,17 +625,17 @@ class GptOssCheckpoint:
                 raise CheckpointError(f"`{self.name}`: `{src.stored_key(spec.keys['global_scale'])}` is {list(g)}; expected [{x}] or a scalar.")
 
     # -- reading -----------------------------------------------------------------------------------
+    @property
+    def use_mmap(self) -> bool:
+        """Whether layer tensors are memory-mapped (:meth:`TensorSource.fetch`) or read with ``pread``."""
+        return self.source.use_map
+
+    @use_mmap.setter
+    def use_mmap(self, value: bool) -> None:
+        self.source.use_map = bool(value)
+
     def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.use_mmap:
-            try:
-                t = map_tensor(self.source.info(key))
-            except (OSError, ValueError, BufferError) as e:
-                logger.warning("%s: memory-mapping `%s` failed (%s); reading with pread instead.",
-                               self.name, self.source.stored_key(key), e)
-                self.use_mmap = False
-            else:
-                return t.to(dtype) if dtype is not None and t.dtype != dtype else t
-        return self.source.read(key, dtype)
+        return self.source.fetch(key, dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows for ``ids`` (any shape) -> ``ids.shape + (E,)`` in the stored dtype (fp32 for fp8)."""
