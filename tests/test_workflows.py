@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WF = ROOT / "workflows"
 API = WF / "api"
 TOOLS = ROOT / "tools"
-NAMES = ["lens_turbo_t2i", "lens_t2i", "lens_img2img", "lens_mixed_core_vae"]
+NAMES = ["lens_turbo_t2i", "lens_t2i", "lens_img2img", "lens_mixed_core_vae", "lens_inpaint"]
 
 
 def _import_build_workflows():
@@ -42,11 +42,11 @@ def _import_build_workflows():
 
 
 bw = _import_build_workflows()  # file names: workflows/<title>.json|.jpg, workflows/api/<name>_api.json
-CORE_TYPES = {"SaveImage", "LoadImage", "VAELoader", "VAEDecode"}
+CORE_TYPES = {"SaveImage", "LoadImage", "VAELoader", "VAEDecode", "SetLatentNoiseMask"}
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 # widget values each core node stores in the UI file (LoadImage also stores its upload button)
 CORE_WIDGETS = {"SaveImage": ["filename_prefix"], "LoadImage": ["image", "upload"],
-                "VAELoader": ["vae_name"], "VAEDecode": []}
+                "VAELoader": ["vae_name"], "VAEDecode": [], "SetLatentNoiseMask": []}
 HF = "https://huggingface.co/Comfy-Org/Lens/resolve/main/"
 
 
@@ -293,6 +293,13 @@ def test_expected_settings():
     _, api = sampler("lens_mixed_core_vae")
     types = {e["class_type"] for e in api.values()}
     assert {"VAELoader", "VAEDecode", "SaveImage", "LensNodesSampler", "LensNodesTextEncode"} <= types
+    s, api = sampler("lens_inpaint")
+    assert (s["steps"], s["cfg"], s["denoise"], s["mask_mode"]) == (4, 1.0, 1.0, "coverage")
+    masked = api[s["latent"][0]]
+    assert masked["class_type"] == "SetLatentNoiseMask"
+    assert api[masked["inputs"]["samples"][0]]["class_type"] == "LensNodesVAEEncode"
+    assert masked["inputs"]["mask"][1] == 1 and api[masked["inputs"]["mask"][0]]["class_type"] == "LoadImage"
+    assert "VAEEncodeForInpaint" not in {e["class_type"] for e in api.values()}
 
 
 # -------------------------------------------------------------------------------------------
@@ -333,8 +340,24 @@ class CoreLoadImage:
 
         with Image.open(Path(folder_paths.get_input_directory()) / image) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            alpha = (np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0
+                     if "A" in im.getbands() else None)
         img = torch.from_numpy(arr)[None]
-        return img, torch.zeros(img.shape[:3])
+        # core: MASK = 1 - alpha, or 64x64 zeros for an image without alpha
+        mask = 1.0 - torch.from_numpy(alpha)[None] if alpha is not None else torch.zeros(1, 64, 64)
+        return img, mask
+
+
+class CoreSetLatentNoiseMask:
+    FUNCTION = "set_mask"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
 
 
 class CoreVAELoader:
@@ -367,7 +390,7 @@ class CoreVAEDecode:
 
 
 CORE_STANDINS = {"SaveImage": CoreSaveImage, "LoadImage": CoreLoadImage, "VAELoader": CoreVAELoader,
-                 "VAEDecode": CoreVAEDecode}
+                 "VAEDecode": CoreVAEDecode, "SetLatentNoiseMask": CoreSetLatentNoiseMask}
 
 
 def validate(prompt):
@@ -496,7 +519,10 @@ def wf_env(comfy_env, tokenizer, monkeypatch):
     inp = comfy_env.root / "input"
     inp.mkdir()
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(inp / "example.png")
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[4:20, 4:30, 3] = 0  # the mask editor's painted area (transparent): cells (0, 0) and (0, 1)
+    Image.fromarray(rgba, "RGBA").save(inp / "example.png")
     CoreSaveImage.saved = []
     yield comfy_env, names
     text_encode.FEATURES.clear()
@@ -526,20 +552,38 @@ def reference_image(api, tokenizer, env, te_path=GOLDEN / "text_encoder", vae_pa
     vae = lm.load_vae(vae_path, dtype=torch.float32)
     noise = lm.make_noise(s["seed"], 1, H // 16, W // 16, layout=s["noise_layout"])
     latent_src = api[s["latent"][0]] if "latent" in s else None
+    inpaint = {}
+    if latent_src is not None and latent_src["class_type"] == "SetLatentNoiseMask":
+        from PIL import Image
+
+        with Image.open(env.root / "input" / "example.png") as im:
+            alpha = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
+        m = sampling.latent_mask(1.0 - alpha, H // 16, W // 16, mode=s["mask_mode"])
+        assert 0 < float(m.sum()) < m.numel()  # some cells repainted, some kept
+        latent_src = api[latent_src["inputs"]["samples"][0]]
+        inpaint = {"denoise_mask": m}
     if latent_src is not None and latent_src["class_type"] == "LensNodesVAEEncode":
         from PIL import Image
 
         with Image.open(env.root / "input" / "example.png") as im:
             img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
         z = vae.encode(img[:, 4:36, 4:52])
-        sig = lm.img2img_sigmas(H, W, s["steps"], s["denoise"], mode=s["schedule"])
+        if s["denoise"] < 1.0:
+            sig = lm.img2img_sigmas(H, W, s["steps"], s["denoise"], mode=s["schedule"])
+        else:
+            sig = lm.lens_sigmas(H, W, s["steps"])
         x = sampling.noise_image_latents(noise, z, sig[0])
+        if inpaint:
+            inpaint.update(init_latents=z, init_noise=noise)
     else:
         sig = lm.lens_sigmas(H, W, s["steps"])
         x = noise
     model = lm.load_transformer(dit_path or env.folder("diffusion_models") / "lens_tiny_te64")
     out = lm.sample(model, x, sig, ctx, mask, negative_context=nctx, negative_mask=nmask,
-                    guidance_scale=s["cfg"], cfg_mode=s["cfg_mode"])
+                    guidance_scale=s["cfg"], cfg_mode=s["cfg_mode"], **inpaint)
+    if inpaint:  # the kept cells decode from exactly the encoded original
+        keep = (inpaint["denoise_mask"] == 0).expand_as(out)
+        assert keep.any() and torch.equal(out[keep], z.expand_as(out)[keep])
     return vae.decode(out)
 
 

@@ -58,6 +58,8 @@ CORE = {
     "VAELoader": {"inputs": [], "widgets": [("vae_name", 1)], "outputs": [("VAE", "VAE")]},
     "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "widgets": [],
                   "outputs": [("IMAGE", "IMAGE")]},
+    "SetLatentNoiseMask": {"inputs": [("samples", "LATENT"), ("mask", "MASK")], "widgets": [],
+                           "outputs": [("LATENT", "LATENT")]},
 }
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 API_SKIP_WIDGETS = {("LoadImage", "upload")}  # UI-only widget
@@ -412,11 +414,46 @@ def mixed_core_vae(classes):
     return g, "Lens Turbo with core VAE decode"
 
 
+def inpaint(classes):
+    g = Graph(classes)
+    dit, te = _loaders(g, "lens_turbo_bf16.safetensors")
+    pos = _encode(g, te, PROMPT, (400, 0), "Prompt")
+    vae = g.add("LensNodesVAELoader", {"vae_name": "flux2-vae.safetensors", "dtype": "auto", "device": "auto"},
+                pos=(0, 440), size=(320, 130), models=["flux2-vae.safetensors"])
+    img = g.add("LoadImage", {"image": "example.png"}, pos=(0, 620), size=(320, 360))
+    enc = g.add("LensNodesVAEEncode", {"tile": "auto"}, pos=(400, 440), size=(260, 110))
+    g.link(img, 0, enc, "pixels")
+    g.link(vae, 0, enc, "vae")
+    masked = g.add("SetLatentNoiseMask", {}, pos=(400, 600), size=(260, 60))
+    g.link(enc, 0, masked, "samples")
+    g.link(img, 1, masked, "mask")
+    s = g.add("LensNodesSampler", _sampler_widgets(4, 1.0, width=1024, height=1024),
+              pos=(860, 0), size=(320, 440), seed_control="randomize")
+    g.link(dit, 0, s, "model")
+    g.link(pos, 0, s, "positive")
+    g.link(masked, 0, s, "latent")
+    dec = g.add("LensNodesVAEDecode", {"tile": "auto"}, pos=(1220, 0), size=(260, 100))
+    g.link(s, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae")
+    _save(g, dec, 1520)
+    g.add("MarkdownNote", pos=(-420, 0), size=(380, 400), title="Note: inpainting",
+          text="# Lens Turbo, inpainting\n\nPick your picture in Load Image (`example.png` is a "
+               "placeholder), right-click it, **Open in MaskEditor** and paint the area to "
+               "repaint; describe the whole picture in the prompt. Set Latent Noise Mask hands "
+               "the mask to the MMDiT Sampler, which regenerates the painted area and keeps the "
+               "rest exactly (mask_mode coverage: a 16-px latent cell is as masked as its "
+               "pixels). Core's VAE Encode (for Inpainting) is not used: it greys the masked "
+               "pixels, which Lens was not trained for.\n\n"
+               + NOTE_FILES.format(dit="lens_turbo_bf16.safetensors"))
+    return g, "Lens Turbo: inpainting"
+
+
 EXAMPLES = {
     "lens_turbo_t2i": turbo_t2i,
     "lens_t2i": lens_t2i,
     "lens_img2img": img2img,
     "lens_mixed_core_vae": mixed_core_vae,
+    "lens_inpaint": inpaint,
 }
 
 
@@ -427,6 +464,7 @@ TEMPLATE_TITLES = {
     "lens_t2i": ("Lens text to image", "20 steps, CFG 5, negative prompt"),
     "lens_img2img": ("Lens Turbo image to image", "4 steps, denoise 0.6"),
     "lens_mixed_core_vae": ("Lens Turbo with core VAE decode", "core VAELoader and VAEDecode"),
+    "lens_inpaint": ("Lens Turbo inpainting", "Load Image mask, Set Latent Noise Mask"),
 }
 THUMBNAIL_SIZE = 384  # px, square like the browser's cards
 THUMBNAIL_MAX_BYTES = 50_000
