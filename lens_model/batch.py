@@ -45,7 +45,9 @@ import torch
 from . import cli
 from .checkpoints import path_identity
 from .dit import VARIANT_DEFAULTS, load_transformer
-from .pipeline import default_device, encode_prompts, generate_from_features, to_pil
+from .pipeline import (
+    check_generation_options, default_device, encode_prompts, generate_from_features, to_pil,
+)
 from .resolution import resolution_for, validate_size
 from .sampling import make_noise
 
@@ -62,6 +64,9 @@ image, so a resumed job compares them too."""
 STAGE_FIELDS = ("encode_s", "dit_s", "vae_s", "write_s")
 """Seconds each stage spent on the row, in a manifest record (encode_s: 0 when its texts were
 cached)."""
+
+ROW_OPTION_NAMES = {"steps": "steps", "guidance_scale": "cfg", "seed": "seed"}
+"""How range errors name a row's columns (keys of :data:`lens_model.pipeline.PYTHON_NAMES`)."""
 
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
@@ -192,8 +197,9 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
                   variant=variant,
                   lora=None if lora is None else json.dumps(lora, sort_keys=True,
                                                             separators=(",", ":")))
-    if params["seed"] >= 2 ** 63:
-        raise ValueError(f"seed must be < 2**63, got {params['seed']}")
+    # the command-line tool's ranges (steps 1..200, finite cfg 0..100, seed 0..2**64-1)
+    check_generation_options(steps=params["steps"], guidance=params["cfg"], seed=params["seed"],
+                             names=ROW_OPTION_NAMES)
     return BatchRow(id=_row_id(raw.get("id"), params), line=line, **params)
 
 
@@ -455,11 +461,8 @@ class DecodeStage:
         image = to_pil(self.vae.decode(latents, tile="auto"))[0]
         t1 = time.perf_counter()
         path = self.out_dir / f"{row.id}.png"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        image.save(tmp, format="PNG", pnginfo=cli._png_info(png_metadata(row, self.job)))
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        return dict(id=row.id, file=path.name, sha256=digest, **row.params(),
+        cli.save_image(image, path, png_metadata(row, self.job))  # atomic, as the CLI writes it
+        return dict(id=row.id, file=path.name, sha256=sha256_file(path), **row.params(),
                     **self.job.job_params(), vae_s=t1 - t0, write_s=time.perf_counter() - t1)
 
 
@@ -666,23 +669,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
-    """Resolve files, device and defaults exactly as ``python -m lens_model.cli`` does."""
+    """Resolve files, device and defaults as ``python -m lens_model.cli`` does (same file search,
+    header checks before anything loads, variant from ``--variant`` or the DiT's file name)."""
     from .pipeline import variant_defaults
 
-    if args.variant:
-        variant = args.variant
-    elif args.transformer:
-        variant = variant_defaults(args.transformer)["variant"]
-    else:
-        variant = "turbo"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BatchError("--device cuda was requested but CUDA is not available")
     device = torch.device(args.device) if args.device else default_device()
     if args.dit_batch < 1:
         raise BatchError(f"--dit-batch must be >= 1, got {args.dit_batch}")
+    try:
+        check_generation_options(mu=args.mu, names={"mu": "--mu"})
+    except ValueError as e:
+        raise BatchError(str(e)) from None
     width, height = resolution_for(args.base or (1024 if device.type == "cpu" else 1440), "1:1")
     try:
-        files = cli.resolve_files(args, variant)
+        local = cli.find_local_files(args)
+        cli.check_files(local)  # headers only: a wrong file is reported before any model runs
+        if args.variant:
+            variant = args.variant
+        elif local["transformer"] is not None:
+            variant = variant_defaults(local["transformer"])["variant"]
+        else:
+            variant = "turbo"
+        files = cli.download_missing(args, local, variant)
+        if any(local[k] is None for k in files):
+            cli.check_files(files)
     except cli.CliError as e:
         raise BatchError(str(e)) from None
     out = Path(args.out).expanduser()

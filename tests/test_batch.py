@@ -34,13 +34,16 @@ def test_load_rows_defaults_and_bad_lines(tmp_path, caplog):
         {"prompt": "an owl", "id": "fox"},
         {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}, "caption_src": "web"},
         {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}},
+        {"prompt": "a cat", "steps": 500},
+        {"prompt": "a cat", "cfg": float("nan")},
     ])
     rows, errors = batch.load_rows(src, DEFAULTS)
-    assert [e.line for e in errors] == [2, 3, 4, 5, 6, 7, 9, 11]
+    assert [e.line for e in errors] == [2, 3, 4, 5, 6, 7, 9, 11, 12, 13]
     msgs = {e.line: e.message for e in errors}
     assert "JSON" in msgs[2] and "prompt" in msgs[3] and "both width and height" in msgs[4]
     assert "100" in msgs[5] and "seed" in msgs[6] and "../evil" in msgs[7]
     assert "line 1" in msgs[9] and "same parameters" in msgs[11]
+    assert "steps" in msgs[12] and "500" in msgs[12] and "cfg" in msgs[13]
     fox, owl = rows
     # the command-line tool's defaults: seed 0, the job's size, steps/cfg of the variant
     assert (fox.id, fox.seed, fox.width, fox.height, fox.steps, fox.cfg, fox.negative) == \
@@ -199,3 +202,19 @@ def test_batch_on_ray_survives_a_killed_worker(tmp_path, tiny_te, cli_pngs, ray_
     assert _run(tmp_path, tiny_te, out.parent / "ray", "--variant", "lens", "--ray", "local") == 1
     assert "line 3" in capsys.readouterr().err
     assert [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()] == ids
+
+
+def test_batch_bad_files_and_options_fail_before_any_work(tmp_path, tiny_te, capsys):  # noqa: F811
+    src = _write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    out = tmp_path / "out"
+    argv = [str(src), "--out", str(out)] + _files(tiny_te)
+    bad = list(argv)
+    bad[bad.index("--vae") + 1] = str(tmp_path / "missing.safetensors")
+    assert batch.main(bad) == 2
+    assert "--vae" in capsys.readouterr().err
+    wrong = list(argv)
+    wrong[wrong.index("--vae") + 1] = str(GOLDEN / "transformer")   # a DiT given as the VAE
+    assert batch.main(wrong) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert batch.main(argv + ["--dit-batch", "0"]) == 2
+    assert not out.exists()
