@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -32,6 +33,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from . import quant
 from .quant import parse_comfy_quant
 
 logger = logging.getLogger(__name__)
@@ -690,6 +692,55 @@ def quant_layers(source: TensorSource) -> dict[str, dict]:
                 raise CheckpointError(f"{source.name}: `_quantization_metadata` entry for `{stored}` has no `format`.")
             layers[layer] = dict(cfg)
     return layers
+
+
+def quantised_linear_problems(source: TensorSource, layer: str, fmt: str, out_features: int, in_features: int) -> list[str]:
+    """Check the stored tensors of one quantised Linear ``layer`` (a ``[out, in]`` weight in ``fmt``).
+
+    The one check of every quantised Linear, in the DiT and in the text encoder's attention. Raises
+    CheckpointError at once when the weight's storage dtype is not the format's (the file is
+    mis-written: ComfyUI would misread it too); returns the shape and missing-tensor problems found
+    (empty when the layer is fine) for the caller to report with its other findings.
+    ``fmt`` must be one of :data:`quant.LINEAR_FORMATS`.
+    """
+    name = source.name
+    wkey, skey = layer + ".weight", layer + ".weight_scale"
+    if wkey not in source:
+        return [f"`{source.stored_key(wkey)}` is missing ({fmt} weight)"]
+    stored, shape = source.dtype(wkey), tuple(source.shape(wkey))
+    want_dtype = "U8" if fmt == "nvfp4" else "F8_E4M3"
+    if stored != want_dtype:
+        raise CheckpointError(
+            f"`{name}`: layer `{source.stored_key(layer)}` is `{fmt}` but its weight is stored as {stored}; expected "
+            f"{want_dtype} (ComfyUI would corrupt it too). Re-export the file with {fmt} weights."
+        )
+    problems: list[str] = []
+    shown = f"`{source.stored_key(wkey)}`"
+    if fmt == "mxfp8":
+        block = quant.MX_BLOCK
+        want = (-(-out_features // block) * block, -(-in_features // block) * block)
+        if shape != want:
+            problems.append(f"{shown} has shape {list(shape)}, expected {list(want)} (mxfp8, padded to {block})")
+        elif skey in source:
+            rp, cp = quant.padded_scale_shape(want[0], want[1] // block)
+            sshape = tuple(source.shape(skey))
+            if source.dtype(skey) not in ("U8", "F8_E8M0"):
+                problems.append(f"`{source.stored_key(skey)}` is {source.dtype(skey)}, expected U8 or F8_E8M0 exponent bytes")
+            elif sshape not in ((rp, cp), (rp * cp,)):
+                problems.append(f"`{source.stored_key(skey)}` has shape {list(sshape)}, expected swizzled [{rp}, {cp}]")
+    elif fmt == "float8_e4m3fn":
+        if shape != (out_features, in_features):
+            problems.append(f"{shown} has shape {list(shape)}, expected {[out_features, in_features]}")
+        if skey in source and math.prod(source.shape(skey)) != 1:
+            problems.append(f"`{source.stored_key(skey)}` has shape {list(source.shape(skey))}, expected a scalar (per-tensor fp8)")
+    elif fmt == "nvfp4":
+        if shape != (out_features, in_features // 2) or in_features % quant.NVFP4_BLOCK:
+            problems.append(f"{shown} has shape {list(shape)}, expected {[out_features, in_features // 2]} (nvfp4)")
+        if layer + ".weight_scale_2" not in source:
+            problems.append(f"`{source.stored_key(layer)}.weight_scale_2` is missing (nvfp4 global scale)")
+    if skey not in source:
+        problems.append(f"`{source.stored_key(skey)}` is missing ({fmt} block/tensor scale)")
+    return problems
 
 
 # -- writing (tests, benches, caches) ---------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import ops
 from . import quant
-from .checkpoints import CheckpointError, open_checkpoint, quant_layers
+from .checkpoints import CheckpointError, open_checkpoint, quant_layers, quantised_linear_problems
 from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS
 from .precision import compute_dtype_for, refuse_fp16
 
@@ -763,45 +763,8 @@ def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names
         if fmt not in quant.LINEAR_FORMATS:
             raise CheckpointError(quant.unsupported_format_message(name, source.stored_key(layer), fmt))
         wkey = layer + ".weight"
-        if wkey not in present:
-            continue  # reported below as missing
-        out_f, in_f = expected[wkey]
-        stored = source.dtype(wkey)
-        wshape = tuple(source.shape(wkey))
-        skey = layer + ".weight_scale"
-        if fmt in ("mxfp8", "float8_e4m3fn"):
-            if stored != "F8_E4M3":
-                raise CheckpointError(
-                    f"`{name}`: layer `{source.stored_key(layer)}` is `{fmt}` but its weight is stored as {stored}; "
-                    "expected F8_E4M3 (ComfyUI would corrupt it too). Re-export the file with float8 weights."
-                )
-        if fmt == "mxfp8":
-            want = (-(-out_f // 32) * 32, -(-in_f // 32) * 32)
-            if wshape != want:
-                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {list(want)} (mxfp8, padded to 32)")
-            elif skey in present:
-                rp, cp = quant.padded_scale_shape(want[0], want[1] // 32)
-                sshape = tuple(source.shape(skey))
-                if source.dtype(skey) not in ("U8", "F8_E8M0"):
-                    problems.append(f"`{skey}` is {source.dtype(skey)}, expected U8 or F8_E8M0 exponent bytes")
-                elif sshape not in ((rp, cp), (rp * cp,)):
-                    problems.append(f"`{skey}` has shape {list(sshape)}, expected swizzled [{rp}, {cp}]")
-        elif fmt == "float8_e4m3fn":
-            if wshape != (out_f, in_f):
-                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {[out_f, in_f]}")
-            if skey in present and math.prod(source.shape(skey)) != 1:
-                problems.append(f"`{skey}` has shape {list(source.shape(skey))}, expected a scalar (per-tensor fp8)")
-        elif fmt == "nvfp4":
-            if stored != "U8":
-                raise CheckpointError(
-                    f"`{name}`: layer `{source.stored_key(layer)}` is `nvfp4` but its weight is stored as {stored}; expected U8."
-                )
-            if wshape != (out_f, in_f // 2) or in_f % 16:
-                problems.append(f"`{wkey}` has shape {list(wshape)}, expected {[out_f, in_f // 2]} (nvfp4)")
-            if layer + ".weight_scale_2" not in present:
-                problems.append(f"`{layer}.weight_scale_2` is missing (nvfp4 global scale)")
-        if skey not in present:
-            problems.append(f"`{skey}` is missing ({fmt} block/tensor scale)")
+        if wkey in present:  # a missing weight is reported below with the other missing keys
+            problems += quantised_linear_problems(source, layer, fmt, *expected[wkey])
 
     missing = [k for k in expected if k not in present]
     allowed_extra = {layer + suf for layer in qlayers for suf in _QUANT_EXTRA_SUFFIXES}

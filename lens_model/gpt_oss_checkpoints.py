@@ -32,7 +32,7 @@ import torch
 
 from . import quant
 from .ops import QuantLinear
-from .checkpoints import CheckpointError, TensorSource, quant_layers
+from .checkpoints import CheckpointError, TensorSource, quant_layers, quantised_linear_problems
 
 logger = logging.getLogger(__name__)
 
@@ -579,31 +579,9 @@ class GptOssCheckpoint:
         return f"layers.{m.group(1)}.self_attn.{m.group(2)}" in self.markers
 
     def _check_quant_linear(self, layer: str, out_f: int, in_f: int) -> None:
-        src = self.source
-        fmt = self.markers[layer]["format"]
-        wkey = f"{layer}.weight"
-        if wkey not in src:
-            raise CheckpointError(f"`{self.name}`: quantised layer `{src.stored_key(layer)}` ({fmt}) has no weight.")
-        wdt, shape = src.dtype(wkey), tuple(src.shape(wkey))
-        if fmt == "nvfp4":
-            if wdt != "U8" or shape != (out_f, in_f // 2):
-                raise CheckpointError(f"`{self.name}`: layer `{src.stored_key(layer)}` is nvfp4 but its weight is {wdt} {list(shape)}; expected U8 {[out_f, in_f // 2]}.")
-            for k in ("weight_scale", "weight_scale_2"):
-                if f"{layer}.{k}" not in src:
-                    raise CheckpointError(f"`{self.name}`: nvfp4 layer `{src.stored_key(layer)}` has no `{k}`.")
-        elif fmt in ("mxfp8", "float8_e4m3fn"):
-            if wdt != "F8_E4M3":
-                raise CheckpointError(
-                    f"`{self.name}`: layer `{src.stored_key(layer)}` is `{fmt}` but its weight is stored as {wdt}; "
-                    "expected F8_E4M3 (ComfyUI would corrupt it too)."
-                )
-            if fmt == "mxfp8" and (shape[0] < out_f or shape[1] < in_f or shape[1] % quant.MX_BLOCK):
-                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` is {list(shape)}; expected at least "
-                                      f"{[out_f, in_f]}, padded to multiples of {quant.MX_BLOCK}.")
-            if fmt == "float8_e4m3fn" and shape != (out_f, in_f):
-                raise CheckpointError(f"`{self.name}`: layer `{src.stored_key(layer)}` is {list(shape)}; expected {[out_f, in_f]}.")
-            if fmt == "mxfp8" and f"{layer}.weight_scale" not in src:
-                raise CheckpointError(f"`{self.name}`: mxfp8 layer `{src.stored_key(layer)}` has no `weight_scale`.")
+        problems = quantised_linear_problems(self.source, layer, self.markers[layer]["format"], out_f, in_f)
+        if problems:
+            raise CheckpointError(f"`{self.name}`: quantised layer `{self.source.stored_key(layer)}`: " + "; ".join(problems) + ".")
 
     def _check_bank(self, i: int, bank: str, x: int, out_f: int, in_f: int) -> None:
         src = self.source

@@ -307,6 +307,21 @@ def test_unsupported_and_mis_stored_attention_formats(tmp_path, comfy_tensors):
         load_text_encoder(_write_folder(tmp_path / "w", t, name="te.safetensors"), device="cpu")
 
 
+@pytest.mark.parametrize("fmt", ["mxfp8", "float8_e4m3fn"])
+def test_attention_scales_are_checked_at_load_like_the_dit(tmp_path, comfy_tensors, fmt):
+    """A quantised q/k/v/o layer gets the DiT's checks from its headers, before any layer is read
+    (the streamed mode reads no layer at load): here a scale of the wrong shape."""
+    t = dict(comfy_tensors)
+    w = t["layers.2.self_attn.k_proj.weight"]
+    f8, sc = quant.quantize_mxfp8(w) if fmt == "mxfp8" else quant.quantize_float8(w)
+    t["layers.2.self_attn.k_proj.weight"] = f8
+    t["layers.2.self_attn.k_proj.weight_scale"] = torch.ones(3, dtype=torch.uint8 if fmt == "mxfp8" else torch.float32)
+    t["layers.2.self_attn.k_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": fmt})
+    path = _write_folder(tmp_path / "s", t, name="te.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.2\.self_attn\.k_proj\.weight_scale` has shape \[3\]"):
+        load_text_encoder(path, device="cpu", offload="stream")
+
+
 def test_shapes_are_checked_against_the_config(tmp_path, comfy_tensors):
     path = _write_folder(tmp_path / "c", comfy_tensors, name="te.safetensors", config=dict(CONFIG, num_local_experts=8))
     with pytest.raises(CheckpointError, match="do not match the gpt-oss config"):
