@@ -218,3 +218,13 @@ def test_batch_bad_files_and_options_fail_before_any_work(tmp_path, tiny_te, cap
     assert "--vae" in capsys.readouterr().err
     assert batch.main(argv + ["--dit-batch", "0"]) == 2
     assert not out.exists()
+
+
+def test_every_option_is_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Batch generation"):]
+    section = section[:section.index("\n## ", 3)]
+    for action in batch.build_parser()._actions:
+        for opt in action.option_strings:
+            if opt not in ("-h", "--help"):
+                assert opt in section, opt

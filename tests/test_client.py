@@ -754,3 +754,13 @@ def test_many_servers_ctrl_c_cancels_everywhere(multi_servers, tmp_path, monkeyp
     cancelled = {body.get("prompt_id") or body["delete"][0]
                  for srv in (a, b) for _, body in srv.control_posts}
     assert cancelled == set(a.prompts) | set(b.prompts) and len(cancelled) == 4
+
+
+def test_every_option_is_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Queue workflows from the command line"):]
+    section = section[:section.index("## Behaviour choices")]
+    for action in lc.build_parser()._actions:
+        for opt in action.option_strings:
+            if opt not in ("-h", "--help"):
+                assert opt in section, opt
