@@ -557,9 +557,12 @@ def reference_image(api, tokenizer, env, te_path=GOLDEN / "text_encoder", vae_pa
         from PIL import Image
 
         with Image.open(env.root / "input" / "example.png") as im:
-            alpha = torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0)
-        m = sampling.latent_mask(1.0 - alpha, H // 16, W // 16, mode=s["mask_mode"])
-        assert 0 < float(m.sum()) < m.numel()  # some cells repainted, some kept
+            has_alpha = "A" in im.getbands()
+            alpha = np.asarray(im.getchannel("A"), dtype=np.float32) / 255.0 if has_alpha else None
+        # core's LoadImage: MASK = 1 - alpha, or 64x64 zeros without alpha
+        pixel_mask = 1.0 - torch.from_numpy(alpha) if has_alpha else torch.zeros(64, 64)
+        m = sampling.latent_mask(pixel_mask, H // 16, W // 16, mode=s["mask_mode"])
+        assert not has_alpha or 0 < float(m.sum()) < m.numel()  # wf_env paints part of the image
         latent_src = api[latent_src["inputs"]["samples"][0]]
         inpaint = {"denoise_mask": m}
     if latent_src is not None and latent_src["class_type"] == "LensNodesVAEEncode":
