@@ -1,0 +1,54 @@
+"""One dtype policy (lens_model.precision) for the DiT and the text encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import GOLDEN
+from lens_model import precision
+from lens_model.dit import load_transformer
+from lens_model.text_encoder import resolve_dtype
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dit_and_text_encoder_follow_the_same_cpu_bf16_probe(monkeypatch, native):
+    """Both models ask one probe: a CPU without native bf16 computes both in fp32, one with it both
+    in bf16 (the DiT for its bf16 weights, the text encoder by default)."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    want = torch.bfloat16 if native else torch.float32
+    dit = load_transformer(GOLDEN / "transformer", dtype=torch.bfloat16)
+    assert dit.resolved_compute_dtype() == want
+    assert resolve_dtype(None, CPU) == want
+    assert resolve_dtype("auto", CPU) == want
+
+
+def test_fp32_weights_always_compute_in_fp32(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.compute_dtype_for(torch.float32, CPU) == torch.float32
+    assert precision.compute_dtype_for(torch.float64, CPU) == torch.float32
+
+
+@pytest.mark.parametrize("bf16_ok", [True, False])
+def test_fp16_is_replaced_the_same_way_for_both_models(monkeypatch, bf16_ok):
+    """fp16 becomes bf16, or fp32 on a GPU without bf16, with a warning naming the model."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    gpu = torch.device("cuda")
+    want = torch.bfloat16 if bf16_ok else torch.float32
+    with pytest.warns(UserWarning, match="gpt-oss text encoder in fp16"):
+        assert resolve_dtype(torch.float16, gpu) == want
+    with pytest.warns(UserWarning, match="DiT in fp16.*requested"):
+        assert precision.refuse_fp16(torch.float16, gpu, "DiT") == want
+    with pytest.warns(UserWarning, match="stored in `x.safetensors`"):
+        assert precision.refuse_fp16(torch.float16, CPU, "DiT", stored_in="x.safetensors") == torch.bfloat16
+
+
+def test_dtype_names():
+    assert precision.parse_dtype("bf16") is torch.bfloat16
+    assert precision.parse_dtype("float32") is torch.float32
+    assert precision.parse_dtype("auto") is None and precision.parse_dtype(None) is None
+    assert precision.parse_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        precision.parse_dtype("int8")
