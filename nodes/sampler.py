@@ -43,6 +43,10 @@ def parse_conditioning(cond, what: str):
     if stacked != 4:
         raise ValueError(f"{what}: conditioning stacks {stacked} text-encoder layers; Lens needs 4 "
                          f"(was it encoded for another model?).")
+    if not bool(torch.isfinite(ctx).all()):
+        raise ValueError(f"{what}: the conditioning contains NaN or Inf text features (a text "
+                         f"encoder that overflowed, e.g. in fp16, or broken weights); re-encode "
+                         f"the prompt in bf16 or fp32.")
     mask = extra.get("attention_mask")
     if mask is None:
         mask = torch.ones(ctx.shape[:2], dtype=torch.bool)

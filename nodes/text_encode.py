@@ -243,3 +243,7 @@ def _check_layout(ctx, mask):
     if tuple(mask.shape) != tuple(ctx.shape[:2]):
         raise RuntimeError(f"text encoder returned a mask {tuple(mask.shape)} for features "
                            f"{tuple(ctx.shape)}.")
+    if not bool(ctx.isfinite().all()):
+        raise ValueError("GPT-OSS TextEncode: the text encoder produced NaN or Inf features (a "
+                         "compute dtype that overflows, or broken weights). Set GPT-OSS Loader "
+                         "dtype to bf16 or fp32, or re-download the text encoder.")
