@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 
 from . import quant
-from .ops import QuantLinear
+from .ops import CastWorkspace, QuantLinear
 from .checkpoints import CheckpointError, TensorSource, quant_layers, quantised_linear_problems
 
 logger = logging.getLogger(__name__)
@@ -202,12 +202,13 @@ class ExpertBank:
         self._fp4_rows(e, 0, self.out_features, out, self.expert_scales(e))
         return out.to(dtype)
 
-    def linear(self, e: int, x: torch.Tensor, workspace: "Workspace | None" = None) -> torch.Tensor:
+    def linear(self, e: int, x: torch.Tensor, workspace: CastWorkspace | None = None) -> torch.Tensor:
         """``x @ W_e^T + b_e`` for expert ``e``: x [n, in] (compute dtype) -> [n, out] (x's dtype).
 
         Quantised experts are dequantised in row chunks of ``CPU_CHUNK_ROWS`` into reused buffers
-        (CPU) or whole (other devices), so at most one expert's dequantised weights exist at a time
-        per worker.
+        (CPU: ``workspace``, the DiT's :class:`~lens_model.ops.CastWorkspace`, one per worker thread)
+        or whole (other devices), so at most one expert's dequantised weights exist at a time per
+        worker.
         """
         dtype = x.dtype
         bias = self.bias[e].to(dtype)
@@ -221,19 +222,20 @@ class ExpertBank:
             w = torch.empty(n_out, k, dtype=torch.float32, device=x.device)
             self._fp4_rows(e, 0, n_out, w, scales)
             return torch.nn.functional.linear(x, w.to(dtype), bias)
-        ws = workspace or Workspace()
         ch = CPU_CHUNK_ROWS
-        idx = ws.get("idx", ch * k // 2, torch.int32)
-        buf32 = ws.get("fp32", ch * k, torch.float32)
-        buf = ws.get("cast", ch * k, dtype) if dtype != torch.float32 else None
         x = x.contiguous()
         out = torch.empty(x.shape[0], n_out, dtype=dtype)
-        for r0, r1 in _row_chunks(n_out, ch):
-            w = self._fp4_rows(e, r0, r1, buf32, scales, idx)
-            if buf is not None:
-                w = buf[: w.numel()].view_as(w).copy_(w)
-            # x @ w^T (not w @ x^T: MKL is several times slower for that orientation at 2..15 tokens)
-            out[:, r0:r1] = torch.mm(x, w.t())
+        with (workspace if workspace is not None else CastWorkspace()).lease() as lease:
+            bufs = lease if lease is not None else CastWorkspace()  # busy, or autograd recording: fresh memory
+            idx = bufs.buffer(ch * k // 2, torch.int32, x.device, slot=0)
+            buf32 = bufs.buffer(ch * k, torch.float32, x.device, slot=1)
+            buf = bufs.buffer(ch * k, dtype, x.device, slot=2) if dtype != torch.float32 else None
+            for r0, r1 in _row_chunks(n_out, ch):
+                w = self._fp4_rows(e, r0, r1, buf32, scales, idx)
+                if buf is not None:
+                    w = buf[: w.numel()].view_as(w).copy_(w)
+                # x @ w^T (not w @ x^T: MKL is several times slower for that orientation at 2..15 tokens)
+                out[:, r0:r1] = torch.mm(x, w.t())
         return out.add_(bias)
 
 
@@ -241,21 +243,8 @@ def _row_chunks(n: int, chunk: int) -> Iterable[tuple[int, int]]:
     return [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]
 
 
-class Workspace:
-    """Reused scratch buffers (per dtype) for per-expert dequantisation on the CPU."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        t = self._bufs.get((name, dtype))
-        if t is None or t.numel() < numel:
-            t = torch.empty(numel, dtype=dtype)
-            self._bufs[(name, dtype)] = t
-        return t[:numel]
-
-    def clear(self) -> None:
-        self._bufs.clear()
+#: The scratch buffers of per-expert dequantisation are the DiT's (kept under this name for callers).
+Workspace = CastWorkspace
 
 
 @dataclass

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from . import tokenizer as lens_tokenizer
 from .checkpoints import open_checkpoint
 from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN, TEXT_HIDDEN_SIZE, VOCAB_SIZE
-from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, Workspace, find_gpt_oss_config_json
+from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, find_gpt_oss_config_json
+from .ops import CastWorkspace
 from .precision import default_compute_dtype as default_dtype  # public name of the text encoder's default
 from .precision import parse_dtype, refuse_fp16
 
@@ -309,10 +310,10 @@ class ExpertPool:
         torch.set_num_threads(1)
         torch.get_num_threads()  # initialises this thread's torch threading now, with 1
 
-    def workspace(self) -> Workspace:
+    def workspace(self) -> CastWorkspace:
         ws = getattr(self._local, "ws", None)
         if ws is None:
-            ws = self._local.ws = Workspace()
+            ws = self._local.ws = CastWorkspace()
         return ws
 
     def submit(self, fn, *args):
@@ -322,7 +323,7 @@ class ExpertPool:
         self._pool.shutdown(wait=True)
 
 
-def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: Workspace | None = None,
+def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: CastWorkspace | None = None,
               pool: ExpertPool | None = None) -> torch.Tensor:
     """Top-k mixture of experts. x: [T, E] (normed, compute dtype) -> [T, E].
 
@@ -343,7 +344,7 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
     gate_up, down = lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]
     limit, alpha = config.swiglu_limit, config.swiglu_alpha
 
-    def expert(e: int, tok: torch.Tensor, w: torch.Tensor, ws: Workspace | None) -> torch.Tensor:
+    def expert(e: int, tok: torch.Tensor, w: torch.Tensor, ws: CastWorkspace | None) -> torch.Tensor:
         gu = gate_up.linear(e, x.index_select(0, tok), ws)
         gate = gu[:, 0::2].clamp(max=limit)
         up = gu[:, 1::2].clamp(min=-limit, max=limit)
@@ -380,7 +381,7 @@ def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace
 
 
 def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
-                  bias: torch.Tensor, workspace: Workspace | None = None, pool: ExpertPool | None = None) -> torch.Tensor:
+                  bias: torch.Tensor, workspace: CastWorkspace | None = None, pool: ExpertPool | None = None) -> torch.Tensor:
     """One pre-norm decoder layer. h: [B, S, E] residual stream (compute dtype) -> [B, S, E]."""
     eps = config.rms_norm_eps
     dtype = h.dtype
@@ -426,7 +427,7 @@ class LensTextEncoder:
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
         self._resident: list[LayerWeights] | None = None
-        self._workspace = Workspace()
+        self._workspace = CastWorkspace()
         self._pool: ExpertPool | None = None
         self._run_lock = threading.Lock()  # one forward at a time (shared workspaces and pools)
         self.name = checkpoint.name

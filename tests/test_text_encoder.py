@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import GOLDEN
 from lens_model import quant
 from lens_model.gpt_oss_checkpoints import ExpertBank
+from lens_model.ops import CastWorkspace
 from lens_model.text_encoder import (
     GptOssConfig,
     attention_bias,
@@ -358,14 +359,16 @@ def test_expert_linear_equals_dense_reference(fmt, dtype, monkeypatch):
         codes, scales, g = quant.quantize_nvfp4(w)
         bank = ExpertBank("nvfp4", e, rows, cols, torch.randn(e, rows, generator=gen), codes=codes, scales=scales, global_scale=g)
     x = torch.randn(7, cols, generator=gen).to(dtype)
-    ws = goc.Workspace()
+    ws = CastWorkspace()
     for ex in range(e):
         dense = bank.dequantize(ex, dtype)
         ref = torch.nn.functional.linear(x.float(), dense.float(), bank.bias[ex].to(dtype).float())
-        got = bank.linear(ex, x, ws)
+        with torch.inference_mode():  # the workspace's buffers are reused only outside autograd
+            got = bank.linear(ex, x, ws)
         assert got.dtype == dtype and got.shape == (7, rows)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    assert ws.nbytes > 0  # the chunks went through the reused buffers
 
 
 # -- encode() API with a stand-in tokenizer (the tiny model's vocab is 512) ---------------------------

@@ -22,7 +22,8 @@ import json, threading, time, sys
 import torch
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)
-from lens_model.gpt_oss_checkpoints import ExpertBank, LayerWeights, Workspace
+from lens_model.gpt_oss_checkpoints import ExpertBank, LayerWeights
+from lens_model.ops import CastWorkspace
 from lens_model.text_encoder import GptOssConfig, moe_block
 
 def status(key):
@@ -58,12 +59,12 @@ small = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=X)
 small_layer = LayerWeights(0, {"mlp.router.weight": torch.randn(X, 64), "mlp.router.bias": torch.zeros(X),
     "mlp.experts.gate_up_proj": ExpertBank("mxfp4", X, 128, 64, torch.zeros(X, 128), codes=torch.zeros(X, 128, 32, dtype=torch.uint8), scales=torch.full((X, 128, 2), 127, dtype=torch.uint8)),
     "mlp.experts.down_proj": ExpertBank("mxfp4", X, 64, 64, torch.zeros(X, 64), codes=torch.zeros(X, 64, 32, dtype=torch.uint8), scales=torch.full((X, 64, 2), 127, dtype=torch.uint8))})
-moe_block(torch.randn(16, 64), small_layer, small, Workspace())
+moe_block(torch.randn(16, 64), small_layer, small, CastWorkspace())
 
 lw = layer(bank(2 * I, E), bank(E, I))
 quantised = sum(b.nbytes for b in (lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]))
 x = torch.randn(16, E, generator=g)
-ws = Workspace()
+ws = CastWorkspace()
 base = status("VmRSS")
 peak_box = [base]
 sampler_stop = threading.Event()
