@@ -314,10 +314,11 @@ class LensNodesSampler:
 
 @contextlib.contextmanager
 def cancel_inside_forward(transformer):
-    """Check ComfyUI's Cancel before every transformer block and each of its parts (attention,
-    MLPs, ...) while sampling: a CPU step of the full DiT takes minutes, so checks between steps
-    alone are far too coarse. Forward pre-hooks, removed on exit; a model without
-    ``transformer_blocks`` gets no hooks."""
+    """Check ComfyUI's Cancel before every transformer block and every module inside it
+    (attention, each MLP linear, ...) while sampling: a CPU step of the full DiT takes minutes and
+    one block's MLP alone several seconds, so checks between steps or blocks are too coarse.
+    Forward pre-hooks (a flag check each, no device sync), removed on exit; a model without
+    ``transformer_blocks`` gets none."""
     blocks = getattr(transformer, "transformer_blocks", None) or []
     handles = []
 
@@ -326,8 +327,7 @@ def cancel_inside_forward(transformer):
 
     try:
         for block in blocks:
-            handles.append(block.register_forward_pre_hook(check))
-            handles += [child.register_forward_pre_hook(check) for child in block.children()]
+            handles += [m.register_forward_pre_hook(check) for m in block.modules()]
         yield
     finally:
         for h in handles:
