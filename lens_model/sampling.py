@@ -1,4 +1,4 @@
-"""Flow-matching schedule, Euler sampler, norm-rescaled CFG, noise and img2img for Lens.
+"""Flow-matching schedule, Euler sampler, norm-rescaled CFG, noise, img2img and inpainting for Lens.
 
 Reference: Microsoft Lens ``pipeline.py`` @ 5bf0f0c (``compute_empirical_mu`` and the ``__call__``
 loop) with diffusers ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``; spec
@@ -75,7 +75,7 @@ class NonFiniteError(ValueError):
         self.where = where
 
 
-def _finite_float(name: str, value, label: str) -> float:
+def _finite_float(value, label: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{label} must be a number, got {value!r}")
     try:
@@ -118,15 +118,15 @@ def check_sampling_options(steps=None, guidance_scale=None, denoise=None, mu=Non
             raise ValueError(f"{label('steps')} must be an integer from 1 to {MAX_STEPS}, "
                              f"got {steps!r}")
     if guidance_scale is not None:
-        g = _finite_float("guidance_scale", guidance_scale, label("guidance_scale"))
+        g = _finite_float(guidance_scale, label("guidance_scale"))
         if not 0.0 <= g <= MAX_GUIDANCE:
             raise ValueError(f"{label('guidance_scale')} must be in [0, {MAX_GUIDANCE:g}], got {g!r}")
     if denoise is not None:
-        d = _finite_float("denoise", denoise, label("denoise"))
+        d = _finite_float(denoise, label("denoise"))
         if not 0.0 < d <= 1.0:
             raise ValueError(f"{label('denoise')} must be in (0, 1], got {d!r}")
     if mu is not None:
-        m = _finite_float("mu", mu, label("mu"))
+        m = _finite_float(mu, label("mu"))
         if not MU_RANGE[0] <= m <= MU_RANGE[1]:
             raise ValueError(f"{label('mu')} (schedule shift override) must be in "
                              f"[{MU_RANGE[0]:g}, {MU_RANGE[1]:g}], got {m!r}")
