@@ -157,19 +157,12 @@ class ExpertBank:
         if self.format == "mxfp4":
             idx = self.scales[e].reshape(-1).to(torch.int32)
             table = _table_on(_E8M0_TABLE, "e8m0", dev)
-            padded = (rows, cols)
         else:
-            # unswizzle (the layout of quant.unswizzle_scales) moving 4-byte words: the 4 columns of a
-            # tile slot are contiguous in both layouts; padding rows are sliced off the fp32 result
-            rp, cp = quant.padded_scale_shape(rows, cols)
-            words = self.scales[e].reshape(-1).view(torch.int32).view(rp // 128, cp // 4, 32, 4)
-            plain = words.permute(0, 3, 2, 1).contiguous().view(torch.uint8)
-            idx = plain.reshape(-1).to(torch.int32)
+            idx = quant.unswizzle_scales(self.scales[e], rows, cols).reshape(-1).to(torch.int32)
             g = self.global_scale
             g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
             table = _table_on(_E4M3_TABLE, "e4m3", dev) * g.to(dev, torch.float32)  # g*b formed in fp32
-            padded = (rp, cp)
-        return torch.index_select(table, 0, idx).view(padded)[:rows, :cols]
+        return torch.index_select(table, 0, idx).view(rows, cols)
 
     def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor, scales: torch.Tensor,
                   idx: torch.Tensor | None = None) -> torch.Tensor:

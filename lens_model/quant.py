@@ -68,10 +68,16 @@ def unswizzle_scales(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor
             f"block scales of shape {tuple(scales.shape)} do not hold a swizzled [{rows}, {cols}] matrix "
             f"(expected [..., {rp}, {cp}] or [..., {rp * cp}])"
         )
-    t = scales.reshape(*lead, rp // 128, cp // 4, 32, 4, 4)
     n = len(lead)
-    perm = list(range(n)) + [n, n + 3, n + 2, n + 1, n + 4]
-    t = t.permute(*perm).reshape(*lead, rp, cp)
+    if scales.element_size() == 1:
+        # the 4 columns of a tile slot are contiguous in both layouts: move them as one 4-byte word
+        words = scales.reshape(*lead, rp * cp).view(torch.int32).reshape(*lead, rp // 128, cp // 4, 32, 4)
+        perm = list(range(n)) + [n, n + 3, n + 2, n + 1]
+        t = words.permute(*perm).contiguous().view(scales.dtype).reshape(*lead, rp, cp)
+    else:
+        t = scales.reshape(*lead, rp // 128, cp // 4, 32, 4, 4)
+        perm = list(range(n)) + [n, n + 3, n + 2, n + 1, n + 4]
+        t = t.permute(*perm).reshape(*lead, rp, cp)
     return t[..., :rows, :cols]
 
 
