@@ -141,7 +141,7 @@ class LensDiTConfig:
         mlp = shape("transformer_blocks.0.img_mlp.w1.weight")[0]
         if "transformer_blocks.0.img_mlp.w1.weight_scale" in shapes:
             rule = int(inner / 3 * 8)
-            if -(-rule // 32) * 32 == mlp:
+            if -(-rule // quant.MX_BLOCK) * quant.MX_BLOCK == mlp:
                 mlp = rule
         proj = shape("proj_out.weight")[0]
         t_dim = shape("time_text_embed.timestep_embedder.linear_1.weight")[1]
@@ -960,7 +960,7 @@ def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
         if bits.dtype != torch.uint8:
             bits = bits.view(torch.uint8)
         out_p, in_p = weight.shape
-        scale = quant.unswizzle_scales(bits, out_p, in_p // 32).contiguous()
+        scale = quant.unswizzle_scales(bits, out_p, in_p // quant.MX_BLOCK).contiguous()
     elif fmt == "float8_e4m3fn":
         scale = fetch(layer + ".weight_scale", dtype=torch.float32).reshape(())
     else:  # nvfp4

@@ -148,7 +148,7 @@ class ExpertBank:
     # -- dequantisation ----------------------------------------------------------------------------
     @property
     def block_size(self) -> int:
-        return 16 if self.format == "nvfp4" else 32
+        return quant.NVFP4_BLOCK if self.format == "nvfp4" else quant.MX_BLOCK
 
     def expert_scales(self, e: int) -> torch.Tensor:
         """fp32 block scales of expert ``e`` (global scale folded in for NVFP4): [out, in / block]."""
@@ -482,7 +482,7 @@ class GptOssCheckpoint:
             if spec.format == "mxfp4":
                 if len(shape) != 4 or shape[-1] != 16:
                     raise CheckpointError(f"`{self.name}`: MXFP4 blocks `{src.stored_key(spec.keys['codes'])}` have shape {list(shape)}; expected [E, out, in/32, 16].")
-                return (shape[0], shape[1], shape[2] * 32)
+                return (shape[0], shape[1], shape[2] * quant.MX_BLOCK)
             if len(shape) != 3:
                 raise CheckpointError(f"`{self.name}`: NVFP4 weight `{src.stored_key(spec.keys['codes'])}` has shape {list(shape)}; expected [E, out, in/2].")
             return (shape[0], shape[1], shape[2] * 2)
@@ -570,11 +570,11 @@ class GptOssCheckpoint:
         spec = self._banks[(i, bank)]
         if spec.format == "mxfp4":
             s = tuple(src.shape(spec.keys["scales"]))
-            if s != (x, out_f, in_f // 32):
-                raise CheckpointError(f"`{self.name}`: MXFP4 scales `{src.stored_key(spec.keys['scales'])}` are {list(s)}, expected {[x, out_f, in_f // 32]}.")
+            if s != (x, out_f, in_f // quant.MX_BLOCK):
+                raise CheckpointError(f"`{self.name}`: MXFP4 scales `{src.stored_key(spec.keys['scales'])}` are {list(s)}, expected {[x, out_f, in_f // quant.MX_BLOCK]}.")
         elif spec.format == "nvfp4":
             s = tuple(src.shape(spec.keys["scales"]))
-            rp, cp = quant.padded_scale_shape(out_f, in_f // 16)
+            rp, cp = quant.padded_scale_shape(out_f, in_f // quant.NVFP4_BLOCK)
             if s not in ((x, rp, cp), (x, rp * cp)):
                 raise CheckpointError(
                     f"`{self.name}`: NVFP4 block scales `{src.stored_key(spec.keys['scales'])}` are {list(s)}; expected the "
