@@ -27,10 +27,7 @@ import torch
 
 from .dit import variant_defaults_for
 from .resolution import schedule_jump_warning, validate_size
-from .sampling import (
-    StepCallback, check_sampling_options, img2img_sigmas, lens_sigmas, comfyui_sigmas, make_noise,
-    noise_image_latents, sample,
-)
+from .sampling import StepCallback, check_sampling_options, make_noise, plan_sampling, sample
 
 logger = logging.getLogger(__name__)
 
@@ -228,17 +225,6 @@ def _as_image_tensor(image, width: Optional[int], height: Optional[int]) -> torc
     return torch.from_numpy(np.asarray(img).copy()).float().div(255.0).unsqueeze(0)
 
 
-def _schedule(height: int, width: int, steps: int, denoise: float, mu: Optional[float],
-              schedule: str) -> torch.Tensor:
-    if schedule not in ("upstream", "comfyui"):
-        raise ValueError(f"schedule must be 'upstream' or 'comfyui', got {schedule!r}")
-    if denoise < 1.0:
-        return img2img_sigmas(height, width, steps, denoise, mode=schedule, mu=mu)
-    if schedule == "comfyui":
-        return comfyui_sigmas(height, width, steps, mu=mu)
-    return lens_sigmas(height, width, steps, mu=mu)
-
-
 def generate_from_features(
     context: torch.Tensor,
     context_mask: torch.Tensor,
@@ -321,25 +307,19 @@ def generate_from_features(
         noise = make_noise(seed, total, h, w, layout=noise_layout)
     elif tuple(noise.shape) != (total, 128, h, w):
         raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
-    denoise = float(denoise)
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
-    if image is None and denoise < 1.0:
-        # pure noise is x at sigma 1, so a partial schedule would start from the wrong noise level
-        logger.warning("denoise %.2f needs an init image; without one the full schedule runs "
-                       "(text-to-image)", denoise)
-        denoise = 1.0
-    if sigmas is None:
-        sigmas = _schedule(height, width, steps, denoise, mu, schedule)
+    plan = plan_sampling(height, width, steps, denoise=denoise, schedule=schedule, mu=mu,
+                         has_init=image is not None, sigmas=sigmas)
+    for message in plan.warnings:
+        logger.warning("%s", message)
 
     vae_model = None
-    if image is not None and denoise < 1.0:
+    if plan.img2img:
         vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
         z = vae_model.encode(_as_image_tensor(image, width, height),
                              **_vae_progress(progress, "VAE encode"))
         if z.shape[0] not in (1, total):
             raise ValueError(f"init image batch {z.shape[0]} does not match {total} images")
-        noise = noise_image_latents(noise, z, float(sigmas[0]))
+        noise = plan.start_latents(noise, z)
         del z
     elif image is not None:
         logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
@@ -354,10 +334,10 @@ def generate_from_features(
     dit = load_transformer(transformer, dtype=dtype, device=device) if own_dit else transformer
     try:
         t0 = time.perf_counter()
-        latents = sample(dit, noise, sigmas, context, context_mask, negative_context,
+        latents = sample(dit, noise, plan.sigmas, context, context_mask, negative_context,
                          negative_mask, guidance_scale=guidance, callback=step_callback,
                          cfg_mode=cfg_mode)
-        logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", len(sigmas) - 1, width,
+        logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width,
                     height, guidance, time.perf_counter() - t0)
     finally:
         if own_dit:

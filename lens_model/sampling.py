@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -240,16 +241,104 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
     by :func:`check_sampling_options` (n_total itself may exceed :data:`MAX_STEPS`).
     """
     check_sampling_options(steps=steps, denoise=denoise, mu=mu)
-    steps = int(steps)
+    return plan_sampling(height, width, steps, denoise=denoise, schedule=mode, mu=mu,
+                         has_init=True).sigmas
+
+
+SCHEDULES = ("upstream", "comfyui")
+"""Schedule modes: "upstream" (:func:`lens_sigmas`, empirical μ) and "comfyui" (:func:`comfyui_sigmas`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """What to sample, decided once by :func:`plan_sampling` for the pipeline and the sampler node.
+
+    ``sigmas`` is the float32 schedule ``[steps + 1]`` from σ_start down to 0. When ``img2img`` is
+    True the sampler starts from the init latents noised to σ_start (:meth:`start_latents`),
+    otherwise from pure noise. A partial (img2img) schedule is the tail of a ``full_steps``-step
+    schedule: it starts at index :attr:`start` of it. ``mu`` is the schedule shift the schedule used
+    (None for an explicit schedule). ``warnings`` are for the caller to log.
+    """
+
+    sigmas: torch.Tensor
+    steps: int
+    full_steps: int
+    denoise: float
+    img2img: bool
+    schedule: str
+    mu: Optional[float]
+    warnings: tuple = ()
+
+    @property
+    def start(self) -> int:
+        """Index of σ_start in the full ``full_steps``-step schedule (0 for text-to-image)."""
+        return self.full_steps - self.steps
+
+    @property
+    def sigma0(self) -> float:
+        """σ_start, the noise level the sampler starts at."""
+        return float(self.sigmas[0])
+
+    def start_latents(self, noise: torch.Tensor,
+                      init_latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sampler's start latent: ``noise`` (pure noise, σ = 1), or for img2img
+        σ_start·noise + (1 − σ_start)·z (:func:`noise_image_latents`)."""
+        if not self.img2img:
+            return noise
+        if init_latents is None:
+            raise ValueError("this plan starts from an image (img2img): pass its latents")
+        return noise_image_latents(noise, init_latents, self.sigma0)
+
+
+def plan_sampling(height: int, width: int, steps: int, *, denoise: float = 1.0,
+                  schedule: str = "upstream", mu: Optional[float] = None, has_init: bool = False,
+                  sigmas: Optional[torch.Tensor] = None) -> SamplingPlan:
+    """Decide the schedule and the start of a run: the one rule used by the pipeline and the node.
+
+    Args:
+        height, width: image size in pixels (the latent grid is H/16 × W/16).
+        steps: Euler steps n (1..:data:`MAX_STEPS`).
+        denoise: strength s in (0, 1]. Below 1 *with* an init image (``has_init``) the run is
+            img2img: the last n + 1 values of a ⌊n/s⌋-step schedule (:func:`img2img_sigmas`),
+            starting from the init latents noised to σ_start. Below 1 *without* one, pure noise
+            sits at σ = 1, so the full text-to-image schedule runs instead and a warning says so.
+        schedule: "upstream" (:func:`lens_sigmas`; μ from the size and the full step count) or
+            "comfyui" (:func:`comfyui_sigmas`; μ from the size).
+        mu: schedule shift override; None = automatic.
+        has_init: whether init latents (an encoded image, a LATENT with content) are available.
+        sigmas: an explicit schedule ``[n + 1]`` replacing the computed one (``steps`` is then
+            its length − 1); the denoise rule still decides whether it starts from the image.
+
+    Options are checked by :func:`check_sampling_options` (ValueError naming the option).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be 'upstream' or 'comfyui', got {schedule!r}")
+    check_sampling_options(denoise=denoise, mu=mu)
     denoise = float(denoise)
-    total = max(int(steps / denoise), steps)
-    if mode == "upstream":
-        full = _lens_schedule(height, width, total, mu)
-    elif mode == "comfyui":
-        full = _comfyui_schedule(height, width, total, mu)
+    warnings = []
+    if denoise < 1.0 and not has_init:
+        warnings.append(f"denoise {denoise:.2f} needs an image latent (an init image) to start "
+                        f"from; without one the full schedule runs (text-to-image)")
+        denoise = 1.0
+    if sigmas is not None:
+        sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if sig.numel() < 2 or not bool(torch.isfinite(sig).all()):
+            raise ValueError(f"sigmas must be n + 1 >= 2 finite values, got {sig.tolist()}")
+        n = sig.numel() - 1
+        return SamplingPlan(sig, n, n, denoise, denoise < 1.0, schedule, None, tuple(warnings))
+    check_sampling_options(steps=steps)
+    steps = int(steps)
+    full = max(int(steps / denoise), steps)  # core's KSampler: int(steps / denoise)
+    if schedule == "comfyui":
+        used_mu = comfyui_mu(height, width) if mu is None else float(mu)
+        sig = _comfyui_schedule(height, width, full, used_mu)
     else:
-        raise ValueError(f"img2img_sigmas mode must be 'upstream' or 'comfyui', got {mode!r}")
-    return full[-(steps + 1):].clone()
+        used_mu = empirical_mu(image_tokens(height, width), full) if mu is None else float(mu)
+        sig = _lens_schedule(height, width, full, used_mu)
+    if full != steps:
+        sig = sig[-(steps + 1):].clone()
+    return SamplingPlan(sig, steps, full, denoise, denoise < 1.0, schedule, used_mu,
+                        tuple(warnings))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -741,7 +830,7 @@ def tokens_to_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 __all__: Sequence[str] = (
-    "check_sampling_options", "NonFiniteError", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
+    "check_sampling_options", "NonFiniteError", "SamplingPlan", "plan_sampling", "SCHEDULES", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
     "make_noise", "noise_image_latents", "latent_mask", "repeat_to_batch", "MASK_MODES", "cfg_combine", "empty_text", "pad_text", "align_text",
     "expand_batch", "sample", "image_tokens", "sample_to_tokens", "tokens_to_latents",
 )

@@ -8,7 +8,7 @@ import torch
 
 from lens_model.sampling import (
     align_text, cfg_combine, comfyui_mu, comfyui_sigmas, empirical_mu, empty_text, expand_batch,
-    img2img_sigmas, lens_sigmas, make_noise, noise_image_latents, pad_text, sample,
+    img2img_sigmas, lens_sigmas, make_noise, noise_image_latents, pad_text, plan_sampling, sample,
     sample_to_tokens, tokens_to_latents,
 )
 
@@ -103,6 +103,71 @@ def test_img2img_partial_schedule():
     for s in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="denoise"):
             img2img_sigmas(1024, 1024, 4, s)
+
+
+def _golden_row(height, width, steps):
+    return next(r for r in SCHEDULE if (r["height"], r["width"], r["steps"]) == (height, width, steps))
+
+
+def test_plan_sampling_text_to_image_follows_the_golden_schedule():
+    row = _golden_row(1024, 1024, 4)
+    plan = plan_sampling(1024, 1024, 4)
+    assert plan.sigmas.dtype == torch.float32 and plan.sigmas.shape == (5,)
+    assert torch.allclose(plan.sigmas, torch.tensor(row["sigmas"]), atol=1e-6, rtol=0)
+    assert abs(plan.mu - row["mu"]) <= 1e-9
+    assert (plan.steps, plan.full_steps, plan.start, plan.img2img) == (4, 4, 0, False)
+    assert plan.sigma0 == 1.0 and plan.denoise == 1.0 and plan.warnings == ()
+    noise = torch.randn(1, 128, 2, 2)
+    assert plan.start_latents(noise) is noise
+    # the same numbers, bit for bit, as the public schedule functions
+    assert torch.equal(plan.sigmas, lens_sigmas(1024, 1024, 4))
+    assert torch.equal(plan_sampling(48, 80, 6, schedule="comfyui").sigmas, comfyui_sigmas(48, 80, 6))
+
+
+def test_plan_sampling_img2img_is_the_tail_of_the_longer_schedule():
+    row = _golden_row(1024, 1024, 8)   # 4 steps at denoise 0.5: the last 5 of 8 steps
+    plan = plan_sampling(1024, 1024, 4, denoise=0.5, has_init=True)
+    assert torch.allclose(plan.sigmas, torch.tensor(row["sigmas"][4:]), atol=1e-6, rtol=0)
+    assert abs(plan.mu - row["mu"]) <= 1e-9
+    assert (plan.steps, plan.full_steps, plan.start, plan.img2img) == (4, 8, 4, True)
+    assert plan.sigma0 == pytest.approx(row["sigmas"][4], abs=1e-6)
+    noise, z = torch.full((2, 128, 2, 2), 3.0), torch.full((1, 128, 2, 2), -1.0)
+    s0 = row["sigmas"][4]
+    assert torch.allclose(plan.start_latents(noise, z), torch.full((2, 128, 2, 2), 3 * s0 - (1 - s0)))
+    with pytest.raises(ValueError, match="latents"):
+        plan.start_latents(noise)
+    assert torch.equal(plan.sigmas, img2img_sigmas(1024, 1024, 4, 0.5))
+    assert torch.equal(plan_sampling(1024, 1024, 4, denoise=0.3, schedule="comfyui", has_init=True)
+                       .sigmas, img2img_sigmas(1024, 1024, 4, 0.3, mode="comfyui"))
+
+
+def test_plan_sampling_denoise_without_an_image_runs_the_full_schedule_with_a_warning():
+    row = _golden_row(1024, 1024, 4)
+    plan = plan_sampling(1024, 1024, 4, denoise=0.5, has_init=False)
+    assert torch.allclose(plan.sigmas, torch.tensor(row["sigmas"]), atol=1e-6, rtol=0)
+    assert (plan.img2img, plan.denoise, plan.full_steps) == (False, 1.0, 4)
+    assert len(plan.warnings) == 1 and "needs an image latent" in plan.warnings[0]
+    # an init image at denoise 1 is not img2img either (no warning: inpainting uses it)
+    assert not plan_sampling(1024, 1024, 4, has_init=True).img2img
+
+
+def test_plan_sampling_mu_override_comfyui_mode_and_explicit_sigmas():
+    plan = plan_sampling(1024, 1024, 4, mu=0.0)        # no shift: sigma = t
+    assert torch.allclose(plan.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), atol=1e-7)
+    assert plan.mu == 0.0
+    plan = plan_sampling(1024, 1024, 4, schedule="comfyui")
+    assert torch.allclose(plan.sigmas, torch.tensor([1.0, 0.9045, 0.7595, 0.5128, 0.0]), atol=1e-4)
+    assert plan.mu == pytest.approx(1.15, abs=1e-12) and plan.schedule == "comfyui"
+    given = torch.tensor([0.6, 0.3, 0.0])
+    plan = plan_sampling(1024, 1024, 9, denoise=0.6, has_init=True, sigmas=given)
+    assert torch.equal(plan.sigmas, given) and plan.steps == 2 and plan.mu is None and plan.img2img
+    for bad in ({"schedule": "karras"}, {"denoise": 0.0}, {"denoise": float("nan")},
+                {"mu": 30.0}, {"sigmas": torch.tensor([1.0])},
+                {"sigmas": torch.tensor([1.0, float("nan"), 0.0])}):
+        with pytest.raises(ValueError):
+            plan_sampling(1024, 1024, 4, **bad)
+    with pytest.raises(ValueError, match="steps"):
+        plan_sampling(1024, 1024, 0)
 
 
 def test_noise_image_latents():
