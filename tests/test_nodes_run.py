@@ -282,7 +282,8 @@ def test_previews_every_step_are_x0_in_flux2_format(models, cases):
     models.preview_method = "latent2rgb"
     pos = cond_from(cases, 0)
     latent = LensNodesEmptyLatent().generate(width=48, height=32, batch_size=2)[0]
-    out = run_sampler(load_dit(), pos, latent=latent, seed=9, steps=4)["samples"]
+    handle = load_dit()
+    out = run_sampler(handle, pos, latent=latent, seed=9, steps=4)["samples"]
 
     # one previewer per run, for core's Flux2 latent format on the sampling device
     assert len(models.previewer_requests) == 1
@@ -295,7 +296,8 @@ def test_previews_every_step_are_x0_in_flux2_format(models, cases):
     assert all(p == ("JPEG", FakePreviewImage((2, 128, 2, 3)), 512) for *_, p in sent)
     assert len(models.previews) == 4
     assert all(f == "JPEG" and x0.shape == (2, 128, 2, 3) for f, x0 in models.previews)
-    assert models.interrupt_checks == 5  # still before the first step and after every step
+    # before the first step, after every step and before every module of every DiT block
+    assert models.interrupt_checks > 5 * len(handle.for_compute().transformer_blocks)
 
     # the same x0 as lens_model.sample's callback gives, and the final latent is unchanged
     model = lm.load_transformer(GOLDEN / "transformer")
