@@ -906,18 +906,8 @@ def load_transformer(
             _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
         if fp8_mode:
             for layer in sorted(linear_names):
-                if layer in qlayers or not FP8_CANDIDATES.match(layer):
-                    continue
-                w = fetch(layer + ".weight")
-                w8, scale = quant.quantize_float8(w)
-                del w
-                bias = None
-                if layer + ".bias" in expected:
-                    bias = fetch(layer + ".bias", dtype=target, device=device)
-                out_f, in_f = expected[layer + ".weight"]
-                model.set_submodule(
-                    layer, ops.QuantLinear("float8_e4m3fn", in_f, out_f, w8.to(device), scale.to(device), bias)
-                )
+                if layer not in qlayers and FP8_CANDIDATES.match(layer):
+                    _load_fp8_layer(model, source, layer, expected, target, device)
         for key in expected:
             module_name, _, pname = key.rpartition(".")
             module = model.get_submodule(module_name)
@@ -946,6 +936,19 @@ def load_transformer(
         f", {nq} quantised layers" if nq else "", model.variant_defaults,
     )
     return model
+
+
+def _load_fp8_layer(model, source, layer, expected, target, device) -> None:
+    """Read one plain Linear, quantise its weight to float8_e4m3fn (per-tensor scale) and install an
+    :class:`ops.QuantLinear` (the ``weight_dtype="fp8"`` storage mode)."""
+    w = source.fetch(layer + ".weight")
+    w8, scale = quant.quantize_float8(w)
+    del w
+    bias = None
+    if layer + ".bias" in expected:
+        bias = source.fetch(layer + ".bias", dtype=target, device=device)
+    out_f, in_f = expected[layer + ".weight"]
+    model.set_submodule(layer, ops.QuantLinear("float8_e4m3fn", in_f, out_f, w8.to(device), scale.to(device), bias))
 
 
 def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
