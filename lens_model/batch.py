@@ -30,6 +30,7 @@ parameters and whose file still has the recorded sha256.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ import torch
 from . import cli
 from .checkpoints import path_identity
 from .dit import VARIANT_DEFAULTS, load_transformer
+from .ops import release_free_memory
 from .pipeline import (
     check_generation_options, default_device, encode_prompts, generate_from_features, to_pil,
 )
@@ -62,8 +64,8 @@ JOB_FIELDS = ("model", "text_encoder", "vae", "noise_layout", "mu", "date", "dty
 image, so a resumed job compares them too."""
 
 STAGE_FIELDS = ("encode_s", "dit_s", "vae_s", "write_s")
-"""Seconds each stage spent on the row, in a manifest record (encode_s: 0 when its texts were
-cached)."""
+"""Seconds each stage spent on the row, in a manifest record (``encode_s``: encoding its texts
+that no earlier row had needed; 0 when they were cached)."""
 
 ROW_OPTION_NAMES = {"steps": "steps", "guidance_scale": "cfg", "seed": "seed"}
 """How range errors name a row's columns (keys of :data:`lens_model.pipeline.PYTHON_NAMES`)."""
@@ -380,7 +382,14 @@ class EncodeStage:
         return spent
 
     def close(self) -> None:
+        """Release the text encoder (and hand its memory back) before the DiT loads."""
+        if self._encoder is None:
+            return
         self._encoder = None
+        gc.collect()
+        release_free_memory()
+        if torch.device(self.job.device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class DiTStage:
@@ -546,18 +555,28 @@ def manifest_columns() -> list[str]:
 
 
 class Progress:
-    """Logs rows done / total and images per minute."""
+    """Logs rows done / total and images per minute after each image, and at the end the seconds
+    each stage spent against the wall time (stage utilisation)."""
 
     def __init__(self, total: int, skipped: int):
         self.total, self.done, self.t0 = total, skipped, time.perf_counter()
         self.made = 0
+        self.stage_s = dict.fromkeys(STAGE_FIELDS, 0.0)
 
-    def add(self, n: int = 1) -> None:
-        self.done += n
-        self.made += n
+    def add(self, record: dict) -> None:
+        self.done += 1
+        self.made += 1
+        for k in self.stage_s:
+            self.stage_s[k] += float(record.get(k) or 0.0)
         minutes = (time.perf_counter() - self.t0) / 60.0
         logger.info("%d/%d rows done, %.1f images/min", self.done, self.total,
                     self.made / minutes if minutes > 0 else 0.0)
+
+    def summary(self) -> str:
+        wall = time.perf_counter() - self.t0
+        parts = ", ".join(f"{k[:-2]} {v:.1f} s ({100.0 * v / wall if wall > 0 else 0.0:.0f} %)"
+                          for k, v in self.stage_s.items())
+        return f"{self.made} image(s) in {wall:.1f} s; stage time summed over workers: {parts}"
 
 
 # ------------------------------------------------------------------------------------ the runner
@@ -605,13 +624,19 @@ def run_in_process(rows: Sequence[BatchRow], job: JobSettings, dit_batch: int = 
                 rec.update(encode_s=_encode_seconds(row, spent), dit_s=dit_s)
                 manifest.add(rec)
                 result.written.append(row.id)
-                progress.add()
+                progress.add(rec)
+        logger.info("%s", progress.summary())
     manifest.finish([r.id for r in rows])
     return result
 
 
-def _encode_seconds(row: BatchRow, spent: dict[str, float]) -> float:
-    return spent.get(row.prompt, 0.0) + (spent.get(row.negative, 0.0) if row.cfg != 1.0 else 0.0)
+def _encode_seconds(row: BatchRow, unbilled: dict[str, float]) -> float:
+    """Encode seconds charged to ``row``: those of its texts not charged to an earlier row yet
+    (removed from ``unbilled``), so summing a manifest's ``encode_s`` gives the encode time."""
+    seconds = unbilled.pop(row.prompt, 0.0)
+    if row.cfg != 1.0:
+        seconds += unbilled.pop(row.negative, 0.0)
+    return seconds
 
 
 # ------------------------------------------------------------------------------- command line

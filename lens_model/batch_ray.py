@@ -191,6 +191,7 @@ def run_on_ray(rows: Sequence[BatchRow], job: JobSettings, opts: RayOptions,
             rec["encode_s"] = _encode_seconds(by_id[rec["id"]], spent)
             manifest.add(rec)
             result.written.append(rec["id"])
-            progress.add()
+            progress.add(rec)
+        logger.info("%s", progress.summary())
     manifest.finish([r.id for r in rows])
     return result

@@ -3,6 +3,8 @@ command-line tool on tiny weights (byte-identical PNGs), the feature cache and r
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -172,9 +174,14 @@ def test_batch_parquet_in_and_out(tmp_path, tiny_te, cli_pngs):  # noqa: F811
 def ray_local():
     """One local Ray instance (2 CPUs) for this module's Ray tests."""
     ray = pytest.importorskip("ray", reason="ray is an optional extra (pip install 'lens-nodes[batch]')")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # a private session folder (short: it holds unix sockets), so that a Ray started by another
+    # test run on the same machine is never joined or confused with this one
+    temp = tempfile.mkdtemp(prefix="lensray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _temp_dir=temp)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_batch_on_ray_survives_a_killed_worker(tmp_path, tiny_te, cli_pngs, ray_local,  # noqa: F811
