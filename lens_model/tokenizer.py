@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
-from .checkpoints import CheckpointError, read_safetensors_header, read_tensor_from_file
+from .checkpoints import CheckpointError, file_identity, read_safetensors_header, read_tensor_from_file
 from .constants import DEFAULT_DATE, MAX_LENGTH, PAD_ID, PREFIX_LEN, SUFFIX_LEN, VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
@@ -475,11 +475,6 @@ def _embedded_backend(path: str, key: str, size: int, mtime_ns: int):
     return _backend_from_json(read_embedded_tokenizer_json(path, key), f"the `{key}` tensor in {path}")
 
 
-def _identity(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path), st.st_size, st.st_mtime_ns
-
-
 # --------------------------------------------------------------------------------------------------
 # Embedded tokenizer_json (ComfyUI text-encoder files)
 
@@ -625,17 +620,17 @@ def load_tokenizer(path: PathLike | None = None) -> LensTokenizer:
                 f"No tokenizer found: the built-in o200k_base fallback {location} is missing. "
                 f"Reinstall the node pack or pass a tokenizer.json."
             )
-        backend = _fallback_backend(*_identity(location))
+        backend = _fallback_backend(*file_identity([location]))
         source = f"o200k_base fallback ({location})"
     elif kind == "file":
-        backend = _json_backend(*_identity(location))
+        backend = _json_backend(*file_identity([location]))
         source = str(location)
     else:
         found = _embedded_source(location)
         if found is None:  # pragma: no cover - find_tokenizer_source just found it
             raise ValueError(f"{location} holds no `tokenizer_json` tensor")
         file, key = found
-        ident = _identity(file)
+        ident = file_identity([file])
         backend = _embedded_backend(ident[0], key, ident[1], ident[2])
         source = f"`{key}` in {file}"
     logger.info("Lens tokenizer: %s", source)
