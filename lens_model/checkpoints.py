@@ -34,7 +34,6 @@ from typing import Iterable, Mapping
 import torch
 
 from . import quant
-from .quant import parse_comfy_quant
 
 logger = logging.getLogger(__name__)
 
@@ -676,7 +675,7 @@ def quant_layers(source: TensorSource) -> dict[str, dict]:
         if key.endswith(".comfy_quant"):
             layer = key[: -len(".comfy_quant")]
             try:
-                layers[layer] = parse_comfy_quant(source.read(key))
+                layers[layer] = quant.parse_comfy_quant(source.read(key))
             except ValueError as e:
                 raise CheckpointError(f"{source.name}: layer `{source.stored_key(layer)}`: {e}") from e
     meta = source.metadata.get("_quantization_metadata")
