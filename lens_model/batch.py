@@ -732,6 +732,21 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
     return job, RowDefaults(variant=variant, width=width, height=height)
 
 
+def _ray_available(address: str) -> bool:
+    """Whether ray can be imported. Without it, ``--ray auto`` / ``--ray local`` run the same job
+    in-process (same files) with a warning; a cluster address is an error."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if address in ("auto", "local"):
+            logger.warning("--ray %s: ray is not installed (pip install 'lens-nodes[batch]'); "
+                           "running in-process instead (same files)", address)
+            return False
+        raise BatchError(f"--ray {address}: ray is not installed; pip install 'lens-nodes[batch]' "
+                         "(or -r requirements-batch.txt)") from None
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -745,7 +760,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(r.lora for r in rows):
             logger.warning("the 'lora' column is recorded in the manifest but not applied yet: "
                            "the pipeline has no LoRA support")
-        if args.ray:
+        if args.ray and _ray_available(args.ray):
             from .batch_ray import RayOptions, run_on_ray
 
             result = run_on_ray(rows, job, RayOptions.from_args(args), dit_batch=args.dit_batch)

@@ -235,3 +235,18 @@ def test_every_option_is_in_the_readme():
         for opt in action.option_strings:
             if opt not in ("-h", "--help"):
                 assert opt in section, opt
+
+
+def test_without_ray_installed_local_runs_in_process(tmp_path, tiny_te, cli_pngs, monkeypatch,  # noqa: F811
+                                                     caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # import ray -> ImportError
+    src = _write_jsonl(tmp_path / "p.jsonl", [r for r in ROWS if isinstance(r, dict)][:1])
+    out = tmp_path / "noray"
+    argv = [str(src), "--out", str(out), "--variant", "lens"] + _files(tiny_te)
+    assert batch.main(argv + ["--ray", "10.0.0.1:6379"]) == 2     # a cluster address needs ray
+    assert not (out / "fox.png").exists()
+    assert batch.main(argv + ["--ray", "local"]) == 0
+    assert "running in-process" in caplog.text
+    assert (out / "fox.png").read_bytes() == cli_pngs["fox"]

@@ -764,3 +764,13 @@ def test_every_option_is_in_the_readme():
         for opt in action.option_strings:
             if opt not in ("-h", "--help"):
                 assert opt in section, opt
+
+
+def test_without_websocket_client_the_client_polls(make_server, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="lens_model.client")
+    monkeypatch.setattr(lc, "_wsclient", None)             # the package is not installed
+    srv = make_server(ws=True, pending_polls=1)
+    paths = lc.run_workflow(LENS_API, server=srv.url, output_dir=tmp_path, timeout=10,
+                            poll_interval=0.02)
+    assert "websocket-client" in caplog.text and not srv.ws_requests
+    assert [p.name for p in paths] == ["Lens_00001_.png", "Lens_00002_.png"]
