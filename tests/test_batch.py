@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from lens_model import batch, cli
 from test_cli import GOLDEN, tiny_te  # noqa: F401  (tiny_te: a module fixture, a TE fitting the tiny DiT)
