@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="init image for img2img (resized to the output size)")
     p.add_argument("--denoise", type=float, default=1.0,
                    help="img2img strength in (0, 1] (1 = text-to-image)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a Lens LoRA (.safetensors, any published layout) with a strength "
+                        "(default 1; negative allowed); repeat to stack several. Read and "
+                        "checked against the DiT before any model runs")
     p.add_argument("--date", default=None, help="template date (default 2026-05-23)")
     files = p.add_argument_group("model files")
     files.add_argument("--transformer", help="DiT checkpoint: .safetensors file or diffusers folder")
@@ -278,17 +282,46 @@ def resolve_files(args: argparse.Namespace, variant: str) -> dict:
     return download_missing(args, find_local_files(args, variant), variant)
 
 
-def check_files(files: dict) -> None:
+def check_files(files: dict):
     """Check the given files from their headers (kind, layout, shapes, fit); CliError naming the
-    option. Files that are None are skipped."""
+    option. Files that are None are skipped. Returns :class:`~lens_model.pipeline.ModelFiles`."""
     from .checkpoints import CheckpointError
     from .pipeline import check_model_files
 
     try:
-        check_model_files(files.get("transformer"), files.get("text_encoder"), files.get("vae"),
-                          labels=CLI_FILE_LABELS, fixes=CLI_FILE_FIXES)
+        return check_model_files(files.get("transformer"), files.get("text_encoder"),
+                                 files.get("vae"), labels=CLI_FILE_LABELS, fixes=CLI_FILE_FIXES)
     except (CheckpointError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
+
+
+def read_loras(specs: Sequence[str]) -> list:
+    """``--lora FILE[:STRENGTH]`` values → ``[(LensLoRA, strength), ...]``; CliError naming the
+    option for a missing, unreadable or refused file (LoRA files only: no model is touched)."""
+    from .lora import load_lora, parse_lora_arg
+
+    out = []
+    for spec in specs:
+        try:
+            path, strength = parse_lora_arg(spec)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        if not Path(path).expanduser().is_file():
+            raise CliError(f"--lora {spec!r}: {path!r} does not exist")
+        try:
+            out.append((load_lora(Path(path).expanduser()), strength))
+        except ValueError as e:  # LoRAError
+            raise CliError(f"--lora {spec!r}: {e}") from None
+    return out
+
+
+def check_loras_fit(loras: list, dit_config) -> None:
+    """Each LoRA's shapes against the DiT configuration read from its header; CliError."""
+    for lo, _ in loras:
+        try:
+            lo.check(dit_config)
+        except ValueError as e:
+            raise CliError(f"--lora: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +535,10 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
             raise CliError(f"output folder {str(path.parent)!r} does not exist")
     if args.image and not Path(args.image).expanduser().is_file():
         raise CliError(f"--image {args.image!r} does not exist")
+    loras = read_loras(args.lora)
 
     local = find_local_files(args)
-    check_files(local)  # the files at hand, before downloading the others
+    found = check_files(local)  # the files at hand, before downloading the others
     if args.variant:
         variant = args.variant
     elif local["transformer"] is not None:
@@ -517,7 +551,9 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         variant = "turbo"
     files = download_missing(args, local, variant)
     if any(local[k] is None for k in FLAGS):
-        check_files(files)
+        found = check_files(files)
+    if loras and found is not None:
+        check_loras_fit(loras, found.transformer)
     defaults = VARIANT_DEFAULTS[variant]
     steps = args.steps if args.steps is not None else defaults["steps"]
     cfg = args.cfg if args.cfg is not None else defaults["cfg"]
@@ -531,7 +567,7 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         height=height, steps=steps, guidance=cfg, seed=args.seed, batch=args.batch,
         device=device, dtype=dtype, date=args.date, mu=args.mu,
         noise_layout=args.noise_layout, image=args.image, denoise=args.denoise,
-        progress=progress)
+        progress=progress, lora=loras or None)
 
     meta = {"prompt": args.prompt, "negative": args.negative, "seed": args.seed, "steps": steps,
             "cfg": cfg, "width": width, "height": height, "variant": variant,
@@ -540,6 +576,8 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         meta["mu"] = args.mu
     if args.image:
         meta["denoise"] = args.denoise
+    if loras:
+        meta["lora"] = [{"name": lo.name, "strength": strength} for lo, strength in loras]
     for i, (img, path) in enumerate(zip(images, paths)):
         save_image(img, path, dict(meta, index=i))
         print(path)

@@ -14,6 +14,7 @@ directly, or :func:`generate_from_features` with module objects instead of paths
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import operator
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from .dit import variant_defaults_for
+from .lora import applied as lora_applied, as_lora_list
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import StepCallback, check_sampling_options, make_noise, plan_sampling, sample
 
@@ -151,6 +153,23 @@ def check_model_files(transformer_path: Optional[PathLike] = None,
             f"{vae.bn_channels} channels, the DiT takes {dit.in_channels}. Lens needs the FLUX.2 VAE.")
     return ModelFiles(dit, te, vae)
 
+def check_loras(lora, dit) -> list:
+    """Read the LoRA(s) in ``lora`` (anything :func:`lens_model.lora.as_lora_list` takes; None for
+    none) and check each against the DiT: a loaded module, or the
+    :class:`~lens_model.dit.LensDiTConfig` that :func:`check_model_files` /
+    :func:`~lens_model.dit.inspect_transformer` read from the header (None skips the shape check).
+
+    Returns ``[(LensLoRA, strength), ...]``. Raises FileNotFoundError for a missing file and
+    :class:`~lens_model.lora.LoRAError` (a ValueError) for a refused or ill-fitting one, naming the
+    file and every problem; this reads only the LoRA files, so it takes seconds at most.
+    """
+    loras = as_lora_list(lora)
+    if dit is not None:
+        for lo, _ in loras:
+            lo.check(dit)
+    return loras
+
+
 def variant_defaults(name: Optional[PathLike]) -> dict:
     """Step/CFG defaults guessed from a checkpoint path (``dit.variant_defaults_for``): "turbo" →
     4 / 1.0, "base" → 50 / 5.0, anything else → Lens 20 / 5.0. Checkpoint keys do not say which
@@ -253,6 +272,7 @@ def generate_from_features(
     callback: Optional[StepCallback] = None,
     output_type: str = "pil",
     progress: Optional[ProgressCallback] = None,
+    lora=None,
 ):
     """Sample and decode from precomputed text features (no text encoder needed).
 
@@ -276,9 +296,14 @@ def generate_from_features(
             "latent" (``[B, 128, h, w]`` float32, no decode).
         progress: ``progress(stage, done, total)`` after each VAE encoder block ("VAE encode"),
             sampling step ("sampling") and VAE decoder block ("VAE decode"); it may raise to stop.
+        lora: LoRA(s) for the DiT: a path, ``"FILE:STRENGTH"``, a
+            :class:`~lens_model.lora.LensLoRA`, a ``(lora, strength)`` pair or a list of these
+            (:func:`lens_model.lora.as_lora_list`). Applied as side paths while sampling only and
+            always removed afterwards (also on errors), so a DiT passed as a module is left as it was.
 
-    Options are checked (:func:`check_generation_options`), and a transformer or VAE given as a path
-    is checked from its header (:func:`check_model_files`), before any model runs.
+    Options are checked (:func:`check_generation_options`), a transformer or VAE given as a path
+    is checked from its header (:func:`check_model_files`), and LoRA files are read and checked
+    against the DiT's shapes (:func:`check_loras`), before any model runs.
     """
     from .dit import load_transformer
 
@@ -286,7 +311,8 @@ def generate_from_features(
                              batch=batch)
     own_dit = isinstance(transformer, (str, os.PathLike))
     own_vae = isinstance(vae, (str, os.PathLike))
-    check_model_files(transformer if own_dit else None, None, vae if own_vae else None)
+    files = check_model_files(transformer if own_dit else None, None, vae if own_vae else None)
+    loras = check_loras(lora, files.transformer if own_dit else transformer)
     width, height = validate_size(width, height)
     warn = schedule_jump_warning(width, height)
     if warn:
@@ -334,9 +360,10 @@ def generate_from_features(
     dit = load_transformer(transformer, dtype=dtype, device=device) if own_dit else transformer
     try:
         t0 = time.perf_counter()
-        latents = sample(dit, noise, plan.sigmas, context, context_mask, negative_context,
-                         negative_mask, guidance_scale=guidance, callback=step_callback,
-                         cfg_mode=cfg_mode)
+        with lora_applied(dit, loras) if loras else contextlib.nullcontext():
+            latents = sample(dit, noise, plan.sigmas, context, context_mask, negative_context,
+                             negative_mask, guidance_scale=guidance, callback=step_callback,
+                             cfg_mode=cfg_mode)
         logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width,
                     height, guidance, time.perf_counter() - t0)
     finally:
@@ -418,6 +445,7 @@ def generate(
     callback: Optional[StepCallback] = None,
     output_type: str = "pil",
     progress: Optional[ProgressCallback] = None,
+    lora=None,
 ):
     """Text-to-image (or img2img) from checkpoint paths; returns a list of ``PIL.Image``.
 
@@ -431,7 +459,8 @@ def generate(
     Before any model runs, the options are checked (:func:`check_generation_options`: NaN / Inf
     guidance, μ or denoise, steps outside 1..200, a seed outside 0..2⁶⁴−1 are ValueErrors) and so are
     all three files, from their headers (:func:`check_model_files`: kind, layout, shapes and fit),
-    so a wrong file costs milliseconds, not a text-encoder run.
+    so a wrong file costs milliseconds, not a text-encoder run; ``lora`` files are read and checked
+    against the DiT's header too (:func:`check_loras`).
     """
     from .text_encoder import load_text_encoder
 
@@ -447,7 +476,8 @@ def generate(
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
     width, height = validate_size(width, height)
-    check_model_files(transformer_path, text_encoder_path, vae_path)
+    files = check_model_files(transformer_path, text_encoder_path, vae_path)
+    loras = check_loras(lora, files.transformer)
     device = torch.device(device) if device is not None else default_device()
     defaults = variant_defaults(transformer_path)
     steps = int(steps if steps is not None else defaults["steps"])
@@ -472,4 +502,4 @@ def generate(
         negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
         schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
         denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
-        callback=callback, output_type=output_type, progress=progress)
+        callback=callback, output_type=output_type, progress=progress, lora=loras)

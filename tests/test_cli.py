@@ -438,3 +438,66 @@ def test_hub_warnings_print_once(tmp_path):
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("Retrying in 1s") == 1, res.stderr
     assert "Connection refused" in res.stderr
+
+
+# ------------------------------------------------------------------ LoRA
+
+def _lora_helpers():
+    from test_lora import _save, factors, merged_model, write_layout
+    return _save, factors, merged_model, write_layout
+
+
+def test_cli_lora_equals_the_merged_checkpoint(tmp_path, tiny_te, capsys):
+    import shutil
+
+    _, factors, merged_model, write_layout = _lora_helpers()
+    fac = factors(7)
+    lora_path, scale = write_layout(tmp_path, "loboforge", fac)
+    merged = tmp_path / "merged_transformer"
+    merged.mkdir()
+    shutil.copy(GOLDEN / "transformer" / "config.json", merged / "config.json")
+    save_file({k: v.contiguous() for k, v in merged_model((fac, 0.6, scale)).state_dict().items()},
+              str(merged / "diffusion_pytorch_model.safetensors"))
+    common = ["--steps", "2", "--cfg", "1", "--seed", "4", "-q"]
+    outs = {}
+    for name, extra in (("lora", _files(tiny_te) + ["--lora", f"{lora_path}:0.6"]),
+                        ("merged", _files(tiny_te, transformer=merged)),
+                        ("plain", _files(tiny_te))):
+        outs[name] = tmp_path / f"{name}.png"
+        assert cli.main(["a fox", "-o", str(outs[name])] + common + extra) == 0, capsys.readouterr().err
+    px = {k: np.asarray(Image.open(p)).astype(int) for k, p in outs.items()}
+    assert np.abs(px["merged"] - px["plain"]).max() > 10          # the LoRA changes the image
+    assert np.abs(px["lora"] - px["merged"]).max() <= 1           # as merging it does (uint8 rounding)
+    meta = json.loads(Image.open(outs["lora"]).text["lens_generation"])
+    assert meta["lora"] == [{"name": lora_path.name, "strength": 0.6}]
+
+
+def test_cli_wrong_lora_fails_before_any_model_runs(tmp_path, fake_generate, monkeypatch, capsys,
+                                                    header_te):
+    _save, factors, _, write_layout = _lora_helpers()
+    monkeypatch.setattr(pipeline, "check_model_files", _REAL_CHECK)
+    out = ["x", "-o", str(tmp_path / "o.png")] + _files(header_te)
+    full_size = _save(tmp_path, {
+        "lora_unet_transformer_blocks_0_attn_img_qkv.lora_down.weight": torch.zeros(16, 1536),
+        "lora_unet_transformer_blocks_0_attn_img_qkv.lora_up.weight": torch.zeros(4608, 16)},
+        "full_size.safetensors")
+    assert cli.main(out + ["--lora", str(full_size)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens: error: --lora: ") and "full_size" in err and "[16, 1536]" in err
+    sdxl = _save(tmp_path, {k: torch.zeros(2, 2) for k in (
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight")}, "sdxl.safetensors")
+    assert cli.main(out + ["--lora", f"{sdxl}:0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora" in err and "sdxl.safetensors" in err and "SDXL" in err
+    assert cli.main(out + ["--lora", str(tmp_path / "nope.safetensors:0.8")]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+    assert not fake_generate  # nothing ran
+    # good ones are read once, stacked in order, with their strengths
+    (tmp_path / "b").mkdir()
+    a, _ = write_layout(tmp_path, "loboforge", factors(8))
+    b, _ = write_layout(tmp_path / "b", "musubi", factors(9))
+    assert cli.main(out + ["--lora", f"{a}:0.5", "--lora", str(b)]) == 0
+    got = fake_generate[-1]["lora"]
+    assert [(lo.name, s) for lo, s in got] == [(a.name, 0.5), (b.name, 1.0)]
