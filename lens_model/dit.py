@@ -738,6 +738,11 @@ def _linear_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _module_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of ``model`` (built on the meta device) with its shape: what a file must hold."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def _pick_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device, name: str) -> torch.dtype:
     dtype = requested if requested is not None else stored
     dtype = refuse_fp16(dtype, device, "DiT", stored_in=None if requested is not None else name, stacklevel=3)
@@ -746,10 +751,12 @@ def _pick_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torc
     return dtype
 
 
-def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], linear_names: set[str]) -> None:
-    """Check every key and shape against ``cfg``; raise CheckpointError listing the problems."""
+def _validate(source, cfg: LensDiTConfig, qlayers: dict[str, dict], model: nn.Module) -> None:
+    """Check every key and shape against ``model`` (built from ``cfg`` on the meta device); raise
+    CheckpointError listing the problems."""
     name = source.name
-    expected = cfg.expected_shapes()
+    expected = _module_shapes(model)
+    linear_names = _linear_names(model)
     present = set(source.keys())
     problems: list[str] = []
 
@@ -834,7 +841,7 @@ def inspect_transformer(path: str | Path) -> LensDiTConfig:
     cfg = _config_for(source)
     with torch.device("meta"):
         model = LensTransformer(cfg)
-    _validate(source, cfg, quant_layers(source), _linear_names(model))
+    _validate(source, cfg, quant_layers(source), model)
     return cfg
 
 
@@ -890,8 +897,8 @@ def load_transformer(
 
     with torch.device("meta"):
         model = LensTransformer(cfg)
+    _validate(source, cfg, qlayers, model)
     linear_names = _linear_names(model)
-    _validate(source, cfg, qlayers, linear_names)
 
     stored = _FLOAT_ST.get(source.dtype("txt_norm.0.weight"), torch.float32)
     if stored == torch.float64:
@@ -899,7 +906,7 @@ def load_transformer(
     target = _pick_dtype(dtype, stored, device, source.name)
     fp8_mode = weight_dtype is not None
 
-    expected = cfg.expected_shapes()
+    expected = _module_shapes(model)
     fetch = source.fetch
     try:
         for layer, qcfg in qlayers.items():
