@@ -46,6 +46,7 @@ import torch
 from . import cli
 from .checkpoints import path_identity
 from .dit import VARIANT_DEFAULTS, load_transformer
+from .lora import parse_lora_arg
 from .ops import release_free_memory
 from .pipeline import (
     check_generation_options, default_device, encode_prompts, generate_from_features, to_pil,
@@ -94,7 +95,7 @@ class BatchRow:
     steps: int
     cfg: float
     variant: str
-    lora: Optional[str]  # the row's ``lora`` value as compact JSON; not applied yet (see README)
+    lora: Optional[str]  # the row's ``--lora`` values as a compact JSON list, or None
     line: int = 0
 
     def params(self) -> dict:
@@ -171,6 +172,46 @@ def check_id(rid: str) -> str:
     return rid
 
 
+def parse_lora_column(value: Any) -> Optional[str]:
+    """A row's ``lora``: ``"FILE[:STRENGTH]"`` or a list of them (the command-line tool's
+    ``--lora`` values) -> the list as compact JSON, or None. Each file must exist."""
+    if value is None or value == [] or value == "":
+        return None
+    specs = [value] if isinstance(value, str) else value
+    if not isinstance(specs, list) or not all(isinstance(x, str) and x for x in specs):
+        raise ValueError(f"lora must be \"FILE[:STRENGTH]\" or a list of them, got {value!r}")
+    for spec in specs:
+        path, _ = parse_lora_arg(spec)
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"lora {spec!r}: {path!r} does not exist")
+    return json.dumps(specs, separators=(",", ":"))
+
+
+def lora_specs(row: BatchRow) -> list[str]:
+    """The row's ``--lora`` values (empty without LoRA)."""
+    return json.loads(row.lora) if row.lora else []
+
+
+def check_row_loras(rows: Sequence[BatchRow], dit_config) -> tuple[list[BatchRow], list[RowError]]:
+    """Read each distinct LoRA set once and check it against the DiT configuration (from the
+    header); rows whose LoRA is unreadable or does not fit become errors, before any model runs."""
+    verdict: dict[str, Optional[str]] = {}
+    good, errors = [], []
+    for row in rows:
+        if row.lora and row.lora not in verdict:
+            try:
+                cli.check_loras_fit(cli.read_loras(lora_specs(row)), dit_config)
+                verdict[row.lora] = None
+            except cli.CliError as e:
+                verdict[row.lora] = str(e)
+        problem = verdict.get(row.lora) if row.lora else None
+        if problem:
+            errors.append(RowError(row.line, problem))
+        else:
+            good.append(row)
+    return good, errors
+
+
 def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
     """Validate one input row (a dict) and fill in the defaults; raises ValueError saying what is wrong."""
     if not isinstance(raw, dict):
@@ -192,13 +233,11 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
         cfg = vdef["cfg"]
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not cfg == cfg:
         raise ValueError(f"cfg must be a number, got {cfg!r}")
-    lora = raw.get("lora")
+    lora = parse_lora_column(raw.get("lora"))
     params = dict(prompt=prompt, negative=str_field(raw, "negative", ""),
                   seed=int_field(raw, "seed", defaults.seed, 0), width=width, height=height,
                   steps=int_field(raw, "steps", vdef["steps"], 1), cfg=float(cfg),
-                  variant=variant,
-                  lora=None if lora is None else json.dumps(lora, sort_keys=True,
-                                                            separators=(",", ":")))
+                  variant=variant, lora=lora)
     # the command-line tool's ranges (steps 1..200, finite cfg 0..100, seed 0..2**64-1)
     check_generation_options(steps=params["steps"], guidance=params["cfg"], seed=params["seed"],
                              names=ROW_OPTION_NAMES)
@@ -406,6 +445,15 @@ class DiTStage:
         self.cache = job.feature_cache()
         self.transformer = load_transformer(job.transformer, dtype=job.torch_dtype(),
                                             device=torch.device(job.device))
+        self._loras: dict[str, list] = {}  # row.lora -> [(LensLoRA, strength)], read once
+
+    def loras(self, row: BatchRow) -> Optional[list]:
+        """The row's LoRAs, read from their files on first use (None without LoRA)."""
+        if not row.lora:
+            return None
+        if row.lora not in self._loras:
+            self._loras[row.lora] = cli.read_loras(lora_specs(row))
+        return self._loras[row.lora]
 
     def sample_row(self, row: BatchRow) -> torch.Tensor:
         """Latents ``[1, 128, h, w]`` float32 on the CPU for one row, from cached features."""
@@ -419,7 +467,7 @@ class DiTStage:
             ctx, mask, self.transformer, None, row.width, row.height, steps=row.steps,
             guidance=row.cfg, negative_context=nctx, negative_mask=nmask, noise=noise,
             mu=self.job.mu, noise_layout=self.job.noise_layout,
-            device=torch.device(self.job.device), output_type="latent")
+            device=torch.device(self.job.device), output_type="latent", lora=self.loras(row))
 
     def __call__(self, rows: Sequence[BatchRow]) -> tuple[list[torch.Tensor], list[float]]:
         """Latents ``[1, 128, h, w]`` of each row and the seconds each row took."""
@@ -438,6 +486,10 @@ def png_metadata(row: BatchRow, job: JobSettings) -> dict:
             "model": Path(job.transformer).name, "noise_layout": job.noise_layout}
     if job.mu is not None:
         meta["mu"] = job.mu
+    specs = lora_specs(row)
+    if specs:
+        meta["lora"] = [{"name": Path(path).name, "strength": strength}
+                        for path, strength in map(parse_lora_arg, specs)]
     meta["index"] = 0
     return meta
 
@@ -693,9 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
+def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults, Any]:
     """Resolve files, device and defaults as ``python -m lens_model.cli`` does (same file search,
-    header checks before anything loads, variant from ``--variant`` or the DiT's file name)."""
+    header checks before anything loads, variant from ``--variant`` or the DiT's file name).
+    Returns the job, the row defaults and the DiT configuration read from its header."""
     from .pipeline import variant_defaults
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -710,7 +763,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
     width, height = resolution_for(args.base or (1024 if device.type == "cpu" else 1440), "1:1")
     try:
         local = cli.find_local_files(args)
-        cli.check_files(local)  # headers only: a wrong file is reported before any model runs
+        found = cli.check_files(local)  # headers only: wrong files are reported before any run
         if args.variant:
             variant = args.variant
         elif local["transformer"] is not None:
@@ -719,7 +772,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
             variant = "turbo"
         files = cli.download_missing(args, local, variant)
         if any(local[k] is None for k in files):
-            cli.check_files(files)
+            found = cli.check_files(files)
     except cli.CliError as e:
         raise BatchError(str(e)) from None
     out = Path(args.out).expanduser()
@@ -729,7 +782,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults]:
                                     else out / ".lens_features"),
                       device=device.type, dtype=args.dtype, date=args.date, mu=args.mu,
                       noise_layout=args.noise_layout)
-    return job, RowDefaults(variant=variant, width=width, height=height)
+    return job, RowDefaults(variant=variant, width=width, height=height), found.transformer
 
 
 def _ray_available(address: str) -> bool:
@@ -753,13 +806,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        job, defaults = job_from_args(args)
+        job, defaults, dit_config = job_from_args(args)
         rows, errors = load_rows(args.prompts, defaults)
+        rows, lora_errors = check_row_loras(rows, dit_config)
+        errors = sorted(errors + lora_errors, key=lambda e: e.line)
         for err in errors:
             print(f"lens-batch: {args.prompts}: {err}", file=sys.stderr)
-        if any(r.lora for r in rows):
-            logger.warning("the 'lora' column is recorded in the manifest but not applied yet: "
-                           "the pipeline has no LoRA support")
         if args.ray and _ray_available(args.ray):
             from .batch_ray import RayOptions, run_on_ray
 

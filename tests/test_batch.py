@@ -33,23 +33,25 @@ def test_load_rows_defaults_and_bad_lines(tmp_path, caplog):
         {"prompt": "a cat", "id": "../evil"},
         "",
         {"prompt": "an owl", "id": "fox"},
-        {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}, "caption_src": "web"},
-        {"prompt": "an owl", "variant": "turbo", "cfg": 2, "lora": {"x": 1}},
+        {"prompt": "an owl", "variant": "turbo", "cfg": 2, "caption_src": "web"},
+        {"prompt": "an owl", "variant": "turbo", "cfg": 2},
         {"prompt": "a cat", "steps": 500},
         {"prompt": "a cat", "cfg": float("nan")},
+        {"prompt": "a cat", "lora": {"x": 1}},
     ])
     rows, errors = batch.load_rows(src, DEFAULTS)
-    assert [e.line for e in errors] == [2, 3, 4, 5, 6, 7, 9, 11, 12, 13]
+    assert [e.line for e in errors] == [2, 3, 4, 5, 6, 7, 9, 11, 12, 13, 14]
     msgs = {e.line: e.message for e in errors}
     assert "JSON" in msgs[2] and "prompt" in msgs[3] and "both width and height" in msgs[4]
     assert "100" in msgs[5] and "seed" in msgs[6] and "../evil" in msgs[7]
     assert "line 1" in msgs[9] and "same parameters" in msgs[11]
     assert "steps" in msgs[12] and "500" in msgs[12] and "cfg" in msgs[13]
+    assert "FILE[:STRENGTH]" in msgs[14]
     fox, owl = rows
     # the command-line tool's defaults: seed 0, the job's size, steps/cfg of the variant
     assert (fox.id, fox.seed, fox.width, fox.height, fox.steps, fox.cfg, fox.negative) == \
         ("fox", 0, 64, 64, 20, 5.0, "")
-    assert (owl.variant, owl.steps, owl.cfg, owl.lora, owl.line) == ("turbo", 4, 2.0, '{"x":1}', 10)
+    assert (owl.variant, owl.steps, owl.cfg, owl.lora, owl.line) == ("turbo", 4, 2.0, None, 10)
     assert owl.id.startswith("p") and len(owl.id) == 17        # digest of the parameters
     assert "caption_src" in caplog.text
 
@@ -249,3 +251,34 @@ def test_without_ray_installed_local_runs_in_process(tmp_path, tiny_te, cli_pngs
     assert batch.main(argv + ["--ray", "local"]) == 0
     assert "running in-process" in caplog.text
     assert (out / "fox.png").read_bytes() == cli_pngs["fox"]
+
+
+def test_batch_lora_rows_match_the_cli(tmp_path, tiny_te, capsys):  # noqa: F811
+    import torch
+    from test_lora import _save, factors, write_layout
+
+    lora_path, _ = write_layout(tmp_path, "loboforge", factors(7))
+    wrong = _save(tmp_path, {   # a full-size DiT's LoRA: does not fit the tiny DiT
+        "lora_unet_transformer_blocks_0_attn_img_qkv.lora_down.weight": torch.zeros(16, 1536),
+        "lora_unet_transformer_blocks_0_attn_img_qkv.lora_up.weight": torch.zeros(4608, 16)},
+        "full_size.safetensors")
+    base = {"prompt": "a fox", "seed": 4, "steps": 2, "cfg": 1.0, "width": 64, "height": 64}
+    src = _write_jsonl(tmp_path / "p.jsonl", [
+        dict(base, id="lora", lora=f"{lora_path}:0.6"),
+        dict(base, id="plain"),
+        dict(base, id="wrong", lora=[str(wrong)]),
+        dict(base, id="missing", lora=str(tmp_path / "nope.safetensors")),
+    ])
+    out = tmp_path / "out"
+    assert batch.main([str(src), "--out", str(out), "--variant", "lens"] + _files(tiny_te)) == 1
+    err = capsys.readouterr().err
+    assert "line 3: --lora" in err and "full_size" in err and "line 4: lora" in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["lora.png", "plain.png"]
+    want = tmp_path / "cli.png"
+    argv = ["a fox", "-o", str(want), "--seed", "4", "--steps", "2", "--cfg", "1", "--width", "64",
+            "--height", "64", "--lora", f"{lora_path}:0.6"] + _files(tiny_te)
+    assert cli.main(argv) == 0
+    assert (out / "lora.png").read_bytes() == want.read_bytes()
+    assert (out / "lora.png").read_bytes() != (out / "plain.png").read_bytes()
+    rec = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()][0]
+    assert rec["id"] == "lora" and json.loads(rec["lora"]) == [f"{lora_path}:0.6"]
