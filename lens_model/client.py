@@ -1186,6 +1186,13 @@ def _settle(pool: ServerPool, attempt: _Attempt, outcome: Any, pending: deque,
             manifest: "batch_rows.Manifest", out_dir: Path, wf_name: str | None,
             result: ManyResult) -> None:
     row, server = attempt.row, attempt.server
+    if isinstance(outcome, WaitTimeout):  # too slow there: stop it, count it against the row
+        try:
+            pool.probes[server].cancel(attempt.prompt_id)
+        except ClientError as e:
+            logger.warning("could not cancel prompt %s on %s: %s", attempt.prompt_id, server, e)
+        _retry_or_fail(pool, row, server, outcome, pending, result)
+        return
     if isinstance(outcome, BaseException):
         if isinstance(outcome, ServerUnreachable) or (
                 isinstance(outcome, ClientError) and not isinstance(outcome, ExecutionFailed)):
@@ -1235,8 +1242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --prompts: prompts of this run queued per server at a time "
                         "(default 2)")
     p.add_argument("--retries", type=int, default=2, metavar="N",
-                   help="with --prompts: other servers to try when a row's prompt fails "
-                        "(default 2; a server that goes away does not count)")
+                   help="with --prompts: times to try a failed (or timed-out) prompt again, on "
+                        "other servers when there are any (default 2; a server that goes away "
+                        "does not count)")
     p.add_argument("--prompt", dest="prompt_text", metavar="TEXT",
                    help="text of the positive text-encode node")
     p.add_argument("--negative", metavar="TEXT", help="text of the negative text-encode node")

@@ -774,3 +774,14 @@ def test_without_websocket_client_the_client_polls(make_server, tmp_path, monkey
                             poll_interval=0.02)
     assert "websocket-client" in caplog.text and not srv.ws_requests
     assert [p.name for p in paths] == ["Lens_00001_.png", "Lens_00002_.png"]
+
+
+def test_many_servers_a_prompt_past_its_timeout_is_cancelled_and_fails(multi_servers, tmp_path):
+    slow = multi_servers("slow", hold=True)
+    rows, _ = lc.load_prompt_rows(_prompts_file(tmp_path, 1))
+    result = lc.run_many(LENS_API, rows, [slow.url], tmp_path / "out", retries=1,
+                         use_websocket=False, poll_interval=0.01, prompt_timeout=0.3)
+    assert list(result.failed) == ["r0"] and "did not finish" in result.failed["r0"]
+    assert len(slow.prompts) == 2                        # tried twice, the server kept
+    cancelled = [body for path, body in slow.control_posts]
+    assert len(cancelled) == 2
