@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="init image for img2img (resized to the output size)")
     p.add_argument("--denoise", type=float, default=1.0,
                    help="img2img strength in (0, 1] (1 = text-to-image)")
+    p.add_argument("--mask", metavar="MASK.png",
+                   help="inpainting mask for --image (same size as the image; white = repaint, "
+                        "black = keep exactly, grey blends); works with any --denoise")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a Lens LoRA (.safetensors, any published layout) with a strength "
                         "(default 1; negative allowed); repeat to stack several. Read and "
@@ -293,6 +296,25 @@ def check_files(files: dict):
                                  files.get("vae"), labels=CLI_FILE_LABELS, fixes=CLI_FILE_FIXES)
     except (CheckpointError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
+
+
+def read_init_image(args: argparse.Namespace, width: int, height: int):
+    """``--image`` / ``--mask`` read and checked at the output size (before any model file is
+    looked at) → ``(image, mask)`` tensors for :func:`lens_model.pipeline.generate`, or Nones."""
+    from .pipeline import load_init_image
+
+    if args.mask and not args.image:
+        raise CliError("--mask needs --image (the picture the mask repaints)")
+    for flag, value in (("--image", args.image), ("--mask", args.mask)):
+        if value and not Path(value).expanduser().is_file():
+            raise CliError(f"{flag} {value!r} does not exist")
+    image = Path(args.image).expanduser() if args.image else None
+    mask = Path(args.mask).expanduser() if args.mask else None
+    try:
+        return load_init_image(image, mask, width, height)
+    except (OSError, ValueError) as e:  # unreadable image, mask of another size
+        flag = "--mask" if mask is not None and "mask" in str(e) else "--image"
+        raise CliError(f"{flag}: {e}") from None
 
 
 def read_loras(specs: Sequence[str]) -> list:
@@ -533,8 +555,7 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
     for path in paths:
         if not path.parent.is_dir():
             raise CliError(f"output folder {str(path.parent)!r} does not exist")
-    if args.image and not Path(args.image).expanduser().is_file():
-        raise CliError(f"--image {args.image!r} does not exist")
+    image, mask = read_init_image(args, width, height)
     loras = read_loras(args.lora)
 
     local = find_local_files(args)
@@ -566,8 +587,8 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         text_encoder_path=files["text_encoder"], vae_path=files["vae"], width=width,
         height=height, steps=steps, guidance=cfg, seed=args.seed, batch=args.batch,
         device=device, dtype=dtype, date=args.date, mu=args.mu,
-        noise_layout=args.noise_layout, image=args.image, denoise=args.denoise,
-        progress=progress, lora=loras or None)
+        noise_layout=args.noise_layout, image=image, denoise=args.denoise,
+        progress=progress, lora=loras or None, mask=mask)
 
     meta = {"prompt": args.prompt, "negative": args.negative, "seed": args.seed, "steps": steps,
             "cfg": cfg, "width": width, "height": height, "variant": variant,
@@ -576,6 +597,8 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         meta["mu"] = args.mu
     if args.image:
         meta["denoise"] = args.denoise
+    if args.mask:
+        meta["mask"] = Path(args.mask).name
     if loras:
         meta["lora"] = [{"name": lo.name, "strength": strength} for lo, strength in loras]
     for i, (img, path) in enumerate(zip(images, paths)):

@@ -29,7 +29,9 @@ import torch
 from .dit import variant_defaults_for
 from .lora import applied as lora_applied, as_lora_list
 from .resolution import schedule_jump_warning, validate_size
-from .sampling import StepCallback, check_sampling_options, make_noise, plan_sampling, sample
+from .sampling import (
+    StepCallback, check_sampling_options, latent_mask, make_noise, plan_sampling, sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -214,34 +216,95 @@ def _free(device: Optional[torch.device] = None) -> None:
         torch.cuda.empty_cache()
 
 
-def _as_image_tensor(image, width: Optional[int], height: Optional[int]) -> torch.Tensor:
-    """A PIL image, a path or a ``[B, H, W, 3]`` / ``[H, W, 3]`` tensor in [0, 1] → ``[B, H, W, 3]``,
-    resized (Lanczos, PIL inputs only) to width × height when those are given."""
-    if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
+def _open_image(image, what: str, mode: str):
+    """A path → the decoded PIL image in ``mode`` (the file is closed at once); else unchanged."""
+    if not isinstance(image, (str, os.PathLike)):
+        return image
+    from PIL import Image
 
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"init image {str(image)!r} does not exist")
-        with Image.open(image) as im:  # decoded here, so the file is closed at once
-            image = im.convert("RGB")
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"{what} {str(image)!r} does not exist")
+    with Image.open(image) as im:
+        return im.convert(mode)
+
+
+def _as_image_tensor(image, width: int, height: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A PIL image, a path or a ``[B, H, W, 3]`` / ``[H, W, 3]`` tensor in [0, 1] → ``[B, H, W, 3]``
+    at width × height (PIL inputs are resized with Lanczos; tensors must have that size already),
+    and the size (W, H) it was given in."""
+    image = _open_image(image, "init image", "RGB")
     if isinstance(image, torch.Tensor):
         t = image.float()
         if t.dim() == 3:
             t = t.unsqueeze(0)
         if t.dim() != 4 or t.shape[-1] not in (3, 4):
             raise ValueError(f"init image tensor must be [B, H, W, 3] in 0..1, got {tuple(t.shape)}")
-        if (width and t.shape[2] != width) or (height and t.shape[1] != height):
+        if t.shape[2] != width or t.shape[1] != height:
             raise ValueError(f"init image is {t.shape[2]}x{t.shape[1]}, the generation size "
                              f"{width}x{height}; resize it first")
-        return t[..., :3]
-    # PIL
+        return t[..., :3], (width, height)
     import numpy as np
     from PIL import Image
 
     img = image.convert("RGB")
-    if width and height and img.size != (width, height):
+    given = img.size
+    if img.size != (width, height):
         img = img.resize((width, height), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(img).copy()).float().div(255.0).unsqueeze(0)
+    return torch.from_numpy(np.asarray(img).copy()).float().div(255.0).unsqueeze(0), given
+
+
+def _as_mask_tensor(mask, image_size: tuple[int, int], width: int, height: int) -> torch.Tensor:
+    """An inpainting mask (path, PIL image or ``[H, W]`` / ``[B, H, W]`` / ``[B, 1, H, W]`` tensor;
+    1 / white = repaint, soft values blend; images are read as grayscale) → ``[B, H, W]`` float in
+    [0, 1] at width × height.
+
+    The mask must have the size the init image was given in (``image_size``, W × H): it is made for
+    that picture. When the image is resized to the generation size the mask is resized with it
+    (bilinear, antialiased) and an info line says so; any other size is a ValueError.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+
+    mask = _open_image(mask, "mask", "L")
+    if isinstance(mask, torch.Tensor):
+        m = mask.detach().to(device="cpu", dtype=torch.float32)
+        if m.dim() == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        m = m.unsqueeze(0) if m.dim() == 2 else m
+        if m.dim() != 3 or m.numel() == 0:
+            raise ValueError(f"mask tensor must be [H, W], [B, H, W] or [B, 1, H, W] in 0..1, got "
+                             f"{tuple(mask.shape)}")
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("mask contains NaN or Inf")
+    else:  # PIL
+        m = torch.from_numpy(np.asarray(mask.convert("L")).copy()).float().div(255.0)[None]
+    size = (m.shape[2], m.shape[1])
+    if size != tuple(image_size):
+        raise ValueError(f"mask is {size[0]}x{size[1]} but the init image is {image_size[0]}x"
+                         f"{image_size[1]}; the mask must have its image's size")
+    if size != (width, height):
+        logger.info("mask resized from %dx%d to %dx%d with the init image", *size, width, height)
+        m = F.interpolate(m[:, None], size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=True)[:, 0]
+    return m.clamp(0.0, 1.0)
+
+
+def load_init_image(image, mask, width: int, height: int):
+    """Read and check the img2img / inpainting inputs of :func:`generate` at the generation size.
+
+    ``image``: path, PIL image (resized with Lanczos to width × height) or ``[B, H, W, 3]`` tensor
+    in 0..1 (of that size); ``mask``: see :func:`generate_from_features`. Returns ``(image
+    [B, H, W, 3] float or None, mask [B, H, W] float in [0, 1] or None)``, which :func:`generate`
+    accepts as they are. Raises FileNotFoundError, or ValueError for a mask without an image, a mask
+    of another size than its image, or a malformed tensor.
+    """
+    if mask is not None and image is None:
+        raise ValueError("a mask needs an init image (image=..., --image): the mask says where to "
+                         "repaint that image")
+    if image is None:
+        return None, None
+    img, given = _as_image_tensor(image, width, height)
+    return img, None if mask is None else _as_mask_tensor(mask, given, width, height)
 
 
 def generate_from_features(
@@ -273,6 +336,7 @@ def generate_from_features(
     output_type: str = "pil",
     progress: Optional[ProgressCallback] = None,
     lora=None,
+    mask=None,
 ):
     """Sample and decode from precomputed text features (no text encoder needed).
 
@@ -289,7 +353,13 @@ def generate_from_features(
             ``mu`` override) or "comfyui". ``cfg_mode`` see :func:`lens_model.sampling.cfg_combine`.
         image, denoise: img2img input (PIL image, path, or ``[B, H, W, 3]`` tensor in 0..1) and
             strength s ∈ (0, 1]: partial schedule of sampling.md §7, x = σ_start·noise +
-            (1 − σ_start)·z_img.
+            (1 − σ_start)·z_img (:func:`lens_model.sampling.plan_sampling`).
+        mask: inpainting (needs ``image``; any ``denoise``): a path, PIL image or ``[H, W]`` /
+            ``[B, H, W]`` / ``[B, 1, H, W]`` tensor in 0..1 of the image's size, 1 / white = repaint,
+            soft values blend (images are read as grayscale). Resized with the image to the
+            generation size, then to the latent grid by coverage
+            (:func:`lens_model.sampling.latent_mask`); outside it the result keeps the encoded
+            image exactly (``sample(denoise_mask=...)``). A mask of ones is plain img2img.
         device, dtype: where / in which dtype the DiT runs (default CUDA if present; dtype None keeps
             the stored dtype). ``vae_dtype`` likewise for the VAE.
         output_type: "pil" (list of PIL images), "pt" (``[B, H, W, 3]`` float in 0..1) or
@@ -309,11 +379,12 @@ def generate_from_features(
 
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
+    width, height = validate_size(width, height)
+    image, mask = load_init_image(image, mask, width, height)
     own_dit = isinstance(transformer, (str, os.PathLike))
     own_vae = isinstance(vae, (str, os.PathLike))
     files = check_model_files(transformer if own_dit else None, None, vae if own_vae else None)
     loras = check_loras(lora, files.transformer if own_dit else transformer)
-    width, height = validate_size(width, height)
     warn = schedule_jump_warning(width, height)
     if warn:
         logger.warning(warn)
@@ -338,17 +409,20 @@ def generate_from_features(
     for message in plan.warnings:
         logger.warning("%s", message)
 
-    vae_model = None
-    if plan.img2img:
+    vae_model = z = None
+    if plan.img2img or mask is not None:
         vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
-        z = vae_model.encode(_as_image_tensor(image, width, height),
-                             **_vae_progress(progress, "VAE encode"))
+        z = vae_model.encode(image, **_vae_progress(progress, "VAE encode"))
         if z.shape[0] not in (1, total):
             raise ValueError(f"init image batch {z.shape[0]} does not match {total} images")
-        noise = plan.start_latents(noise, z)
-        del z
     elif image is not None:
         logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
+    inpaint = {}
+    if mask is not None:  # the original is kept outside the mask, noised with the start noise
+        inpaint = dict(denoise_mask=latent_mask(mask, h, w, batch=total), init_latents=z,
+                       init_noise=noise)
+    noise = plan.start_latents(noise, z)
+    del z
 
     step_callback = callback
     if progress is not None:
@@ -363,7 +437,7 @@ def generate_from_features(
         with lora_applied(dit, loras) if loras else contextlib.nullcontext():
             latents = sample(dit, noise, plan.sigmas, context, context_mask, negative_context,
                              negative_mask, guidance_scale=guidance, callback=step_callback,
-                             cfg_mode=cfg_mode)
+                             cfg_mode=cfg_mode, **inpaint)
         logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width,
                     height, guidance, time.perf_counter() - t0)
     finally:
@@ -446,8 +520,9 @@ def generate(
     output_type: str = "pil",
     progress: Optional[ProgressCallback] = None,
     lora=None,
+    mask=None,
 ):
-    """Text-to-image (or img2img) from checkpoint paths; returns a list of ``PIL.Image``.
+    """Text-to-image (or img2img, or inpainting) from checkpoint paths; returns a list of ``PIL.Image``.
 
     ``prompt`` may be a list (P prompts); ``batch`` images are made per prompt with one noise draw
     for all P·batch images. Steps and CFG default from the transformer's file name (turbo 4 / 1.0,
@@ -460,7 +535,8 @@ def generate(
     guidance, μ or denoise, steps outside 1..200, a seed outside 0..2⁶⁴−1 are ValueErrors) and so are
     all three files, from their headers (:func:`check_model_files`: kind, layout, shapes and fit),
     so a wrong file costs milliseconds, not a text-encoder run; ``lora`` files are read and checked
-    against the DiT's header too (:func:`check_loras`).
+    against the DiT's header too (:func:`check_loras`), and the init image and ``mask`` are read and
+    checked (a mask without an image or of another size than its image is a ValueError).
     """
     from .text_encoder import load_text_encoder
 
@@ -476,6 +552,7 @@ def generate(
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
     width, height = validate_size(width, height)
+    image, paint_mask = load_init_image(image, mask, width, height)
     files = check_model_files(transformer_path, text_encoder_path, vae_path)
     loras = check_loras(lora, files.transformer)
     device = torch.device(device) if device is not None else default_device()
@@ -502,4 +579,4 @@ def generate(
         negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
         schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
         denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
-        callback=callback, output_type=output_type, progress=progress, lora=loras)
+        callback=callback, output_type=output_type, progress=progress, lora=loras, mask=paint_mask)
