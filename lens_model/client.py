@@ -1005,6 +1005,9 @@ class ServerPool:
                  prompt_timeout: float | None = DEFAULT_TIMEOUT):
         if not servers:
             raise ValueError("no ComfyUI server given (--server URL or --servers-file FILE)")
+        if per_server < 1 or retries < 0:
+            raise ValueError(f"--per-server must be >= 1 and --retries >= 0, got {per_server} "
+                             f"and {retries}")
         self.probes = {ComfyClient(s).server: ComfyClient(s, use_websocket=False)
                        for s in servers}
         self.alive = list(self.probes)

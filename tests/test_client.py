@@ -785,3 +785,5 @@ def test_many_servers_a_prompt_past_its_timeout_is_cancelled_and_fails(multi_ser
     assert len(slow.prompts) == 2                        # tried twice, the server kept
     cancelled = [body for path, body in slow.control_posts]
     assert len(cancelled) == 2
+    with pytest.raises(ValueError, match="--per-server"):
+        lc.run_many(LENS_API, rows, [slow.url], tmp_path / "out", per_server=0)
