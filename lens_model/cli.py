@@ -72,12 +72,25 @@ def _parse_ratio(text: str) -> str:
     return f"{int(parts[0])}:{int(parts[1])}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+MODULE_PROGRAM = "python -m lens_model.cli"
+
+
+def program_name(argv0: Optional[str] = None) -> str:
+    """How the user started the tool, for ``usage:``: the script name (``lens-generate``), or
+    ``python -m lens_model.cli`` when run as a module (``argv0`` is then this file)."""
+    argv0 = sys.argv[0] if argv0 is None and sys.argv else (argv0 or "")
+    name = Path(argv0).name
+    if not name or name in ("-c", "-m") or Path(argv0).suffix == ".py":
+        return MODULE_PROGRAM
+    return name
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     from .pipeline import MAX_BATCH
     from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE
 
     p = argparse.ArgumentParser(
-        prog="python -m lens_model.cli",
+        prog=prog or program_name(),
         description="Generate images with Microsoft's Lens text-to-image models (pure PyTorch).",
         epilog="Without --transformer/--text-encoder/--vae the Comfy-Org/Lens files are used: "
                "first from --models-dir (ComfyUI layout: diffusion_models/ or unet/, "

@@ -501,3 +501,21 @@ def test_cli_wrong_lora_fails_before_any_model_runs(tmp_path, fake_generate, mon
     assert cli.main(out + ["--lora", f"{a}:0.5", "--lora", str(b)]) == 0
     got = fake_generate[-1]["lora"]
     assert [(lo.name, s) for lo, s in got] == [(a.name, 0.5), (b.name, 1.0)]
+
+
+# ------------------------------------------------------------------ program name
+
+def test_program_name_in_usage(tmp_path):
+    assert cli.program_name("/venv/bin/lens-generate") == "lens-generate"
+    assert cli.program_name(str(ROOT / "lens_model" / "cli.py")) == "python -m lens_model.cli"
+    assert cli.program_name("-c") == "python -m lens_model.cli"
+    # what pip's console script does: import main and call it under the script's own name
+    script = tmp_path / "lens-generate"
+    script.write_text("import sys\nfrom lens_model.cli import main\nsys.exit(main())\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
+    for cmd, usage in (([sys.executable, str(script), "--help"], "usage: lens-generate "),
+                       ([sys.executable, "-m", "lens_model.cli", "--help"],
+                        "usage: python -m lens_model.cli ")):
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith(usage), res.stdout[:200]
