@@ -1,19 +1,28 @@
 """The only place where the pack touches ComfyUI.
 
-Every ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.utils``,
-``comfy.latent_formats``, ``latent_preview``) is imported lazily inside the function that needs it,
-so ``nodes`` imports cleanly in a plain Python environment (tests, scripts). Outside ComfyUI each
-function falls back to a sensible default: CUDA if present else CPU, no-op memory calls, no
-progress bar, no previews, no interrupt.
+Every ComfyUI module (``folder_paths``, ``comfy.model_management``, ``comfy.model_patcher``,
+``comfy.utils``, ``comfy.latent_formats``, ``latent_preview``) is imported inside the function that
+needs it, so ``nodes`` imports in a plain Python environment (tests, scripts) and the stand-ins of
+``tests/comfy_stubs.py`` can be swapped in per test. Outside ComfyUI each function falls back to a
+sensible default: CUDA if present else CPU, models moved by hand, no progress bar, no previews,
+no interrupt.
+
+Our DiT and VAE are placed by core's model management (:func:`wrap_model`, :func:`place`), so core
+evicts them when another model needs room, evicts its own for them, and ``/free`` /
+``unload_all_models`` reach them; the streamed text encoder announces its memory with
+:func:`claim_memory`.
 
 ComfyUI is GPL-3.0: we call it at run time, we never copy its code.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +116,11 @@ def cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# devices and memory
+# devices
 # --------------------------------------------------------------------------------------------
 
-def torch_device():
+def torch_device() -> torch.device:
     """ComfyUI's main compute device (the CPU under --cpu)."""
-    import torch
-
     mm = _mm()
     if mm is not None:
         return torch.device(mm.get_torch_device())
@@ -122,43 +129,22 @@ def torch_device():
     return torch.device("cpu")
 
 
-def offload_device():
-    """Where a model waits while it is not computing (host RAM)."""
-    import torch
-
-    mm = _mm()
-    if mm is not None:
-        return torch.device(mm.unet_offload_device())
-    return torch.device("cpu")
-
-
-def text_encoder_device():
+def text_encoder_device() -> torch.device:
     """ComfyUI's placement policy for text encoders (CPU on low-VRAM setups)."""
-    import torch
-
     mm = _mm()
-    if mm is not None:
-        return torch.device(mm.text_encoder_device())
-    return torch_device()
+    return torch.device(mm.text_encoder_device()) if mm is not None else torch_device()
 
 
-def vae_device():
-    import torch
-
+def vae_device() -> torch.device:
+    """ComfyUI's VAE device (the CPU with --cpu-vae)."""
     mm = _mm()
-    if mm is not None:
-        return torch.device(mm.vae_device())
-    return torch_device()
+    return torch.device(mm.vae_device()) if mm is not None else torch_device()
 
 
-def intermediate_device():
+def intermediate_device() -> torch.device:
     """Where LATENT, IMAGE and CONDITIONING tensors travel between nodes (the CPU)."""
-    import torch
-
     mm = _mm()
-    if mm is not None:
-        return torch.device(mm.intermediate_device())
-    return torch.device("cpu")
+    return torch.device(mm.intermediate_device()) if mm is not None else torch.device("cpu")
 
 
 def should_use_bf16(device) -> bool:
@@ -168,8 +154,6 @@ def should_use_bf16(device) -> bool:
     pre-Ampere NVIDIA cards such as T4, V100 or RTX 20xx, where bf16 is emulated and slow). Outside
     ComfyUI: CUDA devices of compute capability 8.0 or newer.
     """
-    import torch
-
     device = torch.device(device)
     if device.type == "cpu":
         return False
@@ -181,47 +165,154 @@ def should_use_bf16(device) -> bool:
             logger.warning("ComfyUI should_use_bf16(%s) failed: %s; assuming bf16", device, e)
             return True
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False
-        return torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     return True
 
 
-def free_memory_bytes(device) -> int | None:
-    """Free memory on `device` in bytes (None when unknown)."""
-    import torch
-
-    device = torch.device(device)
-    mm = _mm()
-    if mm is not None:
-        try:
-            return int(mm.get_free_memory(device))
-        except Exception:
-            return None
-    if device.type == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    return None
+def weights_device(module) -> torch.device:
+    """Where a module's weights are now (its first parameter or buffer; CPU when it has none)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
-def free_comfy_memory(nbytes: int, device) -> None:
-    """Ask ComfyUI to evict its own models until `nbytes` are free on `device`."""
-    import torch
+# --------------------------------------------------------------------------------------------
+# model management: our DiT and VAE live in core's list of loaded models
+# --------------------------------------------------------------------------------------------
 
-    device = torch.device(device)
-    if device.type == "cpu":
-        return
-    mm = _mm()
-    if mm is None:
-        return
+class ModelHolder(torch.nn.Module):
+    """The module core's ``ModelPatcher`` manages: our model as the child ``inner``.
+
+    Core writes its load bookkeeping (``device``, ``model_loaded_weight_memory``, ...) onto the
+    module it manages, and our models' ``device`` is a read-only property, so they sit inside this
+    container. The subclass name is what core's log shows ("Requested to load LensDiT").
+    """
+
+    def __init__(self, module=None):
+        super().__init__()
+        if module is not None:
+            self.inner = module
+        self.device = weights_device(self)
+
+
+class LensDiT(ModelHolder):
+    pass
+
+
+class LensVAE(ModelHolder):
+    pass
+
+
+class LensTextEncoder(ModelHolder):
+    """No weights of its own: stands for the streamed text encoder's memory in core's list."""
+
+
+class _LocalPatcher:
+    """Outside ComfyUI: the part of ``ModelPatcher`` the nodes use (move to the load device)."""
+
+    def __init__(self, model, load_device, offload_device, size=0):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.on_detach = []
+
+    def place(self):
+        self.model.to(self.load_device)
+
+    def detach(self, unpatch_all=True):
+        self.model.to(self.offload_device)
+        for fn in self.on_detach:
+            fn(self, unpatch_all)
+        return self.model
+
+
+def _model_patcher_class():
     try:
-        mm.free_memory(int(nbytes), device)
-    except Exception as e:  # never fail a run because core's bookkeeping refused
-        logger.warning("ComfyUI free_memory(%d, %s) failed: %s", nbytes, device, e)
+        import comfy.model_patcher as model_patcher  # ComfyUI
+    except ImportError:
+        return None
+    return model_patcher.ModelPatcher
+
+
+def wrap_model(module, kind: str, device, keep_on_device: bool = False):
+    """Wrap our DiT (``kind="dit"``) or VAE (``"vae"``) for core's model management.
+
+    The legacy ``comfy.model_patcher.ModelPatcher`` is named on purpose: our layers are not
+    ``comfy.ops`` layers, so core's dynamic-VRAM patcher could not stage them and its partial
+    loading would leave them behind. ``device`` is where the model computes (the node's choice
+    resolved: core's main / VAE device, or the CPU); it waits on core's offload device for that
+    kind (host RAM; the GPU under --highvram / --gpu-only), or stays on ``device`` with
+    ``keep_on_device``. Returns the patcher; the model is moved only by :func:`place`.
+    """
+    device = torch.device(device)
+    holder = {"dit": LensDiT, "vae": LensVAE}[kind](module)
+    offload = torch.device("cpu")
+    mm = _mm()
+    if device.type == "cpu":
+        offload = device
+    elif keep_on_device:
+        offload = device
+    elif mm is not None:
+        offload = torch.device(mm.unet_offload_device() if kind == "dit" else mm.vae_offload_device())
+    cls = _model_patcher_class()
+    if cls is None:
+        return _LocalPatcher(holder, device, offload)
+    return cls(holder, load_device=device, offload_device=offload)
+
+
+def place(patcher, memory_required: int = 0):
+    """Put a wrapped model on its compute device through core and return our module.
+
+    ``load_models_gpu`` frees room first (evicting core's models, or ours, as needed), then loads
+    this one completely (``force_full_load``: core's partial loading only handles ``comfy.ops``
+    layers). ``memory_required`` is the working memory the run needs beside the weights. Compute
+    where the returned module's weights are (:func:`weights_device`): under --novram core leaves
+    them in host RAM. Call it before every use; core may have moved the model since.
+    """
+    mm = _mm()
+    if isinstance(patcher, _LocalPatcher) or mm is None:
+        patcher.place()
+    else:
+        mm.load_models_gpu([patcher], memory_required=int(memory_required), force_full_load=True)
+    return getattr(patcher.model, "inner", None)
+
+
+def unload(patcher) -> None:
+    """Take one wrapped model off its device now and out of core's list (the DiT loader's
+    offload "always"; a text encoder that is not kept). Core's own eviction does the same."""
+    mm = _mm()
+    if isinstance(patcher, _LocalPatcher) or mm is None:
+        patcher.detach()
+        return
+    for loaded in list(mm.current_loaded_models):
+        if loaded.model is patcher:
+            mm.current_loaded_models.remove(loaded)
+            loaded.model_unload()  # detach: back to the offload device, ON_DETACH callbacks
+            return
+
+
+def claim_memory(nbytes: int, device, on_evict):
+    """A patcher standing for `nbytes` we hold on `device` outside a module (the streamed text
+    encoder). :func:`place` it before using the memory: core frees that much first and lists it
+    among its loaded models; when core evicts it (another model needs room, /free,
+    unload_all_models) it calls ``on_evict()``, which must drop the memory. Keep the patcher for
+    the next :func:`place` (core's list only holds weak references); give the memory back early
+    with :func:`unload`."""
+    device = torch.device(device)
+    cls = _model_patcher_class()
+    if cls is None or _mm() is None:
+        patcher = _LocalPatcher(LensTextEncoder(), device, device)
+        patcher.on_detach.append(lambda *_: on_evict())
+        return patcher
+    from comfy.patcher_extension import CallbacksMP  # ComfyUI
+
+    patcher = cls(LensTextEncoder(), load_device=device, offload_device=device, size=max(1, int(nbytes)))
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: on_evict())
+    return patcher
 
 
 def unload_all_models() -> None:
-    """Ask ComfyUI to unload all of its own models (after an out-of-memory error)."""
+    """Ask ComfyUI to unload every loaded model, ours included (after an out-of-memory error)."""
     mm = _mm()
     if mm is None:
         return
@@ -233,17 +324,34 @@ def unload_all_models() -> None:
 
 def soft_empty_cache() -> None:
     """Return cached allocator blocks to the driver (after large frees)."""
-    import gc
-
     gc.collect()
     mm = _mm()
     if mm is not None:
         mm.soft_empty_cache()
-        return
-    import torch
-
-    if torch.cuda.is_available():
+    elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether `error` is an out-of-memory error (core's test when it has one)."""
+    mm = _mm()
+    test = getattr(mm, "is_oom", None) if mm is not None else None
+    if test is not None:
+        return bool(test(error))
+    return isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def out_of_memory(error: BaseException, message: str) -> BaseException:
+    """After an out-of-memory error: unload every model (ours are in core's list) and return an
+    error of the same type (core still recognises it as OOM) whose message starts with `message`.
+    Use ``raise out_of_memory(e, "...") from e``."""
+    unload_all_models()
+    soft_empty_cache()
+    try:
+        return type(error)(f"{message} ({error})")
+    except Exception:  # an error type that does not take a message
+        error.add_note(message)
+        return error
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,12 @@
-"""Helpers shared by the node modules: the lens_model import, model lists, file identity and the
-pack's own GPU residency policy (core cannot see our models, comfyui.md §4)."""
+"""Helpers shared by the node modules: model lists, file identity, the device choice."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
-import threading
-import weakref
+
+import torch
 
 from . import comfy_adapter as comfy
 
@@ -23,17 +21,6 @@ _DIFFUSERS_SUBFOLDER = {
     "vae": "vae",
 }
 _SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
-
-
-def lens(submodule: str | None = None):
-    """Import ``lens_model`` (or ``lens_model.<submodule>``) lazily.
-
-    Inside ComfyUI the pack folder is a package and lens_model is its sub-package; in tests and
-    scripts ``nodes`` is a top-level package next to a top-level ``lens_model``.
-    """
-    parent = (__package__ or "").rpartition(".")[0]
-    name = f"{parent}.lens_model" if parent else "lens_model"
-    return importlib.import_module(f"{name}.{submodule}" if submodule else name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,122 +138,8 @@ def file_identity(path: str) -> str:
     return "|".join(parts)
 
 
-# --------------------------------------------------------------------------------------------
-# residency: at most one of our big models on the GPU at a time
-# --------------------------------------------------------------------------------------------
-
-class Resident:
-    """Base for handles whose weights can move between the compute device and host RAM.
-
-    Subclasses implement ``_offload()`` (move weights off the GPU or drop them) and report
-    ``on_gpu``. ``make_room`` offloads every other live handle before a big model moves in.
-    """
-
-    _live: "weakref.WeakSet[Resident]" = weakref.WeakSet()
-    _lock = threading.Lock()
-
-    def __init__(self):
-        with Resident._lock:
-            Resident._live.add(self)
-
-    @property
-    def on_gpu(self) -> bool:  # pragma: no cover - overridden
-        return False
-
-    def _offload(self) -> None:  # pragma: no cover - overridden
-        pass
-
-    def offload(self) -> None:
-        if self.on_gpu:
-            self._offload()
-
-    def evict(self) -> None:
-        """Leave the GPU whatever the offload policy (after an out-of-memory error)."""
-        self.offload()
-
-    def release(self) -> None:
-        """Drop the weights (host RAM included); the handle reloads them from the file when used again."""
-
-
-def make_room(for_handle, device, nbytes: int) -> None:
-    """Before moving `for_handle` (our model, `nbytes` big) to `device`: offload our other GPU
-    models, ask ComfyUI to evict its own models, and empty the allocator cache."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cpu":
-        return
-    moved = False
-    with Resident._lock:
-        others = [h for h in Resident._live if h is not for_handle]
-    for h in others:
-        if h.on_gpu:
-            logger.info("offloading %s to make room on %s", h, device)
-            h.offload()
-            moved = True
-    comfy.free_comfy_memory(int(nbytes * 1.1) + (512 << 20), device)
-    if moved:
-        comfy.soft_empty_cache()
-
-
-def out_of_memory(error: BaseException, message: str, *handles) -> BaseException:
-    """After an out-of-memory error: move our `handles` off the GPU, ask ComfyUI to unload its
-    models and empty the allocator cache, and return an error of the same type (so core still
-    recognises it as OOM) whose message starts with `message`. Use ``raise out_of_memory(...) from e``.
-    """
-    for h in handles:
-        if h is None:
-            continue
-        try:
-            h.evict()
-        except Exception as e:  # never hide the OOM behind a second error
-            logger.warning("could not offload %s after running out of memory: %s", h, e)
-    comfy.unload_all_models()
-    comfy.soft_empty_cache()
-    try:
-        return type(error)(f"{message} ({error})")
-    except Exception:  # an error type that does not take a message
-        error.add_note(message)
-        return error
-
-
-def module_nbytes(module) -> int:
-    """Bytes held by a module's parameters and buffers."""
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        total += t.numel() * t.element_size()
-    return total
-
-
-def same_device(a, b) -> bool:
-    """torch devices equal up to a missing CUDA index ("cuda" == "cuda:<current>")."""
-    import torch
-
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        if a.type != "cuda":
-            return True
-        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index
-
-
-def module_device(module):
-    import torch
-
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def resolve_device(choice: str, auto_device):
+def resolve_device(choice: str, auto_device) -> torch.device:
     """Map a node's ``auto|gpu|cpu`` choice to a torch device; ``gpu`` without one is an error."""
-    import torch
-
     if choice == "cpu":
         return torch.device("cpu")
     if choice == "gpu":

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from lens_model import resolution
+
 from . import comfy_adapter as comfy
-from .common import CATEGORY, lens
+from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ class LensNodesResolution:
         }
 
     def resolve(self, base="1440", ratio="1:1", width=1024, height=1024):
-        res = lens("resolution")
+        res = resolution
         if base in ("1024", "1440"):
             w, h = res.resolution_for(int(base), ratio)
         elif base == "custom":
@@ -89,9 +93,7 @@ class LensNodesEmptyLatent:
         }
 
     def generate(self, width=1024, height=1024, batch_size=1):
-        import torch
-
-        w, h = lens("resolution").validate_size(int(width), int(height))
+        w, h = resolution.validate_size(int(width), int(height))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         samples = torch.zeros(int(batch_size), 128, h // 16, w // 16,

@@ -2,17 +2,23 @@
 
 Each loader resolves a combo entry from ComfyUI's model folders (a file, the first shard of a set,
 or a ``<folder>/`` entry for a diffusers folder), builds the model completely or raises, and
-returns a handle (nodes/handles.py). ``IS_CHANGED`` returns the file identity so a replaced file
-reloads.
+returns a handle (nodes/handles.py). The DiT and VAE are wrapped for ComfyUI's model management
+right away but stay in host RAM until a node uses them. ``IS_CHANGED`` returns the file identity
+so a replaced file reloads; the model a loader returned before is freed when ComfyUI drops that
+output.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
+
+import torch
+
+import lens_model
+from lens_model import text_encoder as lens_text_encoder
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, file_identity, lens, make_room, model_list, resolve_device, resolve_model
+from .common import CATEGORY, file_identity, model_list, resolve_device, resolve_model
 from .handles import DiTHandle, TextEncoderHandle, VAEHandle
 
 logger = logging.getLogger(__name__)
@@ -28,8 +34,6 @@ VAE_DTYPES = ["auto", "bf16", "fp32"]
 
 
 def _torch_dtype(name: str):
-    import torch
-
     return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
 
 
@@ -42,38 +46,7 @@ def _identity_or_nan(key: str, name: str):
 
 def _compute_dtype(device):
     """bf16 where ComfyUI says the device computes it well, else fp32 (never fp16 for Lens)."""
-    import torch
-
     return torch.bfloat16 if comfy.should_use_bf16(device) else torch.float32
-
-
-def _release_previous(node) -> None:
-    """Free the model this loader node returned last time before it loads another one.
-
-    ComfyUI keeps one node object per node id and caches its outputs, but sizes them by their CPU
-    tensors only, so our handles look free to keep; without this, switching files would keep every
-    model ever loaded in RAM. ComfyUI may still hold the old handle (switching back reuses the cached
-    output): a released handle reloads its model from the file when it is used again.
-    """
-    ref = getattr(node, "_last_handle", None)
-    old = ref() if ref is not None else None
-    node._last_handle = None
-    if old is not None:
-        old.release()
-
-
-def _remember(node, handle) -> None:
-    node._last_handle = weakref.ref(handle)  # weak: ComfyUI's cache decides how long it lives
-
-
-def _accepted_kwargs(fn) -> set[str]:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 class LensNodesDiTLoader:
@@ -82,8 +55,8 @@ class LensNodesDiTLoader:
         "models/diffusion_models: a Comfy-Org single file (bf16 or mxfp8), a ComfyUI-prefixed file, "
         "or a diffusers folder. Set the sampler to 4 steps / CFG 1 for Turbo, 20 steps / CFG 5 "
         "for Lens and 50 steps / CFG 5 for Lens-Base (the weights do not say which variant they "
-        "are; the log shows a hint from the file name). Loading another file frees the model this "
-        "node loaded before."
+        "are; the log shows a hint from the file name). ComfyUI's model management moves it to the "
+        "GPU when the sampler runs and evicts it when another model needs the room."
     )
     CATEGORY = CATEGORY
     SEARCH_ALIASES = ["lens", "lens turbo", "mmdit", "load lens", "diffusion model loader", "unet loader"]
@@ -115,9 +88,10 @@ class LensNodesDiTLoader:
                                "GPU or an error. cpu: very slow (minutes per step at 1024²)."}),
                 "offload": (DIT_OFFLOAD, {
                     "default": "auto",
-                    "tooltip": "auto: stays on the GPU until the text encoder or VAE needs the "
-                               "room. always: back to RAM after every run (for small cards). "
-                               "never: stays resident (for large cards)."}),
+                    "tooltip": "auto: ComfyUI's model management decides (it stays on the GPU "
+                               "until another model needs the room; --highvram keeps it there). "
+                               "always: back to RAM after every run. never: never leaves the GPU "
+                               "(ComfyUI cannot evict it to make room)."}),
             },
             "optional": {
                 "qk_norm_eps": (QK_EPS, {
@@ -134,64 +108,41 @@ class LensNodesDiTLoader:
 
     def load(self, model_name, weight_dtype="default", device="auto", offload="auto",
              qk_norm_eps="upstream"):
-        import torch
-
         if weight_dtype not in DIT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {DIT_DTYPES}, got {weight_dtype!r}")
         if qk_norm_eps not in QK_EPS:
             raise ValueError(f"qk_norm_eps must be one of {QK_EPS}, got {qk_norm_eps!r}")
+        if offload not in DIT_OFFLOAD:
+            raise ValueError(f"offload must be one of {DIT_OFFLOAD}, got {offload!r}")
         path = resolve_model("diffusion_models", model_name)
         dev = resolve_device(device, comfy.torch_device())
-        lm = lens()
-        accepted = _accepted_kwargs(lm.load_transformer)
-        kwargs = {}
-        if _QK_EPS_VALUE[qk_norm_eps] is not None:
-            kwargs["qk_norm_eps"] = _QK_EPS_VALUE[qk_norm_eps]
-        if weight_dtype == "fp8":
-            if "weight_dtype" not in accepted:
-                raise ValueError(
-                    "weight_dtype 'fp8' is not supported by this version of lens_model "
-                    "(load_transformer has no fp8 storage option). Select 'default' or 'bf16', "
-                    "or load a Comfy-Org *_mxfp8.safetensors file, which stays fp8 as stored."
-                )
-            kwargs["weight_dtype"] = "fp8"
-            dtype = _compute_dtype(dev) if dev.type != "cpu" else torch.bfloat16
-        elif weight_dtype == "default":
-            dtype = _compute_dtype(dev) if dev.type != "cpu" else None
-            if dtype == torch.float32:
-                logger.info("%s has no fast bf16: the Lens DiT computes in fp32 (weight_dtype "
-                            "'fp8' halves its memory).", dev)
-        else:
-            dtype = _torch_dtype(weight_dtype)
-        host = comfy.offload_device() if dev.type != "cpu" else dev
-
-        def build(device):
-            model = lm.load_transformer(path, dtype=dtype, device=device, **kwargs)
-            model.eval()
-            model.requires_grad_(False)
-            return model
-
-        _release_previous(self)
-        # Load straight into host RAM; the sampler moves the weights to the GPU when it runs,
-        # after the text encoder has given its memory back.
-        load_device = host
-        if offload == "never" and dev.type != "cpu":
-            make_room(None, dev, 0)
-            load_device = dev
+        dtype = _dit_dtype(weight_dtype, dev)
         logger.info("loading Lens DiT %s (weight dtype %s, device %s)", model_name, weight_dtype, dev)
-        try:
-            model = build(load_device)
-        except BaseException:
-            comfy.soft_empty_cache()
-            raise
+        # into host RAM; core's model management moves it when the sampler runs
+        model = lens_model.load_transformer(
+            path, dtype=dtype, device="cpu", qk_norm_eps=_QK_EPS_VALUE[qk_norm_eps],
+            weight_dtype="fp8" if weight_dtype == "fp8" else None)
+        model.eval().requires_grad_(False)
         hint = getattr(model, "variant_defaults", None) or {}
         if hint:
             logger.info("%s: suggested %s steps, CFG %s (variant guessed from the file name: %s)",
                         model_name, hint.get("steps"), hint.get("cfg"), hint.get("variant"))
-        handle = DiTHandle(model, path, file_identity(path), dev, offload, weight_dtype,
-                           reload=lambda: build(host))
-        _remember(self, handle)
-        return (handle,)
+        patcher = comfy.wrap_model(model, "dit", dev, keep_on_device=offload == "never")
+        return (DiTHandle(patcher, path, file_identity(path), weight_dtype, offload == "always"),)
+
+
+def _dit_dtype(weight_dtype: str, device):
+    """Compute dtype of the DiT: bf16/fp32 as chosen; default and fp8 follow the device (the
+    stored dtype on the CPU, bf16 for fp8 there)."""
+    if weight_dtype in ("bf16", "fp32"):
+        return _torch_dtype(weight_dtype)
+    if device.type == "cpu":
+        return torch.bfloat16 if weight_dtype == "fp8" else None
+    dtype = _compute_dtype(device)
+    if dtype == torch.float32 and weight_dtype == "default":
+        logger.info("%s has no fast bf16: the Lens DiT computes in fp32 (weight_dtype 'fp8' "
+                    "halves its memory).", device)
+    return dtype
 
 
 class LensNodesTextEncoderLoader:
@@ -260,18 +211,15 @@ class LensNodesTextEncoderLoader:
         if dtype == "auto" and dev.type != "cpu":
             tdtype = _compute_dtype(dev)
         else:
-            tdtype = lens("text_encoder").resolve_dtype(_torch_dtype(dtype), dev)
+            tdtype = lens_text_encoder.resolve_dtype(_torch_dtype(dtype), dev)
         name = str(tdtype).replace("torch.", "")
-        _release_previous(self)
-        handle = TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
-                                   bool(keep_loaded), hidden)
-        _remember(self, handle)
-        return (handle,)
+        return (TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
+                                  bool(keep_loaded), hidden),)
 
 
 def _check_text_encoder(path: str) -> int:
     """Validate the text-encoder checkpoint (headers and shapes only) and return its hidden size."""
-    return lens("text_encoder").inspect_text_encoder(path).hidden_size
+    return lens_text_encoder.inspect_text_encoder(path).hidden_size
 
 
 class LensNodesVAELoader:
@@ -307,8 +255,6 @@ class LensNodesVAELoader:
         return _identity_or_nan("vae", vae_name)
 
     def load(self, vae_name, dtype="auto", device="auto"):
-        import torch
-
         if dtype not in VAE_DTYPES:
             raise ValueError(f"dtype must be one of {VAE_DTYPES}, got {dtype!r}")
         path = resolve_model("vae", vae_name)
@@ -317,23 +263,8 @@ class LensNodesVAELoader:
             tdtype = _compute_dtype(dev) if dev.type != "cpu" else torch.float32
         else:
             tdtype = _torch_dtype(dtype)
-        load_device = comfy.offload_device() if dev.type != "cpu" else dev
-
-        def build():
-            vae = lens().load_vae(path, dtype=tdtype, device=load_device)
-            if hasattr(vae, "eval"):
-                vae.eval()
-                vae.requires_grad_(False)
-            return vae
-
-        _release_previous(self)
         logger.info("loading FLUX.2 VAE %s (%s, device %s)", vae_name, tdtype, dev)
-        try:
-            vae = build()
-        except BaseException:
-            comfy.soft_empty_cache()
-            raise
-        handle = VAEHandle(vae, path, file_identity(path), dev, str(tdtype).replace("torch.", ""),
-                           reload=build)
-        _remember(self, handle)
-        return (handle,)
+        vae = lens_model.load_vae(path, dtype=tdtype, device="cpu")
+        vae.eval().requires_grad_(False)
+        patcher = comfy.wrap_model(vae, "vae", dev)
+        return (VAEHandle(patcher, path, file_identity(path), str(tdtype).replace("torch.", "")),)

@@ -10,11 +10,14 @@ afterwards; the base weights are never modified.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
+from lens_model import lora as lens_lora
+
 from . import comfy_adapter as comfy
-from .common import CATEGORY, file_identity, lens
+from .common import CATEGORY, file_identity
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +29,10 @@ _LORA_EXTENSIONS = (".safetensors", ".sft")
 class LoRAModel:
     """LENS_DIT with LoRAs: the upstream handle plus ``loras`` = ((LensLoRA, strength), ...).
 
-    Every other attribute (``config``, ``device``, ``for_compute``, ``after_use``, ...) is the
-    upstream handle's, so it behaves as the model it wraps; ``base_handle`` is that handle.
+    Every other attribute (``patcher``, ``config``, ``for_compute``, ``after_use``, ...) is the
+    upstream handle's, so it behaves as the model it wraps and shares its place in ComfyUI's
+    model management (the LoRA is a side path, not a core weight patch: core's patches would be
+    silently wrong on fp8 / MXFP8 layers); ``base_handle`` is that handle.
     """
 
     __slots__ = ("_base", "loras")
@@ -64,7 +69,8 @@ def lora_list() -> list[str]:
 def loras_applied(model, transformer):
     """Context manager for the sampler: ``with loras_applied(model, dit): <sample>`` attaches the
     LoRAs a LENS_DIT carries (none for a plain loader output) to ``dit`` and removes them after."""
-    return lens("lora").applied(transformer, list(getattr(model, "loras", ())))
+    loras = list(getattr(model, "loras", ()))
+    return lens_lora.applied(transformer, loras) if loras else contextlib.nullcontext()
 
 
 class LensNodesLoRALoader:
@@ -118,8 +124,7 @@ class LensNodesLoRALoader:
                 "then refresh the browser (press R)."
             )
         path = comfy.full_path(LORA_FOLDER, lora_name)
-        lora_mod = lens("lora")
-        lora = lora_mod.load_lora(path)
+        lora = lens_lora.load_lora(path)
         lora.check(model.config)
         base = model.base_handle if isinstance(model, LoRAModel) else model
         loras = tuple(getattr(model, "loras", ())) + ((lora, strength),)

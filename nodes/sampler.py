@@ -10,8 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import torch
+
+from lens_model import resolution, sampling
+
 from . import comfy_adapter as comfy
-from .common import CATEGORY, lens, out_of_memory
+from .common import CATEGORY
+from .lora import loras_applied
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +30,6 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 def parse_conditioning(cond, what: str):
     """CONDITIONING -> (ctx [B, S, F] float32, mask [B, S] bool). Uses the first entry."""
-    import torch
-
     if not isinstance(cond, (list, tuple)) or len(cond) == 0:
         raise ValueError(f"{what}: the CONDITIONING is empty; connect a GPT-OSS TextEncode "
                          f"(or core CLIPTextEncode with a CLIPLoader of type 'lens').")
@@ -70,8 +73,6 @@ def _check_features(ctx, cfg, what: str):
 
 def prepare_latent(latent, width: int, height: int):
     """-> (samples [B, 128, h, w] fp32 CPU, has_content). Converts core's empty 4-channel latent."""
-    import torch
-
     if latent is None:
         if width % 16 or height % 16:
             raise ValueError(f"width and height must be multiples of 16, got {width}×{height} "
@@ -92,7 +93,7 @@ def prepare_latent(latent, width: int, height: int):
                 f"channels. Encode images with FLUX2 VAE Encode (or core VAEEncode with "
                 f"flux2-vae.safetensors)."
             )
-        s = lens("resolution").latent_from_core_empty(latent)
+        s = resolution.latent_from_core_empty(latent)
         if isinstance(s, dict):
             s = s["samples"]
         return s.to("cpu", torch.float32), False
@@ -192,21 +193,11 @@ class LensNodesSampler:
     def sample(self, model, positive, seed=0, steps=4, cfg=1.0, schedule="upstream", denoise=1.0,
                noise_layout="upstream", width=1024, height=1024, negative=None, latent=None,
                mu=0.0, cfg_mode="upstream", mask_mode="coverage"):
-        import torch
-
         if not hasattr(model, "for_compute"):
             raise ValueError("model must come from the LensLoader node (LensNodesDiTLoader); got "
                              f"{type(model).__name__}. Core MODEL outputs do not work here.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if noise_layout not in NOISE_LAYOUTS:
-            raise ValueError(f"noise_layout must be one of {NOISE_LAYOUTS}, got {noise_layout!r}")
-        if cfg_mode not in CFG_MODES:
-            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-        sampling = lens("sampling")
-        resolution = lens("resolution")
+        _check_choices(schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode,
+                       mask_mode=mask_mode)
         # NaN/Inf can arrive through the API (FLOAT widgets do not reject them): refuse up front
         names = {"guidance_scale": "cfg", "steps": "steps", "denoise": "denoise", "mu": "mu"}
         sampling.check_sampling_options(steps=steps, guidance_scale=cfg, names=names)
@@ -214,7 +205,6 @@ class LensNodesSampler:
             sampling.check_sampling_options(denoise=denoise, names=names)
         if mu != 0:  # 0 = automatic
             sampling.check_sampling_options(mu=mu, names=names)
-        steps = int(steps)
 
         samples, has_content = prepare_latent(latent, int(width), int(height))
         extra = _passed_through(latent)
@@ -222,94 +212,98 @@ class LensNodesSampler:
             logger.info("MMDiT Sampler: denoise 0, returning the latent unchanged.")
             return ({**extra, "samples": samples.to(comfy.intermediate_device())},)
         batch, _, h, w = samples.shape
-        H, W = 16 * h, 16 * w
-
-        ctx, mask = parse_conditioning(positive, "positive")
-        _check_features(ctx, model.config, "positive")
-        nctx = nmask = None
-        if negative is not None:
-            nctx, nmask = parse_conditioning(negative, "negative")
-            if nctx.shape[1] == 0:
-                nctx = nmask = None  # empty negative: zero tokens (sampling.md §5)
-            else:
-                _check_features(nctx, model.config, "negative")
-
-        warning = resolution.schedule_jump_warning(W, H)
+        cond = _conditioning(positive, negative, model.config)
+        warning = resolution.schedule_jump_warning(16 * w, 16 * h)
         if warning:
             logger.warning("%s", warning)
-
-        mu_value = float(mu) if mu and float(mu) > 0 else None
-        noise_mask = latent.get("noise_mask") if isinstance(latent, dict) else None
-        denoise_mask = None
-        if noise_mask is not None:
-            denoise_mask = sampling.latent_mask(noise_mask, h, w, batch=batch, mode=mask_mode)
-            if not has_content:
-                logger.warning("MMDiT Sampler: the latent has a noise_mask but no image content; "
-                               "the unmasked area is kept as an empty (zero) latent. Encode the "
-                               "image with FLUX2 VAE Encode before Set Latent Noise Mask.")
-        img2img = has_content and float(denoise) < 1.0
-        if float(denoise) < 1.0 and not has_content:
-            logger.warning("denoise %.2f needs an image latent (VAE Encode); the latent is empty, "
-                           "so the full schedule runs.", denoise)
-        if img2img:
-            sigmas = sampling.img2img_sigmas(H, W, steps, float(denoise), mode=schedule, mu=mu_value)
-        elif schedule == "comfyui":
-            sigmas = sampling.comfyui_sigmas(H, W, steps, mu=mu_value)
-        else:
-            sigmas = sampling.lens_sigmas(H, W, steps, mu=mu_value)
-        sigmas = sigmas.to(torch.float32)
-
-        batch_index = latent.get("batch_index") if isinstance(latent, dict) else None
+        plan = sampling.plan_sampling(16 * h, 16 * w, int(steps), denoise=float(denoise),
+                                      schedule=schedule, mu=float(mu) if mu else None,
+                                      has_init=has_content)
+        for note in plan.warnings:
+            logger.warning("MMDiT Sampler: %s", note)
         noise = sampling.make_noise(int(seed), batch, h, w, layout=noise_layout,
-                                    batch_index=batch_index)
-        x = sampling.noise_image_latents(noise, samples, sigmas[0]) if img2img else noise
-        inpaint = {}
-        if denoise_mask is not None:
-            # moved to the model's device inside sample()
-            inpaint = dict(denoise_mask=denoise_mask, init_latents=samples, init_noise=noise)
+                                    batch_index=extra.get("batch_index"))
+        inputs = dict(cond, guidance_scale=float(cfg), cfg_mode=cfg_mode,
+                      **_inpaint_inputs(extra.get("noise_mask"), samples, noise, has_content,
+                                        mask_mode))
+        x = plan.start_latents(noise, samples if plan.img2img else None)
+        out = _run(model, x, plan.sigmas, inputs,
+                   f"{16 * w}x{16 * h}, batch {batch}"
+                   f"{', CFG (two passes per step)' if float(cfg) != 1.0 else ''}")
+        return ({**extra, "samples": out},)
 
-        handle = model
-        total = len(sigmas) - 1
-        pbar = comfy.progress_bar(total)
-        dev = handle.device
+
+def _check_choices(**chosen):
+    allowed = {"schedule": SCHEDULES, "noise_layout": NOISE_LAYOUTS, "cfg_mode": CFG_MODES,
+               "mask_mode": MASK_MODES}
+    for name, value in chosen.items():
+        if value not in allowed[name]:
+            raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
+
+
+def _conditioning(positive, negative, config) -> dict:
+    """CONDITIONING inputs -> the context arguments of ``lens_model.sampling.sample`` (CPU)."""
+    ctx, mask = parse_conditioning(positive, "positive")
+    _check_features(ctx, config, "positive")
+    out = {"context": ctx, "mask": mask, "negative_context": None, "negative_mask": None}
+    if negative is not None:
+        nctx, nmask = parse_conditioning(negative, "negative")
+        if nctx.shape[1] > 0:  # an empty negative is zero tokens: the one Lens was trained with
+            _check_features(nctx, config, "negative")
+            out.update(negative_context=nctx, negative_mask=nmask)
+    return out
+
+
+def _inpaint_inputs(noise_mask, samples, noise, has_content, mask_mode) -> dict:
+    """A LATENT's noise_mask -> the inpainting arguments of ``sampling.sample`` (none without)."""
+    if noise_mask is None:
+        return {}
+    _, _, h, w = samples.shape
+    if not has_content:
+        logger.warning("MMDiT Sampler: the latent has a noise_mask but no image content; the "
+                       "unmasked area is kept as an empty (zero) latent. Encode the image with "
+                       "FLUX2 VAE Encode before Set Latent Noise Mask.")
+    mask = sampling.latent_mask(noise_mask, h, w, batch=samples.shape[0], mode=mask_mode)
+    return {"denoise_mask": mask, "init_latents": samples, "init_noise": noise}
+
+
+def _run(model, x, sigmas, inputs: dict, what: str):
+    """Place the DiT through ComfyUI, attach the model's LoRAs, sample, remove the LoRAs.
+
+    Returns the latents [B, 128, h, w] float32 on the intermediate device.
+    """
+    pbar = comfy.progress_bar(len(sigmas) - 1)
+    comfy.check_interrupt()
+    try:
+        transformer = model.for_compute()
+        dev = torch.device(transformer.device)  # where the weights are: host RAM under --novram
         preview = comfy.make_previewer(dev)  # None: the user's preview method is "none"
 
         def callback(step, n, x_next, denoised):
             # denoised = x_k - sigma_k * v, the x0 estimate [B, 128, h, w] on `dev`
-            image = preview(denoised) if preview is not None else None
-            pbar.update_absolute(step + 1, n, image)
+            pbar.update_absolute(step + 1, n, preview(denoised) if preview is not None else None)
             comfy.check_interrupt()
 
-        comfy.check_interrupt()
-        try:
-            transformer = handle.for_compute()
-            with torch.no_grad(), cancel_inside_forward(transformer):
-                out = sampling.sample(
-                    transformer, x.to(dev), sigmas.to(dev), ctx.to(dev), mask.to(dev),
-                    negative_context=None if nctx is None else nctx.to(dev),
-                    negative_mask=None if nmask is None else nmask.to(dev),
-                    guidance_scale=float(cfg), callback=callback, cfg_mode=cfg_mode,
-                    **inpaint,
-                )
-            out = out.detach().to(comfy.intermediate_device(), torch.float32)
-        except sampling.NonFiniteError as e:
-            hint = (" In LensLoader try weight_dtype 'default' or 'fp32', or re-download the DiT."
-                    if e.where == "model output" else "")
-            raise sampling.NonFiniteError(f"MMDiT Sampler: {e}{hint}", e.step, e.total,
-                                          e.where) from None
-        except torch.cuda.OutOfMemoryError as e:
-            # same exception type, so core still sees an OOM; our DiT leaves the GPU first
-            raise out_of_memory(
-                e,
-                f"MMDiT Sampler ran out of {dev} memory at {W}x{H}, batch {batch}"
-                f"{', CFG (two passes per step)' if float(cfg) != 1.0 else ''}. Try: LensLoader "
-                f"weight_dtype 'fp8' or offload 'always', a smaller size (base 1024 in Lens "
-                f"Resolution), batch 1, or close other GPU programs.",
-                handle,
-            ) from e
-        finally:
-            handle.after_use()
-        return ({**extra, "samples": out},)
+        args = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with torch.no_grad(), loras_applied(model, transformer), cancel_inside_forward(transformer):
+            out = sampling.sample(transformer, x.to(dev), sigmas.to(dev), args.pop("context"),
+                                  args.pop("mask"), callback=callback, **args)
+        return out.detach().to(comfy.intermediate_device(), torch.float32)
+    except sampling.NonFiniteError as e:
+        hint = (" In LensLoader try weight_dtype 'default' or 'fp32', or re-download the DiT."
+                if e.where == "model output" else "")
+        raise sampling.NonFiniteError(f"MMDiT Sampler: {e}{hint}", e.step, e.total,
+                                      e.where) from None
+    except Exception as e:
+        if not comfy.is_oom(e):
+            raise
+        # the same exception type, so core still sees an OOM; every model was unloaded first
+        raise comfy.out_of_memory(
+            e, f"MMDiT Sampler ran out of memory at {what}. Try: LensLoader weight_dtype 'fp8' "
+               f"or offload 'always', a smaller size (base 1024 in Lens Resolution), batch 1, or "
+               f"close other GPU programs.") from e
+    finally:
+        model.after_use()
 
 
 @contextlib.contextmanager

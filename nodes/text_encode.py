@@ -18,8 +18,12 @@ import re
 import threading
 from collections import OrderedDict
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from . import comfy_adapter as comfy
-from .common import CATEGORY, out_of_memory
+from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +94,6 @@ def _disk_path(key: str):
 
 
 def _disk_get(key: str):
-    from safetensors import safe_open
-
     path = _disk_path(key)
     if not path.is_file():
         return None
@@ -108,9 +110,6 @@ def _disk_get(key: str):
 
 
 def _disk_put(key: str, ctx, mask) -> None:
-    import torch
-    from safetensors.torch import save_file
-
     path = _disk_path(key)
     tmp = path.with_suffix(".tmp")
     try:
@@ -126,8 +125,6 @@ def _disk_put(key: str, ctx, mask) -> None:
 
 def to_conditioning(ctx, mask):
     """(ctx [B, S, 4E], mask [B, S] bool) -> core's Lens CONDITIONING (on the intermediate device)."""
-    import torch
-
     dev = comfy.intermediate_device()
     ctx = ctx.to(device=dev, dtype=torch.float32)
     mask = mask.to(device=dev, dtype=torch.int64)
@@ -177,8 +174,6 @@ class LensNodesTextEncode:
         }
 
     def encode(self, text_encoder, text, date=DEFAULT_DATE, strip_markers=True, cache_to_disk=False):
-        import torch
-
         handle = text_encoder
         if not hasattr(handle, "encoder") or not hasattr(handle, "cache_identity"):
             raise ValueError(
@@ -220,12 +215,13 @@ class LensNodesTextEncode:
                                            callback=on_layer)
             ctx = ctx.detach().to("cpu", torch.float32).clone()
             mask = mask.detach().to("cpu").to(torch.bool).clone()
-        except torch.cuda.OutOfMemoryError as e:
-            raise out_of_memory(
-                e,
-                f"GPT-OSS TextEncode ran out of {handle.device} memory. In GPT-OSS Loader set "
-                f"offload to 'layers' (about 1 GB of VRAM) or 'stream', or device to 'cpu'.",
-                handle,
+        except Exception as e:
+            if not comfy.is_oom(e):
+                raise
+            handle.unload()
+            raise comfy.out_of_memory(
+                e, f"GPT-OSS TextEncode ran out of {handle.device} memory. In GPT-OSS Loader set "
+                   f"offload to 'layers' (about 1 GB of VRAM) or 'stream', or device to 'cpu'.",
             ) from e
         finally:
             handle.after_encode()

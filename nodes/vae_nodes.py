@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import torch
+
 from . import comfy_adapter as comfy
-from .common import CATEGORY, out_of_memory
+from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,6 @@ def _tiling(tile: str, tile_size, device) -> tuple:
     "auto" tiles on the CPU (a whole 1024² image is one ≈ 145 s pass there, too long to cancel);
     on a GPU it stays untiled unless memory is short.
     """
-    import torch
-
     if tile not in TILE_MODES:
         raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
     if (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size % CELL
@@ -61,12 +62,23 @@ def _progress(total: int):
 
 
 def _check_finite(t, what: str) -> None:
-    import torch
-
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contains NaN or Inf values; refusing to turn them into an image. "
                          f"Check the node that produced it (a sampler in fp16, broken weights, "
                          f"extreme guidance).")
+
+
+@contextlib.contextmanager
+def _oom_advice(what: str):
+    """An out-of-memory error inside stays one (core recognises it) after every model, ours
+    included, was unloaded, with our advice in front."""
+    try:
+        yield
+    except Exception as e:
+        if not comfy.is_oom(e):
+            raise
+        raise comfy.out_of_memory(e, f"{what} ran out of memory. Set tile to 'on', or FLUX2 VAE "
+                                     f"Loader device to 'cpu'.") from e
 
 
 def _vae_handle(vae):
@@ -108,8 +120,6 @@ class LensNodesVAEDecode:
         }
 
     def decode(self, samples, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
-        import torch
-
         handle = _vae_handle(vae)
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
@@ -122,21 +132,14 @@ class LensNodesVAEDecode:
         _tiling(tile, tile_size, "cpu")  # options checked before any work
         _check_finite(z, "FLUX2 VAE Decode: the latent")
         comfy.check_interrupt()
-        est = getattr(handle.model(), "estimate_decode_bytes", None)
-        work = est(z.shape[-2], z.shape[-1]) if est is not None else 0
-        try:
+        work = handle.vae.estimate_decode_bytes(z.shape[-2], z.shape[-1])
+        what = f"FLUX2 VAE Decode at {16 * z.shape[-1]}x{16 * z.shape[-2]}"
+        with _oom_advice(what):
             model = handle.for_compute(work)
-            arg, cells, overlap = _tiling(tile, tile_size, model.device)
+            arg, cells, overlap = _tiling(tile, tile_size, comfy.weights_device(model))
             # one image (or tile) at a time inside; progress and Cancel after every decoder block
             images = model.decode(z.to(torch.float32), tile=arg, tile_size=cells, overlap=overlap,
                                   callback=_progress(z.shape[0]), progress_unit="block")
-        except torch.cuda.OutOfMemoryError as e:
-            raise out_of_memory(
-                e,
-                f"FLUX2 VAE Decode ran out of {handle.device} memory at {16 * z.shape[-1]}x"
-                f"{16 * z.shape[-2]}. Set tile to 'on', or FLUX2 VAE Loader device to 'cpu'.",
-                handle,
-            ) from e
         return (images.to(comfy.intermediate_device(), torch.float32),)
 
 
@@ -171,8 +174,6 @@ class LensNodesVAEEncode:
         }
 
     def encode(self, pixels, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
-        import torch
-
         handle = _vae_handle(vae)
         if tile not in TILE_MODES:
             raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
@@ -190,17 +191,10 @@ class LensNodesVAEEncode:
                         W, H, w, h)
             pixels = pixels[:, y0:y0 + h, x0:x0 + w, :]
         comfy.check_interrupt()
-        try:
-            model = handle.for_compute()
-            arg, cells, overlap = _tiling(tile, tile_size, model.device)
+        with _oom_advice(f"FLUX2 VAE Encode at {w}x{h}"):
+            model = handle.for_compute(handle.vae.estimate_encode_bytes(h, w))
+            arg, cells, overlap = _tiling(tile, tile_size, comfy.weights_device(model))
             z = model.encode(pixels[..., :3].to(torch.float32), tile=arg, tile_size=cells,
                              overlap=overlap, callback=_progress(pixels.shape[0]),
                              progress_unit="block")
-        except torch.cuda.OutOfMemoryError as e:
-            raise out_of_memory(
-                e,
-                f"FLUX2 VAE Encode ran out of {handle.device} memory at {w}x{h}. Set tile to "
-                f"'on', or FLUX2 VAE Loader device to 'cpu'.",
-                handle,
-            ) from e
         return ({"samples": z.to(comfy.intermediate_device(), torch.float32)},)

@@ -6,9 +6,22 @@ ComfyUI is not on PyPI, so the node tests run against these fakes:
   ``unet``, ``text_encoders`` also ``clip``), ``get_filename_list`` (recursive, relative, sorted),
   ``get_full_path``, ``get_full_path_or_raise``, ``get_folder_paths``, user/temp directories and
   ``get_system_user_directory(name)`` (``user/__<name>``, as in core);
-- ``comfy.model_management``: CPU device, recorded free/unload calls, ``should_use_bf16`` (answers
-  ``env.bf16`` for non-CPU devices), an interrupt flag and an ``InterruptProcessingException``
-  deriving from BaseException (like core's);
+- ``comfy.model_management``: CPU device, ``should_use_bf16`` (answers ``env.bf16`` for non-CPU
+  devices), an interrupt flag and an ``InterruptProcessingException`` deriving from BaseException
+  (like core's), and core's loaded-model bookkeeping: ``current_loaded_models`` (most recent
+  first), ``load_models_gpu`` (frees room with ``free_memory``, pops and detaches loaded clones of
+  the same module, loads each patcher completely, logs "Requested to load <class>"),
+  ``free_memory`` (evicts the models on that device in core's order until enough is free: a
+  model is detached and dropped from the list), ``unload_all_models``, ``unload_model_and_clones``
+  and ``is_oom``. Core never frees memory on the CPU; the stand-in does when ``env.capacity`` is
+  set (bytes of "device memory"), so eviction can be tested without a GPU;
+- ``comfy.model_patcher.ModelPatcher``: the legacy patcher's residency contract (writes
+  ``device`` and ``model_loaded_weight_memory`` onto the module, so a read-only ``device``
+  property fails as in core; ``model_size`` = bytes of the state dict or ``size=``; full
+  ``load`` moves the module to the load device; ``detach`` moves it to the offload device and
+  runs the ON_DETACH callbacks; ``partially_unload`` frees nothing, so eviction detaches);
+  ``comfy.patcher_extension.CallbacksMP``; ``env.events`` records ("load"/"detach", class name,
+  device);
 - ``comfy.utils.ProgressBar``: records every ``update`` / ``update_absolute`` call;
 - ``comfy.latent_formats.Flux2``: 128 channels, 16× downscale, identity ``process_in`` /
   ``process_out`` (no latent→RGB factors: the stand-in previewer does not need any);
@@ -61,6 +74,10 @@ class ComfyEnv:
     previewer_requests: list = field(default_factory=list)  # (device, latent_format) per call
     previews: list = field(default_factory=list)       # (preview_format, x0 CPU copy) per preview
     preview_error: BaseException | None = None         # raised by the fake decode when set
+    capacity: int | None = None                        # "device memory" in bytes (None: 64 GiB, CPU never freed)
+    events: list = field(default_factory=list)         # ("load"/"detach", module class, device)
+    load_calls: list = field(default_factory=list)     # (module classes, memory_required, force_full_load)
+    loaded: list = field(default_factory=list)         # the stand-in's current_loaded_models
 
     def folder(self, key: str) -> Path:
         return self.models_dir / FOLDERS[key][0]
@@ -123,7 +140,96 @@ def _make_folder_paths(env: ComfyEnv) -> types.ModuleType:
     return fp
 
 
+class CallbacksMP:
+    ON_LOAD = "on_load"
+    ON_DETACH = "on_detach"
+
+
+def _make_model_patcher(env: ComfyEnv):
+    import torch
+
+    class ModelPatcher:
+        """Stand-in for core's legacy ``comfy.model_patcher.ModelPatcher`` (residency part)."""
+
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.size = model, size
+            self.load_device, self.offload_device = load_device, offload_device
+            if getattr(model, "device", None) is None:
+                model.device = offload_device  # AttributeError for a read-only property, as in core
+            if not hasattr(model, "model_loaded_weight_memory"):
+                model.model_loaded_weight_memory = 0
+            self.callbacks = {}
+            self.parent = None
+
+        def model_size(self):
+            if self.size > 0:
+                return self.size
+            self.size = sum(t.nbytes for t in self.model.state_dict().values())
+            return self.size
+
+        def loaded_size(self):
+            return self.model.model_loaded_weight_memory
+
+        def current_loaded_device(self):
+            return self.model.device
+
+        def is_clone(self, other):
+            return getattr(other, "model", None) is self.model
+
+        def clone(self):
+            n = ModelPatcher(self.model, self.load_device, self.offload_device, self.model_size())
+            n.parent = self
+            return n
+
+        def is_dynamic(self):
+            return False
+
+        def add_callback(self, call_type, callback):
+            self.callbacks.setdefault(call_type, []).append(callback)
+
+        def model_patches_models(self):
+            return []
+
+        def load(self, device_to):
+            self.model.to(device_to)
+            self.model.device = device_to
+            self.model.model_loaded_weight_memory = self.model_size()
+            env.events.append(("load", type(self.model).__name__, torch.device(device_to)))
+
+        def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+            if self.model.model_loaded_weight_memory > 0:
+                return 0
+            try:
+                self.load(device_to)
+            except Exception:
+                self.detach()
+                raise
+            return self.model.model_loaded_weight_memory
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            return 0
+
+        def detach(self, unpatch_all=True):
+            self.model.to(self.offload_device)
+            self.model.device = self.offload_device
+            self.model.model_loaded_weight_memory = 0
+            env.events.append(("detach", type(self.model).__name__, torch.device(self.offload_device)))
+            for callback in self.callbacks.get(CallbacksMP.ON_DETACH, []):
+                callback(self, unpatch_all)
+            return self.model
+
+    mp = types.ModuleType("comfy.model_patcher")
+    mp.ModelPatcher = ModelPatcher
+    mp.CoreModelPatcher = ModelPatcher
+    pe = types.ModuleType("comfy.patcher_extension")
+    pe.CallbacksMP = CallbacksMP
+    return mp, pe
+
+
 def _make_model_management(env: ComfyEnv) -> types.ModuleType:
+    import logging
+    import weakref
+
     import torch
 
     mm = types.ModuleType("comfy.model_management")
@@ -135,20 +241,101 @@ def _make_model_management(env: ComfyEnv) -> types.ModuleType:
     mm.text_encoder_device = lambda: cpu
     mm.text_encoder_offload_device = lambda: cpu
     mm.vae_device = lambda: cpu
-    mm.get_free_memory = lambda device=None, torch_free_too=False: 64 << 30
+    mm.vae_offload_device = lambda: cpu
+    mm.current_loaded_models = env.loaded
+    log = logging.getLogger("comfy_stub.model_management")
+
+    class LoadedModel:
+        def __init__(self, patcher):
+            self._model = weakref.ref(patcher)  # core keeps weak references to patchers
+            self.device = patcher.load_device
+
+        @property
+        def model(self):
+            return self._model()
+
+        def model_memory_required(self, device):
+            m = self.model
+            if device == m.current_loaded_device():
+                return m.model_size() - m.loaded_size()
+            return m.model_size()
+
+        def model_unload(self, memory_to_free=None):
+            m = self.model
+            if memory_to_free is not None and memory_to_free < m.loaded_size():
+                if m.partially_unload(m.offload_device, memory_to_free) >= memory_to_free:
+                    return False
+            m.detach()
+            return True
+
+    def get_free_memory(device=None, torch_free_too=False):
+        if env.capacity is None:
+            free = 64 << 30
+        else:
+            used = sum(lm.model.loaded_size() for lm in env.loaded
+                       if lm.model is not None and lm.device == torch.device(device))
+            free = env.capacity - used
+        return (free, free) if torch_free_too else free
+
+    def free_memory(memory_required, device, keep_loaded=(), for_dynamic=False, **kw):
+        env.freed.append((memory_required, device))
+        env.loaded[:] = [lm for lm in env.loaded if lm.model is not None]
+        keep = [k.model if isinstance(k, LoadedModel) else k for k in keep_loaded]
+        order = sorted((-(lm.model.model_size() - lm.model.loaded_size()), lm.model.model_size(), i)
+                       for i, lm in enumerate(env.loaded)
+                       if lm.device == device and not any(lm.model is k for k in keep))
+        gone = []
+        for *_, i in order:
+            need = memory_required - get_free_memory(device)
+            if need > 0 and env.loaded[i].model_unload(need):
+                log.debug("Unloading %s", type(env.loaded[i].model.model).__name__)
+                gone.append(i)
+        removed = [env.loaded.pop(i) for i in sorted(gone, reverse=True)]
+        return removed
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False,
+                        minimum_memory_required=None, force_full_load=False):
+        env.load_calls.append(([type(m.model).__name__ for m in models], memory_required,
+                               force_full_load))
+        todo = []
+        for m in models:
+            found = next((lm for lm in env.loaded if lm.model is m), None)
+            if found is None:
+                log.info("Requested to load %s", type(m.model).__name__)
+                for lm in [lm for lm in env.loaded if lm.model is not None and m.is_clone(lm.model)]:
+                    env.loaded.remove(lm)
+                    lm.model.detach(unpatch_all=False)
+                found = LoadedModel(m)
+            todo.append(found)
+        need = {}
+        for lm in todo:
+            need[lm.device] = need.get(lm.device, 0) + lm.model_memory_required(lm.device)
+        for device, total in need.items():
+            if device.type != "cpu" or env.capacity is not None:
+                free_memory(total * 1.1 + memory_required, device)
+        for lm in todo:
+            lm.model.partially_load(lm.device, 1e32)
+            if lm in env.loaded:
+                env.loaded.remove(lm)
+            env.loaded.insert(0, lm)
+
+    def unload_all_models():
+        env.unloads += 1
+        for device in {lm.device for lm in env.loaded} | {cpu}:
+            free_memory(1e30, device)
+
+    def unload_model_and_clones(model, unload_additional_models=True, all_devices=False):
+        keep = [lm for lm in env.loaded if lm.model is not None and lm.model.model is not model.model]
+        for device in {lm.device for lm in env.loaded}:
+            free_memory(1e30, device, keep)
+
+    def is_oom(e):
+        return isinstance(e, torch.cuda.OutOfMemoryError)
 
     def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
         if device is not None and torch.device(device).type == "cpu":
             return False
         return env.bf16
-
-    mm.should_use_bf16 = should_use_bf16
-
-    def free_memory(memory_required, device, keep_loaded=()):
-        env.freed.append((memory_required, device))
-
-    def unload_all_models():
-        env.unloads += 1
 
     def soft_empty_cache(force=False):
         env.empty_cache_calls += 1
@@ -168,8 +355,14 @@ def _make_model_management(env: ComfyEnv) -> types.ModuleType:
             env.interrupted = False  # core clears the flag when it raises
             raise InterruptProcessingException()
 
+    mm.LoadedModel = LoadedModel
+    mm.get_free_memory = get_free_memory
     mm.free_memory = free_memory
+    mm.load_models_gpu = load_models_gpu
     mm.unload_all_models = unload_all_models
+    mm.unload_model_and_clones = unload_model_and_clones
+    mm.is_oom = is_oom
+    mm.should_use_bf16 = should_use_bf16
     mm.soft_empty_cache = soft_empty_cache
     mm.interrupt_current_processing = interrupt_current_processing
     mm.processing_interrupted = processing_interrupted
@@ -259,14 +452,19 @@ def install(monkeypatch, root: Path) -> ComfyEnv:
     comfy = types.ModuleType("comfy")
     comfy.__path__ = []  # a package, so `import comfy.utils` resolves through sys.modules
     mm = _make_model_management(env)
+    model_patcher, patcher_extension = _make_model_patcher(env)
     utils = _make_utils(env)
     latent_formats = _make_latent_formats()
     comfy.model_management = mm
+    comfy.model_patcher = model_patcher
+    comfy.patcher_extension = patcher_extension
     comfy.utils = utils
     comfy.latent_formats = latent_formats
     monkeypatch.setitem(sys.modules, "folder_paths", _make_folder_paths(env))
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.model_patcher", model_patcher)
+    monkeypatch.setitem(sys.modules, "comfy.patcher_extension", patcher_extension)
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)
     monkeypatch.setitem(sys.modules, "comfy.latent_formats", latent_formats)
     monkeypatch.setitem(sys.modules, "latent_preview", _make_latent_preview(env))

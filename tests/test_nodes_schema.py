@@ -70,47 +70,56 @@ def _ordered_inputs(cls):
     return items
 
 
-def test_root_package_imports_without_comfyui_or_torch_work():
-    """The pack folder imports as a package in a clean interpreter: no comfy, no torch, no lens_model."""
-    code = (
+def _import_pack_as_comfyui_does(name: str, extra: str) -> str:
+    """Python source: import the pack folder as ComfyUI's loader does (spec_from_file_location
+    under the folder name, submodule search in the folder), then run `extra`."""
+    return (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('lens_pack', {str(ROOT / '__init__.py')!r},"
+        f"name = {name!r}\n"
+        f"spec = importlib.util.spec_from_file_location(name, {str(ROOT / '__init__.py')!r},"
         f" submodule_search_locations=[{str(ROOT)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['lens_pack'] = m\n"
-        "spec.loader.exec_module(m)\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules[name] = m\n"
+        "spec.loader.exec_module(m)\n" + extra + "print('ok')\n"
+    )
+
+
+def test_pack_imports_as_comfyui_loads_it_without_comfy():
+    """Imported under the folder name ``ComfyUI-Lens`` (not a Python identifier), the pack
+    registers its nodes, imports no ComfyUI module and reads no model file."""
+    code = _import_pack_as_comfyui_does("ComfyUI-Lens", (
         "assert len(m.NODE_CLASS_MAPPINGS) == 10, m.NODE_CLASS_MAPPINGS\n"
         "assert m.WEB_DIRECTORY is None\n"
         "assert not hasattr(m, 'comfy_entrypoint')\n"
-        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'comfy', 'folder_paths')"
-        " or 'lens_model' in k]\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('comfy', 'folder_paths')]\n"
         "assert not bad, bad\n"
-        "print('ok')\n"
-    )
+    ))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
 
-def test_relative_lens_model_import_inside_package():
-    """ComfyUI imports the pack as a package named after its path (dots replaced by "_x_"); the
-    nodes then use that package's own lens_model, never a top-level one."""
+def test_nodes_use_the_packs_own_lens_model_by_plain_import():
+    """Inside ComfyUI the nodes import ``lens_model`` by name (plain imports, go-to-definition
+    works) and get this checkout's package, once: never a second copy under the pack's name."""
     name = str(ROOT).replace(".", "_x_")
-    code = (
-        "import importlib.util, sys\n"
-        f"name = {name!r}\n"
-        f"spec = importlib.util.spec_from_file_location(name, {str(ROOT / '__init__.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules[name] = m\n"
-        "spec.loader.exec_module(m)\n"
-        "common = sys.modules[name + '.nodes.common']\n"
-        "lm = common.lens('resolution')\n"
-        "assert lm.__name__ == name + '.lens_model.resolution', lm.__name__\n"
-        "assert 'lens_model' not in sys.modules\n"
+    code = _import_pack_as_comfyui_does(name, (
+        "import os\n"
+        "sampler = sys.modules[name + '.nodes.sampler']\n"
+        "assert sampler.sampling is sys.modules['lens_model.sampling']\n"
+        f"assert os.path.realpath(sys.modules['lens_model'].__file__).startswith({str(ROOT.resolve())!r})\n"
+        "assert not [k for k in sys.modules if k.startswith(name + '.lens_model')]\n"
         "assert m.NODE_CLASS_MAPPINGS['LensNodesResolution']().resolve('1024', '16:9') == (1376, 768)\n"
-        "print('ok')\n"
-    )
+    ))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_nodes_import_the_pack_plainly():
+    """No ``importlib`` / helper indirection for the pack's own modules in the nodes."""
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        text = path.read_text()
+        assert "importlib" not in text and "lens(" not in text, path
 
 
 def test_mappings_frozen_ids_and_display_names():
@@ -297,7 +306,6 @@ def test_adapter_falls_back_without_comfyui(monkeypatch):
     assert adapter.filename_list("vae") == []
     assert adapter.intermediate_device().type == "cpu"
     adapter.check_interrupt()
-    adapter.free_comfy_memory(1 << 30, "cpu")
     bar = adapter.progress_bar(4)
     bar.update_absolute(1, 4, None)
     with pytest.raises(FileNotFoundError, match="not found"):

@@ -131,14 +131,14 @@ def test_disk_cache_survives_a_restart(te_env):
 
 
 def test_failed_disk_cache_write_leaves_no_partial_file(te_env, monkeypatch, caplog):
-    import safetensors.torch
+    from nodes import text_encode
 
     def half_written(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    monkeypatch.setattr(text_encode, "save_file", half_written)
     handle = load_te()
     out = encode(handle, "a green frog", cache_to_disk=True)  # the encode itself succeeds
     assert out[0][0].shape[1] > 0
@@ -184,32 +184,6 @@ def test_te_loader_bad_file_then_good_file(te_env):
     assert load_te().hidden_size == E
 
 
-def test_make_room_offloads_our_other_models(te_env):
-    """Before one of our models moves to a GPU, our others leave it and core is asked to free."""
-    from nodes.common import Resident, make_room
-
-    class Fake(Resident):
-        def __init__(self):
-            super().__init__()
-            self.gpu = True
-
-        @property
-        def on_gpu(self):
-            return self.gpu
-
-        def _offload(self):
-            self.gpu = False
-
-    a, b = Fake(), Fake()
-    make_room(a, "cuda", 1 << 30)
-    assert a.gpu and not b.gpu
-    assert te_env.freed and te_env.freed[-1][0] >= 1 << 30
-    assert str(te_env.freed[-1][1]) == "cuda"
-    n = len(te_env.freed)
-    make_room(a, "cpu", 1 << 30)  # CPU: nothing to do
-    assert len(te_env.freed) == n
-
-
 def test_out_of_memory_unloads_and_stays_an_oom(te_env, monkeypatch):
     """An OOM while encoding keeps its type (core's handler matches it), carries our advice, and
     leaves nothing loaded even with keep_loaded; core is asked to unload its models."""
@@ -224,20 +198,30 @@ def test_out_of_memory_unloads_and_stays_an_oom(te_env, monkeypatch):
         encode(handle, "a tall tree")
     assert "1.00 GiB" in str(e.value) and isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)
     assert not handle.loaded and te_env.unloads == 1
+    import comfy.model_management as mm
+
+    assert mm.current_loaded_models == []
 
 
-def test_loader_unloads_its_previous_kept_encoder(te_env):
-    from nodes import LensNodesTextEncoderLoader
+def test_kept_encoder_is_in_cores_list_and_core_unloads_it(te_env):
+    """A kept encoder stands in core's list of loaded models (core freed room for it first), so
+    unload_all_models (the /free button, core's OOM handler) drops it; the handle loads it again
+    on the next cache miss. Without keep_loaded it leaves the list after every encode."""
+    import comfy.model_management as mm
 
-    loader = LensNodesTextEncoderLoader()
-    args = dict(text_encoder_name=TE, device="auto", dtype="fp32", offload="auto")
-    first = loader.load(keep_loaded=True, **args)[0]
+    def ours():
+        return [lm for lm in mm.current_loaded_models if type(lm.model.model).__name__ == "LensTextEncoder"]
+
+    first = load_te(keep_loaded=True)
     encode(first, "a small boat")
-    assert first.loaded
-    second = loader.load(keep_loaded=False, **args)[0]
-    assert not first.loaded and second is not first
-    # the old handle still works (ComfyUI may reuse its cached output): it loads on demand
-    assert encode(first, "a big ship")[0][0].shape[1] > 0
+    assert first.loaded and len(ours()) == 1 and first.loads == 1
+    assert te_env.load_calls[-1][0] == ["LensTextEncoder"]
+    mm.unload_all_models()
+    assert not first.loaded and ours() == []
+    assert encode(first, "a big ship")[0][0].shape[1] > 0 and first.loads == 2 and len(ours()) == 1
+    other = load_te(keep_loaded=False)
+    encode(other, "a red kite")
+    assert not other.loaded and len(ours()) == 1  # only the kept one is listed
 
 
 def test_auto_dtype_on_a_gpu_follows_core_bf16_policy(te_env, monkeypatch):
