@@ -533,8 +533,7 @@ def _cli_message(e: ValueError) -> str:
 
 def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
     from .dit import VARIANT_DEFAULTS
-    from .pipeline import check_generation_options, generate, variant_defaults
-    from .resolution import resolution_for, validate_size
+    from .pipeline import check_generation_options, generate
 
     try:  # everything that does not depend on the variant, before any file is touched
         check_generation_options(steps=args.steps, guidance=args.cfg, mu=args.mu,
@@ -542,28 +541,10 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
                                  names=CLI_OPTION_NAMES)
     except ValueError as e:
         raise CliError(str(e)) from None
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda was requested but CUDA is not available")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    if (args.width is None) != (args.height is None):
-        raise CliError("give both --width and --height, or neither")
-    if args.width is not None:
-        if args.ratio or args.base:
-            raise CliError("--width/--height and --ratio/--base are exclusive")
-        width, height = args.width, args.height
-    else:
-        base = args.base or (1024 if device.type == "cpu" else 1440)
-        try:
-            width, height = resolution_for(base, args.ratio or "1:1")
-        except ValueError as e:
-            raise CliError(str(e)) from None
-    try:
-        width, height = validate_size(width, height)
-    except ValueError as e:
-        raise CliError(_cli_message(e)) from None
-
+    width, height = output_size(args, device)
     paths = _output_paths(args.output, args.batch)
     for path in paths:
         if not path.parent.is_dir():
@@ -571,21 +552,7 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
     image, mask = read_init_image(args, width, height)
     loras = read_loras(args.lora)
 
-    local = find_local_files(args)
-    found = check_files(local)  # the files at hand, before downloading the others
-    if args.variant:
-        variant = args.variant
-    elif local["transformer"] is not None:
-        guess = variant_defaults(local["transformer"])
-        variant = guess["variant"]
-        logger.info("variant %s (%d steps, CFG %g) from the DiT file name %s%s", variant,
-                    guess["steps"], guess["cfg"], local["transformer"],
-                    "" if variant == "turbo" else "; pass --variant turbo for a Lens-Turbo file")
-    else:
-        variant = "turbo"
-    files = download_missing(args, local, variant)
-    if any(local[k] is None for k in FLAGS):
-        found = check_files(files)
+    files, found, variant = resolve_model_files(args)
     if loras and found is not None:
         check_loras_fit(loras, found.transformer)
     defaults = VARIANT_DEFAULTS[variant]
@@ -594,12 +561,11 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
 
     logger.info("Lens %s: %dx%d, %d step(s), cfg %g, seed %d, %s", variant, width, height, steps,
                 cfg, args.seed, device)
-    dtype = DTYPES.get(args.dtype)
     images = generate(
         args.prompt, negative=args.negative, transformer_path=files["transformer"],
         text_encoder_path=files["text_encoder"], vae_path=files["vae"], width=width,
         height=height, steps=steps, guidance=cfg, seed=args.seed, batch=args.batch,
-        device=device, dtype=dtype, date=args.date, mu=args.mu,
+        device=device, dtype=DTYPES.get(args.dtype), date=args.date, mu=args.mu,
         noise_layout=args.noise_layout, image=image, denoise=args.denoise,
         progress=progress, lora=loras or None, mask=mask)
 
@@ -618,6 +584,57 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         save_image(img, path, dict(meta, index=i))
         print(path)
     return 0
+
+
+def output_size(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+    """(width, height) from --width/--height, else --ratio/--base (base 1024 on the CPU, 1440 on
+    CUDA), checked (multiples of 16, 16..2080); CliError naming the option."""
+    from .resolution import resolution_for, validate_size
+
+    if (args.width is None) != (args.height is None):
+        raise CliError("give both --width and --height, or neither")
+    if args.width is not None:
+        if args.ratio or args.base:
+            raise CliError("--width/--height and --ratio/--base are exclusive")
+        width, height = args.width, args.height
+    else:
+        base = args.base or (1024 if device.type == "cpu" else 1440)
+        try:
+            width, height = resolution_for(base, args.ratio or "1:1")
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    try:
+        return validate_size(width, height)
+    except ValueError as e:
+        raise CliError(_cli_message(e)) from None
+
+
+def resolve_model_files(args: argparse.Namespace):
+    """The three model files and the variant: ``(files, configs, variant)``.
+
+    Local files (explicit, then ``--models-dir``) are header-checked before anything is
+    downloaded; the variant is ``--variant``, else guessed from the DiT file name (logged), else
+    turbo; missing files are then downloaded (or CliError with ``--no-download``) and checked.
+    ``configs`` is the :class:`~lens_model.pipeline.ModelFiles` of the final set.
+    """
+    from .pipeline import variant_defaults
+
+    local = find_local_files(args)
+    found = check_files(local)  # the files at hand, before downloading the others
+    if args.variant:
+        variant = args.variant
+    elif local["transformer"] is not None:
+        guess = variant_defaults(local["transformer"])
+        variant = guess["variant"]
+        logger.info("variant %s (%d steps, CFG %g) from the DiT file name %s%s", variant,
+                    guess["steps"], guess["cfg"], local["transformer"],
+                    "" if variant == "turbo" else "; pass --variant turbo for a Lens-Turbo file")
+    else:
+        variant = "turbo"
+    files = download_missing(args, local, variant)
+    if any(local[k] is None for k in FLAGS):
+        found = check_files(files)
+    return files, found, variant
 
 
 if __name__ == "__main__":

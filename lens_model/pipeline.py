@@ -375,88 +375,175 @@ def generate_from_features(
     is checked from its header (:func:`check_model_files`), and LoRA files are read and checked
     against the DiT's shapes (:func:`check_loras`), before any model runs.
     """
-    from .dit import load_transformer
-
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
     width, height = validate_size(width, height)
     image, mask = load_init_image(image, mask, width, height)
-    own_dit = isinstance(transformer, (str, os.PathLike))
-    own_vae = isinstance(vae, (str, os.PathLike))
-    files = check_model_files(transformer if own_dit else None, None, vae if own_vae else None)
-    loras = check_loras(lora, files.transformer if own_dit else transformer)
+    device = torch.device(device) if device is not None else default_device()
+    models = _Models(transformer, vae, device, dtype, vae_dtype, vae_tile)
+    files = check_model_files(transformer if models.own_dit else None, None,
+                              vae if models.own_vae else None)
+    loras = check_loras(lora, files.transformer if models.own_dit else transformer)
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
     warn = schedule_jump_warning(width, height)
     if warn:
         logger.warning(warn)
-    device = torch.device(device) if device is not None else default_device()
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-
-    defaults = None if own_dit else getattr(transformer, "variant_defaults", None)
-    if not defaults:
-        defaults = variant_defaults(transformer if own_dit else getattr(transformer, "name", None))
-    steps = int(steps if steps is not None else defaults["steps"])
-    guidance = float(guidance if guidance is not None else defaults["cfg"])
-
-    h, w = height // 16, width // 16
-    total = context.shape[0] * int(batch)
-    if noise is None:
-        noise = make_noise(seed, total, h, w, layout=noise_layout)
-    elif tuple(noise.shape) != (total, 128, h, w):
-        raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
+    steps, guidance = _steps_and_guidance(transformer, steps, guidance)
+    prompts = _Prompts(context, context_mask, negative_context, negative_mask)
+    total = prompts.rows * int(batch)
+    noise = _initial_noise(noise, seed, total, height, width, noise_layout)
     plan = plan_sampling(height, width, steps, denoise=denoise, schedule=schedule, mu=mu,
                          has_init=image is not None, sigmas=sigmas)
     for message in plan.warnings:
         logger.warning("%s", message)
 
-    vae_model = z = None
-    if plan.img2img or mask is not None:
-        vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
-        z = vae_model.encode(image, **_vae_progress(progress, "VAE encode"))
-        if z.shape[0] not in (1, total):
-            raise ValueError(f"init image batch {z.shape[0]} does not match {total} images")
-    elif image is not None:
-        logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
-    inpaint = {}
-    if mask is not None:  # the original is kept outside the mask, noised with the start noise
-        inpaint = dict(denoise_mask=latent_mask(mask, h, w, batch=total), init_latents=z,
-                       init_noise=noise)
-    noise = plan.start_latents(noise, z)
-    del z
-
-    step_callback = callback
-    if progress is not None:
-        def step_callback(k, n, x, denoised):
-            if callback is not None:
-                callback(k, n, x, denoised)
-            progress("sampling", k + 1, n)
-
-    dit = load_transformer(transformer, dtype=dtype, device=device) if own_dit else transformer
-    try:
-        t0 = time.perf_counter()
-        with lora_applied(dit, loras) if loras else contextlib.nullcontext():
-            latents = sample(dit, noise, plan.sigmas, context, context_mask, negative_context,
-                             negative_mask, guidance_scale=guidance, callback=step_callback,
-                             cfg_mode=cfg_mode, **inpaint)
-        logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width,
-                    height, guidance, time.perf_counter() - t0)
-    finally:
-        if own_dit:
-            del dit
-            _free(device)
+    x, inpaint, vae_model = _start_latents(plan, noise, image, mask, models, progress)
+    t0 = time.perf_counter()
+    latents = _sample_stage(models, loras, plan, x, prompts, guidance, cfg_mode, inpaint,
+                            _step_callback(callback, progress))
+    logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width, height,
+                guidance, time.perf_counter() - t0)
     if output_type == "latent":
         return latents.cpu()
-
-    if vae_model is None:
-        vae_model = _load_vae(vae, vae_dtype, device) if own_vae else vae
-    try:
-        images = vae_model.decode(latents, tile=vae_tile, **_vae_progress(progress, "VAE decode"))
-    finally:
-        del latents
-        if own_vae:
-            del vae_model
-            _free(device)
+    images = _decode_stage(models, vae_model, latents, progress)
     return images if output_type == "pt" else to_pil(images)
+
+
+@dataclass(frozen=True)
+class _Models:
+    """The DiT and the VAE of one run: each a path (loaded when needed and released after use) or
+    a loaded module (used as is), and where / in which dtype they run."""
+
+    transformer: Any
+    vae: Any
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    vae_dtype: Optional[torch.dtype] = None
+    vae_tile: Any = "auto"
+
+    @property
+    def own_dit(self) -> bool:
+        return isinstance(self.transformer, (str, os.PathLike))
+
+    @property
+    def own_vae(self) -> bool:
+        return isinstance(self.vae, (str, os.PathLike))
+
+    def dit(self):
+        from .dit import load_transformer
+
+        if not self.own_dit:
+            return self.transformer
+        return load_transformer(self.transformer, dtype=self.dtype, device=self.device)
+
+    def vae_module(self):
+        from .vae import load_vae
+
+        if not self.own_vae:
+            return self.vae
+        return load_vae(self.vae, dtype=self.vae_dtype, device=self.device)
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    """Text features of P prompts ``[P, S, 4E]`` / ``[P, S]`` and of the negative (None: empty)."""
+
+    context: torch.Tensor
+    mask: torch.Tensor
+    negative_context: Optional[torch.Tensor] = None
+    negative_mask: Optional[torch.Tensor] = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.context.shape[0])
+
+
+def _steps_and_guidance(transformer, steps, guidance) -> tuple[int, float]:
+    """Steps and CFG, defaulting from the DiT's variant (its ``variant_defaults``, else its name)."""
+    own = isinstance(transformer, (str, os.PathLike))
+    defaults = None if own else getattr(transformer, "variant_defaults", None)
+    if not defaults:
+        defaults = variant_defaults(transformer if own else getattr(transformer, "name", None))
+    return (int(steps if steps is not None else defaults["steps"]),
+            float(guidance if guidance is not None else defaults["cfg"]))
+
+
+def _initial_noise(noise, seed: int, total: int, height: int, width: int,
+                   layout: str) -> torch.Tensor:
+    """The seeded draw ``[total, 128, h, w]`` (:func:`make_noise`), or the given noise, checked."""
+    h, w = height // 16, width // 16
+    if noise is None:
+        return make_noise(seed, total, h, w, layout=layout)
+    if tuple(noise.shape) != (total, 128, h, w):
+        raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
+    return noise
+
+
+def _start_latents(plan, noise, image, mask, models: _Models, progress):
+    """The sampler's start latent, its inpainting arguments and the VAE if it was loaded.
+
+    The init image is encoded for img2img (``plan.img2img``) and for inpainting; the start is
+    ``plan.start_latents`` (σ_start·noise + (1 − σ_start)·z, or the noise), and with a mask the
+    original is kept outside it, noised with the same pure noise (``sample(denoise_mask=...)``).
+    """
+    if not plan.img2img and mask is None:
+        if image is not None:
+            logger.warning("an init image was given with denoise 1.0; it is ignored (text-to-image)")
+        return noise, {}, None
+    vae_model = models.vae_module()
+    z = vae_model.encode(image, **_vae_progress(progress, "VAE encode"))
+    if z.shape[0] not in (1, noise.shape[0]):
+        raise ValueError(f"init image batch {z.shape[0]} does not match {noise.shape[0]} images")
+    inpaint = {}
+    if mask is not None:
+        h, w = noise.shape[-2:]
+        inpaint = dict(denoise_mask=latent_mask(mask, h, w, batch=noise.shape[0]), init_latents=z,
+                       init_noise=noise)
+    return plan.start_latents(noise, z), inpaint, vae_model
+
+
+def _step_callback(callback: Optional[StepCallback],
+                   progress: Optional[ProgressCallback]) -> Optional[StepCallback]:
+    """The sampler's step callback: the caller's ``callback``, then ``progress("sampling", ...)``."""
+    if progress is None:
+        return callback
+
+    def step_callback(k, n, x, denoised):
+        if callback is not None:
+            callback(k, n, x, denoised)
+        progress("sampling", k + 1, n)
+
+    return step_callback
+
+
+def _sample_stage(models: _Models, loras: list, plan, x: torch.Tensor, prompts: _Prompts,
+                  guidance: float, cfg_mode: str, inpaint: dict, callback) -> torch.Tensor:
+    """Run the sampler with the LoRAs attached (and always detached); a DiT loaded here is
+    released afterwards."""
+    dit = models.dit()
+    try:
+        with lora_applied(dit, loras) if loras else contextlib.nullcontext():
+            return sample(dit, x, plan.sigmas, prompts.context, prompts.mask,
+                          prompts.negative_context, prompts.negative_mask, guidance_scale=guidance,
+                          callback=callback, cfg_mode=cfg_mode, **inpaint)
+    finally:
+        if models.own_dit:
+            del dit
+            _free(models.device)
+
+
+def _decode_stage(models: _Models, vae_model, latents: torch.Tensor, progress) -> torch.Tensor:
+    """Decode with the VAE (loading it unless img2img already did); a VAE loaded here is released."""
+    if vae_model is None:
+        vae_model = models.vae_module()
+    try:
+        return vae_model.decode(latents, tile=models.vae_tile,
+                                **_vae_progress(progress, "VAE decode"))
+    finally:
+        if models.own_vae:
+            del vae_model
+            _free(models.device)
 
 
 def _vae_progress(progress: Optional[ProgressCallback], stage: str) -> dict:
@@ -464,12 +551,6 @@ def _vae_progress(progress: Optional[ProgressCallback], stage: str) -> dict:
     if progress is None:
         return {}
     return {"callback": lambda done, total: progress(stage, done, total), "progress_unit": "block"}
-
-
-def _load_vae(path, dtype, device):
-    from .vae import load_vae
-
-    return load_vae(path, dtype=dtype, device=device)
 
 
 def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",

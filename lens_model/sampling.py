@@ -692,27 +692,13 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
     g = float(guidance_scale)
     batch = noise.shape[0]
     dtype, device = _model_dtype_device(transformer, noise.device)
-
-    ctx, msk = expand_batch(context, context_mask, batch, "positive prompt")
-    ctx = ctx.to(device=device)  # features keep their dtype; the DiT normalises them in fp32
-    msk = msk.to(device=device, dtype=torch.bool)
     use_uncond = g != 1.0
-    if use_uncond:
-        if negative_context is None:
-            nctx, nmsk = empty_text(batch, ctx.shape[-1], device=device, dtype=ctx.dtype)
-        else:
-            if negative_mask is None:
-                negative_mask = torch.ones(negative_context.shape[:2], dtype=torch.bool)
-            if negative_context.shape[-1] != ctx.shape[-1]:
-                raise ValueError(f"negative features have {negative_context.shape[-1]} channels, "
-                                 f"the positive {ctx.shape[-1]}")
-            nctx, nmsk = expand_batch(negative_context, negative_mask, batch, "negative prompt")
-            nctx = nctx.to(device=device, dtype=ctx.dtype)
-            nmsk = nmsk.to(device=device, dtype=torch.bool)
-        if batch_cfg:
-            pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)
-            joint_ctx = torch.cat([pc, nc], dim=0)
-            joint_msk = torch.cat([pm, nm], dim=0)
+    ctx, msk, nctx, nmsk = _text_inputs(context, context_mask, negative_context, negative_mask,
+                                        batch, device, use_uncond)
+    if use_uncond and batch_cfg:
+        pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)
+        joint_ctx = torch.cat([pc, nc], dim=0)
+        joint_msk = torch.cat([pm, nm], dim=0)
 
     x = noise.to(device=device, dtype=torch.float32)
     n = sig.numel() - 1
@@ -758,6 +744,28 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
             if callback is not None:
                 callback(k, n, x, denoised)
     return x
+
+
+def _text_inputs(context, context_mask, negative_context, negative_mask, batch: int,
+                 device: torch.device, use_uncond: bool):
+    """Positive and negative text expanded to ``batch`` rows on ``device``: ``(ctx, mask, nctx,
+    nmask)``; the negative is None without guidance, the empty text stream when not given. The
+    features keep their dtype (the negative takes the positive's); the DiT normalises them in fp32."""
+    ctx, msk = expand_batch(context, context_mask, batch, "positive prompt")
+    ctx = ctx.to(device=device)
+    msk = msk.to(device=device, dtype=torch.bool)
+    if not use_uncond:
+        return ctx, msk, None, None
+    if negative_context is None:
+        nctx, nmsk = empty_text(batch, ctx.shape[-1], device=device, dtype=ctx.dtype)
+        return ctx, msk, nctx, nmsk
+    if negative_mask is None:
+        negative_mask = torch.ones(negative_context.shape[:2], dtype=torch.bool)
+    if negative_context.shape[-1] != ctx.shape[-1]:
+        raise ValueError(f"negative features have {negative_context.shape[-1]} channels, "
+                         f"the positive {ctx.shape[-1]}")
+    nctx, nmsk = expand_batch(negative_context, negative_mask, batch, "negative prompt")
+    return ctx, msk, nctx.to(device=device, dtype=ctx.dtype), nmsk.to(device=device, dtype=torch.bool)
 
 
 def _inpaint_inputs(denoise_mask, init_latents, init_noise, x: torch.Tensor, sigma0: float,
