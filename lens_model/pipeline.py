@@ -1,6 +1,6 @@
 """End-to-end Lens text-to-image for Python users and the command-line tool.
 
-Memory ladder (performance.md §4): the text encoder, the DiT and the VAE are never needed at the
+Memory ladder: the text encoder, the DiT and the VAE are never needed at the
 same time, so each is loaded, used and released in turn:
 
 1. load the text encoder, encode the prompt(s) (and a non-empty negative when CFG ≠ 1), free it;
@@ -352,7 +352,7 @@ def generate_from_features(
         sigmas: explicit schedule ``[n + 1]``; otherwise ``schedule`` "upstream" (empirical μ,
             ``mu`` override) or "comfyui". ``cfg_mode`` see :func:`lens_model.sampling.cfg_combine`.
         image, denoise: img2img input (PIL image, path, or ``[B, H, W, 3]`` tensor in 0..1) and
-            strength s ∈ (0, 1]: partial schedule of sampling.md §7, x = σ_start·noise +
+            strength s ∈ (0, 1]: the last n + 1 values of an ⌊n/s⌋-step schedule, x = σ_start·noise +
             (1 − σ_start)·z_img (:func:`lens_model.sampling.plan_sampling`).
         mask: inpainting (needs ``image``; any ``denoise``): a path, PIL image or ``[H, W]`` /
             ``[B, H, W]`` / ``[B, 1, H, W]`` tensor in 0..1 of the image's size, 1 / white = repaint,
@@ -559,7 +559,7 @@ def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",
     """Encode prompts (and a non-empty negative) with a loaded text encoder.
 
     Returns ``(context [P, S, 4E], mask [P, S], negative_context or None, negative_mask or None)``.
-    An empty/whitespace negative gives None (the zero-length text stream, sampling.md §5); it is
+    An empty/whitespace negative gives None (the zero-length text stream Lens was trained with for an empty negative); it is
     never encoded as a templated empty string. ``progress("text encoder", layer, layers)`` follows
     each encoder run (prompts, then the negative).
     """

@@ -1,9 +1,10 @@
 """Flow-matching schedule, Euler sampler, norm-rescaled CFG, noise, img2img and inpainting for Lens.
 
 Reference: Microsoft Lens ``pipeline.py`` @ 5bf0f0c (``compute_empirical_mu`` and the ``__call__``
-loop) with diffusers ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``; spec
-``sampling.md``. A ComfyUI-core-compatible variant of the schedule and of CFG is provided for parity
-checks (sampling.md §9), but the upstream behaviour is the default everywhere.
+loop) with diffusers ``FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)``. A
+ComfyUI-core-compatible variant of the schedule (``ModelSamplingFlux`` + the "simple" scheduler) and
+of CFG (x₀-space CFG + ``CFGNorm``) is provided for parity checks, but the upstream behaviour is the
+default everywhere.
 
 Conventions:
 - latents are in the ComfyUI LATENT layout ``[B, 128, h, w]`` (h = H/16, w = W/16); token n of the
@@ -31,11 +32,11 @@ LATENT_CHANNELS = 128
 MU_TOKEN_THRESHOLD = 4300
 """Above this many image tokens the empirical μ no longer depends on the step count."""
 
-# FLUX.2's empirical-μ constants (sampling.md §1).
+# FLUX.2's empirical-μ constants: two lines in the token count N, at 10 and at 200 steps.
 _A1, _B1 = 8.73809524e-05, 1.89833333
 _A2, _B2 = 0.00016927, 0.45666666
 
-# ComfyUI core ModelSamplingFlux node defaults (sampling.md §9).
+# ComfyUI core ModelSamplingFlux node defaults (max_shift, base_shift) and its σ-table size.
 COMFY_MAX_SHIFT = 1.15
 COMFY_BASE_SHIFT = 0.5
 COMFY_TABLE_SIZE = 10000
@@ -54,7 +55,7 @@ def image_tokens(height: int, width: int) -> int:
 
 MAX_STEPS = 200
 """Largest step count accepted by :func:`check_sampling_options` (and the sampler node). The
-empirical-μ line is fitted between 10 and 200 steps (sampling.md §1); the models use 4-50."""
+empirical-μ line is fitted between 10 and 200 steps; the models use 4-50."""
 
 MAX_GUIDANCE = 100.0
 """Largest guidance scale accepted (core's KSampler uses the same bound)."""
@@ -145,7 +146,7 @@ def empirical_mu(image_tokens: int, steps: int) -> float:
 
     Above 4300 tokens μ = a2·N + b2. At or below, μ lies on the line through (10, a1·N + b1) and
     (200, a2·N + b2), evaluated at ``steps`` (extrapolated below 10 steps, as upstream does). The
-    jump at 4300 tokens is upstream behaviour and is reproduced on purpose (sampling.md §3).
+    jump at 4300 tokens is upstream behaviour and is reproduced on purpose.
     """
     n_tok = int(image_tokens)
     steps = _check_steps(steps)
@@ -207,9 +208,8 @@ def comfyui_sigmas(height: int, width: int, steps: int, mu: Optional[float] = No
     scheduler takes entry ``table[-(1 + int(k · (10000 / n)))]`` for k = 0..n−1, then appends 0,
     i.e. t_k = 1 − j_k/10000 with j_k = int(k·(10000/n)).
 
-    j_k is computed with core's float expression on purpose. It equals ⌊k·10000/n⌋ (the formula in
-    sampling.md §9) except where k·10000/n is an integer that the float product lands just below
-    (e.g. n = 76, k = 57 gives 7499, not 7500; 12 such (n, k) pairs for n ≤ 200, none for n | 10000);
+    j_k is computed with core's float expression on purpose. It equals ⌊k·10000/n⌋ except where
+    k·10000/n is an integer that the float product lands just below (e.g. n = 76, k = 57 gives 7499, not 7500; 12 such (n, k) pairs for n ≤ 200, none for n | 10000);
     there core picks the neighbouring table entry (Δt = 1e-4) and so do we. Core evaluates the
     table in float32; we evaluate in float64 and round once (difference ≤ 1e-7).
     """
@@ -234,7 +234,7 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
                    mode: str = "upstream", mu: Optional[float] = None) -> torch.Tensor:
     """Partial schedule for img2img with denoise strength s in (0, 1], float32 ``[steps + 1]``.
 
-    ComfyUI's rule (sampling.md §7): n_total = ⌊n / s⌋ (computed as ``int(steps / denoise)``, like
+    ComfyUI's rule (core's KSampler): n_total = ⌊n / s⌋ (computed as ``int(steps / denoise)``, like
     core's KSampler), build the full schedule for n_total steps (μ from N and n_total in "upstream"
     mode, :func:`comfyui_sigmas` in "comfyui" mode) and keep the last n + 1 values σ_start … 0.
     s = 1 gives exactly the text-to-image schedule. ``steps``, ``denoise`` and ``mu`` are checked
@@ -347,7 +347,7 @@ def plan_sampling(height: int, width: int, steps: int, *, denoise: float = 1.0,
 
 def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream",
                batch_index: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Initial noise ``[B, 128, h, w]`` float32 on the CPU (sampling.md §6).
+    """Initial noise ``[B, 128, h, w]`` float32 on the CPU.
 
     - "upstream": ``torch.Generator("cpu").manual_seed(seed)``, ``randn([B, h·w, 128])`` in token
       layout, then ``view(B, h, w, 128).permute(0, 3, 1, 2)``. Upstream draws in the DiT dtype
@@ -496,7 +496,7 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float, mode: st
     ``cond``, ``uncond``: ``[B, 128, h, w]`` velocities (norms over ``dim``, the 128 channels; pass
     ``dim=-1`` for token layout ``[B, N, 128]``).
 
-    - "upstream" (sampling.md §4), in velocity space: comb = u + g·(c − u), then per token
+    - "upstream" (Lens' pipeline), in velocity space: comb = u + g·(c − u), then per token
       v = comb·‖c‖/‖comb‖ (denominator clamp_min(1e-12)); where ‖comb‖ = 0, v = comb. No clamp on
       the ratio, so v has the conditional norm but the guided direction. g = 1 returns c exactly.
     - "comfyui": core's x₀-space CFG followed by ``CFGNorm(strength 1)`` as a post-CFG function:
@@ -572,7 +572,7 @@ def align_text(context_a: torch.Tensor, mask_a: torch.Tensor, context_b: torch.T
 def expand_batch(context: torch.Tensor, mask: torch.Tensor, batch: int,
                  what: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
     """Expand text rows to ``batch`` images: repeat-interleave each prompt's row
-    ([p0, p0, …, p1, p1, …]; sampling.md §5). A single row broadcasts to every image."""
+    ([p0, p0, …, p1, p1, …], as upstream batches prompts). A single row broadcasts to every image."""
     rows = context.shape[0]
     if mask.shape[:2] != context.shape[:2]:
         raise ValueError(f"{what} mask shape {tuple(mask.shape)} does not match context "
@@ -642,7 +642,7 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
         batch_cfg: False (default) runs cond and uncond as two passes of B, which halves the peak
             activation memory; True runs them as one 2B batch (upstream's way) with the text padded
             to a common length by zero features and mask False. Both agree to rounding.
-        denoise_mask: inpainting (core's semantics, ecosystem.md §4.3): ``[B or 1, 1 or 128, h, w]``
+        denoise_mask: inpainting (core's semantics, ``KSamplerX0Inpaint``): ``[B or 1, 1 or 128, h, w]``
             in [0, 1] on the latent grid (:func:`latent_mask` turns a pixel mask into one),
             1 = regenerate, 0 = keep ``init_latents``, soft values blend. Before every model call
             the kept part is replaced by the original noised to the current σ,

@@ -170,6 +170,25 @@ def test_plan_sampling_mu_override_comfyui_mode_and_explicit_sigmas():
         plan_sampling(1024, 1024, 0)
 
 
+@pytest.mark.parametrize("schedule", ["upstream", "comfyui"])
+@pytest.mark.parametrize("mu", [None, 1.2])
+def test_plan_sampling_is_bitwise_the_schedule_rule_of_the_node_and_pipeline(schedule, mu):
+    """The rule both callers used: img2img only with an image and denoise < 1, as the tail of the
+    int(steps / denoise)-step schedule; otherwise the full schedule of the chosen mode."""
+    full = lens_sigmas if schedule == "upstream" else comfyui_sigmas
+    for h, w, steps in [(1024, 1024, 4), (48, 80, 7), (1440, 1440, 20)]:
+        for denoise in (1.0, 0.99, 0.5, 0.3):
+            for has_init in (False, True):
+                plan = plan_sampling(h, w, steps, denoise=denoise, schedule=schedule, mu=mu,
+                                     has_init=has_init)
+                if has_init and denoise < 1.0:
+                    expected = full(h, w, int(steps / denoise), mu=mu)[-(steps + 1):]
+                else:
+                    expected = full(h, w, steps, mu=mu)
+                assert torch.equal(plan.sigmas, expected), (h, w, steps, denoise, has_init)
+                assert plan.img2img == (has_init and denoise < 1.0)
+
+
 def test_noise_image_latents():
     noise = torch.full((2, 128, 2, 3), 2.0)
     z = torch.full((1, 128, 2, 3), -1.0)
