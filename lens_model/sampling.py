@@ -210,8 +210,9 @@ def comfyui_sigmas(height: int, width: int, steps: int, mu: Optional[float] = No
 
     j_k is computed with core's float expression on purpose. It equals ⌊k·10000/n⌋ except where
     k·10000/n is an integer that the float product lands just below (e.g. n = 76, k = 57 gives
-    7499, not 7500; 12 such (n, k) pairs for n ≤ 200, none for n | 10000); there core picks the neighbouring table entry (Δt = 1e-4) and so do we. Core evaluates the
-    table in float32; we evaluate in float64 and round once (difference ≤ 1e-7).
+    7499, not 7500; 12 such (n, k) pairs for n ≤ 200, none for n | 10000); there core picks the
+    neighbouring table entry (Δt = 1e-4) and so do we. Core evaluates the table in float32; we
+    evaluate in float64 and round once (difference ≤ 1e-7).
     """
     check_sampling_options(steps=steps, mu=mu)
     return _comfyui_schedule(height, width, int(steps), mu, max_shift, base_shift)
