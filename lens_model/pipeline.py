@@ -559,9 +559,10 @@ def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",
     """Encode prompts (and a non-empty negative) with a loaded text encoder.
 
     Returns ``(context [P, S, 4E], mask [P, S], negative_context or None, negative_mask or None)``.
-    An empty/whitespace negative gives None (the zero-length text stream Lens was trained with for an empty negative); it is
-    never encoded as a templated empty string. ``progress("text encoder", layer, layers)`` follows
-    each encoder run (prompts, then the negative).
+    An empty/whitespace negative gives None (a zero-length text stream, what Lens was trained with
+    for an empty negative); it is never encoded as a templated empty string.
+    ``progress("text encoder", layer, layers)`` follows each encoder run (prompts, then the
+    negative).
     """
     kw = {} if date is None else {"date": date}
     if progress is not None:
