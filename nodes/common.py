@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from lens_model.checkpoints import path_identity
+
 from . import comfy_adapter as comfy
 
 logger = logging.getLogger(__name__)
@@ -101,41 +103,12 @@ def resolve_model(key: str, name: str) -> str:
     return comfy.full_path(key, name)
 
 
-def file_identity(path: str) -> str:
-    """(path, size, mtime) of a file, a shard set or a folder's weight/config files, as one string.
-
-    Used by the loaders' ``IS_CHANGED`` and the text-encoder feature cache key: a replaced file
-    changes the identity.
-    """
-    path = os.path.abspath(path)
-    files: list[str]
-    if os.path.isdir(path):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames.sort()
-            depth = os.path.relpath(dirpath, path).count(os.sep)
-            if depth >= 2:
-                dirnames[:] = []
-            files += [os.path.join(dirpath, n) for n in sorted(filenames)
-                      if n.endswith((".safetensors", ".json"))]
-    else:
-        m = _SHARD_RE.match(os.path.basename(path))
-        folder = os.path.dirname(path)
-        if m:
-            stem = m.group("stem")
-            files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                           if n.startswith(stem) and (_SHARD_RE.match(n) or n.endswith(".json")))
-        else:
-            files = [path]
-    parts = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError:
-            parts.append(f"{f}:missing")
-            continue
-        parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+def file_identity(path: str) -> tuple:
+    """Identity (path, bytes, newest mtime) of a model for ``IS_CHANGED`` and the feature cache:
+    a file, a folder, or for a shard its folder (the whole set); a replaced file changes it."""
+    if _SHARD_RE.match(os.path.basename(path)):
+        path = os.path.dirname(path)
+    return path_identity(path)
 
 
 def resolve_device(choice: str, auto_device) -> torch.device:

@@ -101,7 +101,7 @@ class TextEncoderHandle:
     """
 
     def __init__(self, path: str, identity: str, device, dtype, dtype_name: str, offload: str,
-                 keep_loaded: bool, hidden_size: int | None):
+                 keep_loaded: bool, hidden_size: int):
         self.path = path
         self.identity = identity
         self.device = device
@@ -117,11 +117,6 @@ class TextEncoderHandle:
 
     def __repr__(self):
         return f"LensTE({self.path}, {self.dtype_name}, {self.device}, offload={self.offload_mode})"
-
-    @property
-    def cache_identity(self) -> str:
-        """What the features depend on besides the prompt: file, dtype and device kind."""
-        return f"{self.identity}|{self.dtype_name}|{self.device.type}"
 
     @property
     def loaded(self) -> bool:
@@ -171,21 +166,6 @@ class TextEncoderHandle:
                 raise
             self.loads += 1
             return self._encoder
-
-    def encoder_hidden_size(self) -> int:
-        """Hidden size E from the loaded encoder (only when the file header did not tell)."""
-        enc = self.encoder()
-        try:
-            cfg = getattr(enc, "config", None)
-            e = getattr(cfg, "hidden_size", None) if cfg is not None else None
-            if e is None and isinstance(cfg, dict):
-                e = cfg.get("hidden_size")
-            if e is None:
-                raise RuntimeError(f"cannot tell the hidden size of the text encoder {self.path}.")
-            self.hidden_size = int(e)
-            return self.hidden_size
-        finally:
-            self.after_encode()
 
     def after_encode(self):
         if not self.keep_loaded:

@@ -6,21 +6,21 @@ import logging
 
 import torch
 
-from lens_model import resolution
+from lens_model import constants, resolution
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
+CELL = constants.LATENT_CELL_PIXELS
 # Frozen UI values (saved in workflows); the sizes come from lens_model.resolution.
 BASES = ["1024", "1440", "1248x1664", "1664x1248", "custom"]
-RATIOS = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
-MAX_SIDE = 2080
+RATIOS = list(constants.RATIOS)
 
 
 def _size_input(default: int, what: str):
-    return ("INT", {"default": default, "min": 16, "max": MAX_SIDE, "step": 16, "tooltip": what})
+    return ("INT", {"default": default, "min": CELL, "max": constants.MAX_SIDE, "step": CELL, "tooltip": what})
 
 
 class LensNodesResolution:
@@ -96,8 +96,8 @@ class LensNodesEmptyLatent:
         w, h = resolution.validate_size(int(width), int(height))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        samples = torch.zeros(int(batch_size), 128, h // 16, w // 16,
+        samples = torch.zeros(int(batch_size), constants.LATENT_CHANNELS, h // CELL, w // CELL,
                               device=comfy.intermediate_device())
         # the spatial ratio lets core's samplers recognise an empty FLUX.2 latent, as core's
         # EmptyFlux2LatentImage marks it
-        return ({"samples": samples, "downscale_ratio_spacial": 16},)
+        return ({"samples": samples, "downscale_ratio_spacial": CELL},)

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from lens_model import resolution, sampling
+from lens_model import constants, resolution, sampling
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY
@@ -24,7 +24,7 @@ SCHEDULES = ["upstream", "comfyui"]
 MASK_MODES = ["coverage", "comfyui"]
 NOISE_LAYOUTS = ["upstream", "comfy"]
 CFG_MODES = ["upstream", "comfyui"]
-MAX_SIDE = 4096
+MAX_SIDE = constants.MAX_SIDE  # the library's limit (larger sizes were accepted, then refused)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -86,7 +86,7 @@ def prepare_latent(latent, width: int, height: int):
     if s.ndim != 4:
         raise ValueError(f"latent has shape {tuple(s.shape)}; Lens needs [B, 128, h, w] "
                          f"(image latents, not video).")
-    if s.shape[1] != 128:
+    if s.shape[1] != constants.LATENT_CHANNELS:
         if not bool((s == 0).all()):
             raise ValueError(
                 f"latent has {s.shape[1]} channels; Lens uses the FLUX.2 latent space with 128 "

@@ -11,14 +11,15 @@ disk, so an unchanged prompt never loads the 13 GB encoder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import re
 import threading
 from collections import OrderedDict
 
 import torch
+from lens_model import constants
+from lens_model.constants import DEFAULT_DATE
+from lens_model.text_encoder import encode_prompt_cache_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,8 +28,7 @@ from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATE = "2026-05-23"
-NUM_LAYERS_STACKED = 4
+NUM_LAYERS_STACKED = len(constants.CAPTURED_LAYERS)
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -84,13 +84,15 @@ class FeatureCache:
 FEATURES = FeatureCache()
 
 
-def cache_key(text: str, date: str, strip_markers: bool, encoder_identity: str) -> str:
-    return json.dumps([text, date, bool(strip_markers), encoder_identity], ensure_ascii=False)
+def cache_key(text: str, date: str, strip_markers: bool, handle) -> str:
+    """The library's prompt-feature key (text, date, file identity, dtype, options) plus the
+    device kind the features were computed on."""
+    return encode_prompt_cache_key(text, date, handle.identity, handle.dtype,
+                                   strip_markers=bool(strip_markers), device=handle.device.type)
 
 
 def _disk_path(key: str):
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
-    return comfy.cache_dir() / "text_features" / f"{digest}.safetensors"
+    return comfy.cache_dir() / "text_features" / f"{key}.safetensors"
 
 
 def _disk_get(key: str):
@@ -175,7 +177,7 @@ class LensNodesTextEncode:
 
     def encode(self, text_encoder, text, date=DEFAULT_DATE, strip_markers=True, cache_to_disk=False):
         handle = text_encoder
-        if not hasattr(handle, "encoder") or not hasattr(handle, "cache_identity"):
+        if not hasattr(handle, "encoder") or not hasattr(handle, "identity"):
             raise ValueError(
                 "text_encoder must come from the 'GPT-OSS Loader' node (LensNodesTextEncoderLoader); "
                 f"got {type(handle).__name__}."
@@ -186,12 +188,12 @@ class LensNodesTextEncode:
         text = "" if text is None else str(text)
 
         if not text.strip():
-            e = handle.hidden_size or handle.encoder_hidden_size()
+            e = handle.hidden_size
             ctx = torch.zeros(1, 0, NUM_LAYERS_STACKED * e)
             mask = torch.zeros(1, 0, dtype=torch.bool)
             return (to_conditioning(ctx, mask),)
 
-        key = cache_key(text, date, strip_markers, handle.cache_identity)
+        key = cache_key(text, date, strip_markers, handle)
         hit = FEATURES.get(key)
         if hit is None and cache_to_disk:
             hit = _disk_get(key)

@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from lens_model import constants
+
 from . import comfy_adapter as comfy
 from .common import CATEGORY
 
@@ -14,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 TILE_MODES = ["auto", "on", "off"]
 _TILE_ARG = {"auto": "auto", "on": True, "off": False}
-CELL = 16  # pixels per latent cell
+CELL = constants.LATENT_CELL_PIXELS
 DEFAULT_TILE_PX = 256
 """Default tile side. On a CPU the FLUX.2 VAE needs ≈ 9 s per 256² px (≈ 145 s for 1024²) and its
 slowest block ≈ 13 % of a pass, so 256-px tiles with a Cancel check after every block stop within
