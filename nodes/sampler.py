@@ -24,6 +24,7 @@ SCHEDULES = ["upstream", "comfyui"]
 MASK_MODES = ["coverage", "comfyui"]
 NOISE_LAYOUTS = ["upstream", "comfy"]
 CFG_MODES = ["upstream", "comfyui"]
+CELL = constants.LATENT_CELL_PIXELS
 MAX_SIDE = constants.MAX_SIDE  # the library's limit (larger sizes were accepted, then refused)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -72,33 +73,17 @@ def _check_features(ctx, cfg, what: str):
 
 
 def prepare_latent(latent, width: int, height: int):
-    """-> (samples [B, 128, h, w] fp32 CPU, has_content). Converts core's empty 4-channel latent."""
+    """-> (samples [B, 128, h, w] fp32 CPU, has_content). Core's empty latents are converted
+    (``lens_model.resolution.latent_from_core_empty``); without a latent, zeros of width x height."""
     if latent is None:
-        if width % 16 or height % 16:
-            raise ValueError(f"width and height must be multiples of 16, got {width}×{height} "
-                             f"(use Lens Resolution, or round to {width // 16 * 16}×{height // 16 * 16}).")
-        return torch.zeros(1, 128, height // 16, width // 16), False
+        w, h = resolution.validate_size(width, height)
+        return torch.zeros(1, constants.LATENT_CHANNELS, h // CELL, w // CELL), False
     if not isinstance(latent, dict) or "samples" not in latent:
         got = sorted(latent) if isinstance(latent, dict) else type(latent).__name__
         raise ValueError(f"latent must be a LATENT dict with 'samples', got {got}. Connect Lens "
                          f"Empty Latent, FLUX2 VAE Encode or a core latent node.")
-    s = latent["samples"]
-    if s.ndim != 4:
-        raise ValueError(f"latent has shape {tuple(s.shape)}; Lens needs [B, 128, h, w] "
-                         f"(image latents, not video).")
-    if s.shape[1] != constants.LATENT_CHANNELS:
-        if not bool((s == 0).all()):
-            raise ValueError(
-                f"latent has {s.shape[1]} channels; Lens uses the FLUX.2 latent space with 128 "
-                f"channels. Encode images with FLUX2 VAE Encode (or core VAEEncode with "
-                f"flux2-vae.safetensors)."
-            )
-        s = resolution.latent_from_core_empty(latent)
-        if isinstance(s, dict):
-            s = s["samples"]
-        return s.to("cpu", torch.float32), False
-    s = s.to("cpu", torch.float32)
-    return s, bool((s != 0).any())
+    s = resolution.latent_from_core_empty(latent).to("cpu", torch.float32)
+    return s, bool(s.any())
 
 
 class LensNodesSampler:

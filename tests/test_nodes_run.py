@@ -195,7 +195,7 @@ def test_core_empty_latent_image_is_converted(models, cases):
 
 
 def test_non_empty_foreign_latent_is_rejected(models, cases):
-    with pytest.raises(ValueError, match="4 channels"):
+    with pytest.raises(ValueError, match="4 channels and is not empty"):
         run_sampler(load_dit(), cond_from(cases, 0), latent={"samples": torch.ones(1, 4, 8, 8)})
     from nodes import LensNodesVAEDecode
 
@@ -250,7 +250,7 @@ def test_core_conditioning_without_mask_or_float16(models, cases):
 
 
 def test_size_must_be_multiple_of_16(models, cases):
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="width 40 is not a multiple of 16"):
         run_sampler(load_dit(), cond_from(cases, 0), width=40, height=32)
 
 
