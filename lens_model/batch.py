@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 
 from . import cli
+from .batch_store import OutputStore
 from .checkpoints import path_identity
 from .dit import VARIANT_DEFAULTS, load_transformer
 from .lora import parse_lora_arg
@@ -73,6 +75,8 @@ ROW_OPTION_NAMES = {"steps": "steps", "guidance_scale": "cfg", "seed": "seed"}
 
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_PARQUET = "manifest.parquet"
+FEATURE_FOLDER = ".lens_features"
+"""Default feature cache: this folder in the output folder."""
 _SAFE_ID = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -300,20 +304,21 @@ def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[Batc
 # ----------------------------------------------------------------------------- feature cache
 
 class FeatureCache:
-    """Text-encoder features on disk: one safetensors file per (text encoder, dtype, date, text).
+    """Text-encoder features in a folder: one safetensors file per (text encoder, dtype, date, text).
 
     The key is :func:`lens_model.text_encoder.encode_prompt_cache_key` over the text encoder's file
-    identity (path, size, mtime), so replacing the file invalidates its entries. Files are written
-    to a temporary name and renamed, so a killed writer leaves no half entry; several processes may
-    share one folder (a shared filesystem for Ray workers on several nodes).
+    identity (path, size, mtime), so replacing the file invalidates its entries. The folder is an
+    :class:`~lens_model.batch_store.OutputStore` (a local path or any URI pyarrow opens), written
+    atomically, so a killed writer leaves no half entry and several processes (Ray workers on
+    several nodes) may share one.
     """
 
-    def __init__(self, root: str | os.PathLike, text_encoder_path, dtype: torch.dtype,
-                 date: Optional[str] = None):
+    def __init__(self, root: "str | os.PathLike | OutputStore", text_encoder_path,
+                 dtype: torch.dtype, date: Optional[str] = None):
         from .text_encoder import encode_prompt_cache_key
         from .tokenizer import resolve_date
 
-        self.root = Path(root)
+        self.store = root if isinstance(root, OutputStore) else OutputStore(root)
         self.date = date
         identity = path_identity(text_encoder_path)
         resolved = resolve_date(date)
@@ -322,32 +327,29 @@ class FeatureCache:
     def key(self, text: str) -> str:
         return self._key(text)
 
-    def path(self, text: str) -> Path:
+    def name(self, text: str) -> str:
+        """The entry's file name in the cache folder."""
         k = self.key(text)
-        return self.root / k[:2] / f"{k}.safetensors"
+        return f"{k[:2]}/{k}.safetensors"
 
     def __contains__(self, text: str) -> bool:
-        return self.path(text).is_file()
+        return self.store.size(self.name(text)) is not None
 
     def get(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context [1, S, 4E], mask [1, S] bool)`` of ``text``; KeyError when not cached."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        p = self.path(text)
-        if not p.is_file():
-            raise KeyError(f"no cached features for {text!r} in {self.root}")
-        t = load_file(str(p))
+        data = self.store.read(self.name(text))
+        if data is None:
+            raise KeyError(f"no cached features for {text!r} in {self.store}")
+        t = load(data)
         return t["context"], t["mask"]
 
     def put(self, text: str, context: torch.Tensor, mask: torch.Tensor) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        p = self.path(text)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        save_file({"context": context.detach().cpu().contiguous(),
-                   "mask": mask.detach().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, p)
+        self.store.write(self.name(text), save({"context": context.detach().cpu().contiguous(),
+                                                "mask": mask.detach().cpu().contiguous()}))
 
 
 def texts_to_encode(rows: Iterable[BatchRow]) -> list[str]:
@@ -370,13 +372,14 @@ class JobSettings:
     transformer: str
     text_encoder: str
     vae: str
-    out_dir: str
-    cache_dir: str
-    device: str
+    out_dir: str                         # local folder or URI (OutputStore)
+    cache_dir: Optional[str] = None      # local folder or URI; None: OUT/.lens_features
+    device: str = "cpu"
     dtype: Optional[str] = None          # DiT compute dtype name (cli.DTYPES) or None = stored
     date: Optional[str] = None
     mu: Optional[float] = None
     noise_layout: str = "upstream"
+    filesystem: Any = None               # a pyarrow FileSystem holding out_dir (else from its URI)
 
     def torch_dtype(self) -> Optional[torch.dtype]:
         return cli.DTYPES.get(self.dtype) if self.dtype else None
@@ -386,11 +389,16 @@ class JobSettings:
                 "vae": Path(self.vae).name, "noise_layout": self.noise_layout, "mu": self.mu,
                 "date": self.date, "dtype": self.dtype}
 
+    def out_store(self) -> OutputStore:
+        return OutputStore(self.out_dir, self.filesystem)
+
     def feature_cache(self) -> FeatureCache:
         from .text_encoder import resolve_dtype
 
         te_dtype = resolve_dtype(None, torch.device(self.device))
-        return FeatureCache(self.cache_dir, self.text_encoder, te_dtype, self.date)
+        store = OutputStore(self.cache_dir) if self.cache_dir else \
+            self.out_store().child(FEATURE_FOLDER)
+        return FeatureCache(store, self.text_encoder, te_dtype, self.date)
 
 
 class EncodeStage:
@@ -503,13 +511,14 @@ def sha256_file(path: Path) -> str:
 
 
 class DecodeStage:
-    """Stage 3: decode latents with a VAE loaded once and write ``<id>.png`` files."""
+    """Stage 3: decode latents with a VAE loaded once and write ``<id>.png`` files to the output
+    folder (an :class:`~lens_model.batch_store.OutputStore`: local or any pyarrow filesystem)."""
 
     def __init__(self, job: JobSettings):
         from .vae import load_vae
 
         self.job = job
-        self.out_dir = Path(job.out_dir)
+        self.store = job.out_store()
         self.vae = load_vae(job.vae, device=torch.device(job.device))
 
     def __call__(self, rows: Sequence[BatchRow], latents: Sequence[torch.Tensor]) -> list[dict]:
@@ -521,10 +530,20 @@ class DecodeStage:
         t0 = time.perf_counter()
         image = to_pil(self.vae.decode(latents, tile="auto"))[0]
         t1 = time.perf_counter()
-        path = self.out_dir / f"{row.id}.png"
-        cli.save_image(image, path, png_metadata(row, self.job))  # atomic, as the CLI writes it
-        return dict(id=row.id, file=path.name, sha256=sha256_file(path), **row.params(),
-                    **self.job.job_params(), vae_s=t1 - t0, write_s=time.perf_counter() - t1)
+        name = f"{row.id}.png"
+        data = png_bytes(image, png_metadata(row, self.job))
+        self.store.write(name, data)  # appears whole or not at all
+        return dict(id=row.id, file=name, sha256=hashlib.sha256(data).hexdigest(),
+                    bytes=len(data), **row.params(), **self.job.job_params(), vae_s=t1 - t0,
+                    write_s=time.perf_counter() - t1)
+
+
+def png_bytes(image, meta: dict) -> bytes:
+    """The PNG file the command-line tool writes for ``image`` with metadata ``meta``, in memory
+    (its own encoder settings and text chunks, so the bytes are the same)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=cli._png_info(meta))
+    return buf.getvalue()
 
 
 def group_rows(rows: Sequence[BatchRow], batch_size: int) -> list[list[BatchRow]]:
@@ -542,53 +561,79 @@ def group_rows(rows: Sequence[BatchRow], batch_size: int) -> list[list[BatchRow]
 # ------------------------------------------------------------------------------------- manifest
 
 class Manifest:
-    """``manifest.jsonl`` in the output folder: one record per image, appended as images are written
-    (a later record for the same id replaces an earlier one). :meth:`finish` rewrites it compacted
-    and writes ``manifest.parquet`` when pyarrow is installed."""
+    """``manifest.jsonl`` in the output folder: one record per image (a later record for the same id
+    replaces an earlier one). :meth:`finish` rewrites it compacted and writes ``manifest.parquet``
+    when pyarrow is installed.
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.path = out_dir / MANIFEST_JSONL
+    ``out``: an :class:`~lens_model.batch_store.OutputStore`, a local folder or a URI. Where the
+    filesystem can append (local disks, HDFS) each record is appended as its image is written;
+    on an object store (no append) the whole file is written again (one PUT) at most every
+    ``flush_every`` seconds and at the end, so a killed job loses at most that much of the
+    manifest, and a rerun makes those images again (the same bytes).
+    """
+
+    def __init__(self, out: "OutputStore | str | os.PathLike", flush_every: float = 30.0):
+        self.store = out if isinstance(out, OutputStore) else OutputStore(out)
+        self.flush_every = flush_every
         self.records: dict[str, dict] = {}
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for n, text in enumerate(f, start=1):
-                    try:
-                        rec = json.loads(text)
-                        self.records[rec["id"]] = rec
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        logger.warning("%s line %d is not a manifest record; ignored", self.path, n)
+        self._unsaved = False
+        self._saved_at = time.monotonic()
+        self._listing: Optional[dict[str, int]] = None
+        data = self.store.read(MANIFEST_JSONL)
+        for n, text in enumerate((data or b"").decode("utf-8").splitlines(), start=1):
+            try:
+                rec = json.loads(text)
+                self.records[rec["id"]] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logger.warning("%s line %d is not a manifest record; ignored",
+                               self.store.path(MANIFEST_JSONL), n)
+
+    @property
+    def path(self) -> str:
+        """Where the manifest is (a filesystem path in the store)."""
+        return self.store.path(MANIFEST_JSONL)
 
     def is_done(self, row: BatchRow, job_params: dict) -> bool:
         """True when ``row`` has a record with the same parameters and its file is intact."""
         return self.matches(row.id, dict(row.params(), **job_params))
 
     def matches(self, rid: str, params: dict) -> bool:
-        """True when id ``rid`` has a record holding every item of ``params`` and its file still
-        has the recorded sha256."""
+        """True when id ``rid`` has a record holding every item of ``params`` and its file is
+        still there: with the recorded size (one listing of the folder, read once), and, on a local
+        disk or for a record without a size, the recorded sha256."""
         rec = self.records.get(rid)
         if rec is None or any(rec.get(k) != v for k, v in params.items()):
             return False
-        path = self.out_dir / rec.get("file", "")
-        return path.is_file() and sha256_file(path) == rec.get("sha256")
+        if self._listing is None:
+            self._listing = self.store.sizes()
+        name = rec.get("file") or ""
+        size = self._listing.get(name)
+        if size is None or (rec.get("bytes") is not None and size != rec["bytes"]):
+            return False
+        if rec.get("bytes") is None or self.store.local_path() is not None:
+            return self.store.sha256(name) == rec.get("sha256")
+        return True
 
     def add(self, record: dict) -> None:
         self.records[record["id"]] = record
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.store.append(MANIFEST_JSONL, json.dumps(record, ensure_ascii=False) + "\n"):
+            return
+        self._unsaved = True
+        if time.monotonic() - self._saved_at >= self.flush_every:
+            self._write_jsonl(list(self.records.values()))
+
+    def _write_jsonl(self, records: Sequence[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        self.store.write(MANIFEST_JSONL, text.encode("utf-8"))
+        self._unsaved, self._saved_at = False, time.monotonic()
 
     def finish(self, order: Sequence[str], columns: Optional[Sequence[str]] = None) -> None:
         """Rewrite the JSONL compacted (records in ``order``, then the others) and write the
         Parquet twin with ``columns`` (default :func:`manifest_columns`) when pyarrow is there."""
         index = {rid: i for i, rid in enumerate(order)}
         recs = sorted(self.records.values(), key=lambda r: (index.get(r["id"], len(index)), r["id"]))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in recs:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, self.path)
+        if recs or self.store.size(MANIFEST_JSONL) is not None:
+            self._write_jsonl(recs)
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -597,12 +642,14 @@ class Manifest:
         if recs:
             columns = list(columns or manifest_columns())
             table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in recs])
-            pq.write_table(table, str(self.out_dir / MANIFEST_PARQUET))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            self.store.write(MANIFEST_PARQUET, sink.getvalue().to_pybytes())
 
 
 def manifest_columns() -> list[str]:
     """Columns of a manifest record, in order."""
-    return ["id", "file", "sha256", *(f for f in ROW_FIELDS if f != "id"), *JOB_FIELDS,
+    return ["id", "file", "sha256", "bytes", *(f for f in ROW_FIELDS if f != "id"), *JOB_FIELDS,
             *STAGE_FIELDS]
 
 
@@ -645,9 +692,9 @@ class BatchResult:
 
 def plan(rows: Sequence[BatchRow], job: JobSettings) -> tuple[Manifest, list[BatchRow], list[str]]:
     """Open the manifest and split rows into those still to make and the ids already done."""
-    out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out_dir)
+    store = job.out_store()
+    store.makedirs()
+    manifest = Manifest(store)
     jp = job.job_params()
     todo: list[BatchRow] = []
     done: list[str] = []
@@ -701,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Row columns: prompt (required), id, negative, seed, width, height, steps, cfg, "
                "variant, lora. Model files as in python -m lens_model.cli.")
     p.add_argument("prompts", help="JSONL or Parquet (.parquet) prompts file")
-    p.add_argument("--out", required=True, help="output folder (PNGs and manifest.jsonl)")
+    p.add_argument("--out", required=True,
+                   help="output folder (PNGs and manifest.jsonl): a local path or a URI pyarrow "
+                        "opens (s3://bucket/run, gs://…, file:///…)")
     p.add_argument("--variant", choices=tuple(VARIANT_DEFAULTS),
                    help="default variant of rows without one (default: from the --transformer "
                         "file name, else turbo)")
@@ -713,8 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise draw layout (as in the command-line tool)")
     p.add_argument("--date", default=None, help="template date (default 2026-05-23)")
     p.add_argument("--feature-cache", default=None,
-                   help="text-feature cache folder (default OUT/.lens_features); share it between "
-                        "jobs to encode a prompt only once")
+                   help="text-feature cache folder, a local path or a URI (default "
+                        "OUT/.lens_features); share it between jobs to encode a prompt only once")
     p.add_argument("--dit-batch", type=int, default=4,
                    help="rows of one size handed to the DiT stage at once (default 4; each image "
                         "is still sampled on its own, so the files do not depend on it)")
@@ -775,14 +824,24 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults, A
             found = cli.check_files(files)
     except cli.CliError as e:
         raise BatchError(str(e)) from None
-    out = Path(args.out).expanduser()
     job = JobSettings(transformer=str(files["transformer"]), text_encoder=str(files["text_encoder"]),
-                      vae=str(files["vae"]), out_dir=str(out),
-                      cache_dir=str(Path(args.feature_cache).expanduser() if args.feature_cache
-                                    else out / ".lens_features"),
+                      vae=str(files["vae"]), out_dir=_location(args.out, "--out"),
+                      cache_dir=_location(args.feature_cache, "--feature-cache")
+                      if args.feature_cache else None,
                       device=device.type, dtype=args.dtype, date=args.date, mu=args.mu,
                       noise_layout=args.noise_layout)
     return job, RowDefaults(variant=variant, width=width, height=height), found.transformer
+
+
+def _location(text: str, option: str) -> str:
+    """A URI as given, a local path made absolute (Ray workers may run elsewhere); checked by
+    opening its filesystem (nothing is created), BatchError naming ``option`` when that fails."""
+    location = text if "://" in text else str(Path(text).expanduser().resolve())
+    try:
+        OutputStore(location)
+    except ValueError as e:
+        raise BatchError(f"{option} {e}") from None
+    return location
 
 
 def _ray_available(address: str) -> bool:
@@ -827,7 +886,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result.errors = errors
     logger.info("%d image(s) written, %d already done, %d bad row(s); manifest %s",
                 len(result.written), len(result.skipped), len(errors),
-                Path(job.out_dir) / MANIFEST_JSONL)
+                job.out_store().path(MANIFEST_JSONL))
     return 1 if errors else 0
 
 

@@ -7,7 +7,8 @@ Graph (the same on one CPU machine and on a GPU cluster; only the per-stage reso
 
 The encode stage runs first and fills the feature cache; the DiT actors read their rows' features
 from it, so the cache folder (and the output folder) must be visible to every node: a local disk
-on one machine, a shared filesystem on a cluster. The driver appends each record to the manifest as
+on one machine, a shared filesystem or an object-store URI (``s3://…``, through ``pyarrow.fs``) on
+a cluster. The driver appends each record to the manifest as
 it arrives. Ray restarts a killed actor (``max_restarts``) and re-runs the batch it held
 (``max_task_retries``); a re-run writes the same bytes, because every stage is deterministic per row.
 

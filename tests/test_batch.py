@@ -282,3 +282,122 @@ def test_batch_lora_rows_match_the_cli(tmp_path, tiny_te, capsys):  # noqa: F811
     assert (out / "lora.png").read_bytes() != (out / "plain.png").read_bytes()
     rec = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()][0]
     assert rec["id"] == "lora" and json.loads(rec["lora"]) == [f"{lora_path}:0.6"]
+
+
+# ------------------------------------------------------------- output on any pyarrow filesystem
+
+def test_batch_writes_to_a_file_uri_and_to_a_pyarrow_filesystem(tmp_path, tiny_te, cli_pngs,  # noqa: F811
+                                                                monkeypatch):
+    pafs = pytest.importorskip("pyarrow.fs")
+    src = _write_jsonl(tmp_path / "p.jsonl", [r for r in ROWS if isinstance(r, dict)][:1])
+    out = tmp_path / "uri out"
+    uri = "file://" + str(out).replace(" ", "%20")
+    assert batch.main([str(src), "--out", uri, "--variant", "lens"] + _files(tiny_te)) == 0
+    assert (out / "fox.png").read_bytes() == cli_pngs["fox"]
+    assert json.loads((out / "manifest.jsonl").read_text())["bytes"] == len(cli_pngs["fox"])
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    # an in-memory filesystem under a sub-tree: images, manifest and feature cache all go there
+    mock = pafs._MockFileSystem()
+    fs = pafs.SubTreeFileSystem("bucket", mock)
+    rows, _ = batch.load_rows(src, DEFAULTS)
+    job = batch.JobSettings(transformer=str(GOLDEN / "transformer"), text_encoder=str(tiny_te),
+                            vae=str(GOLDEN / "vae"), out_dir="run1", filesystem=fs)
+    result = batch.run_in_process(rows, job)
+    assert result.written == ["fox"] and result.encoded == 1
+
+    def read(path):
+        with mock.open_input_stream(path) as f:
+            return f.read()
+
+    assert read("bucket/run1/fox.png") == cli_pngs["fox"]
+    rec = json.loads(read("bucket/run1/manifest.jsonl"))
+    assert rec["sha256"] == hashlib.sha256(cli_pngs["fox"]).hexdigest()
+    names = [i.path for i in mock.get_file_info(pafs.FileSelector("bucket", recursive=True))]
+    assert any(n.startswith("bucket/run1/.lens_features/") and n.endswith(".safetensors")
+               for n in names)
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    # a rerun on that filesystem finds the image done: no model loads
+    monkeypatch.setattr(batch, "EncodeStage", lambda *a: pytest.fail("encoder on a rerun"))
+    monkeypatch.setattr(batch, "DiTStage", lambda *a: pytest.fail("DiT loaded on a rerun"))
+    assert batch.run_in_process(rows, job).skipped == ["fox"]
+
+
+class _ObjectStoreHandler:
+    """An fsspec memory filesystem that presents itself as S3 (one PUT per object, no append), and
+    records the calls it gets."""
+
+    @staticmethod
+    def make():
+        fsspec = pytest.importorskip("fsspec")
+        pafs = pytest.importorskip("pyarrow.fs")
+        calls = []
+
+        class Handler(pafs.FSSpecHandler):
+            def get_type_name(self):
+                return "fsspec+s3"
+
+            def open_append_stream(self, path, metadata):
+                raise NotImplementedError("no append on an object store")
+
+            def move(self, src, dest):
+                calls.append(("move", src, dest))
+                return super().move(src, dest)
+
+            def open_input_stream(self, path):
+                calls.append(("read", path))
+                return super().open_input_stream(path)
+
+        return pafs.PyFileSystem(Handler(fsspec.filesystem("memory"))), calls
+
+
+def test_output_store_on_an_object_store(tmp_path):
+    from lens_model.batch_store import OutputStore
+
+    fs, calls = _ObjectStoreHandler.make()
+    root = f"/{tmp_path.name}/run"          # the memory filesystem is shared by the process
+    store = OutputStore(root, fs)
+    assert store.atomic_put and store.local_path() is None
+    store.write("a.png", b"png-bytes")
+    assert store.read("a.png") == b"png-bytes" and store.size("missing") is None
+    assert not [c for c in calls if c[0] == "move"]                  # one PUT, no temp name
+    assert store.append("log", "x") is False and store.size("log") is None
+
+    # the manifest is written whole: at most every flush_every seconds, and at the end
+    manifest = batch.Manifest(store, flush_every=3600)
+    rec = {"id": "a", "file": "a.png", "sha256": hashlib.sha256(b"png-bytes").hexdigest(),
+           "bytes": 9, "seed": 1}
+    manifest.add(rec)
+    assert store.size(batch.MANIFEST_JSONL) is None
+    manifest.finish(["a"])
+    assert json.loads(store.read(batch.MANIFEST_JSONL)) == rec
+    manifest = batch.Manifest(store, flush_every=0)
+    manifest.add(dict(rec, id="b", file="b.png"))
+    assert len(store.read(batch.MANIFEST_JSONL).splitlines()) == 2
+
+    # resuming checks the listed size; the image is not downloaded again
+    calls.clear()
+    resumed = batch.Manifest(store)
+    assert resumed.matches("a", {"seed": 1}) and not resumed.matches("a", {"seed": 2})
+    assert not resumed.matches("b", {"seed": 1})                    # its file is not there
+    assert [c for c in calls if c[0] == "read"] == [("read", f"{root}/manifest.jsonl")]
+    store.write("a.png", b"other")                                   # replaced: size differs
+    assert not batch.Manifest(store).matches("a", {"seed": 1})
+
+
+def test_output_store_without_pyarrow_is_local_only(tmp_path, monkeypatch):
+    import sys
+
+    from lens_model.batch_store import OutputStore
+
+    monkeypatch.setitem(sys.modules, "pyarrow.fs", None)
+    store = OutputStore(tmp_path / "out")
+    assert store.fs is None
+    store.write("x/a.png", b"abc")
+    assert store.append("m.jsonl", "1\n") and store.append("m.jsonl", "2\n")
+    assert (tmp_path / "out" / "x" / "a.png").read_bytes() == b"abc"
+    assert store.read("m.jsonl") == b"1\n2\n" and store.sizes() == {"m.jsonl": 4}
+    assert store.sha256("x/a.png") == hashlib.sha256(b"abc").hexdigest()
+    with pytest.raises(ValueError, match="'s3://bucket/run' is a URI: install pyarrow"):
+        OutputStore("s3://bucket/run")
