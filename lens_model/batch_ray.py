@@ -162,14 +162,18 @@ def _encode_on_ray(texts: Sequence[str], job: JobSettings, opts: RayOptions, cud
 
 
 def run_on_ray(rows: Sequence[BatchRow], job: JobSettings, opts: RayOptions,
-               dit_batch: int = 4) -> BatchResult:
-    """Run the job's three stages on Ray Data; writes the same files as :func:`run_in_process`."""
+               dit_batch: int = 4, progress_every: float = 10.0) -> BatchResult:
+    """Run the job's three stages on Ray Data; writes the same files as :func:`run_in_process`.
+    Progress lines (:class:`lens_model.batch.Progress`) come from the stage seconds the actors
+    report in each record, over the actors of each stage."""
     import ray
 
     connect(opts.address)
     manifest, todo, done = plan(rows, job)
     result = BatchResult(skipped=done)
-    progress = Progress(len(rows), len(done))
+    progress = Progress(len(rows), len(done), interval=progress_every,
+                        workers={"encode": opts.encode.workers, "dit": opts.dit.workers,
+                                 "vae": opts.vae.workers})
     cuda = job.device == "cuda"
     if todo:
         cache = job.feature_cache()

@@ -70,6 +70,32 @@ def test_group_rows_by_size():
     assert [[r.prompt for r in g] for g in groups] == [["0", "2"], ["3"], ["1", "4"]]
 
 
+def test_progress_lines_rate_and_stage_utilisation(caplog):
+    now = [100.0]
+    progress = batch.Progress(total=5, skipped=1, workers={"dit": 2}, interval=10.0,
+                              clock=lambda: now[0])
+    rec = {"encode_s": 3.0, "dit_s": 12.0, "vae_s": 1.5, "write_s": 0.5}
+    caplog.set_level("INFO", logger="lens_model.batch")
+    now[0] = 130.0                                   # 30 s in: the first image is logged
+    progress.add(rec)
+    now[0] = 135.0                                   # 5 s later: too soon for a line
+    progress.add(dict(rec, encode_s=0.0))
+    now[0] = 160.0                                   # 60 s in, 25 s after the last line
+    progress.add(dict(rec, encode_s=0.0))
+    lines = [r.getMessage() for r in caplog.records]
+    # 2/5 at 30 s: 1 image in 0.5 min; encode 3 s of 30, dit 12 s over 2 workers of 30 s,
+    # vae 1.5 s, write 0.5 s
+    assert lines[0] == "2/5 rows done, 2.0 images/min, busy: encode 10 %, dit 20 %, vae 5 %, write 2 %"
+    # 4/5 at 60 s: 3 images in 1 min; encode 3 of 60, dit 36 of 2 × 60, vae 4.5, write 1.5
+    assert lines[1] == "4/5 rows done, 3.0 images/min, busy: encode 5 %, dit 30 %, vae 8 %, write 2 %"
+    now[0] = 161.0
+    progress.add(dict(rec, encode_s=0.0))           # the last row is always logged
+    assert caplog.records[-1].getMessage().startswith("5/5 rows done")
+    assert len(caplog.records) == 3
+    assert progress.summary().startswith("4 image(s) in 61.0 s; stage seconds summed over workers: "
+                                         "encode 3.0 s (5 % busy), dit 48.0 s (39 % busy)")
+
+
 # -------------------------------------------------------------------------- end to end, tiny
 
 ROWS = [
@@ -113,8 +139,10 @@ def _run(tmp_path, tiny_te, out, *extra):  # noqa: F811
 
 
 def test_batch_in_process_matches_cli_and_resumes(tmp_path, tiny_te, cli_pngs, monkeypatch,  # noqa: F811
-                                                  capsys):
+                                                  capsys, caplog):
     import lens_model.text_encoder as te_mod
+
+    caplog.set_level("INFO", logger="lens_model.batch")
 
     loads = []
     real_load = te_mod.load_text_encoder
@@ -123,6 +151,9 @@ def test_batch_in_process_matches_cli_and_resumes(tmp_path, tiny_te, cli_pngs, m
     out = tmp_path / "out"
     assert _run(tmp_path, tiny_te, out, "--variant", "lens") == 1      # one bad row
     assert "prompts.jsonl: line 3:" in capsys.readouterr().err
+    progress = [r.getMessage() for r in caplog.records if "rows done" in r.getMessage()]
+    assert progress[0].startswith("1/3 rows done") and progress[-1].startswith("3/3 rows done")
+    assert "busy: encode" in progress[-1] and "dit" in progress[-1]
     for rid, want in cli_pngs.items():
         assert (out / f"{rid}.png").read_bytes() == want, rid
     # two distinct prompts + one negative (the owl's is not needed at CFG 1): three cache files,
@@ -225,6 +256,8 @@ def test_batch_bad_files_and_options_fail_before_any_work(tmp_path, tiny_te, cap
     assert batch.main(wrong) == 2
     assert "--vae" in capsys.readouterr().err
     assert batch.main(argv + ["--dit-batch", "0"]) == 2
+    assert batch.main(argv + ["--progress-every", "nan"]) == 2
+    assert "--progress-every" in capsys.readouterr().err
     assert not out.exists()
 
 
