@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -158,7 +158,9 @@ def str_field(raw: dict, name: str, default: Optional[str]) -> Optional[str]:
     return value
 
 
-def _row_id(raw_id: Any, params: dict) -> str:
+def row_id(raw_id: Any, params: dict) -> str:
+    """A row's id: its ``id`` column checked (:func:`check_id`), or without one ``p`` + 16 hex
+    digits of ``params`` (stable across reruns and edits of other lines)."""
     if raw_id is None:  # stable across reruns and edits of other lines: a digest of the parameters
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()
         return "p" + digest[:16]
@@ -245,7 +247,7 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
     # the command-line tool's ranges (steps 1..200, finite cfg 0..100, seed 0..2**64-1)
     check_generation_options(steps=params["steps"], guidance=params["cfg"], seed=params["seed"],
                              names=ROW_OPTION_NAMES)
-    return BatchRow(id=_row_id(raw.get("id"), params), line=line, **params)
+    return BatchRow(id=row_id(raw.get("id"), params), line=line, **params)
 
 
 def read_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -269,24 +271,25 @@ def read_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield i, ValueError(f"not valid JSON ({e.msg} at column {e.colno})")
 
 
-def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[BatchRow], list[RowError]]:
-    """Read and validate a prompts file. Returns the good rows in file order and the bad ones."""
+def read_rows(path: str | os.PathLike, parse: Callable[[Any, int], Any]) -> tuple[list, list[RowError]]:
+    """Read a prompts file with ``parse(raw_row, line)`` (which returns a row with ``id``, ``line``
+    and ``params()``, or raises ValueError saying what is wrong). Returns the good rows in file
+    order and the bad ones; a second row with an id already used is a bad row. The one reader of
+    both the batch job and the multi-server client."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"prompts file {str(path)!r} does not exist")
-    rows: list[BatchRow] = []
+    rows: list = []
     errors: list[RowError] = []
-    seen: dict[str, BatchRow] = {}
-    unknown: set[str] = set()
+    seen: dict[str, Any] = {}
     for line, raw in read_raw_rows(path):
         try:
             if isinstance(raw, Exception):
                 raise raw
-            row = parse_row(raw, line, defaults)
+            row = parse(raw, line)
         except ValueError as e:
             errors.append(RowError(line, str(e)))
             continue
-        unknown.update(k for k in raw if k not in ROW_FIELDS)
         first = seen.get(row.id)
         if first is not None:
             same = first.params() == row.params()
@@ -295,6 +298,20 @@ def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[Batc
             continue
         seen[row.id] = row
         rows.append(row)
+    return rows, errors
+
+
+def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[BatchRow], list[RowError]]:
+    """Read and validate a batch prompts file (:func:`parse_row` with ``defaults``). Returns the
+    good rows in file order and the bad ones; unknown columns get one warning."""
+    unknown: set[str] = set()
+
+    def parse(raw: Any, line: int) -> BatchRow:
+        row = parse_row(raw, line, defaults)
+        unknown.update(k for k in raw if k not in ROW_FIELDS)
+        return row
+
+    rows, errors = read_rows(path, parse)
     if unknown:
         logger.warning("%s: columns %s are not used (known: %s)", path, sorted(unknown),
                        ", ".join(ROW_FIELDS))

@@ -23,6 +23,7 @@ import pytest
 import websocket
 
 from lens_model import client as lc
+from lens_model import client_multi as cm
 
 PNG_BYTES = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00"
              b"\x00\x90wS\xde" + b"fake-image-payload-" * 3)
@@ -736,9 +737,9 @@ def test_many_servers_one_stopped_mid_run(multi_servers, tmp_path, caplog):
 
 def test_many_servers_ctrl_c_cancels_everywhere(multi_servers, tmp_path, monkeypatch):
     a, b = multi_servers("a", hold=True), multi_servers("b", hold=True)
-    rows, errors = lc.load_prompt_rows(_prompts_file(tmp_path, 4))
+    rows, errors = cm.load_prompt_rows(_prompts_file(tmp_path, 4))
     assert [e.split(":")[0] for e in errors] == ["line 4"]
-    real = lc.ServerPool.next_done
+    real = cm.ServerPool.next_done
     calls = []
 
     def interrupt_later(self, timeout):
@@ -747,9 +748,9 @@ def test_many_servers_ctrl_c_cancels_everywhere(multi_servers, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(self, 0.01)
 
-    monkeypatch.setattr(lc.ServerPool, "next_done", interrupt_later)
+    monkeypatch.setattr(cm.ServerPool, "next_done", interrupt_later)
     with pytest.raises(KeyboardInterrupt):
-        lc.run_many(LENS_API, rows, [a.url, b.url], tmp_path / "out", per_server=2,
+        cm.run_many(LENS_API, rows, [a.url, b.url], tmp_path / "out", per_server=2,
                     use_websocket=False, poll_interval=0.01)
     cancelled = {body.get("prompt_id") or body["delete"][0]
                  for srv in (a, b) for _, body in srv.control_posts}
@@ -778,12 +779,37 @@ def test_without_websocket_client_the_client_polls(make_server, tmp_path, monkey
 
 def test_many_servers_a_prompt_past_its_timeout_is_cancelled_and_fails(multi_servers, tmp_path):
     slow = multi_servers("slow", hold=True)
-    rows, _ = lc.load_prompt_rows(_prompts_file(tmp_path, 1))
-    result = lc.run_many(LENS_API, rows, [slow.url], tmp_path / "out", retries=1,
+    rows, _ = cm.load_prompt_rows(_prompts_file(tmp_path, 1))
+    result = cm.run_many(LENS_API, rows, [slow.url], tmp_path / "out", retries=1,
                          use_websocket=False, poll_interval=0.01, prompt_timeout=0.3)
     assert list(result.failed) == ["r0"] and "did not finish" in result.failed["r0"]
     assert len(slow.prompts) == 2                        # tried twice, the server kept
     cancelled = [body for path, body in slow.control_posts]
     assert len(cancelled) == 2
     with pytest.raises(ValueError, match="--per-server"):
-        lc.run_many(LENS_API, rows, [slow.url], tmp_path / "out", per_server=0)
+        cm.run_many(LENS_API, rows, [slow.url], tmp_path / "out", per_server=0)
+
+
+def test_multi_server_names_moved_but_still_reachable_from_the_client_module():
+    assert lc.run_many is cm.run_many and lc.ServerPool is cm.ServerPool
+    assert lc.load_prompt_rows is cm.load_prompt_rows
+    with pytest.raises(AttributeError):
+        lc.no_such_name  # noqa: B018
+
+
+def test_python_m_client_prompts_dry_run(tmp_path):
+    import subprocess
+    import sys
+
+    wf = _write(tmp_path, LENS_API)
+    prompts = _prompts_file(tmp_path, 2)
+    proc = subprocess.run([sys.executable, "-m", "lens_model.client", str(wf), "--prompts",
+                           str(prompts), "--dry-run", "--steps", "3", "-q"],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1, proc.stderr             # the row without a prompt (last)
+    assert "line 3: no 'prompt'" in proc.stderr
+    out = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [o["id"] for o in out] == ["r0", "r1"]
+    assert out[1]["prompt"]["4"]["inputs"]["text"] == "prompt 1"
+    assert out[1]["prompt"]["7"]["inputs"]["steps"] == 3
