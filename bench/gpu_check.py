@@ -112,25 +112,25 @@ def device_info() -> None:
 
 @section("golden tiny DiT fp32 on GPU")
 def golden_check() -> None:
-    from lens_model.checkpoints import TensorSource, read_safetensors_header
+    from safetensors import safe_open
+
     from lens_model.dit import load_transformer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     golden = ROOT / "tests" / "fixtures" / "golden" / "lens_tiny"
     path = golden / "dit_cases.safetensors"
-    infos, meta = read_safetensors_header(path)
-    src = TensorSource([path], golden, str(path), infos, meta, "", None)
+    src = safe_open(str(path), framework="pt")
     model = load_transformer(golden / "transformer", device=DEV)
     worst = 0.0
     for n in range(4):
         p = f"case{n}."
-        feats = [src.read(p + f"encoder_hidden_states.{k}").to(DEV) for k in range(4)]
+        feats = [src.get_tensor(p + f"encoder_hidden_states.{k}").to(DEV) for k in range(4)]
         out = model.forward_tokens(
-            src.read(p + "hidden_states").to(DEV), src.read(p + "timestep").to(DEV), feats,
-            src.read(p + "encoder_mask").to(DEV), src.read(p + "grid_hw").tolist(),
+            src.get_tensor(p + "hidden_states").to(DEV), src.get_tensor(p + "timestep").to(DEV), feats,
+            src.get_tensor(p + "encoder_mask").to(DEV), src.get_tensor(p + "grid_hw").tolist(),
         )
-        worst = max(worst, (out.cpu() - src.read(p + "expected")).abs().max().item())
+        worst = max(worst, (out.cpu() - src.get_tensor(p + "expected")).abs().max().item())
     result(section="golden", max_abs_err=worst, ok=worst < 1e-4)
 
 

@@ -4,34 +4,36 @@ Every Lens loader goes through :func:`open_checkpoint`, which
 
 1. resolves what the user pointed at (a ``.safetensors`` / ``.sft`` file, a shard of a sharded set, a
    ``*.safetensors.index.json``, a diffusers component folder or a diffusers pipeline root);
-2. reads the safetensors **headers only** and checks that every file is as long as its header says;
+2. reads the safetensors **headers only** (``safetensors.safe_open``, which also refuses a file
+   shorter than its header says);
 3. strips the known key prefixes of the requested component (ComfyUI, diffusers and training tools);
 4. detects which model the keys belong to and refuses the wrong kind with an actionable message.
 
-Tensors are then read one at a time, either with ``os.pread`` into fresh memory
-(:meth:`TensorSource.read`) or as a per-tensor copy-on-write memory map of the file
-(:meth:`TensorSource.map`, :func:`map_tensor`). A mapping covers one tensor and is unmapped when the
-last tensor viewing it is freed, so a 13 GB text encoder read layer by layer never keeps the whole
-file mapped, while a model that keeps its mapped weights (the DiT on the CPU) holds them in
-file-backed page-cache pages instead of a private copy.
+Tensors are then read one at a time with ``safe_open(...).get_tensor``: a zero-copy view of a
+copy-on-write memory map of the whole file, whose pages are read from the page cache when first
+touched. The map is released when the handle and the last tensor viewing it are gone, so a reader
+that opens one handle per unit of work (:meth:`TensorSource.reading`: a DiT block, a text-encoder
+layer) never keeps more of a 13 GB file mapped than the tensors it still holds. BENCHMARKS.md
+("Reading tensors") has the measurements that chose this over the pack's former own reader.
 
 Pickle formats (``.ckpt``, ``.pt``, ``.bin``) are never opened; GGUF is detected and refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import mmap
 import os
 import struct
-import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from . import quant
 
@@ -74,7 +76,7 @@ DETECTION_KEYS: Mapping[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
-#: safetensors dtype string -> (torch dtype used to view the bytes, bytes per element)
+#: safetensors dtype string -> (torch dtype of the tensors this package hands out, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
@@ -109,8 +111,6 @@ _TORCH_TO_ST = {
 if hasattr(torch, "float8_e8m0fnu"):
     _TORCH_TO_ST[torch.float8_e8m0fnu] = "F8_E8M0"
 
-_MAX_HEADER = 256 * 1024 * 1024
-
 
 def safetensors_dtype_name(dtype: torch.dtype) -> str:
     """The safetensors dtype string of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
@@ -140,127 +140,80 @@ class WrongComponentError(CheckpointError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: ``file`` bytes ``[start, end)``, stored ``dtype`` and ``shape``."""
+    """One tensor of a header: the ``file`` holding it, its ``key`` as stored there (with any prefix),
+    its stored ``dtype`` string and ``shape``."""
 
     file: Path
+    key: str
     dtype: str
     shape: tuple[int, ...]
-    start: int
-    end: int
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.start
+        """Stored bytes (0 for a dtype missing from :data:`SAFETENSORS_DTYPES`)."""
+        return math.prod(self.shape) * SAFETENSORS_DTYPES.get(self.dtype, (None, 0))[1]
 
 
 def _display(path: Path) -> str:
     return str(path)
 
 
-# madvise(MADV_POPULATE_READ) (Linux >= 5.14): fault a whole mapping in, page-cache pages shared
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+def open_safetensors(path: str | os.PathLike) -> safe_open:
+    """``safetensors.safe_open(path, "pt")``, its errors reworded as :class:`CheckpointError`.
 
-
-def map_tensor(info: TensorInfo, populate: bool = True) -> torch.Tensor:
-    """One tensor of a safetensors file as a copy-on-write memory map (no copy, no zero-fill).
-
-    ``info``: a :class:`TensorInfo`. Returns the tensor in its stored dtype and shape (F8_E8M0 as
-    uint8 bytes, as :meth:`TensorSource.read`). The mapping covers only this tensor (from the
-    allocation-granularity boundary below it), is prefaulted on the calling thread when
-    ``populate`` (one ``madvise`` instead of a page fault per 4 KiB), and is unmapped as soon as
-    the last tensor viewing it is freed; while it lives, its pages count towards the resident set
-    as file-backed (page-cache) pages. Writes stay private to the process (``MAP_PRIVATE``).
-
-    The mapping reads the file as it is on disk, page by page, for as long as it lives: a file
-    *replaced* meanwhile (a new file renamed over it, or deleted) does not affect it, but a file
-    *rewritten in place* (same inode, e.g. ``cp new old`` or a download resumed into it) changes
-    the tensor's values under it, and truncating it makes reads past the new end raise SIGBUS.
-    On Windows a mapped file cannot be deleted or replaced while mapped.
-
-    Raises OSError / ValueError / BufferError when the file cannot be mapped (callers fall back to
-    :meth:`TensorSource.read`), KeyError for a dtype missing from :data:`SAFETENSORS_DTYPES`.
-    """
-    tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=tdtype)
-    gran = mmap.ALLOCATIONGRANULARITY
-    base = info.start // gran * gran
-    with open(info.file, "rb") as f:
-        m = mmap.mmap(f.fileno(), info.end - base, access=mmap.ACCESS_COPY, offset=base)
-    if populate and hasattr(m, "madvise"):
-        for advice in (_MADV_POPULATE_READ, getattr(mmap, "MADV_WILLNEED", None)):
-            if advice is None:
-                continue
-            try:
-                m.madvise(advice)
-                break
-            except OSError:
-                continue
-    raw = torch.frombuffer(m, dtype=torch.uint8, offset=info.start - base, count=info.nbytes)
-    return raw.view(tdtype).reshape(info.shape)
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse one safetensors header without touching the tensor data.
-
-    Returns ``(infos, metadata)`` where ``infos`` maps the stored key to its :class:`TensorInfo`.
-    Raises :class:`CheckpointError` for GGUF files, unreadable headers and truncated files.
+    The message names the file and what it looks like instead: GGUF, a pickled PyTorch checkpoint,
+    a file cut short (incomplete download) or otherwise not safetensors.
     """
     path = Path(path)
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(_not_safetensors_message(path, str(e))) from e
+
+
+def _not_safetensors_message(path: Path, why: str) -> str:
+    """Why ``path`` cannot be opened, from its first bytes and size (only asked after safetensors
+    refused the file: a valid header length may start with any byte)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:4] == b"GGUF":
-            raise CheckpointError(
-                f"{_display(path)}: GGUF files are not supported; use the safetensors files from Comfy-Org/Lens."
-            )
-        if len(head) < 8:
-            raise CheckpointError(
-                f"{_display(path)}: safetensors header unreadable: the file is only {size} bytes (incomplete download?)."
-            )
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(_not_safetensors_message(path, head, n, size))
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(_not_safetensors_message(path, head, n, size)) from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{_display(path)}: safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    max_end = 0
-    for key, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{_display(path)}: malformed header entry for tensor {key!r}.") from e
-        infos[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
-        max_end = max(max_end, end)
-    if data_start + max_end > size:
-        raise CheckpointError(
-            f"{_display(path)}: file is {size} bytes but its header says {data_start + max_end}; "
-            "the file is truncated (incomplete download?). Download it again."
-        )
-    return infos, dict(metadata)
-
-
-def _not_safetensors_message(path: Path, head: bytes, n: int, size: int) -> str:
-    """Why the first bytes of ``path`` are not a readable safetensors header (checked only after
-    parsing failed: a valid header length may start with any byte)."""
+    if head[:4] == b"GGUF":
+        return f"{_display(path)}: GGUF files are not supported; use the safetensors files from Comfy-Org/Lens."
     if head[:2] == b"PK" or head[:1] == b"\x80":
         return (
             f"{_display(path)}: looks like a pickled PyTorch checkpoint; this pack only reads .safetensors "
             "files (pickle can run arbitrary code)."
         )
+    if size < 8:
+        return f"{_display(path)}: safetensors header unreadable: the file is only {size} bytes (incomplete download?)."
+    if "incomplete metadata" in why or "not fully covered" in why:
+        return (
+            f"{_display(path)}: file is {size} bytes, which does not match the tensors its header lists; "
+            "the file is truncated (incomplete download?). Download it again."
+        )
     return (
-        f"{_display(path)}: safetensors header unreadable / file shorter than header says "
-        f"(header length {n}, file size {size}; incomplete download, or not a safetensors file?)."
+        f"{_display(path)}: safetensors header unreadable / file shorter than header says ({why}; file size "
+        f"{size}; incomplete download, or not a safetensors file?)."
     )
+
+
+def _handle_infos(path: Path, handle: safe_open) -> dict[str, TensorInfo]:
+    infos = {}
+    for key in handle.keys():
+        view = handle.get_slice(key)
+        infos[key] = TensorInfo(path, key, view.get_dtype(), tuple(int(s) for s in view.get_shape()))
+    return infos
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The header of one safetensors file, without touching the tensor data.
+
+    Returns ``(infos, metadata)`` where ``infos`` maps the stored key to its :class:`TensorInfo`.
+    Raises :class:`CheckpointError` for GGUF, pickle, unreadable headers and truncated files.
+    """
+    path = Path(path)
+    handle = open_safetensors(path)
+    return _handle_infos(path, handle), dict(handle.metadata() or {})
 
 
 def _resolve_files(path: Path, component: str) -> tuple[list[Path], Path]:
@@ -405,9 +358,8 @@ def wrong_kind_message(name: str, found: str, component: str, fixes: Mapping[str
 class TensorSource:
     """Header-level view of a checkpoint (one file or a shard set) with the key prefix stripped.
 
-    Tensors are read on demand, one at a time: with ``os.pread`` into fresh CPU memory
-    (:meth:`read`), as a copy-on-write memory map of the file (:meth:`map`), or mapped where that
-    works and read otherwise (:meth:`fetch`, what the loaders use).
+    Tensors are read on demand, one at a time, through ``safetensors.safe_open`` (:meth:`read`,
+    :meth:`read_rows`; :meth:`reading` keeps the files open for a block of reads).
     """
 
     def __init__(
@@ -427,8 +379,7 @@ class TensorSource:
         self.metadata = metadata
         self.prefix = prefix
         self.config = config
-        #: :meth:`fetch` maps tensors while this is true; it turns false when mapping the file fails.
-        self.use_map = True
+        self._local = threading.local()  # safe_open handles of the current `reading()` block, per thread
 
     # -- header queries -------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -465,124 +416,88 @@ class TensorSource:
         return file_identity(self.files, self.name)
 
     # -- data ---------------------------------------------------------------------------------
-    def read_raw(self, key: str) -> torch.Tensor:
-        """The tensor's bytes as a 1-D uint8 tensor (fresh memory, read with ``pread``)."""
-        info = self.info(key)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            fd = os.open(info.file, os.O_RDONLY)
-            try:
-                self._pread_exact(fd, memoryview(out.numpy()).cast("B"), info, info.start, key)
-            finally:
-                os.close(fd)
-        return out
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep one ``safe_open`` handle per file for the reads of this block on this thread.
 
-    def _pread_exact(self, fd: int, view: memoryview, info: TensorInfo, offset: int, key: str) -> None:
-        """Fill ``view`` from ``offset`` of ``info.file``; CheckpointError if the file ends first."""
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(
-                    f"{info.file}: unexpected end of file reading `{self.stored_key(key)}` (the file is shorter "
-                    "than its header says; was it truncated or rewritten after opening?). Download it again."
-                )
-            done += got
-
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """Read one tensor. F8_E8M0 comes back as uint8 exponent bytes; other dtypes as stored.
-
-        ``dtype`` casts floating tensors (integer / fp8 tensors are returned as stored unless a
-        floating ``dtype`` is asked for explicitly).
+        Outside such a block every read opens (and checks) its file anew: one header parse per call.
+        Inside it, the handles and so the file's memory map stay open until the block ends; pages
+        touched through it count as the process's (file-backed, reclaimable) resident memory until
+        then, which is why the loaders open one block per unit of work (a DiT block, a text-encoder
+        layer). Nested blocks share the outer one's handles. Tensors read inside a block stay valid
+        after it.
         """
-        info = self.info(key)
+        if getattr(self._local, "handles", None) is not None:
+            yield
+            return
+        self._local.handles = {}
         try:
-            tdtype, _ = SAFETENSORS_DTYPES[info.dtype]
-        except KeyError:
-            raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.") from None
-        raw = self.read_raw(key)
-        t = raw.view(tdtype).reshape(info.shape) if raw.numel() else torch.empty(info.shape, dtype=tdtype)
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        if device is not None:
-            t = t.to(device)
-        return t
+            yield
+        finally:
+            self._local.handles = None
 
-    def map(self, key: str, populate: bool = True) -> torch.Tensor:
-        """One tensor as a per-tensor copy-on-write memory map of its file (:func:`map_tensor`).
+    def _handle(self, file: Path) -> safe_open:
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            return open_safetensors(file)
+        handle = handles.get(file)
+        if handle is None:
+            handle = handles[file] = open_safetensors(file)
+        return handle
 
-        Same dtype, shape and values as :meth:`read` (F8_E8M0 as uint8 bytes) without a copy: the
-        tensor views the file's page-cache pages and keeps the mapping alive; it is unmapped when
-        the last tensor viewing it is freed. The file must not be rewritten in place while the
-        tensor lives (see :func:`map_tensor`). Raises OSError / ValueError / BufferError when the
-        file cannot be mapped.
-        """
+    def _view(self, key: str) -> torch.Tensor:
+        """The stored tensor as a zero-copy view of its file where aligned (F8_E8M0 as uint8 bytes)."""
         info = self.info(key)
         if info.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.")
-        return map_tensor(info, populate=populate)
+        try:
+            t = self._handle(info.file).get_tensor(info.key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{info.file}: cannot read `{self.stored_key(key)}` ({e}).") from e
+        if info.dtype == "F8_E8M0" and t.dtype != torch.uint8:
+            t = t.view(torch.uint8)
+        if t.data_ptr() % t.element_size():
+            # safetensors does not align tensors in the file: a view at an odd offset is copied into
+            # aligned memory (some kernels and devices require aligned elements)
+            t = t.clone()
+        return t
 
-    def fetch(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """Same values as :meth:`read`, without a copy where possible.
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """One tensor, cast to ``dtype`` and moved to ``device`` when given (else as stored).
 
-        A tensor that stays as stored on the CPU is the memory map itself (:meth:`map`); one that is
-        cast or moved is mapped, converted and unmapped (no zero-filled staging copy). Tensors whose
-        file offset is not a multiple of their element size are read; once mapping the file fails
-        (logged once), every later tensor is read too (:attr:`use_map`).
+        As stored on the CPU it is a zero-copy, copy-on-write view of the file's memory map (writes
+        stay private to the process). The file must not be rewritten in place while the tensor
+        lives: replacing it (a new file renamed over it) or deleting it is safe, rewriting the same
+        inode shows the new bytes, and truncating it makes reads past the new end raise SIGBUS. A
+        cast or moved tensor is a copy. F8_E8M0 tensors come back as uint8 exponent bytes.
         """
-        if self.use_map:
-            info = self.info(key)
-            entry = SAFETENSORS_DTYPES.get(info.dtype)
-            if entry is not None and info.start % entry[1] == 0:
-                try:
-                    t = self.map(key)
-                except (OSError, ValueError, BufferError) as e:
-                    logger.warning("%s: memory-mapping `%s` failed (%s); reading tensors into memory instead.",
-                                   self.name, self.stored_key(key), e)
-                    self.use_map = False
-                else:
-                    if dtype is not None and t.dtype != dtype:
-                        t = t.to(dtype)
-                    if device is not None and t.device != torch.device(device):
-                        t = t.to(device)
-                    return t
-        return self.read(key, dtype=dtype, device=device)
+        t = self._view(key)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        if device is not None and t.device != torch.device(device):
+            t = t.to(device)
+        return t
 
     def read_rows(self, key: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` of a 2-D tensor, reading only those rows (e.g. embedding lookups).
+        """Rows ``index`` of a 2-D tensor, touching only those rows' pages (e.g. embedding lookups).
 
-        ``index``: LongTensor of any shape -> tensor of shape ``index.shape + (cols,)``.
+        ``index``: LongTensor of any shape -> a copy of shape ``index.shape + (cols,)``.
         """
-        info = self.info(key)
-        if len(info.shape) != 2:
+        shape = self.shape(key)
+        if len(shape) != 2:
             raise ValueError(f"{self.name}: `{self.stored_key(key)}` is not 2-D.")
-        tdtype, itemsize = SAFETENSORS_DTYPES[info.dtype]
-        rows, cols = info.shape
-        row_bytes = cols * itemsize
-        flat = index.reshape(-1).tolist()
-        unique = sorted(set(flat))
-        if unique and (unique[0] < 0 or unique[-1] >= rows):
-            raise IndexError(f"{self.name}: row index out of range for `{self.stored_key(key)}` with {rows} rows.")
-        out = torch.empty((len(unique), cols), dtype=tdtype)
-        out_bytes = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            for i, r in enumerate(unique):
-                self._pread_exact(fd, out_bytes[i * row_bytes:(i + 1) * row_bytes], info, info.start + r * row_bytes, key)
-        finally:
-            os.close(fd)
-        pos = {r: i for i, r in enumerate(unique)}
-        gather = torch.tensor([pos[r] for r in flat], dtype=torch.long)
-        return out[gather].reshape(*index.shape, cols)
+        flat = index.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[0]):
+            raise IndexError(f"{self.name}: row index out of range for `{self.stored_key(key)}` with {shape[0]} rows.")
+        return self._view(key).index_select(0, flat).reshape(*index.shape, shape[1])
 
 
 def read_tensor_from_file(path: str | os.PathLike, key: str) -> torch.Tensor:
     """One tensor of a single safetensors file, by its stored key (reads that tensor's bytes only)."""
-    path = Path(path)
-    infos, metadata = read_safetensors_header(path)
-    if key not in infos:
+    handle = open_safetensors(path)
+    if key not in handle.keys():
         raise KeyError(f"{path}: no tensor `{key}`.")
-    return TensorSource([path], path.parent, str(path), infos, metadata, "", None).read(key)
+    return handle.get_tensor(key)
 
 
 def file_identity(files: Iterable[Path], name: str | None = None) -> tuple:

@@ -19,6 +19,7 @@ for bf16 weights on CPUs without a native bf16 matmul, see :func:`precision.comp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -870,21 +871,20 @@ def load_transformer(
     (:class:`ops.QuantLinear`) and are dequantised per layer at use. On any error nothing is
     returned and the tensors read so far are released.
 
-    **Memory-mapped weights.** On the CPU, every tensor whose stored dtype is the model's dtype
-    (a bf16 file loaded as bf16, an fp32 folder as fp32, fp8 / MXFP8 weights) is not copied: it
-    stays a copy-on-write memory map of the file (:meth:`TensorSource.map
-    <lens_model.checkpoints.TensorSource.map>`, through :meth:`TensorSource.fetch
-    <lens_model.checkpoints.TensorSource.fetch>`), so the weights live in the kernel's page cache
-    (file-backed, shared with other processes reading the file, reclaimable under memory pressure
-    and re-read from the file when touched again) and a cached file loads at memory speed.
-    Tensors that are cast or moved to another device are mapped, converted and unmapped one at a
-    time. Consequence: **the file must not be modified in place while the model is loaded.**
-    Replacing it (a new file renamed over it, as downloaders do) or deleting it is safe: the model
-    keeps the old file's data. Rewriting it in place (same inode, e.g. ``cp new.safetensors
-    old.safetensors``, or a resumed download into it) silently changes the loaded model's weights
-    to the new bytes, and truncating it makes the next forward crash with SIGBUS. On Windows the
-    file cannot be deleted or replaced while the model is loaded. Writes to the weights stay
-    private to the process. Where mapping fails, tensors are read into memory as before.
+    **Memory-mapped weights.** Tensors are read with ``safetensors.safe_open`` (through
+    :meth:`TensorSource.read <lens_model.checkpoints.TensorSource.read>`). On the CPU, every tensor
+    whose stored dtype is the model's dtype (a bf16 file loaded as bf16, an fp32 folder as fp32,
+    fp8 / MXFP8 weights) is not copied: it stays a view of a copy-on-write memory map of the file,
+    so the weights live in the kernel's page cache (file-backed, shared with other processes
+    reading the file, reclaimable under memory pressure and re-read from the file when touched
+    again) and a cached file loads at memory speed. Tensors that are cast or moved to another
+    device are converted one block at a time, each block's map released after it. Consequence:
+    **the file must not be modified in place while the model is loaded.** Replacing it (a new file
+    renamed over it, as downloaders do) or deleting it is safe: the model keeps the old file's
+    data. Rewriting it in place (same inode, e.g. ``cp new.safetensors old.safetensors``, or a
+    resumed download into it) silently changes the loaded model's weights to the new bytes, and
+    truncating it makes the next forward crash with SIGBUS. On Windows the file cannot be deleted
+    or replaced while the model is loaded. Writes to the weights stay private to the process.
     """
     if weight_dtype not in (None, "fp8", "float8_e4m3fn"):
         raise ValueError(f"weight_dtype must be None or 'fp8', got {weight_dtype!r}")
@@ -907,25 +907,9 @@ def load_transformer(
     fp8_mode = weight_dtype is not None
 
     expected = _module_shapes(model)
-    fetch = source.fetch
     try:
-        for layer, qcfg in qlayers.items():
-            _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
-        if fp8_mode:
-            for layer in sorted(linear_names):
-                if layer not in qlayers and FP8_CANDIDATES.match(layer):
-                    _load_fp8_layer(model, source, layer, expected, target, device)
-        for key in expected:
-            module_name, _, pname = key.rpartition(".")
-            module = model.get_submodule(module_name)
-            if isinstance(module, ops.QuantLinear):
-                continue
-            t = fetch(key, dtype=target, device=device)
-            module._parameters[pname] = nn.Parameter(t, requires_grad=False)
-            del t
-        leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if leftovers:
-            raise RuntimeError(f"internal error: tensors not loaded: {leftovers[:10]}")
+        _read_weights(model, source, qlayers, expected, linear_names, target, device, fp8_mode,
+                      keep_views=device.type == "cpu" and target == stored and not fp8_mode)
     except BaseException:
         model.to("meta")  # drop every tensor read so far before the traceback can keep it alive
         ops.release_free_memory()
@@ -945,39 +929,77 @@ def load_transformer(
     return model
 
 
+def _block_of(name: str) -> str:
+    """``transformer_blocks.{i}`` for a tensor or layer inside a block, else ``""``."""
+    parts = name.split(".", 2)
+    return ".".join(parts[:2]) if parts[0] == "transformer_blocks" else ""
+
+
+def _read_weights(model, source, qlayers, expected, linear_names, target, device, fp8_mode, keep_views) -> None:
+    """Fill ``model`` (built on the meta device) from ``source``, one DiT block at a time.
+
+    Each block is read through one ``safe_open`` handle per file (:meth:`TensorSource.reading`),
+    released after the block, so a load that casts or moves tensors never keeps more than one
+    block's pages of the file mapped. ``keep_views`` (CPU, stored dtype: the weights stay views of
+    the file anyway) reads everything through one handle instead, saving a header parse per block.
+    """
+    with source.reading() if keep_views else contextlib.nullcontext():
+        for block in dict.fromkeys(_block_of(k) for k in expected):
+            with source.reading():
+                for layer, qcfg in qlayers.items():
+                    if _block_of(layer) == block:
+                        _load_quant_layer(model, source, layer, qcfg["format"], expected[layer + ".weight"], target, device)
+                if fp8_mode:
+                    for layer in sorted(linear_names):
+                        if _block_of(layer) == block and layer not in qlayers and FP8_CANDIDATES.match(layer):
+                            _load_fp8_layer(model, source, layer, expected, target, device)
+                for key in expected:
+                    if _block_of(key) != block:
+                        continue
+                    module_name, _, pname = key.rpartition(".")
+                    module = model.get_submodule(module_name)
+                    if isinstance(module, ops.QuantLinear):
+                        continue
+                    t = source.read(key, dtype=target, device=device)
+                    module._parameters[pname] = nn.Parameter(t, requires_grad=False)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"internal error: tensors not loaded: {leftovers[:10]}")
+
+
 def _load_fp8_layer(model, source, layer, expected, target, device) -> None:
     """Read one plain Linear, quantise its weight to float8_e4m3fn (per-tensor scale) and install an
     :class:`ops.QuantLinear` (the ``weight_dtype="fp8"`` storage mode)."""
-    w = source.fetch(layer + ".weight")
+    w = source.read(layer + ".weight")
     w8, scale = quant.quantize_float8(w)
     del w
     bias = None
     if layer + ".bias" in expected:
-        bias = source.fetch(layer + ".bias", dtype=target, device=device)
+        bias = source.read(layer + ".bias", dtype=target, device=device)
     out_f, in_f = expected[layer + ".weight"]
     model.set_submodule(layer, ops.QuantLinear("float8_e4m3fn", in_f, out_f, w8.to(device), scale.to(device), bias))
 
 
 def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
     """Read one quantised Linear (weight, scale, bias) and install an :class:`ops.QuantLinear`."""
-    fetch = source.fetch
+    read = source.read
     out_f, in_f = shape
-    bias = fetch(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
-    weight = fetch(layer + ".weight", device=device)
+    bias = read(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
+    weight = read(layer + ".weight", device=device)
     scale2 = None
     if fmt == "mxfp8":
-        bits = fetch(layer + ".weight_scale")
+        bits = read(layer + ".weight_scale")
         if bits.dtype != torch.uint8:
             bits = bits.view(torch.uint8)
         out_p, in_p = weight.shape
         scale = quant.unswizzle_scales(bits, out_p, in_p // quant.MX_BLOCK).contiguous()
     elif fmt == "float8_e4m3fn":
-        scale = fetch(layer + ".weight_scale", dtype=torch.float32).reshape(())
+        scale = read(layer + ".weight_scale", dtype=torch.float32).reshape(())
     else:  # nvfp4
-        scale = fetch(layer + ".weight_scale")
+        scale = read(layer + ".weight_scale")
         if scale.dtype != torch.uint8:
             scale = scale.view(torch.uint8)
-        scale2 = fetch(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
+        scale2 = read(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
         scale2 = scale2.to(device)
     model.set_submodule(
         layer, ops.QuantLinear(fmt, in_f, out_f, weight.to(device), scale.to(device), bias, weight_scale_2=scale2)

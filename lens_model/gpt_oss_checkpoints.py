@@ -304,14 +304,13 @@ class GptOssCheckpoint:
     reads headers and ``comfy_quant`` markers only. :meth:`read_layer` reads one decoder layer
     (stored dtypes); :meth:`embed` reads only the embedding rows it needs.
 
-    Layer tensors are memory-mapped one tensor at a time (:meth:`TensorSource.fetch`; ~20x faster than
-    reading into fresh memory) when ``use_mmap``, else read with ``pread`` by the TensorSource.
+    A layer's tensors are zero-copy views of the file's memory map (:meth:`TensorSource.read`),
+    read through one ``safe_open`` handle per layer so that the map, and the pages it holds, go
+    away with the layer's tensors.
     """
 
-    def __init__(self, source: TensorSource, use_mmap: bool = True) -> None:
+    def __init__(self, source: TensorSource) -> None:
         self.source = source
-        if not use_mmap:
-            self.use_mmap = False
         self.name = source.name
         keys = set(source.keys())
         if "block.0.attn.sinks" in keys and "layers.0.self_attn.sinks" not in keys:
@@ -585,17 +584,8 @@ class GptOssCheckpoint:
                 raise CheckpointError(f"`{self.name}`: `{src.stored_key(spec.keys['global_scale'])}` is {list(g)}; expected [{x}] or a scalar.")
 
     # -- reading -----------------------------------------------------------------------------------
-    @property
-    def use_mmap(self) -> bool:
-        """Whether layer tensors are memory-mapped (:meth:`TensorSource.fetch`) or read with ``pread``."""
-        return self.source.use_map
-
-    @use_mmap.setter
-    def use_mmap(self, value: bool) -> None:
-        self.source.use_map = bool(value)
-
     def _read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.source.fetch(key, dtype)
+        return self.source.read(key, dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows for ``ids`` (any shape) -> ``ids.shape + (E,)`` in the stored dtype (fp32 for fp8)."""
@@ -626,7 +616,11 @@ class GptOssCheckpoint:
         return QuantLinear(fmt, in_f, out_f, weight, scale, None, weight_scale_2=scale2)
 
     def read_layer(self, i: int, config) -> LayerWeights:
-        """Read decoder layer ``i`` from the file (fresh CPU memory, stored dtypes)."""
+        """Read decoder layer ``i`` from the file (views of the file's map, stored dtypes)."""
+        with self.source.reading():
+            return self._read_layer(i, config)
+
+    def _read_layer(self, i: int, config) -> LayerWeights:
         t: dict = {}
         for name in NORM_KEYS + ("self_attn.sinks", "mlp.router.weight", "mlp.router.bias"):
             t[name] = self._read(self._plain_key(i, name))

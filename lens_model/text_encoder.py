@@ -10,7 +10,7 @@ Placement (``offload``):
   ``"layers"``: every layer kept in host memory (memory-mapped file pages), each moved to the compute
       device when it runs and released after (GPU peak < 1 GB);
   ``"stream"``: nothing resident; each layer's tensors are memory-mapped from the file when it runs
-      (the next layer is mapped and prefaulted on a thread meanwhile) and unmapped after. Peak RAM ~
+      (the next layer is mapped on a thread meanwhile) and unmapped after. Peak RAM ~
       two layers (~1 GB) + activations. The default on the CPU, and on a GPU without room for the
       whole model.
 The token embedding is always read row by row from the file (only the rows a prompt needs).
@@ -23,6 +23,7 @@ On the CPU the experts of a layer run on worker threads, one expert per thread (
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import math
@@ -472,9 +473,12 @@ class LensTextEncoder:
         ("layers"; memory-mapped file pages the kernel may reclaim and re-read, not pinned)."""
         target = self.device if self.offload == "device" else torch.device("cpu")
         layers = []
-        for i in range(self.num_layers_run):
-            lw = self.checkpoint.read_layer(i, self.config)
-            layers.append(lw.to(target) if target.type != "cpu" else lw)
+        # On the CPU the layers stay views of one map of the file; layers copied to a device are read
+        # through one handle each, so no more than one layer's pages stay mapped meanwhile.
+        with self.checkpoint.source.reading() if target.type == "cpu" else contextlib.nullcontext():
+            for i in range(self.num_layers_run):
+                lw = self.checkpoint.read_layer(i, self.config)
+                layers.append(lw.to(target) if target.type != "cpu" else lw)
         self._resident = layers
 
     def unload(self) -> None:
