@@ -224,9 +224,9 @@ def test_batch_on_ray_survives_a_killed_worker(tmp_path, tiny_te, cli_pngs, ray_
     rows, errors = batch.load_rows(src, DEFAULTS)
     assert [e.line for e in errors] == [3]
     out = tmp_path / "ray"
+    # the actors open the output folder from its URI (pyarrow.fs), as they would an s3:// one
     job = batch.JobSettings(transformer=str(GOLDEN / "transformer"), text_encoder=str(tiny_te),
-                            vae=str(GOLDEN / "vae"), out_dir=str(out),
-                            cache_dir=str(out / ".lens_features"), device="cpu")
+                            vae=str(GOLDEN / "vae"), out_dir=f"file://{out}", device="cpu")
     marker = tmp_path / "killed"
     opts = batch_ray.RayOptions(fault_marker=str(marker))
     result = batch_ray.run_on_ray(rows, job, opts, dit_batch=2)
