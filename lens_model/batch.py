@@ -21,10 +21,14 @@ Stages (each model is loaded once per process or Ray actor, never per image):
    (``manifest.jsonl``, and ``manifest.parquet`` when pyarrow is installed): id, file, sha256,
    every parameter and the seconds each stage spent on the row.
 
+``--out`` is a local folder or a URI of any filesystem ``pyarrow.fs`` supports (``s3://``,
+``gs://``, ``file://`` …): images, manifest, resume check and the default feature cache go through
+:class:`lens_model.batch_store.OutputStore`.
+
 Every PNG is byte-identical to what ``python -m lens_model.cli`` writes for the same parameters: the
 noise, schedule, sampler, decoder, uint8 conversion and PNG metadata are the pipeline's and the
 command-line tool's own functions. A rerun skips the ids whose manifest record has the same
-parameters and whose file still has the recorded sha256.
+parameters and whose file is still there (recorded size; on a local disk also the sha256).
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ def str_field(raw: dict, name: str, default: Optional[str]) -> Optional[str]:
 def row_id(raw_id: Any, params: dict) -> str:
     """A row's id: its ``id`` column checked (:func:`check_id`), or without one ``p`` + 16 hex
     digits of ``params`` (stable across reruns and edits of other lines)."""
-    if raw_id is None:  # stable across reruns and edits of other lines: a digest of the parameters
+    if raw_id is None:
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()
         return "p" + digest[:16]
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
