@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the package, and tests/writers.py (file writers, not shipped)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
@@ -88,6 +89,8 @@ def _e4m3_scale_bits(n: int, gen) -> torch.Tensor:
 
 def layer_tensors(i: int, pool: RandomPool, gen, fmt: str = "nvfp4"):
     """Yield (bare key, tensor) for decoder layer ``i`` in the ComfyUI layout (or HF MXFP4 names)."""
+    from writers import comfy_quant_tensor, swizzle_scales
+
     from lens_model import quant
 
     p = f"layers.{i}."
@@ -106,10 +109,10 @@ def layer_tensors(i: int, pool: RandomPool, gen, fmt: str = "nvfp4"):
             rp, cp = quant.padded_scale_shape(rows, cols // 16)
             yield b + ".weight", pool.take(X * rows * cols // 2).view(X, rows, cols // 2)
             plain = _e4m3_scale_bits(X * rows * (cols // 16), gen).view(X, rows, cols // 16)
-            yield b + ".weight_scale", quant.swizzle_scales(plain).view(torch.float8_e4m3fn)
+            yield b + ".weight_scale", swizzle_scales(plain).view(torch.float8_e4m3fn)
             yield b + ".weight_scale_2", torch.full((X,), 0.01)
             yield b + ".bias", _bf16((X, rows), 0.02, gen)
-            yield b + ".comfy_quant", quant.comfy_quant_tensor({"format": "nvfp4", "num_experts": X})
+            yield b + ".comfy_quant", comfy_quant_tensor({"format": "nvfp4", "num_experts": X})
         else:
             yield b + "_blocks", pool.take(X * rows * cols // 2).view(X, rows, cols // 32, 16)
             yield b + "_scales", torch.randint(118, 124, (X, rows, cols // 32), dtype=torch.uint8, generator=gen)

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -655,39 +654,3 @@ def quantised_linear_problems(source: TensorSource, layer: str, fmt: str, out_fe
     if skey not in source:
         problems.append(f"`{source.stored_key(skey)}` is missing ({fmt} block/tensor scale)")
     return problems
-
-
-# -- writing (tests, benches, caches) ---------------------------------------------------------------
-
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` in safetensors format, one tensor at a time.
-
-    Handles the float8 dtypes. Used for tests, benchmarks and the prompt-embedding disk cache.
-    """
-    header: dict[str, object] = {}
-    offset = 0
-    items = []
-    for key, t in tensors.items():
-        st = _TORCH_TO_ST.get(t.dtype)
-        if st is None:
-            raise ValueError(f"cannot write tensor {key!r} of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": st, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-        items.append(t)
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for t in items:
-                if t.numel():
-                    f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
-

@@ -2,9 +2,9 @@
 
 This module is the one implementation of every stored weight format, for the DiT
 (:class:`lens_model.ops.QuantLinear`) and the text encoder alike. Dequantisation runs at inference
-time; :func:`quantize_float8` also serves the DiT's optional fp8 storage mode, and the other
-``quantize_*`` writers exist to synthesise test and benchmark files in exactly the layouts ComfyUI /
-comfy-kitchen and transformers write.
+time; :func:`quantize_float8` serves the DiT's optional fp8 storage mode. The writers of the other
+formats (test and benchmark files in the layouts ComfyUI / comfy-kitchen and transformers write)
+live in ``tests/writers.py``.
 
 Conventions: a weight is ``[..., out, in]`` (Linear orientation); leading dims are expert banks.
 Block scales of NVFP4 and MXFP8 are stored *swizzled* in 128x4 tiles (:func:`unswizzle_scales`).
@@ -31,8 +31,6 @@ MX_BLOCK = 32
 
 #: Elements sharing one E4M3 scale in NVFP4 blocks.
 NVFP4_BLOCK = 16
-
-_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 
 
 def _pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tensor:
@@ -81,18 +79,6 @@ def unswizzle_scales(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor
     return t[..., :rows, :cols]
 
 
-def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`unswizzle_scales`: ``[..., R, C]`` -> zero-padded swizzled ``[..., Rp, Cp]``."""
-    *lead, rows, cols = scales.shape
-    rp, cp = padded_scale_shape(rows, cols)
-    padded = torch.zeros(*lead, rp, cp, dtype=scales.dtype, device=scales.device)
-    padded[..., :rows, :cols] = scales
-    n = len(lead)
-    t = padded.reshape(*lead, rp // 128, 4, 32, cp // 4, 4)
-    perm = list(range(n)) + [n, n + 3, n + 2, n + 1, n + 4]
-    return t.permute(*perm).reshape(*lead, rp, cp)
-
-
 # -- MXFP4 (OpenAI / transformers) ------------------------------------------------------------------
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -114,33 +100,6 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     values.mul_(scale.unsqueeze(-1))
     return values.reshape(*lead, out, groups * 32)
 
-
-def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[..., out, in]`` (in % 32 == 0) -> (blocks uint8 ``[..., out, in/32, 16]``, scales uint8).
-
-    Scale per 32-block is 2^(floor(log2 amax) - 2); codes are the nearest E2M1 value.
-    For tests and benchmarks.
-    """
-    *lead, out, inp = weight.shape
-    if inp % 32:
-        raise ValueError(f"MXFP4 needs in_features % 32 == 0, got {inp}")
-    w = weight.detach().float().reshape(*lead, out, inp // 32, 32)
-    amax = w.abs().amax(dim=-1)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-38))) - 2, torch.zeros_like(amax))
-    e = (exp + 127).clamp(0, 254)
-    codes = _nearest_e2m1(w / torch.exp2(e - 127).unsqueeze(-1))
-    pairs = codes.reshape(*lead, out, inp // 32, 16, 2)
-    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    return blocks, e.to(torch.uint8)
-
-
-def _nearest_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 code (int64, 0..15) of each element of x (saturating at +-6)."""
-    mag = torch.bucketize(x.abs(), _E2M1_BOUNDS.to(x.device))
-    return mag | ((x < 0).to(torch.int64) << 3)
-
-
-# -- NVFP4 (ComfyUI / comfy-kitchen) ----------------------------------------------------------------
 
 def dequantize_nvfp4(
     weight: torch.Tensor,
@@ -179,29 +138,6 @@ def dequantize_nvfp4(
     values = values.reshape(*lead, out, in_features // 16, 16)
     values.mul_(scale.unsqueeze(-1))
     return values.reshape(*lead, out, in_features).to(dtype)
-
-
-def quantize_nvfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense ``[E, out, in]`` -> (weight uint8 ``[E, out, in/2]``, swizzled E4M3 scale bits uint8
-    ``[E, Rp, Cp]``, global scale fp32 ``[E]``), following comfy-kitchen's writer:
-    g = amax / (6*448), b = e4m3(block_amax / (6*g)) capped at 448, codes = nearest(x / (g*b)).
-    For tests and benchmarks.
-    """
-    e, out, inp = weight.shape
-    if inp % 16:
-        raise ValueError(f"NVFP4 needs in_features % 16 == 0, got {inp}")
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=(1, 2))
-    g = torch.where(amax > 0, amax / (6.0 * 448.0), torch.ones_like(amax))
-    blocks = w.reshape(e, out, inp // 16, 16)
-    bamax = blocks.abs().amax(dim=-1)
-    b = (bamax / (6.0 * g.view(e, 1, 1))).clamp(max=448.0).to(torch.float8_e4m3fn)
-    denom = b.float() * g.view(e, 1, 1)
-    x = torch.where(denom.unsqueeze(-1) > 0, blocks / denom.clamp_min(1e-30).unsqueeze(-1), torch.zeros_like(blocks))
-    codes = _nearest_e2m1(x).reshape(e, out, inp // 2, 2)
-    packed = ((codes[..., 0] << 4) | codes[..., 1]).to(torch.uint8)
-    scales = swizzle_scales(b.view(torch.uint8))
-    return packed, scales, g.to(torch.float32)
 
 
 # -- MXFP8 and FP8 (ComfyUI DiT layers) -------------------------------------------------------------
@@ -259,25 +195,6 @@ def dequantize_mxfp8_unswizzled(
     return workspace.cast(w, dtype, slot=1)
 
 
-def quantize_mxfp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``[out, in]`` -> (float8_e4m3fn weight zero-padded to multiples of 32, swizzled uint8 E8M0
-    scales), following comfy-kitchen's writer: e = 127 + smallest k with block_amax <= 448*2^k,
-    clamped to 0..254; all-zero blocks get e = 0. For tests and benchmarks.
-    """
-    out, inp = weight.shape
-    out_p, in_p = -(-out // 32) * 32, -(-inp // 32) * 32
-    w = torch.zeros(out_p, in_p, dtype=torch.float32)
-    w[:out, :inp] = weight.detach().float()
-    blocks = w.reshape(out_p, in_p // 32, 32)
-    amax = blocks.abs().amax(dim=-1)
-    k = torch.ceil(torch.log2(amax.clamp_min(1e-38) / 448.0))
-    e = torch.where(amax > 0, (k + 127).clamp(0, 254), torch.zeros_like(amax))
-    scale = torch.exp2(e - 127.0)
-    q = (blocks / scale.unsqueeze(-1)).clamp(-448.0, 448.0)
-    q = torch.where(amax.unsqueeze(-1) > 0, q, torch.zeros_like(q))
-    return q.reshape(out_p, in_p).to(torch.float8_e4m3fn), swizzle_scales(e.to(torch.uint8))
-
-
 def dequantize_float8(weight: torch.Tensor, scale: torch.Tensor | float | None, dtype: torch.dtype = torch.bfloat16,
                       workspace=None) -> torch.Tensor:
     """Per-tensor scaled FP8 -> dense: ``float(w) * s`` formed in fp32, cast to ``dtype`` (no scale: s = 1).
@@ -332,11 +249,6 @@ def parse_comfy_quant(marker: torch.Tensor) -> dict:
     return cfg
 
 
-def comfy_quant_tensor(cfg: dict) -> torch.Tensor:
-    """Encode a marker dict the way ComfyUI writes it (default JSON spacing)."""
-    return torch.tensor(list(json.dumps(cfg).encode("utf-8")), dtype=torch.uint8)
-
-
 def unsupported_format_message(name: str, layer: str, fmt: str) -> str:
     return (
         f"`{name}`: layer `{layer}` uses quantisation format `{fmt}`, which this pack does not support "
@@ -366,18 +278,13 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "padded_scale_shape",
     "unswizzle_scales",
-    "swizzle_scales",
     "dequantize_mxfp4",
-    "quantize_mxfp4",
     "dequantize_nvfp4",
-    "quantize_nvfp4",
     "dequantize_mxfp8",
     "dequantize_mxfp8_unswizzled",
-    "quantize_mxfp8",
     "dequantize_float8",
     "quantize_float8",
     "parse_comfy_quant",
-    "comfy_quant_tensor",
     "unsupported_format_message",
     "e8m0_to_float",
 ]

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import GOLDEN
-from lens_model import checkpoints, quant
+import writers
+from lens_model import checkpoints
 from lens_model.checkpoints import CheckpointError, open_checkpoint
 
 DIT_FILE = GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -161,13 +162,13 @@ def test_gguf_and_pickle_are_refused(tmp_path):
 def test_quant_layers_from_markers_and_metadata(tmp_path):
     with safe_open(DIT_FILE, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors["proj_out.comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
-    tensors["img_in.comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+    tensors["proj_out.comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
+    tensors["img_in.comfy_quant"] = writers.comfy_quant_tensor({"format": "float8_e4m3fn"})
     prefixed = {"model.diffusion_model." + k: v for k, v in tensors.items()}
     meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {
         "model.diffusion_model.img_in": {"format": "mxfp8"}}})}
     f = tmp_path / "q.safetensors"
-    checkpoints.write_safetensors(f, prefixed, meta)
+    writers.write_safetensors(f, prefixed, meta)
     layers = checkpoints.quant_layers(open_checkpoint(f, "dit"))
     assert layers == {"proj_out": {"format": "mxfp8"}, "img_in": {"format": "mxfp8"}}
 
@@ -175,7 +176,7 @@ def test_quant_layers_from_markers_and_metadata(tmp_path):
 def test_writer_round_trips_float8_and_is_readable_by_safetensors(tmp_path):
     t = {"a": torch.randn(3, 4).to(torch.float8_e4m3fn), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16()}
     f = tmp_path / "w.safetensors"
-    checkpoints.write_safetensors(f, t, {"k": "v"})
+    writers.write_safetensors(f, t, {"k": "v"})
     with safe_open(f, "pt") as g:
         for k in t:
             assert torch.equal(g.get_tensor(k).view(torch.uint8), t[k].view(torch.uint8))
@@ -197,7 +198,7 @@ def test_header_length_starting_with_pickle_byte_is_still_safetensors(tmp_path):
     # a valid header whose length's low byte is 0x80 must not be mistaken for a pickle
     f = tmp_path / "x.safetensors"
     for pad in range(300):
-        checkpoints.write_safetensors(f, {"a": torch.zeros(2)}, {"p": "x" * pad})
+        writers.write_safetensors(f, {"a": torch.zeros(2)}, {"p": "x" * pad})
         if f.read_bytes()[:1] == b"\x80":
             break
     assert f.read_bytes()[:1] == b"\x80"
@@ -231,7 +232,7 @@ def _mixed_file(tmp_path):
         "empty": torch.zeros(0, 4),
     }
     f = tmp_path / "mixed.safetensors"
-    checkpoints.write_safetensors(f, tensors)
+    writers.write_safetensors(f, tensors)
     return f, tensors
 
 
@@ -277,7 +278,7 @@ def test_mapped_tensor_survives_a_replaced_file_but_not_an_in_place_rewrite(tmp_
     src = checkpoints.TensorSource([f], tmp_path, str(f), checkpoints.read_safetensors_header(f)[0], {}, "", None)
     t = src.read("big")
     other = {k: (v * 0 if v.is_floating_point() and v.dtype != torch.float8_e4m3fn else v) for k, v in tensors.items()}
-    checkpoints.write_safetensors(f, other)  # writes a temporary file and renames it over `f`
+    writers.write_safetensors(f, other)  # writes a temporary file and renames it over `f`
     assert torch.equal(t, tensors["big"])
     f.unlink()
     assert torch.equal(t, tensors["big"])
@@ -297,7 +298,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def disk_full(*_args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoints.os, "replace", disk_full)
+    monkeypatch.setattr(writers.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space"):
-        checkpoints.write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+        writers.write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import GOLDEN
+import writers
 from lens_model import ops, quant
 from lens_model.dit import LensDiTConfig, LensTransformer, load_transformer
 
@@ -133,7 +134,7 @@ def _quant_layer(fmt: str, out_f: int = 341, in_f: int = 128, seed: int = 0) -> 
     w = torch.randn(out_f, in_f, generator=g) * 0.05
     bias = torch.randn(out_f, generator=g).to(torch.bfloat16)
     if fmt == "mxfp8":
-        w8, scales = quant.quantize_mxfp8(w)
+        w8, scales = writers.quantize_mxfp8(w)
         out_p, in_p = w8.shape
         scale = quant.unswizzle_scales(scales, out_p, in_p // 32).contiguous()
     else:
@@ -157,15 +158,15 @@ def test_quantised_layers_dequantise_into_the_workspace_bitwise(fmt, dtype, monk
 
 
 def test_mxfp8_model_forward_equals_per_call_dequantisation(tmp_path, monkeypatch):
-    from lens_model.checkpoints import write_safetensors
+    from writers import write_safetensors
 
     fp32 = load_file(str(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"))
     sd = {}
     for k, v in fp32.items():
         layer = k.rsplit(".", 1)[0]
         if k.endswith(".weight") and (".attn." in k or "_mlp." in k) and "norm" not in k:
-            sd[k], sd[layer + ".weight_scale"] = quant.quantize_mxfp8(v)
-            sd[layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+            sd[k], sd[layer + ".weight_scale"] = writers.quantize_mxfp8(v)
+            sd[layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
         else:
             sd[k] = v.to(torch.bfloat16)
     path = tmp_path / "lens_mxfp8.safetensors"

@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN
+from writers import write_safetensors
+import writers
 from lens_model import ops, quant
-from lens_model.checkpoints import CheckpointError, write_safetensors
+from lens_model.checkpoints import CheckpointError
 from lens_model.dit import LensTransformer, load_transformer, variant_defaults_for
 
 FP32 = load_file(str(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -167,11 +169,11 @@ def mxfp8_state_dict(prefix: str = "", e8m0: bool = False, markers: bool = True)
     for k, v in FP32.items():
         layer = k.rsplit(".", 1)[0]
         if layer in MXFP8_LAYERS and k.endswith(".weight"):
-            w8, scales = quant.quantize_mxfp8(v)
+            w8, scales = writers.quantize_mxfp8(v)
             sd[prefix + k] = w8
             sd[prefix + layer + ".weight_scale"] = scales.view(torch.float8_e8m0fnu) if e8m0 else scales
             if markers:
-                sd[prefix + layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+                sd[prefix + layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
         else:
             sd[prefix + k] = v.to(torch.bfloat16)
     return sd
@@ -237,7 +239,7 @@ def test_mxfp8_scale_byte_zero_is_zero():
     ]
     w = torch.randn(64, 64)
     w[:, 32:] = 0.0  # all-zero blocks -> writer stores byte 0
-    w8, scales = quant.quantize_mxfp8(w)
+    w8, scales = writers.quantize_mxfp8(w)
     logical = quant.unswizzle_scales(scales, 64, 2)
     assert logical[:, 1].eq(0).all() and logical[:, 0].ne(0).all()
     # fill the zero blocks' fp8 payload with non-zero codes: byte 0 must still give exactly 0
@@ -262,7 +264,7 @@ def test_mxfp8_weight_stored_as_u8_is_refused(tmp_path):
 def test_unknown_quant_format_is_refused(tmp_path):
     path = tmp_path / "bad_format.safetensors"
     sd = mxfp8_state_dict()
-    sd["transformer_blocks.1.txt_mlp.w3.comfy_quant"] = quant.comfy_quant_tensor({"format": "int8_tensorwise"})
+    sd["transformer_blocks.1.txt_mlp.w3.comfy_quant"] = writers.comfy_quant_tensor({"format": "int8_tensorwise"})
     write_safetensors(path, sd)
     with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.txt_mlp\.w3.*int8_tensorwise"):
         load_transformer(path)
@@ -276,7 +278,7 @@ def test_float8_per_tensor_file(tmp_path):
         if layer in MXFP8_LAYERS and k.endswith(".weight"):
             w8, s = quant.quantize_float8(v)
             sd[PREFIX + k], sd[PREFIX + layer + ".weight_scale"] = w8, s
-            sd[PREFIX + layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+            sd[PREFIX + layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "float8_e4m3fn"})
         else:
             sd[PREFIX + k] = v.to(torch.bfloat16)
     write_safetensors(path, sd)
@@ -293,9 +295,9 @@ def test_nvfp4_layers(tmp_path):
     for k, v in FP32.items():
         layer = k.rsplit(".", 1)[0]
         if layer in layers and k.endswith(".weight"):
-            w4, bs, g = quant.quantize_nvfp4(v[None])
+            w4, bs, g = writers.quantize_nvfp4(v[None])
             sd[k], sd[layer + ".weight_scale"], sd[layer + ".weight_scale_2"] = w4[0], bs[0], g[0]
-            sd[layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "nvfp4"})
+            sd[layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "nvfp4"})
         else:
             sd[k] = v
     write_safetensors(path, sd)
@@ -461,7 +463,7 @@ def _quant_files(tmp_path) -> dict[str, Path]:
         layer = k.rsplit(".", 1)[0]
         if layer in MXFP8_LAYERS and k.endswith(".weight"):
             sd[k], sd[layer + ".weight_scale"] = quant.quantize_float8(v)
-            sd[layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+            sd[layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "float8_e4m3fn"})
         else:
             sd[k] = v.to(torch.bfloat16)
     write_safetensors(f8, sd)

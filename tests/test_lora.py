@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from comfy_stubs import EXTENSIONS, comfy_env, place_golden_models  # noqa: F401  (fixture)
 from conftest import GOLDEN
+from writers import write_safetensors
+import writers
 from lens_model import lora as lens_lora
-from lens_model import ops, quant
-from lens_model.checkpoints import write_safetensors
+from lens_model import ops
 from lens_model.dit import LensTransformer, load_transformer
 
 FP32 = load_file(str(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -423,9 +424,9 @@ def test_mxfp8_model(tmp_path):
     for k, v in FP32.items():
         layer = k.rsplit(".", 1)[0]
         if layer in layers and k.endswith(".weight"):
-            w8, scales = quant.quantize_mxfp8(v)
+            w8, scales = writers.quantize_mxfp8(v)
             sd[k], sd[layer + ".weight_scale"] = w8, scales
-            sd[layer + ".comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+            sd[layer + ".comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
         else:
             sd[k] = v
     write_safetensors(tmp_path / "lens_mxfp8.safetensors", sd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import writers
 from lens_model import quant
 
 try:
@@ -18,7 +19,7 @@ def test_swizzle_matches_flat_index_formula():
     # text_encoder.md §8: ((r//128)*(Cp/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4
     rows, cols = 200, 7
     s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    sw = quant.swizzle_scales(s)
+    sw = writers.swizzle_scales(s)
     assert tuple(sw.shape) == (256, 8)
     flat = sw.reshape(-1)
     cp = 8
@@ -51,7 +52,7 @@ def test_nvfp4_hand_checked_byte_is_high_nibble_first():
     weight = torch.zeros(16, 8, dtype=torch.uint8)
     weight[0, 0] = 0x2F  # element 0 <- high nibble 2 (=1.0), element 1 <- low nibble 0xF (=-6)
     scales = torch.full((16, 1), 1.0).to(torch.float8_e4m3fn).view(torch.uint8)
-    out = quant.dequantize_nvfp4(weight, quant.swizzle_scales(scales), torch.tensor(0.5), 16, 16, torch.float32)
+    out = quant.dequantize_nvfp4(weight, writers.swizzle_scales(scales), torch.tensor(0.5), 16, 16, torch.float32)
     assert out[0, 0].item() == 0.5 and out[0, 1].item() == -3.0
 
 
@@ -71,7 +72,7 @@ def test_nvfp4_matches_comfy_kitchen(rows, cols):
 def test_nvfp4_writer_round_trips_through_comfy_kitchen_dequant():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(2, 130, 64, generator=g)
-    packed, scales, gs = quant.quantize_nvfp4(w)
+    packed, scales, gs = writers.quantize_nvfp4(w)
     assert packed.shape == (2, 130, 32) and scales.shape == (2, 256, 4) and gs.shape == (2,)
     ours = quant.dequantize_nvfp4(packed, scales, gs, 130, 64, torch.float32)
     for e in range(2):
@@ -90,7 +91,7 @@ def test_mxfp8_matches_comfy_kitchen():
     ours = quant.dequantize_mxfp8(qx, bs, 128, 96, torch.float32)
     assert torch.equal(ours, ref)
     # our writer produces the same bytes as comfy-kitchen's
-    q2, s2 = quant.quantize_mxfp8(x)
+    q2, s2 = writers.quantize_mxfp8(x)
     assert torch.equal(q2.view(torch.uint8), qx.view(torch.uint8))
     assert torch.equal(s2, bs.view(torch.uint8).reshape(s2.shape))
 
@@ -98,7 +99,7 @@ def test_mxfp8_matches_comfy_kitchen():
 def test_mxfp8_zero_scale_byte_and_padding():
     w = torch.zeros(40, 50)
     w[0, 0] = 3.0
-    q, s = quant.quantize_mxfp8(w)
+    q, s = writers.quantize_mxfp8(w)
     assert q.shape == (64, 64)
     logical = quant.unswizzle_scales(s, 64, 2)
     assert logical[1, 0] == 0  # all-zero block -> byte 0
@@ -107,7 +108,7 @@ def test_mxfp8_zero_scale_byte_and_padding():
     assert out[0, 0].item() == 3.0 and torch.count_nonzero(out) == 1
     # byte 0 is an exact zero scale even under non-zero codes
     q_all = torch.ones(32, 32).to(torch.float8_e4m3fn)
-    zero_scales = quant.swizzle_scales(torch.zeros(32, 1, dtype=torch.uint8))
+    zero_scales = writers.swizzle_scales(torch.zeros(32, 1, dtype=torch.uint8))
     assert torch.count_nonzero(quant.dequantize_mxfp8(q_all, zero_scales, 32, 32, torch.float32)) == 0
 
 
@@ -123,12 +124,12 @@ def test_mxfp4_matches_transformers_reference():
 
 
 def test_comfy_quant_marker_round_trip_and_errors():
-    t = quant.comfy_quant_tensor({"format": "nvfp4", "num_experts": 32})
+    t = writers.comfy_quant_tensor({"format": "nvfp4", "num_experts": 32})
     assert t.numel() == 38  # ComfyUI's default JSON spacing
     assert quant.parse_comfy_quant(t) == {"format": "nvfp4", "num_experts": 32}
-    assert quant.comfy_quant_tensor({"format": "mxfp8"}).numel() == 19
+    assert writers.comfy_quant_tensor({"format": "mxfp8"}).numel() == 19
     with pytest.raises(ValueError, match="format"):
-        quant.parse_comfy_quant(quant.comfy_quant_tensor({"fmt": "x"}))
+        quant.parse_comfy_quant(writers.comfy_quant_tensor({"fmt": "x"}))
 
 
 def test_float8_per_tensor():

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GOLDEN
+import writers
 from lens_model import quant
 from lens_model.gpt_oss_checkpoints import ExpertBank
 from lens_model.ops import CastWorkspace
@@ -315,7 +316,7 @@ def test_nvfp4_hand_checked_byte_high_nibble_first():
     codes[0, 0, 0] = 0x2F
     s = torch.zeros(1, 1, 1, dtype=torch.uint8)
     s[0, 0, 0] = torch.tensor(2.0).to(torch.float8_e4m3fn).view(torch.uint8)
-    w = _nvfp4_bank(codes, quant.swizzle_scales(s), torch.tensor([0.5]), 1, 16).dequantize(0)
+    w = _nvfp4_bank(codes, writers.swizzle_scales(s), torch.tensor([0.5]), 1, 16).dequantize(0)
     # element 2j from the high nibble (2 -> 1.0), 2j+1 from the low nibble (F -> -6.0), times 2 * 0.5
     assert w[0, 0].item() == 1.0 and w[0, 1].item() == -6.0 and (w[0, 2:] == 0).all()
 
@@ -327,7 +328,7 @@ def test_nvfp4_expert_dequant_matches_comfy_kitchen(rows, g_shape):
     e, cols = 3, 96
     codes = torch.randint(0, 256, (e, rows, cols // 2), dtype=torch.uint8, generator=gen)
     plain = torch.randint(0, 0x7E, (e, rows, cols // 16), dtype=torch.uint8, generator=gen)  # finite e4m3
-    scales = quant.swizzle_scales(plain)  # rows padded to a multiple of 128 (200 -> 256 like 2880 -> 2944)
+    scales = writers.swizzle_scales(plain)  # rows padded to a multiple of 128 (200 -> 256 like 2880 -> 2944)
     assert scales.shape[1] == -(-rows // 128) * 128
     g = torch.rand(e, generator=gen) + 0.01 if g_shape == "vector" else torch.tensor(0.37)
     bank = _nvfp4_bank(codes, scales.view(torch.float8_e4m3fn).view(torch.uint8), g, rows, cols)
@@ -351,10 +352,10 @@ def test_expert_linear_equals_dense_reference(fmt, dtype, monkeypatch):
     e, rows, cols = 2, 300, 64
     w = torch.randn(e, rows, cols, generator=gen)
     if fmt == "mxfp4":
-        blocks, scales = quant.quantize_mxfp4(w)
+        blocks, scales = writers.quantize_mxfp4(w)
         bank = ExpertBank("mxfp4", e, rows, cols, torch.randn(e, rows, generator=gen), codes=blocks.reshape(e, rows, cols // 2), scales=scales)
     else:
-        codes, scales, g = quant.quantize_nvfp4(w)
+        codes, scales, g = writers.quantize_nvfp4(w)
         bank = ExpertBank("nvfp4", e, rows, cols, torch.randn(e, rows, generator=gen), codes=codes, scales=scales, global_scale=g)
     x = torch.randn(7, cols, generator=gen).to(dtype)
     ws = CastWorkspace()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GOLDEN
+import writers
 from lens_model import quant
 from lens_model.checkpoints import CheckpointError, open_checkpoint
 from lens_model.gpt_oss_checkpoints import GptOssCheckpoint
@@ -85,7 +86,7 @@ def build_comfy_nvfp4(sd, scale_dtype="f8", global_scale="vector", marker="tenso
         for bank in ("gate_up_proj", "down_proj"):
             base = f"layers.{i}.mlp.experts.{bank}"
             w = sd[base].transpose(1, 2).contiguous()  # [E, out, in]
-            codes, scales, g = quant.quantize_nvfp4(w)
+            codes, scales, g = writers.quantize_nvfp4(w)
             if global_scale == "scalar":
                 g = g.mean().reshape(())
             out[f"{base}.weight"] = codes
@@ -93,26 +94,26 @@ def build_comfy_nvfp4(sd, scale_dtype="f8", global_scale="vector", marker="tenso
             out[f"{base}.weight_scale_2"] = g
             out[f"{base}.bias"] = sd[f"{base}_bias"]
             if marker == "tensor":
-                out[f"{base}.comfy_quant"] = quant.comfy_quant_tensor({"format": "nvfp4", "num_experts": w.shape[0]})
+                out[f"{base}.comfy_quant"] = writers.comfy_quant_tensor({"format": "nvfp4", "num_experts": w.shape[0]})
             else:
                 meta_layers[base] = {"format": "nvfp4"}
             banks[base] = quant.dequantize_nvfp4(codes, scales, g, w.shape[1], w.shape[2], torch.float32)
     if quant_attn:  # per-layer markers on attention Linears of layer 1
         p = "layers.1.self_attn."
         w = sd[p + "q_proj.weight"]
-        codes, scales, g = quant.quantize_nvfp4(w[None])
+        codes, scales, g = writers.quantize_nvfp4(w[None])
         out[p + "q_proj.weight"], out[p + "q_proj.weight_scale"], out[p + "q_proj.weight_scale_2"] = codes[0], scales[0], g[0]
-        out[p + "q_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": "nvfp4"})
+        out[p + "q_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": "nvfp4"})
         attn[p + "q_proj.weight"] = quant.dequantize_nvfp4(codes[0], scales[0], g[0], *w.shape, torch.float32)
         w = sd[p + "k_proj.weight"]
-        f8, sc = quant.quantize_mxfp8(w)
+        f8, sc = writers.quantize_mxfp8(w)
         out[p + "k_proj.weight"], out[p + "k_proj.weight_scale"] = f8, sc
-        out[p + "k_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+        out[p + "k_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
         attn[p + "k_proj.weight"] = quant.dequantize_mxfp8(f8, sc, *w.shape, torch.float32)
         w = sd[p + "o_proj.weight"]
         f8, s = quant.quantize_float8(w)
         out[p + "o_proj.weight"], out[p + "o_proj.weight_scale"] = f8, s
-        out[p + "o_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": "float8_e4m3fn"})
+        out[p + "o_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": "float8_e4m3fn"})
         attn[p + "o_proj.weight"] = quant.dequantize_float8(f8, s, torch.float32)
     metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": meta_layers})} if meta_layers else None
     return out, metadata, banks, attn
@@ -149,7 +150,7 @@ def build_mxfp4_banks(sd):
         for bank in ("gate_up_proj", "down_proj"):
             base = f"layers.{i}.mlp.experts.{bank}"
             w = sd[base].transpose(1, 2).contiguous()
-            blocks, scales = quant.quantize_mxfp4(w)
+            blocks, scales = writers.quantize_mxfp4(w)
             q[base] = (blocks, scales)
             deq[base] = quant.dequantize_mxfp4(blocks, scales, torch.float32)
     return q, deq
@@ -294,15 +295,15 @@ def test_truncated_file_is_refused(tmp_path, comfy_tensors):
 
 def test_unsupported_and_mis_stored_attention_formats(tmp_path, comfy_tensors):
     t = dict(comfy_tensors)
-    t["layers.2.self_attn.q_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": "int8_tensorwise"})
+    t["layers.2.self_attn.q_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": "int8_tensorwise"})
     with pytest.raises(CheckpointError, match="int8_tensorwise.*not support"):
         load_text_encoder(_write_folder(tmp_path / "u", t, name="te.safetensors"), device="cpu")
     t = dict(comfy_tensors)
     w = t["layers.2.self_attn.k_proj.weight"]
-    f8, sc = quant.quantize_mxfp8(w)
+    f8, sc = writers.quantize_mxfp8(w)
     t["layers.2.self_attn.k_proj.weight"] = f8.view(torch.uint8)
     t["layers.2.self_attn.k_proj.weight_scale"] = sc
-    t["layers.2.self_attn.k_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": "mxfp8"})
+    t["layers.2.self_attn.k_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": "mxfp8"})
     with pytest.raises(CheckpointError, match="mxfp8.*stored as U8"):
         load_text_encoder(_write_folder(tmp_path / "w", t, name="te.safetensors"), device="cpu")
 
@@ -313,10 +314,10 @@ def test_attention_scales_are_checked_at_load_like_the_dit(tmp_path, comfy_tenso
     (the streamed mode reads no layer at load): here a scale of the wrong shape."""
     t = dict(comfy_tensors)
     w = t["layers.2.self_attn.k_proj.weight"]
-    f8, sc = quant.quantize_mxfp8(w) if fmt == "mxfp8" else quant.quantize_float8(w)
+    f8, sc = writers.quantize_mxfp8(w) if fmt == "mxfp8" else quant.quantize_float8(w)
     t["layers.2.self_attn.k_proj.weight"] = f8
     t["layers.2.self_attn.k_proj.weight_scale"] = torch.ones(3, dtype=torch.uint8 if fmt == "mxfp8" else torch.float32)
-    t["layers.2.self_attn.k_proj.comfy_quant"] = quant.comfy_quant_tensor({"format": fmt})
+    t["layers.2.self_attn.k_proj.comfy_quant"] = writers.comfy_quant_tensor({"format": fmt})
     path = _write_folder(tmp_path / "s", t, name="te.safetensors")
     with pytest.raises(CheckpointError, match=r"layers\.2\.self_attn\.k_proj\.weight_scale` has shape \[3\]"):
         load_text_encoder(path, device="cpu", offload="stream")

@@ -67,8 +67,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the package, and tests/writers.py (file writers, not shipped)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 GOLDEN = ROOT / "tests" / "fixtures" / "golden" / "lens_tiny"
 WORKFLOWS_API = ROOT / "workflows" / "api"
@@ -159,8 +160,7 @@ def make_text_encoder(seed: int = 0, with_tokenizer: bool = True) -> dict:
     biases N(0, 0.02^2), norms 1 + N(0, 0.05^2), sinks N(0, 0.5^2).
     """
     import torch
-
-    from lens_model import quant
+    from writers import comfy_quant_tensor, quantize_nvfp4
 
     g = _generator(seed, 2)
     bf16 = torch.bfloat16
@@ -174,7 +174,7 @@ def make_text_encoder(seed: int = 0, with_tokenizer: bool = True) -> dict:
         return randn(out_f, in_f, std=1.0 / math.sqrt(in_f))
 
     t = {"embed_tokens.weight": randn(TE_VOCAB, e).to(bf16)}
-    marker = quant.comfy_quant_tensor({"format": "nvfp4", "num_experts": x})
+    marker = comfy_quant_tensor({"format": "nvfp4", "num_experts": x})
     for i in range(TE_LAYERS):
         p = f"layers.{i}."
         t[p + "input_layernorm.weight"] = (1 + randn(e, std=0.05)).to(bf16)
@@ -188,7 +188,7 @@ def make_text_encoder(seed: int = 0, with_tokenizer: bool = True) -> dict:
         for bank, (out_f, in_f) in (("gate_up_proj", (2 * inter, e)), ("down_proj", (e, inter))):
             base = p + f"mlp.experts.{bank}"
             w = randn(x, out_f, in_f, std=1.0 / math.sqrt(in_f))  # [E, out, in], Linear orientation
-            codes, scales, gscale = quant.quantize_nvfp4(w)
+            codes, scales, gscale = quantize_nvfp4(w)
             t[base + ".weight"] = codes
             t[base + ".weight_scale"] = scales.view(torch.float8_e4m3fn)
             t[base + ".weight_scale_2"] = gscale
@@ -348,7 +348,7 @@ def _ours(path: Path) -> bool:
 
 
 def _write(path: Path, tensors: dict, seed: int, kind: str) -> int:
-    from lens_model.checkpoints import write_safetensors
+    from writers import write_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, tensors, {MARK: json.dumps({"kind": kind, "seed": seed}), "format": "pt"})
