@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 
@@ -124,3 +125,33 @@ def resolve_device(choice: str, auto_device) -> torch.device:
             )
         return dev
     return torch.device(auto_device)
+
+
+# --------------------------------------------------------------------------------------------
+# queue-time checks
+# --------------------------------------------------------------------------------------------
+
+def check_float_widgets(node_cls, **values):
+    """A node's ``VALIDATE_INPUTS`` for FLOAT widgets: True, or a message naming each bad input.
+
+    ComfyUI runs ``VALIDATE_INPUTS`` when a prompt is queued, before any node executes. Its own
+    min/max check lets NaN through (every comparison with NaN is false; the API's JSON accepts
+    ``NaN``), so a NaN cfg was found only after the text encoder had run. Core skips its min/max
+    check for inputs that ``VALIDATE_INPUTS`` takes, so the widget's range is checked here too.
+    Inputs fed by a link are not passed at queue time; the node checks them when it runs.
+    """
+    types = node_cls.INPUT_TYPES()
+    spec = {**types.get("required", {}), **types.get("optional", {})}
+    problems = []
+    for name, value in values.items():
+        opts = spec[name][1]
+        try:
+            v = float(value)
+        except (TypeError, ValueError, OverflowError):
+            problems.append(f"{name} must be a number, got {value!r}")
+            continue
+        if not math.isfinite(v):
+            problems.append(f"{name} must be a finite number, got {v}")
+        elif not opts["min"] <= v <= opts["max"]:
+            problems.append(f"{name} must be from {opts['min']:g} to {opts['max']:g}, got {v:g}")
+    return "; ".join(problems) or True

@@ -17,7 +17,7 @@ import math
 from lens_model import lora as lens_lora
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, file_identity
+from .common import CATEGORY, check_float_widgets, file_identity
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,11 @@ class LensNodesLoRALoader:
             return file_identity(comfy.full_path(LORA_FOLDER, lora_name))
         except Exception:
             return float("nan")  # re-run: the node itself raises the readable error
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=1.0):
+        """Queue-time check: NaN/Inf or out-of-range strength refused with its name."""
+        return check_float_widgets(cls, strength=strength)
 
     def apply(self, model, lora_name, strength=1.0):
         if not hasattr(model, "for_compute") or getattr(model, "config", None) is None:

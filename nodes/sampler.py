@@ -15,7 +15,7 @@ import torch
 from lens_model import constants, resolution, sampling
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY
+from .common import CATEGORY, check_float_widgets
 from .lora import loras_applied
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,12 @@ class LensNodesSampler:
                                "bilinear resize (samples the cell centre only), for parity."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=1.0, denoise=1.0, mu=0.0):
+        """Queue-time check (before the text encoder runs): NaN/Inf or out-of-range cfg, denoise,
+        mu are refused with their name. Values from links are checked in ``sample``."""
+        return check_float_widgets(cls, cfg=cfg, denoise=denoise, mu=mu)
 
     def sample(self, model, positive, seed=0, steps=4, cfg=1.0, schedule="upstream", denoise=1.0,
                noise_layout="upstream", width=1024, height=1024, negative=None, latent=None,
