@@ -6,6 +6,10 @@
 - :func:`compute_dtype_for`: the dtype the DiT computes in for weights stored in a given dtype.
 - :func:`refuse_fp16`: fp16 is never used (Lens produces NaNs in it); a request for it, or fp16
   weights, become :func:`fp16_replacement` with a warning.
+- The VAE computes in its stored dtype (fp32 for the published file) unless asked for bf16: it is
+  small (0.34 GB in fp32), its output is the image, and without native bf16 a CPU runs bf16
+  convolutions slower than fp32. For the same reasons its fp16 replacement is fp32 everywhere but a
+  CUDA device with bf16 (``small_model=True`` in :func:`fp16_replacement` / :func:`refuse_fp16`).
 - :func:`parse_dtype`: a dtype name (``"bf16"``, ``"fp32"``, ...) to a ``torch.dtype``.
 
 Nothing here runs at import time; the CPU probe runs once, at its first call.
@@ -91,25 +95,29 @@ def compute_dtype_for(storage: torch.dtype, device: torch.device | str) -> torch
     return default_compute_dtype(device)
 
 
-def fp16_replacement(device: torch.device | str) -> torch.dtype:
-    """The dtype used instead of fp16: bf16, or fp32 on a CUDA device without bf16."""
+def fp16_replacement(device: torch.device | str, small_model: bool = False) -> torch.dtype:
+    """The dtype used instead of fp16: bf16, or fp32 on a CUDA device without bf16.
+
+    ``small_model`` (the VAE): fp32 everywhere except on a CUDA device with bf16.
+    """
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float32 if small_model else torch.bfloat16
 
 
 def refuse_fp16(dtype: torch.dtype, device: torch.device | str, component: str, stored_in: str | None = None,
-                stacklevel: int = 2) -> torch.dtype:
+                stacklevel: int = 2, small_model: bool = False) -> torch.dtype:
     """``dtype``, or :func:`fp16_replacement` with a warning when it is fp16.
 
-    component: what is being loaded, for the message ("DiT", "gpt-oss text encoder");
+    component: what is being loaded, for the message ("DiT", "gpt-oss text encoder", "VAE");
     stored_in: the file name when the fp16 comes from the stored weights rather than a request;
-    stacklevel: as for ``warnings.warn``, counted from the caller of this function.
+    stacklevel: as for ``warnings.warn``, counted from the caller of this function;
+    small_model: as for :func:`fp16_replacement` (the VAE).
     """
     if dtype != torch.float16:
         return dtype
-    alt = fp16_replacement(device)
+    alt = fp16_replacement(device, small_model)
     what = f"stored in `{stored_in}`" if stored_in is not None else "requested"
     msg = (f"Lens does not run the {component} in fp16 (NaNs); fp16 was {what}, using "
            f"{str(alt).replace('torch.', '')} instead.")

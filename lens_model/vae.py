@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoints import PREFIXES, SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, read_safetensors_header, safetensors_dtype_name
+from .precision import refuse_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -1071,19 +1072,14 @@ def check_vae_keys(shapes: Mapping[str, tuple[int, ...]], name: str) -> None:
         )
 
 
-def _resolve_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+def _resolve_dtype(requested: torch.dtype | None, stored: torch.dtype, device: torch.device, name: str) -> torch.dtype:
+    """The VAE's dtype: ``requested``, else the stored one; fp16 replaced as :mod:`lens_model.precision`
+    rules for the VAE (``small_model``: fp32 except on a CUDA device with bf16)."""
     dtype = requested if requested is not None else stored
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"unsupported VAE dtype {dtype}; use torch.float32 or torch.bfloat16.")
-    if dtype == torch.float16:
-        bf16_ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16_ok else torch.float32
-        msg = f"Lens does not run the VAE in fp16 (NaNs); using {str(dtype).replace('torch.', '')} instead."
-        if requested == torch.float16:
-            logger.warning(msg)
-        else:
-            logger.info("VAE weights are stored in fp16. %s", msg)
-    return dtype
+    return refuse_fp16(dtype, device, "VAE", stored_in=None if requested is not None else name, stacklevel=4,
+                       small_model=True)
 
 
 def _check_layout(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None
@@ -1144,7 +1140,7 @@ def _build(source: Any, config: Flux2VAEConfig | Mapping[str, Any] | None, dtype
         model = Flux2VAE(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     stored = SAFETENSORS_DTYPES.get(source.dtype(to_internal["decoder.conv_in.weight"]), (torch.float32, 4))[0]
-    dtype = _resolve_dtype(dtype, stored, device)
+    dtype = _resolve_dtype(dtype, stored, device, name)
     state = {}
     for ik in expected:
         wdtype = torch.float32 if ik.startswith("bn.") else dtype
@@ -1171,7 +1167,8 @@ def load_vae(
     ``config.json`` when present, else it is inferred from the tensor shapes.
 
     ``dtype``: None keeps the stored dtype (fp32 for the published files); fp16 is refused with a
-    warning (bf16 on CUDA with bf16 support, else fp32). ``bn`` statistics always stay fp32.
+    warning (bf16 on CUDA with bf16 support, else fp32; :mod:`lens_model.precision`). ``bn``
+    statistics always stay fp32.
     ``device``: where the weights live (default CPU).
     Raises ValueError (``CheckpointError``) / FileNotFoundError with a message naming the file, what
     was found and the fix (e.g. a FLUX.1 VAE, a video VAE, a 4-channel SD VAE, a DiT or text encoder).

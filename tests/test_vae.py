@@ -363,7 +363,7 @@ def test_attention_query_chunking(golden_vae, monkeypatch):
 
 
 def test_dtypes(caplog, tmp_path, golden_sd):
-    with caplog.at_level(logging.WARNING, logger="lens_model.vae"):
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="VAE in fp16"):
         vae16 = load_vae(GOLDEN_VAE, dtype=torch.float16)
     assert vae16.dtype == torch.float32  # CPU: fp16 refused -> fp32
     assert "fp16" in caplog.text
@@ -376,7 +376,8 @@ def test_dtypes(caplog, tmp_path, golden_sd):
     assert (out - ref.decode(lat)).abs().mean().item() < 0.05
     # an fp16 file with dtype=None is promoted (fp32 on the CPU), bn stays fp32
     save_file({k: (v.half() if v.is_floating_point() else v) for k, v in golden_sd.items()}, str(tmp_path / "f16.safetensors"))
-    vae_f16_file = load_vae(tmp_path / "f16.safetensors")
+    with pytest.warns(UserWarning, match="stored in"):
+        vae_f16_file = load_vae(tmp_path / "f16.safetensors")
     assert vae_f16_file.dtype == torch.float32 and vae_f16_file.bn.running_mean.dtype == torch.float32
 
 
