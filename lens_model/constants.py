@@ -53,6 +53,16 @@ PAD_ID = 199999
 #: mflux pin this value, so a fixed date keeps results reproducible).
 DEFAULT_DATE = "2026-05-23"
 
+# -- variants --------------------------------------------------------------------------------------
+
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "turbo": {"variant": "turbo", "steps": 4, "cfg": 1.0},
+    "lens": {"variant": "lens", "steps": 20, "cfg": 5.0},
+    "base": {"variant": "base", "steps": 50, "cfg": 5.0},
+}
+"""Per-variant step and CFG defaults (the model cards and ComfyUI's templates). Callers get copies
+(:func:`lens_model.dit_loading.variant_defaults_for`)."""
+
 
 __all__ = [
     "CAPTURED_LAYERS",
@@ -68,5 +78,6 @@ __all__ = [
     "SUFFIX_LEN",
     "TEXT_HIDDEN_SIZE",
     "VAE_LATENT_CHANNELS",
+    "VARIANT_DEFAULTS",
     "VOCAB_SIZE",
 ]
