@@ -58,13 +58,13 @@ def test_dtype_names():
 def test_vae_fp16_rule_comes_from_precision(monkeypatch, bf16_ok):
     """The VAE refuses fp16 through lens_model.precision like the other models, with its own
     replacement: fp32 on the CPU, bf16 only on a CUDA device with bf16."""
-    from lens_model import vae
+    from lens_model import vae_loading
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     with pytest.warns(UserWarning, match="VAE in fp16.*requested"):
-        got = vae._resolve_dtype(torch.float16, torch.float32, torch.device("cuda"), "ae.safetensors")
+        got = vae_loading._resolve_dtype(torch.float16, torch.float32, torch.device("cuda"), "ae.safetensors")
     assert got == (torch.bfloat16 if bf16_ok else torch.float32)
     with pytest.warns(UserWarning, match="stored in `ae.safetensors`"):
-        assert vae._resolve_dtype(None, torch.float16, CPU, "ae.safetensors") == torch.float32
+        assert vae_loading._resolve_dtype(None, torch.float16, CPU, "ae.safetensors") == torch.float32
     assert precision.fp16_replacement(CPU, small_model=True) == torch.float32
     assert precision.fp16_replacement(CPU) == torch.bfloat16
