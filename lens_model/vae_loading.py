@@ -36,9 +36,50 @@ _VAE_FIX = "Lens needs the FLUX.2 VAE (flux2-vae.safetensors, from Comfy-Org or 
 # Key layouts (vae.md §3.2)
 # ------------------------------------------------------------------------------------------------
 
-_ATTN_BFL_TO_DIFF = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_DIFF_TO_BFL = {v: k for k, v in _ATTN_BFL_TO_DIFF.items()}
+#: The one BFL <-> diffusers key table for the part after ``encoder.`` / ``decoder.``: matching prefixes,
+#: ``{i}`` a level, ``{j}`` a block. ``{u}`` is an up level, numbered in reverse in diffusers.
+_KEY_SEGMENTS = (
+    ("norm_out.", "conv_norm_out."),
+    ("down.{i}.block.{j}.", "down_blocks.{i}.resnets.{j}."),
+    ("down.{i}.downsample.conv.", "down_blocks.{i}.downsamplers.0.conv."),
+    ("up.{u}.block.{j}.", "up_blocks.{u}.resnets.{j}."),
+    ("up.{u}.upsample.conv.", "up_blocks.{u}.upsamplers.0.conv."),
+    ("mid.block_1.", "mid_block.resnets.0."),
+    ("mid.block_2.", "mid_block.resnets.1."),
+    ("mid.attn_1.norm.", "mid_block.attentions.0.group_norm."),
+    ("mid.attn_1.q.", "mid_block.attentions.0.to_q."),
+    ("mid.attn_1.k.", "mid_block.attentions.0.to_k."),
+    ("mid.attn_1.v.", "mid_block.attentions.0.to_v."),
+    ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0."),
+)
 
+
+def _segment_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(
+        i=r"(?P<i>\d+)", j=r"(?P<j>\d+)", u=r"(?P<u>\d+)"))
+
+
+_TO_DIFFUSERS = [(_segment_regex(bfl), diff) for bfl, diff in _KEY_SEGMENTS]
+_TO_BFL = [(_segment_regex(diff), bfl) for bfl, diff in _KEY_SEGMENTS]
+
+
+def _rename(key: str, num_levels: int, rules, shortcut: tuple[str, str]) -> str:
+    """``encoder.`` / ``decoder.`` keys renamed by the first matching rule of ``rules`` (and the
+    resnet shortcut name); other keys unchanged."""
+    m = re.match(r"^(encoder|decoder)\.(.*)$", key)
+    if not m:
+        return key  # bn.*, top-level quant_conv.* / post_quant_conv.* (LDM) are the same in diffusers
+    part, rest = m.groups()
+    for pattern, template in rules:
+        mm = pattern.match(rest)
+        if mm:
+            groups = mm.groupdict()
+            if groups.get("u") is not None:
+                groups["u"] = str(num_levels - 1 - int(groups["u"]))
+            rest = template.format(**groups) + rest[mm.end():]
+            break
+    rest = rest.replace(*shortcut)
+    return f"{part}.{rest}"
 
 def _levels(keys: Iterable[str], pattern: str) -> int:
     idx = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
@@ -56,37 +97,12 @@ def detect_vae_layout(keys: Iterable[str]) -> str:
 
 
 def to_diffusers_key(key: str, num_levels: int) -> str:
-    """BFL or LDM key -> diffusers key (vae.md §3.2). Unknown keys come back unchanged."""
+    """BFL or LDM key -> diffusers key. Unknown keys come back unchanged."""
     if key.startswith("encoder.quant_conv."):
         return key[len("encoder."):]
     if key.startswith("decoder.post_quant_conv."):
         return key[len("decoder."):]
-    m = re.match(r"^(encoder|decoder)\.(.*)$", key)
-    if not m:
-        return key  # bn.*, top-level quant_conv.* / post_quant_conv.* (LDM) are the same in diffusers
-    part, rest = m.groups()
-    rest = re.sub(r"^norm_out\.", "conv_norm_out.", rest)
-    rest = re.sub(r"^down\.(\d+)\.block\.(\d+)\.", r"down_blocks.\1.resnets.\2.", rest)
-    rest = re.sub(r"^down\.(\d+)\.downsample\.conv\.", r"down_blocks.\1.downsamplers.0.conv.", rest)
-    rest = re.sub(
-        r"^up\.(\d+)\.block\.(\d+)\.",
-        lambda mm: f"up_blocks.{num_levels - 1 - int(mm.group(1))}.resnets.{mm.group(2)}.",
-        rest,
-    )
-    rest = re.sub(
-        r"^up\.(\d+)\.upsample\.conv\.",
-        lambda mm: f"up_blocks.{num_levels - 1 - int(mm.group(1))}.upsamplers.0.conv.",
-        rest,
-    )
-    rest = re.sub(r"^mid\.block_1\.", "mid_block.resnets.0.", rest)
-    rest = re.sub(r"^mid\.block_2\.", "mid_block.resnets.1.", rest)
-    rest = re.sub(
-        r"^mid\.attn_1\.(norm|q|k|v|proj_out)\.",
-        lambda mm: f"mid_block.attentions.0.{_ATTN_BFL_TO_DIFF[mm.group(1)]}.",
-        rest,
-    )
-    rest = re.sub(r"\.nin_shortcut\.", ".conv_shortcut.", rest)
-    return f"{part}.{rest}"
+    return _rename(key, num_levels, _TO_DIFFUSERS, (".nin_shortcut.", ".conv_shortcut."))
 
 
 def to_bfl_key(key: str, num_levels: int) -> str:
@@ -95,32 +111,7 @@ def to_bfl_key(key: str, num_levels: int) -> str:
         return "encoder." + key
     if key.startswith("post_quant_conv."):
         return "decoder." + key
-    m = re.match(r"^(encoder|decoder)\.(.*)$", key)
-    if not m:
-        return key
-    part, rest = m.groups()
-    rest = re.sub(r"^conv_norm_out\.", "norm_out.", rest)
-    rest = re.sub(r"^down_blocks\.(\d+)\.resnets\.(\d+)\.", r"down.\1.block.\2.", rest)
-    rest = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"down.\1.downsample.conv.", rest)
-    rest = re.sub(
-        r"^up_blocks\.(\d+)\.resnets\.(\d+)\.",
-        lambda mm: f"up.{num_levels - 1 - int(mm.group(1))}.block.{mm.group(2)}.",
-        rest,
-    )
-    rest = re.sub(
-        r"^up_blocks\.(\d+)\.upsamplers\.0\.conv\.",
-        lambda mm: f"up.{num_levels - 1 - int(mm.group(1))}.upsample.conv.",
-        rest,
-    )
-    rest = re.sub(r"^mid_block\.resnets\.0\.", "mid.block_1.", rest)
-    rest = re.sub(r"^mid_block\.resnets\.1\.", "mid.block_2.", rest)
-    rest = re.sub(
-        r"^mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.",
-        lambda mm: f"mid.attn_1.{_ATTN_DIFF_TO_BFL[mm.group(1)]}.",
-        rest,
-    )
-    rest = re.sub(r"\.conv_shortcut\.", ".nin_shortcut.", rest)
-    return f"{part}.{rest}"
+    return _rename(key, num_levels, _TO_BFL, (".conv_shortcut.", ".nin_shortcut."))
 
 
 def _num_levels(keys: Iterable[str]) -> int:
