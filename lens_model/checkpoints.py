@@ -188,7 +188,7 @@ def _not_safetensors_message(path: Path, why: str) -> str:
     if "incomplete metadata" in why or "not fully covered" in why:
         return (
             f"{_display(path)}: file is {size} bytes, which does not match the tensors its header lists; "
-            "the file is truncated (incomplete download?). Download it again."
+            "the file is truncated (incomplete download?) or has bytes after its last tensor. Download it again."
         )
     return (
         f"{_display(path)}: safetensors header unreadable / file shorter than header says ({why}; file size "
@@ -444,8 +444,9 @@ class TensorSource:
             handle = handles[file] = open_safetensors(file)
         return handle
 
-    def _view(self, key: str) -> torch.Tensor:
-        """The stored tensor as a zero-copy view of its file where aligned (F8_E8M0 as uint8 bytes)."""
+    def _view(self, key: str, aligned: bool = True) -> torch.Tensor:
+        """The stored tensor as a zero-copy view of its file (F8_E8M0 as uint8 bytes); with ``aligned``,
+        a tensor at a file offset that is not a multiple of its element size is copied instead."""
         info = self.info(key)
         if info.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.name}: tensor `{self.stored_key(key)}` has unsupported dtype {info.dtype}.")
@@ -455,7 +456,7 @@ class TensorSource:
             raise CheckpointError(f"{info.file}: cannot read `{self.stored_key(key)}` ({e}).") from e
         if info.dtype == "F8_E8M0" and t.dtype != torch.uint8:
             t = t.view(torch.uint8)
-        if t.data_ptr() % t.element_size():
+        if aligned and t.data_ptr() % t.element_size():
             # safetensors does not align tensors in the file: a view at an odd offset is copied into
             # aligned memory (some kernels and devices require aligned elements)
             t = t.clone()
@@ -488,7 +489,8 @@ class TensorSource:
         flat = index.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= shape[0]):
             raise IndexError(f"{self.name}: row index out of range for `{self.stored_key(key)}` with {shape[0]} rows.")
-        return self._view(key).index_select(0, flat).reshape(*index.shape, shape[1])
+        # the rows are copied out anyway: no aligned copy of the whole table first
+        return self._view(key, aligned=False).index_select(0, flat).reshape(*index.shape, shape[1])
 
 
 def read_tensor_from_file(path: str | os.PathLike, key: str) -> torch.Tensor:
