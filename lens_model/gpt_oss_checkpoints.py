@@ -31,8 +31,9 @@ from typing import Iterable
 import torch
 
 from . import quant
-from .ops import CastWorkspace, QuantLinear
 from .checkpoints import CheckpointError, TensorSource, quant_layers, quantised_linear_problems
+from .gpt_oss import GptOssConfig
+from .ops import CastWorkspace, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -242,11 +243,13 @@ Workspace = CastWorkspace
 
 @dataclass
 class LayerWeights:
-    """All tensors of one decoder layer in the internal layout (names relative to ``layers.{i}.``).
+    """The stored weights of one decoder layer, named as in :class:`lens_model.gpt_oss.GptOssDecoderLayer`
+    (relative to ``layers.{i}.``), ready for its ``assign``.
 
-    Plain entries are tensors in their stored dtype; ``self_attn.{q,k,v,o}_proj.weight`` may be an
-    :class:`lens_model.ops.QuantLinear` (the DiT's layer, without bias: the bias stays a plain entry);
-    ``mlp.experts.{gate_up_proj,down_proj}`` are :class:`ExpertBank`.
+    Plain entries are tensors in their stored dtype; a quantised attention projection is one
+    ``self_attn.{q,k,v,o}_proj`` entry holding a :class:`lens_model.ops.QuantLinear` (bias included)
+    in place of its ``.weight`` / ``.bias`` pair; ``mlp.experts.{gate_up_proj,down_proj}`` are
+    :class:`ExpertBank`.
     """
 
     index: int
@@ -254,6 +257,9 @@ class LayerWeights:
 
     def __getitem__(self, key: str):
         return self.tensors[key]
+
+    def items(self):
+        return self.tensors.items()
 
     @property
     def nbytes(self) -> int:
@@ -270,10 +276,6 @@ class LayerWeights:
             return v.to(device, non_blocking=non_blocking)
 
         return LayerWeights(self.index, {k: move(v) for k, v in self.tensors.items()})
-
-    def linear_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        w = self.tensors[name]
-        return w.dequantize(dtype) if isinstance(w, QuantLinear) else w.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,8 +494,28 @@ class GptOssCheckpoint:
             return (shape[0], shape[2], shape[1])
         return tuple(shape)
 
+    def infer_config(self) -> GptOssConfig:
+        """The configuration from tensor shapes (for a file without config.json): head_dim 64, and
+        the constants no shape shows are the gpt-oss-20b defaults."""
+        shapes = self.shapes()
+        vocab, hidden = shapes["embed_tokens.weight"]
+        heads = shapes["layers.0.self_attn.sinks"][0]
+        head_dim = 64
+        if "layers.0.self_attn.k_proj.weight" in shapes:
+            kv = shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim
+        elif self.layout == "openai":
+            kv = (self.source.shape("block.0.attn.qkv.weight")[0] - heads * head_dim) // (2 * head_dim)
+        else:
+            kv = shapes["layers.0.self_attn.k_proj.bias"][0] // head_dim
+        experts, two_i, _ = shapes["layers.0.mlp.experts.gate_up_proj"]
+        return GptOssConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=two_i // 2,
+            num_hidden_layers=self.num_layers, num_attention_heads=heads, num_key_value_heads=kv,
+            head_dim=head_dim, num_local_experts=experts, num_experts_per_tok=min(4, experts),
+        )
+
     # -- validation --------------------------------------------------------------------------------
-    def validate(self, config) -> None:
+    def validate(self, config: GptOssConfig) -> None:
         """Check every tensor the encoder needs against ``config`` (a GptOssConfig)."""
         src = self.source
         c = config
@@ -596,12 +618,15 @@ class GptOssCheckpoint:
             rows = quant.dequantize_float8(rows, scale, torch.float32)
         return rows
 
-    def _read_linear(self, i: int, lin: str, config) -> torch.Tensor | QuantLinear:
+    def _read_linear(self, i: int, lin: str, config) -> dict:
+        """Entries of ``self_attn.{lin}``: ``.weight`` and ``.bias`` tensors, or one QuantLinear."""
         layer = f"layers.{i}.self_attn.{lin}"
         marker = self.markers.get(layer)
         src = self.source
+        bias = self._read(self._plain_key(i, f"self_attn.{lin}.bias"))
         if marker is None:
-            return self._read(self._plain_key(i, f"self_attn.{lin}.weight"))
+            return {f"self_attn.{lin}.weight": self._read(self._plain_key(i, f"self_attn.{lin}.weight")),
+                    f"self_attn.{lin}.bias": bias}
         e, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
         out_f, in_f = {"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin]
         fmt = marker["format"]
@@ -613,7 +638,7 @@ class GptOssCheckpoint:
         if fmt == "mxfp8":  # QuantLinear keeps MXFP8 scales unswizzled, as the DiT loader stores them
             out_p, in_p = weight.shape
             scale = quant.unswizzle_scales(scale, out_p, in_p // quant.MX_BLOCK).contiguous()
-        return QuantLinear(fmt, in_f, out_f, weight, scale, None, weight_scale_2=scale2)
+        return {f"self_attn.{lin}": QuantLinear(fmt, in_f, out_f, weight, scale, bias, weight_scale_2=scale2)}
 
     def read_layer(self, i: int, config) -> LayerWeights:
         """Read decoder layer ``i`` from the file (views of the file's map, stored dtypes)."""
@@ -636,8 +661,7 @@ class GptOssCheckpoint:
             t["self_attn.o_proj.bias"] = self._read(self._plain_key(i, "self_attn.o_proj.bias"))
         else:
             for lin in ATTN_LINEARS:
-                t[f"self_attn.{lin}.weight"] = self._read_linear(i, lin, config)
-                t[f"self_attn.{lin}.bias"] = self._read(self._plain_key(i, f"self_attn.{lin}.bias"))
+                t.update(self._read_linear(i, lin, config))
         for bank in BANKS:
             t[f"mlp.experts.{bank}"] = self.read_bank(i, bank)
         return LayerWeights(i, t)

@@ -1,11 +1,14 @@
-"""gpt-oss-20b as Lens' frozen text encoder, in plain PyTorch.
+"""gpt-oss-20b as Lens' frozen text encoder: loading, weight placement and the encode API.
 
-The encoder runs decoder layers 0..max(selected) on a templated prompt and returns the raw residual
-stream after layers 5, 11, 17 and 23 (0-based, residual included, no final norm). ``lm_head`` and the
-final ``norm`` are never read. Expert banks stay quantised and are dequantised one expert at a time,
-only for experts with routed tokens (:mod:`lens_model.gpt_oss_checkpoints`).
+The encoder runs decoder layers 0..max(selected) of :class:`lens_model.gpt_oss.GptOssModel` (the
+modules and forward) on a templated prompt and returns the raw residual stream after layers 5, 11,
+17 and 23 (0-based, residual included, no final norm). ``lm_head`` and the final ``norm`` are never
+read. Expert banks stay quantised and are dequantised one expert at a time, only for experts with
+routed tokens (:class:`lens_model.gpt_oss_checkpoints.ExpertBank`).
 
-Placement (``offload``):
+The model's layers are built on the meta device; each layer's stored weights are assigned into its
+module just before it runs and released after. Placement (``offload``) decides where those weights
+come from:
   ``"device"``: every layer resident on the compute device (GPU: ~12 GB for the NVFP4 file);
   ``"layers"``: every layer kept in host memory (memory-mapped file pages), each moved to the compute
       device when it runs and released after (GPU peak < 1 GB);
@@ -19,25 +22,23 @@ Every mode computes the same numbers for the same dtype and device.
 On the CPU the experts of a layer run on worker threads, one expert per thread (see
 :class:`ExpertPool`), each dequantising its expert in row chunks into a reused buffer.
 """
-
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import hashlib
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import tokenizer as lens_tokenizer
 from .checkpoints import open_checkpoint
-from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN, TEXT_HIDDEN_SIZE, VOCAB_SIZE
+from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN
+from .gpt_oss import (GptOssAttention, GptOssConfig, GptOssDecoderLayer, GptOssMLP, GptOssModel, apply_rope,
+                      attention_bias, rms_norm, rope_cos_sin, sink_attention, yarn_inv_freq)
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, find_gpt_oss_config_json
 from .ops import CastWorkspace
 from .precision import default_compute_dtype as default_dtype  # public name of the text encoder's default
@@ -51,238 +52,7 @@ OFFLOAD_MODES = ("device", "layers", "stream")
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass
-class GptOssConfig:
-    """gpt-oss hyper-parameters (HF ``config.json`` names; defaults are gpt-oss-20b)."""
-
-    vocab_size: int = VOCAB_SIZE
-    hidden_size: int = TEXT_HIDDEN_SIZE
-    intermediate_size: int = 2880
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 64
-    num_key_value_heads: int = 8
-    head_dim: int = 64
-    num_local_experts: int = 32
-    num_experts_per_tok: int = 4
-    rms_norm_eps: float = 1e-5
-    sliding_window: int = 128
-    layer_types: tuple[str, ...] = ()
-    swiglu_limit: float = 7.0
-    swiglu_alpha: float = 1.702
-    attention_bias: bool = True
-    rope_type: str = "yarn"
-    rope_theta: float = 150000.0
-    rope_factor: float = 32.0
-    rope_beta_fast: float = 32.0
-    rope_beta_slow: float = 1.0
-    rope_original_max_position_embeddings: int = 4096
-    rope_truncate: bool = False
-    rope_attention_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.layer_types:
-            self.layer_types = tuple(
-                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
-            )
-        self.layer_types = tuple(self.layer_types)
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GptOssConfig":
-        """From an HF ``config.json`` (transformers 5 ``rope_parameters`` or 4.x ``rope_scaling`` +
-        ``rope_theta``) or OpenAI's ``original/config.json`` (``num_experts``, ``experts_per_token``,
-        ``rope_scaling_factor``, ``rope_ntk_alpha/beta``, ``initial_context_length``)."""
-        kw: dict = {}
-        names = {f.name for f in fields(cls)}
-        for k, v in d.items():
-            if k in names and not k.startswith("rope_") and v is not None:
-                kw[k] = v
-        if "num_experts" in d and "num_local_experts" not in d:  # OpenAI original config
-            kw["num_local_experts"] = d["num_experts"]
-            kw["num_experts_per_tok"] = d.get("experts_per_token", 4)
-            kw["rope_theta"] = float(d.get("rope_theta", 150000.0))
-            kw["rope_factor"] = float(d.get("rope_scaling_factor", 32.0))
-            kw["rope_beta_slow"] = float(d.get("rope_ntk_alpha", 1.0))
-            kw["rope_beta_fast"] = float(d.get("rope_ntk_beta", 32.0))
-            kw["rope_original_max_position_embeddings"] = int(d.get("initial_context_length", 4096))
-            kw["rope_truncate"] = False
-        else:
-            rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-            if isinstance(rope, dict) and "rope_type" not in rope and "full_attention" in rope:
-                rope = rope["full_attention"]  # per-layer-type rope dict (not used by gpt-oss)
-            rope = dict(rope or {})
-            theta = rope.get("rope_theta", d.get("rope_theta"))
-            if theta is not None:
-                kw["rope_theta"] = float(theta)
-            rtype = rope.get("rope_type", rope.get("type", "yarn" if rope else "default"))
-            kw["rope_type"] = rtype
-            if rtype == "yarn":
-                kw["rope_factor"] = float(rope.get("factor", 32.0))
-                kw["rope_beta_fast"] = float(rope.get("beta_fast") or 32.0)
-                kw["rope_beta_slow"] = float(rope.get("beta_slow") or 1.0)
-                kw["rope_original_max_position_embeddings"] = int(
-                    rope.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096)
-                )
-                kw["rope_truncate"] = bool(rope.get("truncate", True))  # transformers' default
-                if rope.get("attention_factor") is not None:
-                    kw["rope_attention_factor"] = float(rope["attention_factor"])
-            elif rtype != "default":
-                raise ValueError(f"unsupported rope_type {rtype!r} for gpt-oss (expected 'yarn')")
-        if "head_dim" not in kw and "hidden_size" in kw and "num_attention_heads" in kw:
-            kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
-        if "layer_types" in kw:
-            kw["layer_types"] = tuple(kw["layer_types"])
-        return cls(**kw)
-
-    @classmethod
-    def infer(cls, ckpt: GptOssCheckpoint) -> "GptOssConfig":
-        """From tensor shapes of a single file without config.json: head_dim 64 and the remaining
-        constants are the gpt-oss-20b defaults."""
-        shapes = ckpt.shapes()
-        vocab, hidden = shapes["embed_tokens.weight"]
-        heads = shapes["layers.0.self_attn.sinks"][0]
-        head_dim = 64
-        if "layers.0.self_attn.k_proj.weight" in shapes:
-            kv = shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim
-        elif ckpt.layout == "openai":
-            kv = (ckpt.source.shape("block.0.attn.qkv.weight")[0] - heads * head_dim) // (2 * head_dim)
-        else:
-            kv = shapes["layers.0.self_attn.k_proj.bias"][0] // head_dim
-        experts, two_i, _ = shapes["layers.0.mlp.experts.gate_up_proj"]
-        return cls(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=two_i // 2,
-            num_hidden_layers=ckpt.num_layers, num_attention_heads=heads, num_key_value_heads=kv,
-            head_dim=head_dim, num_local_experts=experts, num_experts_per_tok=min(4, experts),
-        )
-
-
-def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies [head_dim/2] (fp32) and the cos/sin amplitude factor.
-
-    YaRN: theta_j = base^(-2j/d); ramp between
-    low = max(corr(beta_fast), 0) and high = min(corr(beta_slow), d-1), corr(n) = d ln(L/(2 pi n)) / (2 ln base);
-    inv_freq = theta (1 - r) + theta / factor * r; amplitude 0.1 ln(factor) + 1.
-    """
-    d = config.head_dim
-    base = config.rope_theta
-    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    if config.rope_type == "default":
-        return 1.0 / pos_freqs, 1.0
-    factor = config.rope_factor
-    extrapolation = 1.0 / pos_freqs
-    interpolation = 1.0 / (factor * pos_freqs)
-    L = config.rope_original_max_position_embeddings
-
-    def corr(n: float) -> float:
-        return (d * math.log(L / (n * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = corr(config.rope_beta_fast), corr(config.rope_beta_slow)
-    if config.rope_truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    if low == high:
-        high += 0.001
-    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    extrapolation_factor = 1 - ramp
-    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
-    amp = config.rope_attention_factor
-    if amp is None:
-        amp = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-    return inv_freq, float(amp)
-
-
-def rope_cos_sin(config: GptOssConfig, seq_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [S, head_dim/2] for positions 0..S-1, amplitude applied in fp32, then cast to ``dtype``."""
-    inv_freq, amp = yarn_inv_freq(config)
-    pos = torch.arange(seq_len, dtype=torch.float32)
-    freqs = pos[:, None] * inv_freq[None, :]
-    return (freqs.cos() * amp).to(device=device, dtype=dtype), (freqs.sin() * amp).to(device=device, dtype=dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Split-half (NeoX) rotation. x: [B, heads, S, d]; cos/sin: [S, d/2]."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Forward math (functions over LayerWeights; no nn.Module state)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """w * x / sqrt(mean(x^2) + eps), computed in fp32, returned in x's dtype."""
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * h).to(x.dtype)
-
-
-def attention_bias(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Additive fp32 mask [B, S, S] (0 or -inf): causal j <= i, sliding i - window < j (when
-    ``window``), padded keys (attention_mask 0) masked. Queries are never masked."""
-    b, s = attention_mask.shape
-    dev = attention_mask.device
-    i = torch.arange(s, device=dev)[:, None]
-    j = torch.arange(s, device=dev)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (i - j < window)
-    allowed = allowed[None] & attention_mask.bool()[:, None, :]
-    bias = torch.zeros(b, s, s, dtype=torch.float32, device=dev)
-    return bias.masked_fill_(~allowed, float("-inf"))
-
-
-def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, bias: torch.Tensor,
-                   scale: float, max_scores: int = 1 << 24) -> torch.Tensor:
-    """Softmax attention with one extra "sink" logit per head (a learned logit with no value), in fp32.
-
-    q: [B, H, S, d]; k, v: [B, KV, S, d] (GQA: head h uses KV head h // (H/KV)); sinks: [H];
-    bias: [B, S, S] additive. out_i = sum_j e^{l_ij} v_j / (sum_j e^{l_ij} + e^{s_h}); a fully masked
-    row gives 0. Returns [B, H, S, d] fp32. Queries are processed in chunks of at most
-    ``max_scores`` score elements.
-    """
-    bsz, heads, s, d = q.shape
-    kvh = k.shape[1]
-    g = heads // kvh
-    qf = q.float().reshape(bsz, kvh, g, s, d)
-    kt = k.float().transpose(-1, -2)[:, :, None]  # [B, KV, 1, d, S]
-    vf = v.float()[:, :, None]  # [B, KV, 1, S, d]
-    sink = sinks.float().reshape(1, kvh, g, 1, 1)
-    out = torch.empty(bsz, kvh, g, s, d, dtype=torch.float32, device=q.device)
-    step = max(1, max_scores // max(1, bsz * heads * s))
-    for q0 in range(0, s, step):
-        q1 = min(s, q0 + step)
-        logits = torch.matmul(qf[:, :, :, q0:q1], kt) * scale  # [B, KV, G, q, S]
-        logits += bias[:, None, None, q0:q1]
-        m = torch.maximum(logits.amax(-1, keepdim=True), sink)
-        p = torch.exp(logits - m)
-        denom = p.sum(-1, keepdim=True) + torch.exp(sink - m)
-        out[:, :, :, q0:q1] = torch.matmul(p / denom, vf)
-    return out.reshape(bsz, heads, s, d)
-
-
-def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
-                    bias: torch.Tensor) -> torch.Tensor:
-    """Self-attention of one layer. x: [B, S, E] (normed, compute dtype) -> [B, S, E]."""
-    dtype = x.dtype
-    bsz, s, _ = x.shape
-    d = config.head_dim
-
-    def proj(name: str) -> torch.Tensor:
-        return F.linear(x, lw.linear_weight(f"self_attn.{name}.weight", dtype), lw[f"self_attn.{name}.bias"].to(dtype))
-
-    q = proj("q_proj").view(bsz, s, -1, d).transpose(1, 2)
-    k = proj("k_proj").view(bsz, s, -1, d).transpose(1, 2)
-    v = proj("v_proj").view(bsz, s, -1, d).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = sink_attention(q, k, v, lw["self_attn.sinks"].to(dtype), bias, d ** -0.5)
-    o = o.transpose(1, 2).reshape(bsz, s, -1).to(dtype)
-    return F.linear(o, lw.linear_weight("self_attn.o_proj.weight", dtype), lw["self_attn.o_proj.bias"].to(dtype))
+# CPU expert threads, and one block run on a layer's weights (for benchmarks and tests)
 
 
 class ExpertPool:
@@ -324,73 +94,45 @@ class ExpertPool:
         self._pool.shutdown(wait=True)
 
 
+def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
+                    bias: torch.Tensor) -> torch.Tensor:
+    """Self-attention of one layer's weights ``lw`` (its ``self_attn.*`` entries) through
+    :class:`~lens_model.gpt_oss.GptOssAttention`. x: [B, S, E] (normed, compute dtype) -> [B, S, E]."""
+    return _with_weights(GptOssAttention(config, device="meta"), lw, "self_attn.")(x, cos, sin, bias)
+
+
 def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: CastWorkspace | None = None,
               pool: ExpertPool | None = None) -> torch.Tensor:
-    """Top-k mixture of experts. x: [T, E] (normed, compute dtype) -> [T, E].
-
-    Router logits (fp32) -> top-k -> softmax over those k; per expert with tokens:
-    gate/up interleaved (even rows gate), gate <= limit, |up| <= limit, a = gate * sigmoid(alpha gate) * (up + 1),
-    y = W2 a + b2, weighted and summed in fp32 in ascending expert order. Experts without tokens are
-    never touched. ``pool`` runs experts on worker threads (CPU).
-    """
-    k = config.num_experts_per_tok
-    logits = F.linear(x.float(), lw["mlp.router.weight"].float(), lw["mlp.router.bias"].float())
-    top_v, top_i = torch.topk(logits, k, dim=-1)
-    weights = torch.softmax(top_v, dim=-1)
-    flat = top_i.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=config.num_local_experts).tolist()
-    tokens = order // k
-    tok_w = weights.reshape(-1)[order]
-    gate_up, down = lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]
-    limit, alpha = config.swiglu_limit, config.swiglu_alpha
-
-    def expert(e: int, tok: torch.Tensor, w: torch.Tensor, ws: CastWorkspace | None) -> torch.Tensor:
-        gu = gate_up.linear(e, x.index_select(0, tok), ws)
-        gate = gu[:, 0::2].clamp(max=limit)
-        up = gu[:, 1::2].clamp(min=-limit, max=limit)
-        a = gate * torch.sigmoid(gate * alpha) * (up + 1)
-        y = down.linear(e, a.contiguous(), ws)
-        return y.float() * w[:, None]
-
-    def pooled(e, tok, w):
-        with torch.inference_mode():  # grad mode is per thread
-            return expert(e, tok, w, pool.workspace())
-
-    jobs, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            jobs.append((e, tokens[start:start + n], tok_w[start:start + n]))
-            start += n
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    if pool is not None and len(jobs) > 1:
-        # the workers use every core: keep this thread's own small ops off the OpenMP team meanwhile
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        futures = [pool.submit(pooled, *job) for job in jobs]
-        try:
-            for (e, tok, _), fut in zip(jobs, futures):
-                out.index_add_(0, tok, fut.result())
-        finally:
-            for fut in futures:
-                fut.cancel()
-            torch.set_num_threads(prev)
-    else:
-        for e, tok, w in jobs:
-            out.index_add_(0, tok, expert(e, tok, w, workspace))
-    return out.to(x.dtype)
+    """Mixture of experts of one layer's weights ``lw`` (its ``mlp.*`` entries) through
+    :class:`~lens_model.gpt_oss.GptOssMLP`. x: [T, E] (normed, compute dtype) -> [T, E]."""
+    mlp = _with_weights(GptOssMLP(config, device="meta"), lw, "mlp.")
+    mlp.experts.cast_workspace, mlp.experts.expert_pool = workspace, pool
+    return mlp(x)
 
 
 def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
                   bias: torch.Tensor, workspace: CastWorkspace | None = None, pool: ExpertPool | None = None) -> torch.Tensor:
-    """One pre-norm decoder layer. h: [B, S, E] residual stream (compute dtype) -> [B, S, E]."""
-    eps = config.rms_norm_eps
-    dtype = h.dtype
-    x = rms_norm(h, lw["input_layernorm.weight"].to(dtype), eps)
-    h = h + attention_block(x, lw, config, cos, sin, bias)
-    x = rms_norm(h, lw["post_attention_layernorm.weight"].to(dtype), eps)
-    bsz, s, e = x.shape
-    return h + moe_block(x.reshape(bsz * s, e), lw, config, workspace, pool).reshape(bsz, s, e)
+    """One decoder layer (:class:`~lens_model.gpt_oss.GptOssDecoderLayer`) on ``lw``. h: [B, S, E] -> [B, S, E]."""
+    layer = GptOssDecoderLayer(config, min(lw.index, config.num_hidden_layers - 1))
+    layer.mlp.experts.cast_workspace, layer.mlp.experts.expert_pool = workspace, pool
+    layer.assign(lw)
+    try:
+        return layer(h, cos, sin, bias)
+    finally:
+        layer.release()
+
+
+def _with_weights(module: torch.nn.Module, lw: LayerWeights, prefix: str) -> torch.nn.Module:
+    """``module`` (built on meta) holding the entries of ``lw`` under ``prefix`` (a throw-away module:
+    the weights go with it)."""
+    for name, value in lw.items():
+        if name.startswith(prefix):
+            parent_name, _, attr = name[len(prefix):].rpartition(".")
+            parent = module.get_submodule(parent_name)
+            if isinstance(value, torch.Tensor):
+                value = torch.nn.Parameter(value, requires_grad=False)
+            setattr(parent, attr, value)
+    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +169,7 @@ class LensTextEncoder:
         self._selected = self._check_layers(selected_layers)
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
+        self.model = GptOssModel(config)  # meta-device layers; weights are assigned per layer as it runs
         self._resident: list[LayerWeights] | None = None
         self._workspace = CastWorkspace()
         self._pool: ExpertPool | None = None
@@ -597,35 +340,19 @@ class LensTextEncoder:
             return self._forward(ids, mask, callback)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, callback) -> list[torch.Tensor]:
-        cfg = self.config
         bsz, s = ids.shape
         t0 = time.perf_counter()
         dev, dtype = self.device, self.dtype
         h = self.checkpoint.embed(ids).to(device=dev, dtype=dtype)
-        mask = mask.to(dev)
-        cos, sin = rope_cos_sin(cfg, s, dtype, dev)
-        biases = {
-            "full_attention": attention_bias(mask, None),
-            "sliding_attention": attention_bias(mask, cfg.sliding_window),
-        }
-        wanted = set(self.selected_layers)
-        captured: dict[int, torch.Tensor] = {}
         n = self.num_layers_run
-        ws = self._workspace if dev.type == "cpu" else None
-        pool = self._expert_pool() if dev.type == "cpu" else None
-        for i, lw in enumerate(self._layers(n)):
-            ltype = cfg.layer_types[i]
-            if ltype not in biases:
-                raise ValueError(f"unknown layer type {ltype!r} at layer {i}")
-            h = decoder_layer(h, lw, cfg, cos, sin, biases[ltype], ws, pool)
-            del lw
-            if i in wanted:
-                captured[i] = h
-            if callback is not None:
-                callback(i + 1, n)
+        if dev.type == "cpu":
+            self.model.set_expert_runtime(self._workspace, self._expert_pool())
+        else:
+            self.model.set_expert_runtime(None, None)
+        feats = self.model(h, mask.to(dev), self._layers(n), self.selected_layers, callback, num_layers=n)
         self.last_timings = {"encode_s": time.perf_counter() - t0, "tokens": float(bsz * s)}
         logger.info("gpt-oss encode: %d x %d tokens, %d layers in %.2f s", bsz, s, n, self.last_timings["encode_s"])
-        return [captured[i] for i in self.selected_layers]
+        return feats
 
     def encode(self, prompts: Sequence[str] | str, date=None, strip_markers: bool = True, *,
                encode_empty: bool = False, callback: Callable[[int, int], None] | None = None,
@@ -767,8 +494,11 @@ __all__ = [
     "rms_norm",
     "attention_bias",
     "sink_attention",
+    "attention_block",
     "moe_block",
     "decoder_layer",
+    "ExpertPool",
+    "resolve_dtype",
     "default_dtype",
     "DEFAULT_SELECTED_LAYERS",
     "OFFLOAD_MODES",

@@ -1,4 +1,4 @@
-"""Text-encoder checkpoint layouts (text_encoder.md §7) built from the golden tiny weights, plus the
+"""Text-encoder checkpoint layouts (ComfyUI NVFP4, HF MXFP4, OpenAI original, HF dense) built from the golden tiny weights, plus the
 loader's error messages. Quantised layouts are compared with the same model run on its own
 dequantised weights (written as a plain fp32 file); lossless layouts must match exactly."""
 
@@ -142,6 +142,39 @@ def test_comfy_nvfp4_matches_its_own_dequantised_weights(tmp_path, golden_sd, id
 
 
 # -- (b) HF MXFP4 sharded folder, (c) OpenAI original -------------------------------------------------
+
+
+@pytest.mark.parametrize("offload", ["stream", "device", "layers"])
+def test_layers_run_as_modules_with_ops_linears_and_hold_no_weights_after(tmp_path, golden_sd, ids_mask, offload,
+                                                                           monkeypatch):
+    """Each layer runs as an nn.Module whose projections are the ops seam's layers (a QuantLinear for a
+    quantised projection, ops.Linear for a plain one); its weights are assigned just before it runs
+    and released after, in every offload mode (the module is back on the meta device)."""
+    from lens_model import ops
+    from lens_model.gpt_oss import GptOssDecoderLayer
+
+    tensors, metadata, _, _ = build_comfy_nvfp4(golden_sd, marker="metadata", quant_attn=True)
+    path = _write_folder(tmp_path / "comfy", tensors, name="te.safetensors", metadata=metadata)
+    seen = {}
+    forward = GptOssDecoderLayer.forward
+
+    def recording(self, h, *args):
+        attn = self.self_attn
+        seen[self.index] = {name: (type(getattr(attn, name)), getattr(attn, name).weight.is_meta)
+                            for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        seen[self.index]["banks"] = (self.mlp.experts.gate_up_proj is not None, self.mlp.experts.down_proj is not None)
+        return forward(self, h, *args)
+
+    monkeypatch.setattr(GptOssDecoderLayer, "forward", recording)
+    te, _ = _encode(path, ids_mask, offload=offload)
+    assert sorted(seen) == list(range(te.num_layers_run))
+    assert seen[1]["q_proj"] == (ops.QuantLinear, False) and seen[1]["o_proj"] == (ops.QuantLinear, False)
+    assert seen[1]["v_proj"] == (ops.Linear, False) and seen[0]["q_proj"] == (ops.Linear, False)
+    assert all(v["banks"] == (True, True) for v in seen.values())
+    for layer in te.model.layers:
+        assert all(p.is_meta for p in layer.parameters())
+        assert type(layer.self_attn.q_proj) is ops.Linear
+        assert layer.mlp.experts.gate_up_proj is None and layer.mlp.experts.down_proj is None
 
 
 def build_mxfp4_banks(sd):

@@ -1,4 +1,4 @@
-"""Per-expert dequantisation keeps memory bounded on a full-size MoE layer (text_encoder.md §8).
+"""Per-expert dequantisation keeps memory bounded on a full-size MoE layer (GptOssMLP through moe_block).
 
 A subprocess builds ONE full-size gpt-oss-20b MoE layer with MXFP4 experts (32 experts, gate_up
 5760x2880 and down 2880x2880, random codes: ~420 MB), then runs the layer's MoE on 16 tokens and
