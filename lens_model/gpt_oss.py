@@ -13,7 +13,7 @@ Module and parameter names equal the checkpoint's internal key names (relative t
 Weights enter through the ``ops`` seam: Linears are built with ``operations.Linear`` (a stored
 bf16/fp32 weight is cast to the compute dtype at the call), and a Linear stored quantised
 (float8 / MXFP8 / NVFP4) is an :class:`lens_model.ops.QuantLinear` put in its place. The expert
-banks are storage objects (:class:`lens_model.gpt_oss_checkpoints.ExpertBank`: MXFP4, NVFP4 or
+banks are storage objects (:class:`lens_model.ops.ExpertBank`: MXFP4, NVFP4 or
 dense) that compute one expert's ``x @ W_e^T + b_e`` at a time, dequantising only that expert.
 
 The layers are built on the meta device and hold no weights of their own: the owner assigns one
@@ -284,7 +284,7 @@ class GptOssExperts(nn.Module):
 
     ``gate_up_proj``: bank of ``num_experts`` matrices [2I, E] (rows interleaved: even rows gate,
     odd rows up); ``down_proj``: bank of [E, I]. A bank is any object with ``linear(e, x, workspace)``
-    = ``x @ W_e^T + b_e`` for one expert (:class:`lens_model.gpt_oss_checkpoints.ExpertBank`), so
+    = ``x @ W_e^T + b_e`` for one expert (:class:`lens_model.ops.ExpertBank`), so
     only the experts with routed tokens are ever dequantised, one at a time per worker.
 
     Set by the owner, like the DiT's ``cast_workspace``: ``cast_workspace`` (scratch memory for the

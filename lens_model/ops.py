@@ -14,6 +14,8 @@ never sees storage formats. The text encoder keeps its quantised attention proje
   at each call, so only one layer's dense weight exists at a time.
 - :class:`CastWorkspace` is the scratch memory those per-call casts / dequantisations write into:
   one per model, handed to its layers (``layer.cast_workspace``), reused across layers and steps.
+- :class:`ExpertBank` holds one projection of all experts of a gpt-oss MoE layer (MXFP4, NVFP4 or
+  dense) and computes one expert's ``x @ W_e^T + b_e`` at a time, dequantising only that expert.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -297,3 +300,189 @@ class Operations:
 
 
 default_operations = Operations()
+
+
+# -- expert banks (the text encoder's MoE weights) ---------------------------------------------------
+# A gpt-oss MoE layer stores all its experts' matrices in one bank per projection; the bank keeps
+# its stored (quantised) form and computes one expert at a time, so a layer is never dequantised whole.
+
+_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+_E4M3_TABLE = torch.where(torch.isnan(_E4M3_TABLE), torch.zeros_like(_E4M3_TABLE), _E4M3_TABLE)
+_E8M0_TABLE = quant.e8m0_to_float(torch.arange(256, dtype=torch.uint8), zero_byte_is_zero=False)
+
+#: Rows of one expert matrix dequantised at a time on the CPU (~1.5 MB of fp32 for in = 2880, so a
+#: chunk stays in the L2 cache between dequantisation and its matmul).
+CPU_CHUNK_ROWS = 128
+
+
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _table_on(table: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return table
+    key = (name, str(device))
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        t = _TABLE_CACHE[key] = table.to(device)
+    return t
+
+
+def fp4_pair_table(dtype: torch.dtype, low_first: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """256-entry byte -> (value of element 2j, value of element 2j+1) table, one packed word per byte.
+
+    Returns a 1-D tensor of 256 words: int64 holding two fp32 values for ``dtype=float32``, int32
+    holding two 16-bit values for bf16. ``index_select`` with the bytes (as int32) writes the values
+    straight into a ``[rows, 2*cols]`` buffer viewed as words.
+    """
+    device = torch.device(device)
+    key = (dtype, low_first, str(device))
+    t = _TABLE_CACHE.get(key)
+    if t is None:
+        pair = quant._pair_table(torch.float32, low_first=low_first).to(dtype)  # [256, 2]
+        word = {4: torch.int64, 2: torch.int32}[pair.element_size()]
+        t = pair.contiguous().view(word).reshape(256).to(device)
+        _TABLE_CACHE[key] = t
+    return t
+
+
+def _move(t: torch.Tensor | None, device, non_blocking: bool = False) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t.to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class ExpertBank:
+    """One MoE projection bank of ``num_experts`` matrices ``[out_features, in_features]``.
+
+    ``format``:
+      ``"nvfp4"``: ``codes`` uint8 [E, out, in/2] (high nibble first), ``scales`` uint8 E4M3 bits,
+        swizzled [E, Rp, Cp] or [E, Rp*Cp], ``global_scale`` fp32 [E] or 0-d;
+      ``"mxfp4"``: ``codes`` uint8 [E, out, in/2] (= blocks [E, out, in/32, 16] flattened; low nibble
+        first), ``scales`` uint8 E8M0 [E, out, in/32];
+      ``"dense_io"``: ``weight`` [E, in, out] (HF dequantised; forward is x @ W[e]);
+      ``"dense_oi"``: ``weight`` [E, out, in] (Linear orientation).
+    ``bias``: [E, out] (always present).
+    """
+
+    format: str
+    num_experts: int
+    out_features: int
+    in_features: int
+    bias: torch.Tensor
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    name: str = ""
+
+    # -- storage -----------------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.bias, self.codes, self.scales, self.global_scale, self.weight) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self.bias.device
+
+    def to(self, device, non_blocking: bool = False) -> "ExpertBank":
+        return ExpertBank(
+            self.format, self.num_experts, self.out_features, self.in_features,
+            _move(self.bias, device, non_blocking), _move(self.codes, device, non_blocking),
+            _move(self.scales, device, non_blocking), _move(self.global_scale, device, non_blocking),
+            _move(self.weight, device, non_blocking), self.name,
+        )
+
+    # -- dequantisation ----------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return quant.NVFP4_BLOCK if self.format == "nvfp4" else quant.MX_BLOCK
+
+    def expert_scales(self, e: int) -> torch.Tensor:
+        """fp32 block scales of expert ``e`` (global scale folded in for NVFP4): [out, in / block]."""
+        rows, cols = self.out_features, self.in_features // self.block_size
+        dev = self.codes.device
+        if self.format == "mxfp4":
+            idx = self.scales[e].reshape(-1).to(torch.int32)
+            table = _table_on(_E8M0_TABLE, "e8m0", dev)
+        else:
+            idx = quant.unswizzle_scales(self.scales[e], rows, cols).reshape(-1).to(torch.int32)
+            g = self.global_scale
+            g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
+            table = _table_on(_E4M3_TABLE, "e4m3", dev) * g.to(dev, torch.float32)  # g*b formed in fp32
+        return torch.index_select(table, 0, idx).view(rows, cols)
+
+    def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor, scales: torch.Tensor,
+                  idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantise rows [r0, r1) of expert ``e`` into ``out32`` (fp32, >= (r1-r0)*in elements).
+
+        ``scales``: this expert's :meth:`expert_scales`; ``idx``: optional int32 scratch (>= (r1-r0)*in/2).
+        Each code byte becomes a pair of fp32 values with one ``index_select`` from a 256-word table,
+        then the block scales multiply in place. Returns the [r1 - r0, in] view.
+        """
+        n, k, bs = r1 - r0, self.in_features, self.block_size
+        table = fp4_pair_table(torch.float32, low_first=self.format == "mxfp4", device=out32.device)
+        codes = self.codes[e, r0:r1].reshape(-1)
+        if idx is None:
+            idx = codes.to(torch.int32)
+        else:
+            idx = idx[: codes.numel()]
+            idx.copy_(codes)
+        dst = out32.reshape(-1)[: n * k]
+        torch.index_select(table, 0, idx, out=dst.view(torch.int64))
+        dst.view(n, k // bs, bs).mul_(scales[r0:r1].unsqueeze(-1))
+        return dst.view(n, k)
+
+    def dequantize(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``e`` as a dense ``[out, in]`` matrix in ``dtype``."""
+        if self.format == "dense_io":
+            return self.weight[e].t().to(dtype)
+        if self.format == "dense_oi":
+            return self.weight[e].to(dtype)
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.float32, device=self.device)
+        self._fp4_rows(e, 0, self.out_features, out, self.expert_scales(e))
+        return out.to(dtype)
+
+    def linear(self, e: int, x: torch.Tensor, workspace: CastWorkspace | None = None) -> torch.Tensor:
+        """``x @ W_e^T + b_e`` for expert ``e``: x [n, in] (compute dtype) -> [n, out] (x's dtype).
+
+        Quantised experts are dequantised in row chunks of ``CPU_CHUNK_ROWS`` into reused buffers
+        (CPU: ``workspace``, a :class:`CastWorkspace`, one per worker thread)
+        or whole (other devices), so at most one expert's dequantised weights exist at a time per
+        worker.
+        """
+        dtype = x.dtype
+        bias = self.bias[e].to(dtype)
+        if self.format == "dense_io":
+            return torch.addmm(bias, x, self.weight[e].to(dtype))
+        if self.format == "dense_oi":
+            return F.linear(x, self.weight[e].to(dtype), bias)
+        n_out, k = self.out_features, self.in_features
+        scales = self.expert_scales(e)
+        if x.device.type != "cpu":
+            w = torch.empty(n_out, k, dtype=torch.float32, device=x.device)
+            self._fp4_rows(e, 0, n_out, w, scales)
+            return F.linear(x, w.to(dtype), bias)
+        ch = CPU_CHUNK_ROWS
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], n_out, dtype=dtype)
+        with (workspace if workspace is not None else CastWorkspace()).lease() as lease:
+            bufs = lease if lease is not None else CastWorkspace()  # busy, or autograd recording: fresh memory
+            idx = bufs.buffer(ch * k // 2, torch.int32, x.device, slot=0)
+            buf32 = bufs.buffer(ch * k, torch.float32, x.device, slot=1)
+            buf = bufs.buffer(ch * k, dtype, x.device, slot=2) if dtype != torch.float32 else None
+            for r0, r1 in _row_chunks(n_out, ch):
+                w = self._fp4_rows(e, r0, r1, buf32, scales, idx)
+                if buf is not None:
+                    w = buf[: w.numel()].view_as(w).copy_(w)
+                # x @ w^T (not w @ x^T: MKL is several times slower for that orientation at 2..15 tokens)
+                out[:, r0:r1] = torch.mm(x, w.t())
+        return out.add_(bias)
+
+
+def _row_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(r0, min(n, r0 + chunk)) for r0 in range(0, n, chunk)]

@@ -4,7 +4,7 @@ The encoder runs decoder layers 0..max(selected) of :class:`lens_model.gpt_oss.G
 modules and forward) on a templated prompt and returns the raw residual stream after layers 5, 11,
 17 and 23 (0-based, residual included, no final norm). ``lm_head`` and the final ``norm`` are never
 read. Expert banks stay quantised and are dequantised one expert at a time, only for experts with
-routed tokens (:class:`lens_model.gpt_oss_checkpoints.ExpertBank`).
+routed tokens (:class:`lens_model.ops.ExpertBank`).
 
 The model's layers are built on the meta device; each layer's stored weights are assigned into its
 module just before it runs and released after. Placement (``offload``) decides where those weights

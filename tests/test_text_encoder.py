@@ -345,9 +345,9 @@ def test_nvfp4_expert_dequant_matches_comfy_kitchen(rows, g_shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_linear_equals_dense_reference(fmt, dtype, monkeypatch):
     """The chunked CPU kernel (reused buffers, chunks that do not divide the rows) equals dequant + linear."""
-    import lens_model.gpt_oss_checkpoints as goc
+    from lens_model import ops
 
-    monkeypatch.setattr(goc, "CPU_CHUNK_ROWS", 128)
+    monkeypatch.setattr(ops, "CPU_CHUNK_ROWS", 128)
     gen = torch.Generator().manual_seed(3)
     e, rows, cols = 2, 300, 64
     w = torch.randn(e, rows, cols, generator=gen)
