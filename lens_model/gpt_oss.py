@@ -411,15 +411,7 @@ class GptOssDecoderLayer(nn.Module):
         """
         if self._placeholders:
             self.release()
-        for name, value in weights.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = self.get_submodule(parent_name)
-            if not hasattr(parent, attr):
-                raise KeyError(f"gpt-oss layer {self.index} has no `{name}`")
-            self._placeholders[name] = getattr(parent, attr)
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=False)
-            setattr(parent, attr, value)
+        self._placeholders = assign_weights(self, weights)
         missing = [n for n, p in self.named_parameters() if p.is_meta]
         missing += [f"mlp.experts.{b}" for b in ("gate_up_proj", "down_proj") if getattr(self.mlp.experts, b) is None]
         if missing:
@@ -428,10 +420,42 @@ class GptOssDecoderLayer(nn.Module):
 
     def release(self) -> None:
         """Drop the assigned weights (back to the meta placeholders)."""
-        for name, placeholder in reversed(list(self._placeholders.items())):
+        restore_weights(self, self._placeholders)
+        self._placeholders = {}
+
+
+def assign_weights(module: nn.Module, weights: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """Put the entries of ``weights`` whose names start with ``prefix`` into ``module`` (names relative
+    to it after the prefix; no copies) and return what they replaced, by name.
+
+    A tensor becomes the parameter of that name; an ``nn.Module`` (a ``QuantLinear``) replaces the
+    Linear of that name; anything else (an expert bank) is set as the attribute.
+    """
+    replaced: dict[str, object] = {}
+    try:
+        for name, value in weights.items():
+            if not name.startswith(prefix):
+                continue
+            name = name[len(prefix):]
             parent_name, _, attr = name.rpartition(".")
-            setattr(self.get_submodule(parent_name), attr, placeholder)
-        self._placeholders.clear()
+            parent = module.get_submodule(parent_name)
+            if not hasattr(parent, attr):
+                raise KeyError(f"{type(module).__name__} has no `{name}`")
+            replaced[name] = getattr(parent, attr)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=False)
+            setattr(parent, attr, value)
+    except Exception:
+        restore_weights(module, replaced)  # nothing left half assigned
+        raise
+    return replaced
+
+
+def restore_weights(module: nn.Module, replaced: Mapping[str, object]) -> None:
+    """Undo :func:`assign_weights`: put back what it returned."""
+    for name, previous in reversed(list(replaced.items())):
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), attr, previous)
 
 
 class GptOssModel(nn.Module):
@@ -504,6 +528,8 @@ __all__ = [
     "GptOssMLP",
     "GptOssExperts",
     "RMSNorm",
+    "assign_weights",
+    "restore_weights",
     "yarn_inv_freq",
     "rope_cos_sin",
     "apply_rope",

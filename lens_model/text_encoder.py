@@ -38,7 +38,7 @@ from . import tokenizer as lens_tokenizer
 from .checkpoints import open_checkpoint
 from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN
 from .gpt_oss import (GptOssAttention, GptOssConfig, GptOssDecoderLayer, GptOssMLP, GptOssModel, apply_rope,
-                      attention_bias, rms_norm, rope_cos_sin, sink_attention, yarn_inv_freq)
+                      assign_weights, attention_bias, rms_norm, rope_cos_sin, sink_attention, yarn_inv_freq)
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, find_gpt_oss_config_json
 from .ops import CastWorkspace
 from .precision import default_compute_dtype as default_dtype  # public name of the text encoder's default
@@ -98,14 +98,17 @@ def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos
                     bias: torch.Tensor) -> torch.Tensor:
     """Self-attention of one layer's weights ``lw`` (its ``self_attn.*`` entries) through
     :class:`~lens_model.gpt_oss.GptOssAttention`. x: [B, S, E] (normed, compute dtype) -> [B, S, E]."""
-    return _with_weights(GptOssAttention(config, device="meta"), lw, "self_attn.")(x, cos, sin, bias)
+    attn = GptOssAttention(config, device="meta")
+    assign_weights(attn, lw, "self_attn.")
+    return attn(x, cos, sin, bias)
 
 
 def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: CastWorkspace | None = None,
               pool: ExpertPool | None = None) -> torch.Tensor:
     """Mixture of experts of one layer's weights ``lw`` (its ``mlp.*`` entries) through
     :class:`~lens_model.gpt_oss.GptOssMLP`. x: [T, E] (normed, compute dtype) -> [T, E]."""
-    mlp = _with_weights(GptOssMLP(config, device="meta"), lw, "mlp.")
+    mlp = GptOssMLP(config, device="meta")
+    assign_weights(mlp, lw, "mlp.")
     mlp.experts.cast_workspace, mlp.experts.expert_pool = workspace, pool
     return mlp(x)
 
@@ -120,19 +123,6 @@ def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: 
         return layer(h, cos, sin, bias)
     finally:
         layer.release()
-
-
-def _with_weights(module: torch.nn.Module, lw: LayerWeights, prefix: str) -> torch.nn.Module:
-    """``module`` (built on meta) holding the entries of ``lw`` under ``prefix`` (a throw-away module:
-    the weights go with it)."""
-    for name, value in lw.items():
-        if name.startswith(prefix):
-            parent_name, _, attr = name[len(prefix):].rpartition(".")
-            parent = module.get_submodule(parent_name)
-            if isinstance(value, torch.Tensor):
-                value = torch.nn.Parameter(value, requires_grad=False)
-            setattr(parent, attr, value)
-    return module
 
 
 # --------------------------------------------------------------------------------------------------
