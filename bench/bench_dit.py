@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lens_model.dit import LensDiTConfig, LensTransformer, rope_frequencies, rope_positions  # noqa: E402
+from lens_model.dit import LensDiTConfig, LensTransformer, rope_frequencies, rope_positions
 from procstats import read_bytes, status_bytes  # noqa: E402  (bench/ is the script folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -181,7 +181,7 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: boo
 
 def run_load(path: str, dtype_name: str | None) -> dict:
     """Time ``load_transformer(path)`` once in this (fresh) process."""
-    from lens_model.dit import load_transformer
+    from lens_model.dit_loading import load_transformer
 
     before_read = read_bytes()
     rss_before = rss_bytes()

@@ -200,10 +200,11 @@ class Timeline:
 
 
 def child(args) -> dict:
-    import lens_model.dit as dit_mod
+    import lens_model.dit_loading as dit_mod
     import lens_model.pipeline as pipeline
     import lens_model.text_encoder as te_mod
     import lens_model.vae as vae_mod
+    import lens_model.vae_loading as vae_loading
 
     tl = Timeline()
     res: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -227,7 +228,7 @@ def child(args) -> dict:
     wrap(te_mod, "load_text_encoder", before="te_load", after="te_encode")
     wrap(pipeline, "encode_prompts", after="te_release")
     wrap(dit_mod, "load_transformer", before="dit_load", after="step_1")
-    wrap(pipeline, "_load_vae", before="vae_load", after="vae_decode")
+    wrap(vae_loading, "load_vae", before="vae_load", after="vae_decode")
     orig_decode = vae_mod.Flux2VAE.decode
 
     def decode(self, *a, **k):

@@ -114,7 +114,7 @@ def device_info() -> None:
 def golden_check() -> None:
     from safetensors import safe_open
 
-    from lens_model.dit import load_transformer
+    from lens_model.dit_loading import load_transformer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -199,7 +199,7 @@ def dit_bf16() -> None:
 @section("Lens DiT fp8 weight-only storage")
 def dit_fp8() -> None:
     from lens_model import ops
-    from lens_model.dit import FP8_CANDIDATES
+    from lens_model.dit_loading import FP8_CANDIDATES
 
     model = random_full_model()
     with torch.no_grad():

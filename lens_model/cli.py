@@ -218,7 +218,7 @@ def find_in_models_dir(root: Path, key: str, variant: Optional[str]) -> Optional
     ``variant`` None a Turbo file, else any Lens DiT); then the Comfy-Org file name, else the first
     in ComfyUI's (alphabetical) order. Logs what was found and chosen; None when nothing fits.
     """
-    from .dit import variant_defaults_for
+    from .dit_loading import variant_defaults_for
 
     files = _candidates(root, key)
     where = " or ".join(f"{sub}/" for sub in MODELS_SUBFOLDERS[key])
@@ -532,7 +532,7 @@ def _cli_message(e: ValueError) -> str:
 
 
 def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
-    from .dit import VARIANT_DEFAULTS
+    from .constants import VARIANT_DEFAULTS
     from .pipeline import check_generation_options, generate
 
     try:  # everything that does not depend on the variant, before any file is touched

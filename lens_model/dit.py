@@ -688,19 +688,11 @@ class LensTransformer(nn.Module):
         return feats.view(bsz, feats.shape[1], k, e)
 
 
-# Loading lives in :mod:`lens_model.dit_loading`; these names stay importable from here for existing
-# callers (imported last: dit_loading imports the model classes above).
-from .dit_loading import FP8_CANDIDATES, inspect_transformer, load_transformer, variant_defaults_for  # noqa: E402
-
 __all__ = [
     "LensDiTConfig",
     "LensTransformer",
-    "load_transformer",
-    "inspect_transformer",
     "rope_positions",
     "rope_frequencies",
     "timestep_embedding",
-    "variant_defaults_for",
     "VARIANT_DEFAULTS",
-    "FP8_CANDIDATES",
 ]

@@ -24,9 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from .dit import variant_defaults_for
+from . import dit_loading, ops, text_encoder as text_encoder_module, vae_loading
+from .checkpoints import CheckpointError, WrongComponentError
+from .dit_loading import inspect_transformer, variant_defaults_for
+from .text_encoder import DEFAULT_SELECTED_LAYERS, inspect_text_encoder
+from .vae_loading import inspect_vae
 from .lora import applied as lora_applied, as_lora_list
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import (
@@ -104,8 +111,8 @@ def check_model_files(transformer_path: Optional[PathLike] = None,
     """Check the model files from their headers only (milliseconds; nothing is loaded).
 
     Each given file must be the right kind of model, in a known layout, with every tensor shape
-    consistent (:func:`~lens_model.dit.inspect_transformer`,
-    :func:`~lens_model.text_encoder.inspect_text_encoder`, :func:`~lens_model.vae.inspect_vae`), and
+    consistent (:func:`~lens_model.dit_loading.inspect_transformer`,
+    :func:`~lens_model.text_encoder.inspect_text_encoder`, :func:`~lens_model.vae_loading.inspect_vae`), and
     the files must fit each other: the text encoder's width and layer count feed the DiT's text
     input, the VAE's latent channels are the DiT's. Messages start with the file's label
     (``labels``, keyed "dit" / "te" / "vae"; default the :func:`generate` argument names) and a file
@@ -113,11 +120,6 @@ def check_model_files(transformer_path: Optional[PathLike] = None,
     :func:`lens_model.checkpoints.wrong_kind_message`). Raises FileNotFoundError or
     :class:`~lens_model.checkpoints.CheckpointError` (a ValueError).
     """
-    from .checkpoints import CheckpointError, WrongComponentError
-    from .dit import inspect_transformer
-    from .text_encoder import DEFAULT_SELECTED_LAYERS, inspect_text_encoder
-    from .vae import inspect_vae
-
     labels = dict(PYTHON_FILE_LABELS, **(labels or {}))
     fixes = PYTHON_FILE_FIXES if fixes is None else fixes
     found = {}
@@ -159,7 +161,7 @@ def check_loras(lora, dit) -> list:
     """Read the LoRA(s) in ``lora`` (anything :func:`lens_model.lora.as_lora_list` takes; None for
     none) and check each against the DiT: a loaded module, or the
     :class:`~lens_model.dit.LensDiTConfig` that :func:`check_model_files` /
-    :func:`~lens_model.dit.inspect_transformer` read from the header (None skips the shape check).
+    :func:`~lens_model.dit_loading.inspect_transformer` read from the header (None skips the shape check).
 
     Returns ``[(LensLoRA, strength), ...]``. Raises FileNotFoundError for a missing file and
     :class:`~lens_model.lora.LoRAError` (a ValueError) for a refused or ill-fitting one, naming the
@@ -195,8 +197,6 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def to_pil(images: torch.Tensor) -> list:
     """``[B, H, W, 3]`` float in [0, 1] → list of RGB ``PIL.Image`` (see :func:`images_to_uint8`)."""
-    from PIL import Image
-
     arr = images_to_uint8(images.cpu()).numpy()
     return [Image.fromarray(a) for a in arr]  # uint8 [H, W, 3] -> RGB
 
@@ -208,10 +208,9 @@ def _free(device: Optional[torch.device] = None) -> None:
     initial mmap threshold, the threshold rises (up to 32 MB) and the DiT's per-tensor allocations
     land in the heap, where freeing them keeps them resident (measured: 8.1 GB still resident after
     ``del``; bench/bench_end_to_end.py)."""
-    from .ops import release_free_memory
 
     gc.collect()
-    release_free_memory()
+    ops.release_free_memory()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.empty_cache()
 
@@ -220,8 +219,6 @@ def _open_image(image, what: str, mode: str):
     """A path → the decoded PIL image in ``mode`` (the file is closed at once); else unchanged."""
     if not isinstance(image, (str, os.PathLike)):
         return image
-    from PIL import Image
-
     if not Path(image).is_file():
         raise FileNotFoundError(f"{what} {str(image)!r} does not exist")
     with Image.open(image) as im:
@@ -243,9 +240,6 @@ def _as_image_tensor(image, width: int, height: int) -> tuple[torch.Tensor, tupl
             raise ValueError(f"init image is {t.shape[2]}x{t.shape[1]}, the generation size "
                              f"{width}x{height}; resize it first")
         return t[..., :3], (width, height)
-    import numpy as np
-    from PIL import Image
-
     img = image.convert("RGB")
     given = img.size
     if img.size != (width, height):
@@ -262,8 +256,6 @@ def _as_mask_tensor(mask, image_size: tuple[int, int], width: int, height: int) 
     that picture. When the image is resized to the generation size the mask is resized with it
     (bilinear, antialiased) and an info line says so; any other size is a ValueError.
     """
-    import numpy as np
-    import torch.nn.functional as F
 
     mask = _open_image(mask, "mask", "L")
     if isinstance(mask, torch.Tensor):
@@ -431,18 +423,14 @@ class _Models:
         return isinstance(self.vae, (str, os.PathLike))
 
     def dit(self):
-        from .dit import load_transformer
-
         if not self.own_dit:
             return self.transformer
-        return load_transformer(self.transformer, dtype=self.dtype, device=self.device)
+        return dit_loading.load_transformer(self.transformer, dtype=self.dtype, device=self.device)
 
     def vae_module(self):
-        from .vae import load_vae
-
         if not self.own_vae:
             return self.vae
-        return load_vae(self.vae, dtype=self.vae_dtype, device=self.device)
+        return vae_loading.load_vae(self.vae, dtype=self.vae_dtype, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -620,8 +608,6 @@ def generate(
     against the DiT's header too (:func:`check_loras`), and the init image and ``mask`` are read and
     checked (a mask without an image or of another size than its image is a ValueError).
     """
-    from .text_encoder import load_text_encoder
-
     for name, p in (("transformer", transformer_path), ("text encoder", text_encoder_path),
                     ("VAE", vae_path)):
         if p is None:
@@ -643,7 +629,7 @@ def generate(
     guidance = float(guidance if guidance is not None else defaults["cfg"])
 
     t0 = time.perf_counter()
-    te = load_text_encoder(text_encoder_path, dtype=text_encoder_dtype, device=device)
+    te = text_encoder_module.load_text_encoder(text_encoder_path, dtype=text_encoder_dtype, device=device)
     try:
         ctx, mask, nctx, nmask = encode_prompts(te, prompts, negative, need_negative=guidance != 1.0,
                                                 date=date, progress=progress)

@@ -39,16 +39,8 @@ __all__ = [
     "Flux2VAE",
     "Encoder",
     "Decoder",
-    "load_vae",
-    "inspect_vae",
     "patchify",
     "unpatchify",
-    "to_bfl_key",
-    "to_diffusers_key",
-    "bfl_to_diffusers",
-    "to_bfl",
-    "detect_vae_layout",
-    "check_vae_keys",
 ]
 
 GN_EPS = 1e-6
@@ -544,7 +536,7 @@ class Flux2VAE(nn.Module):
     """FLUX.2 VAE with Lens' latent convention (BN-normalised, 2x2-patchified, 128 channels).
 
     Submodules ``encoder``, ``decoder``, ``bn`` carry the BFL key names. Build the weights with
-    :func:`load_vae` or :meth:`from_state_dict`.
+    :func:`~lens_model.vae_loading.load_vae` or :func:`~lens_model.vae_loading.vae_from_state_dict`.
     """
 
     def __init__(self, config: Flux2VAEConfig | None = None) -> None:
@@ -843,31 +835,3 @@ class Flux2VAE(nn.Module):
                 wsum[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].add_(mask)
                 progress.step()
         return out.div_(wsum)
-
-    # -- construction from weights ------------------------------------------------------------
-    @classmethod
-    def from_state_dict(
-        cls,
-        state_dict: Mapping[str, torch.Tensor],
-        config: Flux2VAEConfig | Mapping[str, Any] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        name: str = "<state dict>",
-    ) -> "Flux2VAE":
-        """Build from a state dict in any supported layout (BFL, LDM top-level, diffusers)."""
-        return vae_from_state_dict(state_dict, config, dtype, device, name)
-
-
-# Loading and key layouts live in :mod:`lens_model.vae_loading`; these names stay importable from here
-# for existing callers (imported last: vae_loading imports the model classes above).
-from .vae_loading import (  # noqa: E402
-    bfl_to_diffusers,
-    check_vae_keys,
-    detect_vae_layout,
-    inspect_vae,
-    load_vae,
-    to_bfl,
-    to_bfl_key,
-    to_diffusers_key,
-    vae_from_state_dict,
-)

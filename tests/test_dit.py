@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN
 from lens_model import dit
-from lens_model.dit import LensDiTConfig, LensTransformer, load_transformer, rope_positions
+from lens_model.dit import LensDiTConfig, LensTransformer, rope_positions
+from lens_model.dit_loading import load_transformer
 
 CASES = load_file(str(GOLDEN / "dit_cases.safetensors"))
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from conftest import GOLDEN
 import writers
 from lens_model import ops, quant
-from lens_model.dit import LensDiTConfig, LensTransformer, load_transformer
+from lens_model.dit import LensDiTConfig, LensTransformer
+from lens_model.dit_loading import load_transformer
 
 CASES = load_file(str(GOLDEN / "dit_cases.safetensors"))
 

@@ -15,7 +15,8 @@ from writers import write_safetensors
 import writers
 from lens_model import ops, quant
 from lens_model.checkpoints import CheckpointError
-from lens_model.dit import LensTransformer, load_transformer, variant_defaults_for
+from lens_model.dit import LensTransformer
+from lens_model.dit_loading import load_transformer, variant_defaults_for
 
 FP32 = load_file(str(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"))
 CASES = load_file(str(GOLDEN / "dit_cases.safetensors"))

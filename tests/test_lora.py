@@ -21,7 +21,8 @@ from writers import write_safetensors
 import writers
 from lens_model import lora as lens_lora
 from lens_model import ops
-from lens_model.dit import LensTransformer, load_transformer
+from lens_model.dit import LensTransformer
+from lens_model.dit_loading import load_transformer
 
 FP32 = load_file(str(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors"))
 CASES = load_file(str(GOLDEN / "dit_cases.safetensors"))

@@ -14,7 +14,7 @@ from lens_model.pipeline import images_to_uint8, to_pil, variant_defaults
 from lens_tiny_files import write_broken_transformer, write_flux1_vae, write_tiny_text_encoder
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
-dit = pytest.importorskip("lens_model.dit")
+dit_loading = pytest.importorskip("lens_model.dit_loading")
 text_encoder = pytest.importorskip("lens_model.text_encoder")
 
 
@@ -45,7 +45,7 @@ def ladder(monkeypatch, tiny_te):
     log = []
     log_te[:] = [tiny_te]
     te_ref = []
-    real_load_transformer = dit.load_transformer
+    real_load_transformer = dit_loading.load_transformer
 
     def load_te(path, dtype=None, device=None):
         te = FakeTE(log)
@@ -59,7 +59,7 @@ def ladder(monkeypatch, tiny_te):
         return real_load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
 
     monkeypatch.setattr(text_encoder, "load_text_encoder", load_te)
-    monkeypatch.setattr(dit, "load_transformer", load_dit)
+    monkeypatch.setattr(dit_loading, "load_transformer", load_dit)
     return log
 
 
@@ -117,7 +117,7 @@ def test_uint8_conversion_truncates():
 def _features_latents(**kw):
     g = torch.Generator().manual_seed(0)
     ctx, mask = torch.randn(1, 3, 128, generator=g), torch.ones(1, 3, dtype=torch.bool)
-    model = dit.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
+    model = dit_loading.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
     args = dict(width=32, height=48, steps=2, guidance=1.0, seed=3, device="cpu",
                 output_type="latent")
     args.update(kw)

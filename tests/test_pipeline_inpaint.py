@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import lens_model.pipeline as pipeline
-from lens_model import cli, dit, text_encoder, vae as vae_mod
+from lens_model import cli, dit_loading, text_encoder, vae_loading
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 W, H = 32, 48          # latent grid 2 x 3
@@ -18,8 +18,8 @@ W, H = 32, 48          # latent grid 2 x 3
 
 @pytest.fixture(scope="module")
 def models():
-    return (dit.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu"),
-            vae_mod.load_vae(GOLDEN / "vae", dtype=torch.float32, device="cpu"))
+    return (dit_loading.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu"),
+            vae_loading.load_vae(GOLDEN / "vae", dtype=torch.float32, device="cpu"))
 
 
 def _image():
@@ -88,8 +88,8 @@ def test_bad_masks_fail_before_any_model_runs(models, tmp_path, monkeypatch):
         raise AssertionError("a model was loaded before the mask was checked")
 
     monkeypatch.setattr(text_encoder, "load_text_encoder", must_not_run)
-    monkeypatch.setattr(dit, "load_transformer", must_not_run)
-    monkeypatch.setattr(vae_mod, "load_vae", must_not_run)
+    monkeypatch.setattr(dit_loading, "load_transformer", must_not_run)
+    monkeypatch.setattr(vae_loading, "load_vae", must_not_run)
     args = dict(transformer_path=GOLDEN / "transformer", text_encoder_path=GOLDEN / "text_encoder",
                 vae_path=GOLDEN / "vae", width=W, height=H, steps=2, device="cpu")
     with pytest.raises(ValueError, match="mask needs an init image"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import lens_model.pipeline as pipeline
-from lens_model import dit, lora as lens_lora, text_encoder
+from lens_model import dit_loading, lora as lens_lora, text_encoder
 from lens_tiny_files import write_tiny_text_encoder
 from test_lora import _save, factors, merged_model, write_layout
 
@@ -33,7 +33,7 @@ def _latents(model, **kw):
 
 @pytest.fixture(scope="module")
 def base():
-    return dit.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
+    return dit_loading.load_transformer(GOLDEN / "transformer", dtype=torch.float32, device="cpu")
 
 
 def test_generate_from_features_with_lora_equals_merged_weights(tmp_path, base):
@@ -120,7 +120,7 @@ def test_wrong_lora_fails_before_any_model_runs(tmp_path, tiny_te, monkeypatch):
         raise AssertionError("a model was loaded before the LoRA was checked")
 
     monkeypatch.setattr(text_encoder, "load_text_encoder", must_not_run)
-    monkeypatch.setattr(dit, "load_transformer", must_not_run)
+    monkeypatch.setattr(dit_loading, "load_transformer", must_not_run)
     # a LoRA for the full-size Lens (width 1536) on the tiny model (width 128)
     sd = {"lora_unet_transformer_blocks_0_attn_img_qkv.lora_down.weight": torch.zeros(16, 1536),
           "lora_unet_transformer_blocks_0_attn_img_qkv.lora_up.weight": torch.zeros(4608, 16)}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import GOLDEN
 from lens_model import precision
-from lens_model.dit import load_transformer
+from lens_model.dit_loading import load_transformer
 from lens_model.text_encoder import resolve_dtype
 
 CPU = torch.device("cpu")

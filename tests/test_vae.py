@@ -14,18 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lens_model.vae import (
-    AttnBlock,
-    Flux2VAE,
-    Flux2VAEConfig,
+from lens_model.vae import AttnBlock, Flux2VAE, Flux2VAEConfig, patchify, unpatchify
+from lens_model.vae_loading import (
     bfl_to_diffusers,
     detect_vae_layout,
     load_vae,
-    patchify,
     to_bfl,
     to_bfl_key,
     to_diffusers_key,
-    unpatchify,
+    vae_from_state_dict,
 )
 
 from conftest import GOLDEN
@@ -340,7 +337,7 @@ def test_encode_rejects_bad_size(golden_vae):
 
 def test_missing_num_batches_tracked(golden_vae, golden_sd):
     sd = {k: v for k, v in golden_sd.items() if k != "bn.num_batches_tracked"}
-    vae = Flux2VAE.from_state_dict(sd, config=golden_vae.config)
+    vae = vae_from_state_dict(sd, config=golden_vae.config)
     lat = torch.randn(1, 128, 2, 3)
     assert torch.equal(vae.decode(lat), golden_vae.decode(lat))
 
@@ -348,10 +345,10 @@ def test_missing_num_batches_tracked(golden_vae, golden_sd):
 def test_strict_keys(golden_sd):
     sd = {k: v for k, v in golden_sd.items() if k != "decoder.up_blocks.1.resnets.0.conv2.bias"}
     with pytest.raises(ValueError, match=r"missing.*decoder\.up\.2\.block\.0\.conv2\.bias"):
-        Flux2VAE.from_state_dict(sd)
+        vae_from_state_dict(sd)
     sd = dict(golden_sd, **{"encoder.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected.*encoder\.extra\.weight"):
-        Flux2VAE.from_state_dict(sd)
+        vae_from_state_dict(sd)
 
 
 def test_attention_query_chunking(golden_vae, monkeypatch):
@@ -531,7 +528,7 @@ def _foreign(golden_sd, z: int | None = None, conv_in_5d: bool = False, bn: bool
 def test_rejections(tmp_path, golden_sd, kind, kwargs, pattern):
     sd = _foreign(golden_sd, **kwargs)
     with pytest.raises(ValueError, match=pattern):
-        Flux2VAE.from_state_dict(sd, name=kind)
+        vae_from_state_dict(sd, name=kind)
     path = tmp_path / f"{kind}.safetensors"
     save_file(sd, str(path))
     with pytest.raises(ValueError, match=pattern) as info:
@@ -547,9 +544,9 @@ def test_rejects_other_components(folder):
 
 def test_rejects_other_state_dicts():
     with pytest.raises(ValueError, match="diffusion model"):
-        Flux2VAE.from_state_dict({"transformer_blocks.0.attn.norm_added_q.weight": torch.zeros(4)})
+        vae_from_state_dict({"transformer_blocks.0.attn.norm_added_q.weight": torch.zeros(4)})
     with pytest.raises(ValueError, match="text encoder"):
-        Flux2VAE.from_state_dict({"layers.0.self_attn.sinks": torch.zeros(4)})
+        vae_from_state_dict({"layers.0.self_attn.sinks": torch.zeros(4)})
 
 
 def test_missing_file(tmp_path):

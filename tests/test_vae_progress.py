@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_model.vae import Flux2VAE, Flux2VAEConfig, inspect_vae
+from lens_model.vae import Flux2VAE, Flux2VAEConfig
+
+from lens_model.vae_loading import inspect_vae
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 

@@ -204,7 +204,7 @@ def make_tiny_vae(golden: Path = GOLDEN) -> dict:
     """The golden tiny FLUX.2 VAE in BFL key names, fp32."""
     from safetensors.torch import load_file
 
-    from lens_model.vae import to_bfl
+    from lens_model.vae_loading import to_bfl
 
     src = golden / "vae" / "diffusion_pytorch_model.safetensors"
     if not src.is_file():
