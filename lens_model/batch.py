@@ -51,7 +51,8 @@ import torch
 from . import cli
 from .batch_store import OutputStore
 from .checkpoints import path_identity
-from .dit import VARIANT_DEFAULTS, load_transformer
+from .constants import VARIANT_DEFAULTS
+from .dit_loading import load_transformer
 from .lora import parse_lora_arg
 from .ops import release_free_memory
 from .pipeline import (
@@ -536,7 +537,7 @@ class DecodeStage:
     folder (an :class:`~lens_model.batch_store.OutputStore`: local or any pyarrow filesystem)."""
 
     def __init__(self, job: JobSettings):
-        from .vae import load_vae
+        from .vae_loading import load_vae
 
         self.job = job
         self.store = job.out_store()
