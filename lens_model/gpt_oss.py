@@ -298,10 +298,17 @@ class GptOssExperts(nn.Module):
     def __init__(self, config: "GptOssConfig") -> None:
         super().__init__()
         self.num_experts = config.num_local_experts
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
         self.limit = config.swiglu_limit
         self.alpha = config.swiglu_alpha
         self.gate_up_proj = None
         self.down_proj = None
+
+    def bank_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Logical shape [num_experts, out, in] of each bank (Linear orientation)."""
+        x, e, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return {"gate_up_proj": (x, 2 * i, e), "down_proj": (x, e, i)}
 
     def _expert(self, e: int, x: torch.Tensor, weight: torch.Tensor,
                 workspace: ops.CastWorkspace | None) -> torch.Tensor:
@@ -424,6 +431,18 @@ class GptOssDecoderLayer(nn.Module):
         self._placeholders = {}
 
 
+def layer_shapes(config: "GptOssConfig") -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of one decoder layer, by name relative to ``layers.{i}.``, read off a
+    :class:`GptOssDecoderLayer` built on the meta device. Expert banks appear as
+    ``mlp.experts.{bank}`` [X, out, in] and ``mlp.experts.{bank}_bias`` [X, out]."""
+    layer = GptOssDecoderLayer(config, 0)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    for bank, shape in layer.mlp.experts.bank_shapes().items():
+        shapes[f"mlp.experts.{bank}"] = shape
+        shapes[f"mlp.experts.{bank}_bias"] = shape[:2]
+    return shapes
+
+
 def assign_weights(module: nn.Module, weights: Mapping[str, object], prefix: str = "") -> dict[str, object]:
     """Put the entries of ``weights`` whose names start with ``prefix`` into ``module`` (names relative
     to it after the prefix; no copies) and return what they replaced, by name.
@@ -529,6 +548,7 @@ __all__ = [
     "GptOssExperts",
     "RMSNorm",
     "assign_weights",
+    "layer_shapes",
     "restore_weights",
     "yarn_inv_freq",
     "rope_cos_sin",

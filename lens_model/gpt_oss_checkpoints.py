@@ -32,7 +32,7 @@ import torch
 
 from . import quant
 from .checkpoints import CheckpointError, TensorSource, quant_layers, quantised_linear_problems
-from .gpt_oss import GptOssConfig
+from .gpt_oss import GptOssConfig, layer_shapes
 from .ops import CastWorkspace, ExpertBank, QuantLinear, fp4_pair_table  # noqa: F401  (ExpertBank, fp4_pair_table: re-exported)
 
 logger = logging.getLogger(__name__)
@@ -332,22 +332,11 @@ class GptOssCheckpoint:
         if self.num_layers < c.num_hidden_layers:
             raise CheckpointError(f"`{self.name}`: {self.num_layers} decoder layers found, the config says {c.num_hidden_layers}.")
         e, hd = c.hidden_size, c.head_dim
-        q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
         x, inter = c.num_local_experts, c.intermediate_size
+        per_layer = layer_shapes(c)  # from the decoder layer built on the meta device
         expected: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (c.vocab_size, e)}
         for i in range(c.num_hidden_layers):
-            p = f"layers.{i}."
-            expected.update({
-                p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
-                p + "self_attn.q_proj.weight": (q, e), p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, e), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, e), p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (e, q), p + "self_attn.o_proj.bias": (e,),
-                p + "self_attn.sinks": (c.num_attention_heads,),
-                p + "mlp.router.weight": (x, e), p + "mlp.router.bias": (x,),
-                p + "mlp.experts.gate_up_proj": (x, 2 * inter, e), p + "mlp.experts.gate_up_proj_bias": (x, 2 * inter),
-                p + "mlp.experts.down_proj": (x, e, inter), p + "mlp.experts.down_proj_bias": (x, e),
-            })
+            expected.update({f"layers.{i}.{name}": shape for name, shape in per_layer.items()})
         have = self.shapes()
         bad, missing = [], []
         for name, shape in expected.items():
@@ -371,15 +360,16 @@ class GptOssCheckpoint:
         # fused qkv / quantised linears / bank side tensors
         for i in range(c.num_hidden_layers):
             if self.layout == "openai":
+                fused = [sum(per_layer[f"self_attn.{lin}.weight"][0] for lin in ("q_proj", "k_proj", "v_proj")), e]
                 qkv = src.shape(f"block.{i}.attn.qkv.weight")
-                if tuple(qkv) != (q + 2 * kv, e):
-                    raise CheckpointError(f"`{self.name}`: `block.{i}.attn.qkv.weight` is {list(qkv)}, expected {[q + 2 * kv, e]}.")
+                if list(qkv) != fused:
+                    raise CheckpointError(f"`{self.name}`: `block.{i}.attn.qkv.weight` is {list(qkv)}, expected {fused}.")
             for lin in ATTN_LINEARS:
                 layer = f"layers.{i}.self_attn.{lin}"
                 if layer in self.markers:
-                    self._check_quant_linear(layer, *{"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin])
+                    self._check_quant_linear(layer, *per_layer[f"self_attn.{lin}.weight"])
             for bank in BANKS:
-                self._check_bank(i, bank, x, *((2 * inter, e) if bank == "gate_up_proj" else (e, inter)))
+                self._check_bank(i, bank, *per_layer[f"mlp.experts.{bank}"])
 
     def _is_special(self, name: str) -> bool:
         """Names checked elsewhere (fused qkv in the OpenAI layout, quantised Linears)."""
@@ -428,7 +418,7 @@ class GptOssCheckpoint:
             rows = quant.dequantize_float8(rows, scale, torch.float32)
         return rows
 
-    def _read_linear(self, i: int, lin: str, config) -> dict:
+    def _read_linear(self, i: int, lin: str, shape: tuple[int, int]) -> dict:
         """Entries of ``self_attn.{lin}``: ``.weight`` and ``.bias`` tensors, or one QuantLinear."""
         layer = f"layers.{i}.self_attn.{lin}"
         marker = self.markers.get(layer)
@@ -437,8 +427,7 @@ class GptOssCheckpoint:
         if marker is None:
             return {f"self_attn.{lin}.weight": self._read(self._plain_key(i, f"self_attn.{lin}.weight")),
                     f"self_attn.{lin}.bias": bias}
-        e, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        out_f, in_f = {"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q)}[lin]
+        out_f, in_f = shape
         fmt = marker["format"]
         scale = self._read(f"{layer}.weight_scale") if f"{layer}.weight_scale" in src else None
         scale2 = self._read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
@@ -457,10 +446,11 @@ class GptOssCheckpoint:
 
     def _read_layer(self, i: int, config) -> LayerWeights:
         t: dict = {}
+        shapes = layer_shapes(config)
         for name in NORM_KEYS + ("self_attn.sinks", "mlp.router.weight", "mlp.router.bias"):
             t[name] = self._read(self._plain_key(i, name))
         if self.layout == "openai":
-            q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+            q, kv = shapes["self_attn.q_proj.weight"][0], shapes["self_attn.k_proj.weight"][0]
             w = self._read(f"block.{i}.attn.qkv.weight")
             b = self._read(f"block.{i}.attn.qkv.bias")
             for lin, (a, z) in (("q_proj", (0, q)), ("k_proj", (q, q + kv)), ("v_proj", (q + kv, q + 2 * kv))):
@@ -471,7 +461,7 @@ class GptOssCheckpoint:
             t["self_attn.o_proj.bias"] = self._read(self._plain_key(i, "self_attn.o_proj.bias"))
         else:
             for lin in ATTN_LINEARS:
-                t.update(self._read_linear(i, lin, config))
+                t.update(self._read_linear(i, lin, shapes[f"self_attn.{lin}.weight"]))
         for bank in BANKS:
             t[f"mlp.experts.{bank}"] = self.read_bank(i, bank)
         return LayerWeights(i, t)
