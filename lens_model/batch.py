@@ -564,7 +564,7 @@ def png_bytes(image, meta: dict) -> bytes:
     """The PNG file the command-line tool writes for ``image`` with metadata ``meta``, in memory
     (its own encoder settings and text chunks, so the bytes are the same)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=cli._png_info(meta))
+    image.save(buf, format="PNG", pnginfo=cli.png_info(meta))
     return buf.getvalue()
 
 

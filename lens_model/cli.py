@@ -384,7 +384,9 @@ def _parameters_text(meta: dict) -> str:
             f"Model: {meta['model']}, Sampler: Euler (flow matching)")
 
 
-def _png_info(meta: dict):
+def png_info(meta: dict):
+    """The PNG text chunks the tool writes for generation metadata ``meta`` (also used by
+    :mod:`lens_model.batch`, whose PNGs must be byte-identical to the tool's)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -401,7 +403,7 @@ def save_image(img, path: Path, meta: dict) -> None:
     ``lens_generation`` text chunks, JPEG the ``parameters`` text as a comment, WebP no metadata."""
     fmt = OUTPUT_FORMATS[path.suffix.lower()]
     if fmt == "PNG":
-        kw = {"pnginfo": _png_info(meta)}
+        kw = {"pnginfo": png_info(meta)}
     elif fmt == "JPEG":
         kw = {"quality": 95, "comment": _parameters_text(meta).encode("utf-8")}
     else:
