@@ -939,6 +939,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             result = run_in_process(rows, job, dit_batch=args.dit_batch,
                                     progress_every=args.progress_every)
+    except KeyboardInterrupt:  # images written so far are whole and in the manifest: rerun resumes
+        print("interrupted", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     except BatchError as e:
         print(f"lens-batch: error: {e}", file=sys.stderr)
         return 2

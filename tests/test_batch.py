@@ -434,3 +434,16 @@ def test_output_store_without_pyarrow_is_local_only(tmp_path, monkeypatch):
     assert store.sha256("x/a.png") == hashlib.sha256(b"abc").hexdigest()
     with pytest.raises(ValueError, match="'s3://bucket/run' is a URI: install pyarrow"):
         OutputStore("s3://bucket/run")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_te, capsys, monkeypatch):  # noqa: F811
+    src = _write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    argv = [str(src), "--out", str(tmp_path / "out")] + _files(tiny_te)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_in_process", interrupted)
+    assert batch.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
