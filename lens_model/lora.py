@@ -371,11 +371,26 @@ def lora_from_state_dict(
     if not keys:
         raise LoRAError(f"LoRA `{name}` holds no tensors.")
     _refuse_other_kinds(name, keys, adapter_config, metadata)
+    parts, layouts = _group_keys(name, tensors)
+    pairs, sources = _build_pairs(name, parts, _metadata_alpha(metadata, adapter_config), alpha)
 
+    layout = " + ".join(sorted(set(layouts.values())))
+    source = " / ".join(sorted(sources))
+    if any(s.startswith("default") for s in sources):
+        logger.info("LoRA %s (%s) stores no alpha: applying scale alpha/rank = 1.0 (as VideoX-Fun's "
+                    "merge_lora and ComfyUI do); pass alpha= to use the training alpha.", name, layout)
+    lora = LensLoRA(name=name, layout=layout, pairs=pairs, alpha_source=source, metadata=metadata)
+    logger.info("read %r", lora)
+    return lora
+
+
+def _group_keys(name: str, tensors: Mapping[str, torch.Tensor]):
+    """Keys → ``{module: {"down"|"up"|"alpha": (key, tensor)}}`` and ``{module: layout}``; every key
+    that is not a LoRA part of a Lens DiT Linear is listed in one LoRAError."""
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     layouts: dict[str, str] = {}
     unknown: list[str] = []
-    for key in keys:
+    for key in tensors:
         m = _PART_RE.match(key)
         hit = module_for_key(m.group("module")) if m else None
         if hit is None:
@@ -405,8 +420,12 @@ def lora_from_state_dict(
             "`<module>.lora_A[.default].weight` / `.lora_B[…].weight` (PEFT), where <module> is a Lens "
             "Linear such as `transformer_blocks.0.attn.img_qkv` (dotted, or with `_` after `lora_unet_`)."
         )
+    return parts, layouts
 
-    meta_alpha = _metadata_alpha(metadata, adapter_config)
+
+def _build_pairs(name: str, parts, meta_alpha, alpha: float | None):
+    """Grouped parts → ``({module: LoRAPair}, alpha sources)``; every malformed module (half pair,
+    rank mismatch, non-matrix, non-finite, non-float) is listed in one LoRAError."""
     pairs: dict[str, LoRAPair] = {}
     problems: list[str] = []
     sources: set[str] = set()
@@ -443,15 +462,7 @@ def lora_from_state_dict(
     if problems:
         raise LoRAError(f"LoRA `{name}` is malformed ({len(problems)} problem(s)): " + "; ".join(problems[:10])
                         + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "") + ".")
-
-    layout = " + ".join(sorted(set(layouts.values())))
-    source = " / ".join(sorted(sources))
-    if any(s.startswith("default") for s in sources):
-        logger.info("LoRA %s (%s) stores no alpha: applying scale alpha/rank = 1.0 (as VideoX-Fun's "
-                    "merge_lora and ComfyUI do); pass alpha= to use the training alpha.", name, layout)
-    lora = LensLoRA(name=name, layout=layout, pairs=pairs, alpha_source=source, metadata=metadata)
-    logger.info("read %r", lora)
-    return lora
+    return pairs, sources
 
 
 def _refuse_other_kinds(name: str, keys: Sequence[str], adapter_config, metadata) -> None:
