@@ -510,16 +510,10 @@ class DiTStage:
 
 
 def png_metadata(row: BatchRow, job: JobSettings) -> dict:
-    """The ``lens_generation`` metadata the command-line tool writes for this row (same key order)."""
-    meta = {"prompt": row.prompt, "negative": row.negative, "seed": row.seed, "steps": row.steps,
-            "cfg": row.cfg, "width": row.width, "height": row.height, "variant": row.variant,
-            "model": Path(job.transformer).name, "noise_layout": job.noise_layout}
-    if job.mu is not None:
-        meta["mu"] = job.mu
-    specs = lora_specs(row)
-    if specs:
-        meta["lora"] = [{"name": Path(path).name, "strength": strength}
-                        for path, strength in map(parse_lora_arg, specs)]
+    """The ``lens_generation`` metadata the command-line tool writes for this row."""
+    meta = cli.generation_metadata(
+        row.prompt, row.negative, row.seed, row.steps, row.cfg, row.width, row.height, row.variant,
+        job.transformer, job.noise_layout, mu=job.mu, loras=list(map(parse_lora_arg, lora_specs(row))))
     meta["index"] = 0
     return meta
 

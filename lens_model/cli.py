@@ -384,6 +384,25 @@ def _parameters_text(meta: dict) -> str:
             f"Model: {meta['model']}, Sampler: Euler (flow matching)")
 
 
+def generation_metadata(prompt: str, negative: str, seed: int, steps: int, cfg: float, width: int,
+                        height: int, variant: str, transformer, noise_layout: str, *, mu=None,
+                        denoise=None, mask=None, loras=()) -> dict:
+    """The ``lens_generation`` metadata of one run, in the key order the PNG stores (the batch job
+    writes the same dict, so its PNGs are byte-identical). ``loras``: ``(name or path, strength)``."""
+    meta = {"prompt": prompt, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
+            "width": width, "height": height, "variant": variant,
+            "model": Path(transformer).name, "noise_layout": noise_layout}
+    if mu is not None:
+        meta["mu"] = mu
+    if denoise is not None:
+        meta["denoise"] = denoise
+    if mask:
+        meta["mask"] = Path(mask).name
+    if loras:
+        meta["lora"] = [{"name": Path(name).name, "strength": strength} for name, strength in loras]
+    return meta
+
+
 def png_info(meta: dict):
     """The PNG text chunks the tool writes for generation metadata ``meta`` (also used by
     :mod:`lens_model.batch`, whose PNGs must be byte-identical to the tool's)."""
@@ -571,17 +590,11 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
         noise_layout=args.noise_layout, image=image, denoise=args.denoise,
         progress=progress, lora=loras or None, mask=mask)
 
-    meta = {"prompt": args.prompt, "negative": args.negative, "seed": args.seed, "steps": steps,
-            "cfg": cfg, "width": width, "height": height, "variant": variant,
-            "model": Path(files["transformer"]).name, "noise_layout": args.noise_layout}
-    if args.mu is not None:
-        meta["mu"] = args.mu
-    if args.image:
-        meta["denoise"] = args.denoise
-    if args.mask:
-        meta["mask"] = Path(args.mask).name
-    if loras:
-        meta["lora"] = [{"name": lo.name, "strength": strength} for lo, strength in loras]
+    meta = generation_metadata(
+        args.prompt, args.negative, args.seed, steps, cfg, width, height, variant,
+        files["transformer"], args.noise_layout, mu=args.mu,
+        denoise=args.denoise if args.image else None, mask=args.mask,
+        loras=[(lo.name, strength) for lo, strength in loras])
     for i, (img, path) in enumerate(zip(images, paths)):
         save_image(img, path, dict(meta, index=i))
         print(path)
