@@ -219,7 +219,8 @@ def _layer_shapes(i: int):
 
 
 def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
-    from lens_model.gpt_oss_checkpoints import ExpertBank, LayerWeights, Workspace
+    from lens_model.gpt_oss_checkpoints import LayerWeights
+    from lens_model.ops import CastWorkspace, ExpertBank
     from lens_model.text_encoder import (ExpertPool, GptOssConfig, attention_bias, attention_block, moe_block,
                                          rope_cos_sin, rms_norm)
 
@@ -242,7 +243,7 @@ def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     x = torch.randn(1, tokens, E, generator=gen).to(dtype)
     cos, sin = rope_cos_sin(cfg, tokens, dtype, "cpu")
     bias = attention_bias(torch.ones(1, tokens, dtype=torch.long), None)
-    ws = Workspace()
+    ws = CastWorkspace()
     pool = ExpertPool(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
     res = {"format": fmt, "tokens": tokens, "dtype": str(dtype), "threads": torch.get_num_threads()}
     with torch.inference_mode():

@@ -33,7 +33,7 @@ import torch
 from . import quant
 from .checkpoints import CheckpointError, TensorSource, quant_layers, quantised_linear_problems
 from .gpt_oss import GptOssConfig, layer_shapes
-from .ops import CastWorkspace, ExpertBank, QuantLinear, fp4_pair_table  # noqa: F401  (ExpertBank, fp4_pair_table: re-exported)
+from .ops import ExpertBank, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ LAYOUTS = ("comfy", "hf", "openai", "hf_dense")
 NORM_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BANKS = ("gate_up_proj", "down_proj")
-
-#: Quantisation formats a q/k/v/o Linear may carry (ComfyUI per-layer ``comfy_quant`` markers).
-LINEAR_FORMATS = quant.LINEAR_FORMATS
-
-#: The scratch buffers of per-expert dequantisation are the DiT's (kept under this name for callers).
-Workspace = CastWorkspace
 
 
 @dataclass
@@ -153,7 +147,7 @@ class GptOssCheckpoint:
                     f"`{self.name}`: the embedding `embed_tokens` carries quantisation format `{fmt}`; "
                     "only float8_e4m3fn embeddings are supported."
                 )
-            if fmt not in LINEAR_FORMATS:
+            if fmt not in quant.LINEAR_FORMATS:
                 raise CheckpointError(quant.unsupported_format_message(self.name, source.stored_key(layer), fmt))
 
     # -- discovery ---------------------------------------------------------------------------------
@@ -513,11 +507,7 @@ def find_gpt_oss_config_json(source: TensorSource) -> dict | None:
 
 __all__ = [
     "LAYOUTS",
-    "ExpertBank",
-    "QuantLinear",
     "LayerWeights",
-    "Workspace",
     "GptOssCheckpoint",
-    "fp4_pair_table",
     "find_gpt_oss_config_json",
 ]

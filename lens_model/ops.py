@@ -34,9 +34,6 @@ from . import quant
 
 logger = logging.getLogger(__name__)
 
-#: Formats :class:`QuantLinear` can hold (ComfyUI ``comfy_quant`` names); the list lives in quant.py.
-QUANT_FORMATS = quant.LINEAR_FORMATS
-
 
 # -- cast workspace --------------------------------------------------------------------------------
 
@@ -213,8 +210,8 @@ class QuantLinear(nn.Module):
         weight_scale_2: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if fmt not in QUANT_FORMATS:
-            raise ValueError(f"QuantLinear: unsupported format {fmt!r} (supported: {', '.join(QUANT_FORMATS)})")
+        if fmt not in quant.LINEAR_FORMATS:
+            raise ValueError(f"QuantLinear: unsupported format {fmt!r} (supported: {', '.join(quant.LINEAR_FORMATS)})")
         self.fmt = fmt
         self.in_features = in_features
         self.out_features = out_features

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import GOLDEN
 import writers
 from lens_model import quant
-from lens_model.gpt_oss_checkpoints import ExpertBank
+from lens_model.ops import ExpertBank
 from lens_model.ops import CastWorkspace
 from lens_model.text_encoder import (
     GptOssConfig,

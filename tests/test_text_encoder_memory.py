@@ -22,7 +22,8 @@ import json, threading, time, sys
 import torch
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)
-from lens_model.gpt_oss_checkpoints import ExpertBank, LayerWeights
+from lens_model.gpt_oss_checkpoints import LayerWeights
+from lens_model.ops import ExpertBank
 from lens_model.ops import CastWorkspace
 from lens_model.text_encoder import GptOssConfig, moe_block
 
