@@ -358,16 +358,22 @@ def lens_t2i(classes):
     return g, "Lens: text to image"
 
 
-def img2img(classes):
-    g = Graph(classes)
-    dit, te = _loaders(g, "lens_turbo_bf16.safetensors")
-    pos = _encode(g, te, PROMPT, (400, 0), "Prompt")
+def _encoded_image(g):
+    """FLUX2 VAE Loader + Load Image (example.png) -> FLUX2 VAE Encode; returns the three node ids."""
     vae = g.add("LensNodesVAELoader", {"vae_name": "flux2-vae.safetensors", "dtype": "auto", "device": "auto"},
                 pos=(0, 440), size=(320, 130), models=["flux2-vae.safetensors"])
     img = g.add("LoadImage", {"image": "example.png"}, pos=(0, 620), size=(320, 360))
     enc = g.add("LensNodesVAEEncode", {"tile": "auto"}, pos=(400, 440), size=(260, 110))
     g.link(img, 0, enc, "pixels")
     g.link(vae, 0, enc, "vae")
+    return vae, img, enc
+
+
+def img2img(classes):
+    g = Graph(classes)
+    dit, te = _loaders(g, "lens_turbo_bf16.safetensors")
+    pos = _encode(g, te, PROMPT, (400, 0), "Prompt")
+    vae, img, enc = _encoded_image(g)
     s = g.add("LensNodesSampler", _sampler_widgets(4, 1.0, denoise=0.6, width=1024, height=1024),
               pos=(860, 0), size=(320, 420), seed_control="fixed")
     g.link(dit, 0, s, "model")
@@ -418,12 +424,7 @@ def inpaint(classes):
     g = Graph(classes)
     dit, te = _loaders(g, "lens_turbo_bf16.safetensors")
     pos = _encode(g, te, PROMPT, (400, 0), "Prompt")
-    vae = g.add("LensNodesVAELoader", {"vae_name": "flux2-vae.safetensors", "dtype": "auto", "device": "auto"},
-                pos=(0, 440), size=(320, 130), models=["flux2-vae.safetensors"])
-    img = g.add("LoadImage", {"image": "example.png"}, pos=(0, 620), size=(320, 360))
-    enc = g.add("LensNodesVAEEncode", {"tile": "auto"}, pos=(400, 440), size=(260, 110))
-    g.link(img, 0, enc, "pixels")
-    g.link(vae, 0, enc, "vae")
+    vae, img, enc = _encoded_image(g)
     masked = g.add("SetLatentNoiseMask", {}, pos=(400, 600), size=(260, 60))
     g.link(enc, 0, masked, "samples")
     g.link(img, 1, masked, "mask")
