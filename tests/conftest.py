@@ -53,6 +53,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_RepositoryRootAsPlainFolder(ROOT), "lens-repository-root-as-folder")
 
 
+@pytest.fixture(scope="module")
+def positive():
+    """A CONDITIONING from the golden case-0 prompt features (what the text-encode node outputs)."""
+    from safetensors.torch import load_file
+
+    cases = load_file(str(GOLDEN / "pipeline_cases.safetensors"))
+    ctx = torch.cat([cases[f"case0.prompt_embeds.{i}"] for i in range(4)], dim=-1)
+    mask = cases["case0.prompt_mask"].to(torch.int64)
+    return [[ctx, {"pooled_output": None, "attention_mask": mask, "num_layers_stacked": 4}]]
+
+
 @pytest.fixture
 def golden_dir() -> Path:
     """tests/fixtures/golden/lens_tiny (copied verbatim from ../shared/golden)."""

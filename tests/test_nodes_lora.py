@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from comfy_stubs import InterruptProcessingException, comfy_env, place_golden_models  # noqa: F401
 from conftest import GOLDEN
@@ -24,14 +23,6 @@ def dit(comfy_env):
 
     names = place_golden_models(comfy_env, GOLDEN)
     return LensNodesDiTLoader().load(names["dit"], "fp32", "cpu", "auto")[0]
-
-
-@pytest.fixture(scope="module")
-def positive():
-    cases = load_file(str(GOLDEN / "pipeline_cases.safetensors"))
-    ctx = torch.cat([cases[f"case0.prompt_embeds.{i}"] for i in range(4)], dim=-1)
-    mask = cases["case0.prompt_mask"].to(torch.int64)
-    return [[ctx, {"pooled_output": None, "attention_mask": mask, "num_layers_stacked": 4}]]
 
 
 def sample(model, positive, **kw):

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from comfy_stubs import comfy_env, place_golden_models  # noqa: F401  (fixture)
 from conftest import GOLDEN
@@ -25,14 +24,6 @@ CPU = torch.device("cpu")
 def models(comfy_env):
     place_golden_models(comfy_env, GOLDEN)
     return comfy_env
-
-
-@pytest.fixture(scope="module")
-def positive():
-    cases = load_file(str(GOLDEN / "pipeline_cases.safetensors"))
-    ctx = torch.cat([cases[f"case0.prompt_embeds.{i}"] for i in range(4)], dim=-1)
-    mask = cases["case0.prompt_mask"].to(torch.int64)
-    return [[ctx, {"pooled_output": None, "attention_mask": mask, "num_layers_stacked": 4}]]
 
 
 def load_dit(**kw):
