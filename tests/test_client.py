@@ -93,6 +93,25 @@ CORE_API = {
 # ------------------------------------------------------------------------------------------------
 # Fake ComfyUI
 # ------------------------------------------------------------------------------------------------
+class _JsonHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 handler of the fake ComfyUI servers: quiet, one response per connection."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def _send(self, code, body, ctype="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = True
+
+
 class FakeComfy:
     """Scenario knobs: ``validation_error``, ``exec_error``, ``interrupted``, ``pending_polls``,
     ``never_done``, ``ws`` (serve /ws or 404)."""
@@ -119,21 +138,7 @@ class FakeComfy:
         self.prompt_id = None
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):  # keep test output clean
-                pass
-
-            def _send(self, code, body, ctype="application/json"):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-                self.close_connection = True
+        class Handler(_JsonHandler):
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", 0))
@@ -602,21 +607,7 @@ class MultiFake:
         self.control_posts: list[tuple[str, dict]] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, body, ctype="application/json"):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-                self.close_connection = True
+        class Handler(_JsonHandler):
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
