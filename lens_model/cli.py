@@ -22,6 +22,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from . import pipeline
+from .checkpoints import CheckpointError, detect_component, read_safetensors_header
+from .constants import VARIANT_DEFAULTS
+from .dit_loading import variant_defaults_for
+from .lora import load_lora, parse_lora_arg
+from .resolution import resolution_for, validate_size
+from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE
 
 logger = logging.getLogger("lens_model.cli")
 
@@ -86,9 +97,6 @@ def program_name(argv0: Optional[str] = None) -> str:
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from .pipeline import MAX_BATCH
-    from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE
-
     p = argparse.ArgumentParser(
         prog=prog or program_name(),
         description="Generate images with Microsoft's Lens text-to-image models (pure PyTorch).",
@@ -122,7 +130,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="noise seed, 0..18446744073709551615 (2^64-1, ComfyUI's seed range; "
                         "default 0)")
     p.add_argument("--batch", type=int, default=1,
-                   help=f"images to generate, 1..{MAX_BATCH} (default 1)")
+                   help=f"images to generate, 1..{pipeline.MAX_BATCH} (default 1)")
     p.add_argument("--mu", type=float, default=None,
                    help=f"override the schedule shift mu ({MU_RANGE[0]:g}..{MU_RANGE[1]:g})")
     p.add_argument("--noise-layout", choices=("upstream", "comfy"), default="upstream",
@@ -162,7 +170,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 def _download(filename: str, models_dir: Optional[str]) -> Path:
-    """Fetch one Comfy-Org/Lens file with huggingface_hub (imported only here)."""
+    """Fetch one Comfy-Org/Lens file with huggingface_hub."""
+    # Imported here, not at the top: importing ``hf_hub_download`` took 1.6-1.9 s on a 2-core
+    # CPU machine, which every ``--help`` and every run with local files would pay, and local
+    # files must keep working where the package is missing.
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
@@ -187,8 +198,6 @@ def _download(filename: str, models_dir: Optional[str]) -> Path:
 
 def _header_kind(path: Path) -> Optional[str]:
     """"dit" / "te" / "vae" / another family from a safetensors header, None when unreadable."""
-    from .checkpoints import detect_component, read_safetensors_header
-
     try:
         infos, _ = read_safetensors_header(path)
     except Exception:  # not a safetensors file, truncated header, ...
@@ -214,12 +223,10 @@ def find_in_models_dir(root: Path, key: str, variant: Optional[str]) -> Optional
 
     Rule (README "Command line"): among the files of the component's folders, those whose name
     says what they are (:data:`NAME_HINTS`), else those whose header holds that kind of model; for
-    the DiT, those of ``variant`` by name (:func:`~lens_model.dit.variant_defaults_for`; with
+    the DiT, those of ``variant`` by name (:func:`~lens_model.dit_loading.variant_defaults_for`; with
     ``variant`` None a Turbo file, else any Lens DiT); then the Comfy-Org file name, else the first
     in ComfyUI's (alphabetical) order. Logs what was found and chosen; None when nothing fits.
     """
-    from .dit_loading import variant_defaults_for
-
     files = _candidates(root, key)
     where = " or ".join(f"{sub}/" for sub in MODELS_SUBFOLDERS[key])
     named = [p for p in files if any(h in p.name.lower() for h in NAME_HINTS[key])]
@@ -301,11 +308,8 @@ def resolve_files(args: argparse.Namespace, variant: str) -> dict:
 def check_files(files: dict):
     """Check the given files from their headers (kind, layout, shapes, fit); CliError naming the
     option. Files that are None are skipped. Returns :class:`~lens_model.pipeline.ModelFiles`."""
-    from .checkpoints import CheckpointError
-    from .pipeline import check_model_files
-
     try:
-        return check_model_files(files.get("transformer"), files.get("text_encoder"),
+        return pipeline.check_model_files(files.get("transformer"), files.get("text_encoder"),
                                  files.get("vae"), labels=CLI_FILE_LABELS, fixes=CLI_FILE_FIXES)
     except (CheckpointError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
@@ -314,8 +318,6 @@ def check_files(files: dict):
 def read_init_image(args: argparse.Namespace, width: int, height: int):
     """``--image`` / ``--mask`` read and checked at the output size (before any model file is
     looked at) → ``(image, mask)`` tensors for :func:`lens_model.pipeline.generate`, or Nones."""
-    from .pipeline import load_init_image
-
     if args.mask and not args.image:
         raise CliError("--mask needs --image (the picture the mask repaints)")
     for flag, value in (("--image", args.image), ("--mask", args.mask)):
@@ -324,7 +326,7 @@ def read_init_image(args: argparse.Namespace, width: int, height: int):
     image = Path(args.image).expanduser() if args.image else None
     mask = Path(args.mask).expanduser() if args.mask else None
     try:
-        return load_init_image(image, mask, width, height)
+        return pipeline.load_init_image(image, mask, width, height)
     except (OSError, ValueError) as e:  # unreadable image, mask of another size
         flag = "--mask" if mask is not None and "mask" in str(e) else "--image"
         raise CliError(f"{flag}: {e}") from None
@@ -333,8 +335,6 @@ def read_init_image(args: argparse.Namespace, width: int, height: int):
 def read_loras(specs: Sequence[str]) -> list:
     """``--lora FILE[:STRENGTH]`` values → ``[(LensLoRA, strength), ...]``; CliError naming the
     option for a missing, unreadable or refused file (LoRA files only: no model is touched)."""
-    from .lora import load_lora, parse_lora_arg
-
     out = []
     for spec in specs:
         try:
@@ -406,8 +406,6 @@ def generation_metadata(prompt: str, negative: str, seed: int, steps: int, cfg: 
 def png_info(meta: dict):
     """The PNG text chunks the tool writes for generation metadata ``meta`` (also used by
     :mod:`lens_model.batch`, whose PNGs must be byte-identical to the tool's)."""
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     # The keys "prompt"/"workflow" are avoided on purpose: ComfyUI parses those as workflow JSON
     # when a PNG is dropped on it.
@@ -474,8 +472,6 @@ class ProgressReporter:
             self.close()
             self.stage, self.t0, self.first, self.last_line = stage, time.monotonic(), done, 0.0
             if self.mode == "bar":
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=total, initial=done, desc=stage,
                                 unit=self.UNITS.get(stage, "it"), file=sys.stderr,
                                 dynamic_ncols=True)
@@ -487,8 +483,6 @@ class ProgressReporter:
         else:
             now = time.monotonic()
             if done in (1, total) or now - self.last_line >= self.interval:
-                from tqdm import tqdm
-
                 self.last_line = now
                 logger.info("%s", tqdm.format_meter(done, total, now - self.t0, prefix=stage,
                                                     unit=self.UNITS.get(stage, "it"),
@@ -524,8 +518,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reporter = ProgressReporter(_progress_mode(args.quiet))
         redirect = contextlib.nullcontext()
         if reporter.mode == "bar":  # log lines are printed above the bar instead of through it
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             redirect = logging_redirect_tqdm()
         try:
             with redirect:
@@ -553,13 +545,10 @@ def _cli_message(e: ValueError) -> str:
 
 
 def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
-    from .constants import VARIANT_DEFAULTS
-    from .pipeline import check_generation_options, generate
-
     try:  # everything that does not depend on the variant, before any file is touched
-        check_generation_options(steps=args.steps, guidance=args.cfg, mu=args.mu,
-                                 denoise=args.denoise, seed=args.seed, batch=args.batch,
-                                 names=CLI_OPTION_NAMES)
+        pipeline.check_generation_options(steps=args.steps, guidance=args.cfg, mu=args.mu,
+                                          denoise=args.denoise, seed=args.seed, batch=args.batch,
+                                          names=CLI_OPTION_NAMES)
     except ValueError as e:
         raise CliError(str(e)) from None
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -582,7 +571,7 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
 
     logger.info("Lens %s: %dx%d, %d step(s), cfg %g, seed %d, %s", variant, width, height, steps,
                 cfg, args.seed, device)
-    images = generate(
+    images = pipeline.generate(
         args.prompt, negative=args.negative, transformer_path=files["transformer"],
         text_encoder_path=files["text_encoder"], vae_path=files["vae"], width=width,
         height=height, steps=steps, guidance=cfg, seed=args.seed, batch=args.batch,
@@ -604,8 +593,6 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
 def output_size(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
     """(width, height) from --width/--height, else --ratio/--base (base 1024 on the CPU, 1440 on
     CUDA), checked (multiples of 16, 16..2080); CliError naming the option."""
-    from .resolution import resolution_for, validate_size
-
     if (args.width is None) != (args.height is None):
         raise CliError("give both --width and --height, or neither")
     if args.width is not None:
@@ -632,14 +619,12 @@ def resolve_model_files(args: argparse.Namespace):
     turbo; missing files are then downloaded (or CliError with ``--no-download``) and checked.
     ``configs`` is the :class:`~lens_model.pipeline.ModelFiles` of the final set.
     """
-    from .pipeline import variant_defaults
-
     local = find_local_files(args)
     found = check_files(local)  # the files at hand, before downloading the others
     if args.variant:
         variant = args.variant
     elif local["transformer"] is not None:
-        guess = variant_defaults(local["transformer"])
+        guess = variant_defaults_for(local["transformer"])
         variant = guess["variant"]
         logger.info("variant %s (%d steps, CFG %g) from the DiT file name %s%s", variant,
                     guess["steps"], guess["cfg"], local["transformer"],
