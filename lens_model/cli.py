@@ -310,7 +310,8 @@ def check_files(files: dict):
     option. Files that are None are skipped. Returns :class:`~lens_model.pipeline.ModelFiles`."""
     try:
         return pipeline.check_model_files(files.get("transformer"), files.get("text_encoder"),
-                                 files.get("vae"), labels=CLI_FILE_LABELS, fixes=CLI_FILE_FIXES)
+                                          files.get("vae"), labels=CLI_FILE_LABELS,
+                                          fixes=CLI_FILE_FIXES)
     except (CheckpointError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
 
