@@ -12,6 +12,20 @@ Conventions:
 - flow matching x_σ = (1 − σ)·x₀ + σ·ε, the DiT predicts the velocity v = ε − x₀, so
   x₀ = x_σ − σ·v and an Euler step is x ← x + (σ_next − σ)·v;
 - text features are ``context [B, S, 4E]`` (layer-major) with ``context_mask [B, S]`` bool; S may be 0.
+
+Inpainting (``sample(denoise_mask=m, init_latents=z, init_noise=ε)``, core's ``KSamplerX0Inpaint``
+semantics): before every model call the kept part (m = 0) is replaced by the original noised to the
+current σ, x_in = x·m + (σ·ε + (1 − σ)·z)·(1 − m); the model's x₀ estimate is blended back,
+x₀ ← x₀·m + z·(1 − m), and the Euler step uses it. After the last step x ← x·m + z·(1 − m), so
+cells with m = 0 come out exactly equal to z, and a mask of ones gives exactly the unmasked result.
+Recipe (pixel mask ``mask`` [H, W] or [B, H, W], white/1 = repaint)::
+
+    z = vae.encode(image)                                     # [1, 128, h, w]
+    sig = img2img_sigmas(H, W, steps, denoise)                # or lens_sigmas(...) (denoise 1)
+    eps = make_noise(seed, B, h, w)
+    x = noise_image_latents(eps, z, sig[0])
+    m = latent_mask(mask, h, w, batch=B)                      # coverage downsampling
+    out = sample(dit, x, sig, ctx, ctx_mask, denoise_mask=m, init_latents=z, init_noise=eps)
 """
 
 from __future__ import annotations
@@ -643,28 +657,16 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
         batch_cfg: False (default) runs cond and uncond as two passes of B, which halves the peak
             activation memory; True runs them as one 2B batch (upstream's way) with the text padded
             to a common length by zero features and mask False. Both agree to rounding.
-        denoise_mask: inpainting (core's semantics, ``KSamplerX0Inpaint``): ``[B or 1, 1 or 128, h, w]``
-            in [0, 1] on the latent grid (:func:`latent_mask` turns a pixel mask into one),
-            1 = regenerate, 0 = keep ``init_latents``, soft values blend. Before every model call
-            the kept part is replaced by the original noised to the current σ,
-            x_in = x·m + (σ·ε + (1 − σ)·z)·(1 − m); the model's x₀ estimate is blended back,
-            x₀ ← x₀·m + z·(1 − m), and the Euler step uses it. After the last step
-            x ← x·m + z·(1 − m), so cells with m = 0 come out exactly equal to z. A mask of ones
-            gives exactly the unmasked result.
+        denoise_mask: inpainting (core's ``KSamplerX0Inpaint`` semantics, see "Inpainting" in the
+            module docstring): ``[B or 1, 1 or 128, h, w]`` in [0, 1] on the latent grid
+            (:func:`latent_mask`), 1 = regenerate, 0 = keep ``init_latents``, soft values blend.
+            Cells with m = 0 come out exactly equal to z; a mask of ones gives exactly the unmasked
+            result.
         init_latents: z ``[B or 1, 128, h, w]``, the original image latents; required with
             ``denoise_mask``.
         init_noise: ε ``[B, 128, h, w]``, the pure noise the original is noised with. Defaults to
             ``noise`` when σ_0 = 1 (the start latent is then pure noise); for a partial schedule
             (img2img, σ_0 < 1) pass the ε that built ``noise = σ_0·ε + (1 − σ_0)·z``.
-
-    Inpainting recipe (pixel mask ``mask`` [H, W] or [B, H, W], white/1 = repaint)::
-
-        z = vae.encode(image)                                     # [1, 128, h, w]
-        sig = img2img_sigmas(H, W, steps, denoise)                # or lens_sigmas(...) (denoise 1)
-        eps = make_noise(seed, B, h, w)
-        x = noise_image_latents(eps, z, sig[0])
-        m = latent_mask(mask, h, w, batch=B)                      # coverage downsampling
-        out = sample(dit, x, sig, ctx, ctx_mask, denoise_mask=m, init_latents=z, init_noise=eps)
 
     The running latent stays float32 between steps; the model is called with x cast to its compute
     dtype (``resolved_compute_dtype()`` if the model has it, else ``.dtype``) and σ_k as a float32
@@ -680,6 +682,25 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
             when the DiT output itself is non-finite, extreme guidance when only the guided
             velocity is). One ``isfinite`` reduction per step detects it.
     """
+    sig = _checked_sigmas(noise, sigmas, cfg_mode, guidance_scale)
+    dtype, device = _model_dtype_device(transformer, noise.device)
+    text = _SamplerText.build(context, context_mask, negative_context, negative_mask,
+                              noise.shape[0], device, float(guidance_scale) != 1.0, batch_cfg)
+    x = noise.to(device=device, dtype=torch.float32)
+    n = sig.numel() - 1
+    inpaint = _inpaint_inputs(denoise_mask, init_latents, init_noise, x, float(sig[0]), n)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(
+            "the start latent contains NaN or Inf before step 1: the noise or the image latents "
+            "(img2img) are broken; check the input latent or image.", 0, n, "start latent")
+    with torch.no_grad():
+        return _euler_steps(transformer, x, sig, text, float(guidance_scale), cfg_mode, inpaint,
+                            dtype, callback)
+
+
+def _checked_sigmas(noise: torch.Tensor, sigmas, cfg_mode: str, guidance_scale) -> torch.Tensor:
+    """Check :func:`sample`'s noise shape, schedule, CFG mode and scale; the schedule as a float32
+    CPU vector ``[n + 1]``."""
     if noise.dim() != 4 or noise.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"noise must be [B, {LATENT_CHANNELS}, h, w], got {tuple(noise.shape)}")
     sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
@@ -690,61 +711,80 @@ def sample(transformer, noise: torch.Tensor, sigmas: torch.Tensor, context: torc
     check_sampling_options(guidance_scale=guidance_scale)
     if not bool(torch.isfinite(sig).all()):
         raise ValueError(f"sigmas must be finite, got {sig.tolist()}")
-    g = float(guidance_scale)
-    batch = noise.shape[0]
-    dtype, device = _model_dtype_device(transformer, noise.device)
-    use_uncond = g != 1.0
-    ctx, msk, nctx, nmsk = _text_inputs(context, context_mask, negative_context, negative_mask,
-                                        batch, device, use_uncond)
-    if use_uncond and batch_cfg:
-        pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)
-        joint_ctx = torch.cat([pc, nc], dim=0)
-        joint_msk = torch.cat([pm, nm], dim=0)
+    return sig
 
-    x = noise.to(device=device, dtype=torch.float32)
+
+def _euler_steps(transformer, x: torch.Tensor, sig: torch.Tensor, text: _SamplerText, g: float,
+                 cfg_mode: str, inpaint: Optional[_Inpainting], dtype: torch.dtype,
+                 callback: Optional[StepCallback]) -> torch.Tensor:
+    """The Euler loop of :func:`sample` over the checked inputs: x ``[B, 128, h, w]`` float32 on the
+    model's device, the schedule ``sig`` ``[n + 1]``; returns the final latent."""
     n = sig.numel() - 1
-    inpaint = _inpaint_inputs(denoise_mask, init_latents, init_noise, x, float(sig[0]), n)
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(
-            "the start latent contains NaN or Inf before step 1: the noise or the image latents "
-            "(img2img) are broken; check the input latent or image.", 0, n, "start latent")
-    with torch.no_grad():
-        for k in range(n):
-            s_k = float(sig[k])
-            t = torch.full((batch,), s_k, dtype=torch.float32, device=device)
-            if inpaint is not None:
-                m, keep, z, eps = inpaint
-                x_model = x * m + (s_k * eps + (1.0 - s_k) * z) * keep
-            else:
-                x_model = x
-            xin = x_model.to(dtype)
-            if use_uncond and batch_cfg:
-                out = transformer(torch.cat([xin, xin]), torch.cat([t, t]), joint_ctx, joint_msk)
-                v_c, v_u = out.float().chunk(2)
-            else:
-                v_c = transformer(xin, t, ctx, msk).float()
-                v_u = transformer(xin, t, nctx, nmsk).float() if use_uncond else None
-            if v_u is not None:
-                v = cfg_combine(v_c, v_u, g, cfg_mode, x=x_model, sigma=s_k)
-            elif cfg_mode == "comfyui":
-                v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x_model, sigma=s_k)
-            else:
-                v = v_c
-            if inpaint is not None and s_k > 0.0:
-                # core: x0 = x_in − σ·v, x0 ← x0·m + z·(1 − m), step direction d = (x − x0)/σ.
-                # Rearranged as d = v·m + (x − x_in·m − z·(1 − m))/σ: the same value, and exactly
-                # v where m = 1 (then x_in = x), so a mask of ones changes nothing.
-                v = v * m + (x - x_model * m - z * keep) / s_k
-            denoised = x - s_k * v if callback is not None else None
-            x = x + (sig[k + 1] - sig[k]).item() * v
-            if inpaint is not None and k == n - 1:
-                x = x * m + z * keep  # unmasked cells end exactly at the original
-            if not bool(torch.isfinite(x).all()):  # one reduction per step
-                raise _non_finite(k, n, s_k, g, v_c, v_u, v)
-            del v_u
-            if callback is not None:
-                callback(k, n, x, denoised)
+    for k in range(n):
+        s_k = float(sig[k])
+        t = torch.full((x.shape[0],), s_k, dtype=torch.float32, device=x.device)
+        x_model = inpaint.model_input(x, s_k) if inpaint is not None else x
+        v_c, v_u = text.velocities(transformer, x_model.to(dtype), t)
+        if v_u is not None:
+            v = cfg_combine(v_c, v_u, g, cfg_mode, x=x_model, sigma=s_k)
+        elif cfg_mode == "comfyui":
+            v = cfg_combine(v_c, v_c, 1.0, cfg_mode, x=x_model, sigma=s_k)
+        else:
+            v = v_c
+        if inpaint is not None and s_k > 0.0:
+            v = inpaint.step_velocity(v, x, x_model, s_k)
+        denoised = x - s_k * v if callback is not None else None
+        x = x + (sig[k + 1] - sig[k]).item() * v
+        if inpaint is not None and k == n - 1:
+            x = inpaint.keep_original(x)
+        if not bool(torch.isfinite(x).all()):  # one reduction per step
+            raise _non_finite(k, n, s_k, g, v_c, v_u, v)
+        del v_u
+        if callback is not None:
+            callback(k, n, x, denoised)
     return x
+
+
+@dataclass(frozen=True, eq=False)
+class _SamplerText:
+    """The text of a :func:`sample` run, expanded to the noise batch on the model's device.
+
+    ``negative_context`` / ``negative_mask`` are None without guidance (g = 1: no unconditional
+    pass) and the empty text stream when no negative was given. With ``batch_cfg`` the positive and
+    the negative are also padded to one length and stacked as ``joint_context`` ``[2B, S, 4E]`` /
+    ``joint_mask`` ``[2B, S]`` for a single 2B pass.
+    """
+
+    context: torch.Tensor
+    mask: torch.Tensor
+    negative_context: Optional[torch.Tensor] = None
+    negative_mask: Optional[torch.Tensor] = None
+    joint_context: Optional[torch.Tensor] = None
+    joint_mask: Optional[torch.Tensor] = None
+
+    @classmethod
+    def build(cls, context, context_mask, negative_context, negative_mask, batch: int,
+              device: torch.device, use_uncond: bool, batch_cfg: bool) -> _SamplerText:
+        ctx, msk, nctx, nmsk = _text_inputs(context, context_mask, negative_context, negative_mask,
+                                            batch, device, use_uncond)
+        if not (use_uncond and batch_cfg):
+            return cls(ctx, msk, nctx, nmsk)
+        pc, pm, nc, nm = align_text(ctx, msk, nctx, nmsk)
+        return cls(ctx, msk, nctx, nmsk, torch.cat([pc, nc], dim=0), torch.cat([pm, nm], dim=0))
+
+    def velocities(self, transformer, xin: torch.Tensor,
+                   t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The conditional and unconditional velocities (float32) at input ``xin`` and σ ``t``;
+        the unconditional one is None without guidance."""
+        if self.joint_context is not None:
+            out = transformer(torch.cat([xin, xin]), torch.cat([t, t]), self.joint_context,
+                              self.joint_mask)
+            v_c, v_u = out.float().chunk(2)
+            return v_c, v_u
+        v_c = transformer(xin, t, self.context, self.mask).float()
+        if self.negative_context is None:
+            return v_c, None
+        return v_c, transformer(xin, t, self.negative_context, self.negative_mask).float()
 
 
 def _text_inputs(context, context_mask, negative_context, negative_mask, batch: int,
@@ -770,8 +810,9 @@ def _text_inputs(context, context_mask, negative_context, negative_mask, batch: 
 
 
 def _inpaint_inputs(denoise_mask, init_latents, init_noise, x: torch.Tensor, sigma0: float,
-                    steps: int):
-    """Checked (m, 1 − m, z, ε) on x's device in fp32 for :func:`sample`, or None without a mask."""
+                    steps: int) -> Optional[_Inpainting]:
+    """The checked inpainting inputs (m, 1 − m, z, ε) on x's device in fp32 for :func:`sample`, or
+    None without a mask."""
     if denoise_mask is None:
         if init_noise is not None:
             raise ValueError("init_noise is only used with denoise_mask")
@@ -801,7 +842,36 @@ def _inpaint_inputs(denoise_mask, init_latents, init_noise, x: torch.Tensor, sig
     if not (bool(torch.isfinite(z).all()) and bool(torch.isfinite(eps).all())):
         raise NonFiniteError("the inpainting init_latents or init_noise contain NaN or Inf "
                              "before step 1", 0, steps, "start latent")
-    return m, 1.0 - m, z, eps
+    return _Inpainting(m, 1.0 - m, z, eps)
+
+
+@dataclass(frozen=True, eq=False)
+class _Inpainting:
+    """The checked inpainting inputs of :func:`sample`, float32 on the latent's device: the mask m
+    ``[B or 1, 1 or 128, h, w]``, ``keep`` = 1 − m, the original latents z and the pure noise ε."""
+
+    mask: torch.Tensor
+    keep: torch.Tensor
+    z: torch.Tensor
+    eps: torch.Tensor
+
+    def model_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The model's input at σ: x inside the mask, the original noised to σ outside it,
+        x_in = x·m + (σ·ε + (1 − σ)·z)·(1 − m)."""
+        return x * self.mask + (sigma * self.eps + (1.0 - sigma) * self.z) * self.keep
+
+    def step_velocity(self, v: torch.Tensor, x: torch.Tensor, x_model: torch.Tensor,
+                      sigma: float) -> torch.Tensor:
+        """The Euler step's velocity with the model's x₀ estimate blended back to the original
+        outside the mask (σ > 0)."""
+        # core: x0 = x_in − σ·v, x0 ← x0·m + z·(1 − m), step direction d = (x − x0)/σ.
+        # Rearranged as d = v·m + (x − x_in·m − z·(1 − m))/σ: the same value, and exactly
+        # v where m = 1 (then x_in = x), so a mask of ones changes nothing.
+        return v * self.mask + (x - x_model * self.mask - self.z * self.keep) / sigma
+
+    def keep_original(self, x: torch.Tensor) -> torch.Tensor:
+        """After the last step: unmasked cells end exactly at the original, x·m + z·(1 − m)."""
+        return x * self.mask + self.z * self.keep
 
 
 def _non_finite(k: int, n: int, sigma: float, g: float, v_c: torch.Tensor,
