@@ -1,4 +1,4 @@
-"""Schedule, noise, CFG, img2img and sampler-loop tests (spec sampling.md §1-§7, §9, §11)."""
+"""Schedule, noise, CFG, img2img, inpainting and sampler-loop tests."""
 
 import json
 from pathlib import Path
@@ -70,7 +70,7 @@ def test_comfyui_mu_values():
     assert comfyui_mu(1024, 1024) == pytest.approx(1.15, abs=1e-12)
     assert comfyui_mu(1440, 1440) == pytest.approx(1.827760, abs=1e-6)
     assert comfyui_mu(1448, 1448) == pytest.approx(1.843037, abs=1e-6)
-    # The linear rule coincides with upstream's > 4300 branch to ~1e-5 (sampling.md §9).
+    # At 8100 tokens core's linear μ and upstream's flat (> 4300 tokens) branch agree to ~1e-5.
     assert comfyui_mu(1440, 1440) == pytest.approx(empirical_mu(8100, 20), abs=1e-4)
 
 
@@ -605,7 +605,8 @@ def test_inpaint_mask_of_ones_equals_plain_img2img():
 
 
 def test_inpaint_soft_mask_follows_core_x0_blend():
-    """Hand loop of core's KSamplerX0Inpaint around an Euler sampler (ecosystem.md §4.3)."""
+    """Hand loop of core's KSamplerX0Inpaint (x₀ blended with the original outside the mask)
+    around an Euler sampler."""
     z, ctx, msk, sig, eps, x = _inpaint_case(batch=1)
     m = torch.linspace(0, 1, 20).reshape(1, 1, 4, 5)
     out = sample(ToyDiT(), x, sig, ctx, msk, denoise_mask=m, init_latents=z, init_noise=eps)
