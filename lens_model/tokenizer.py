@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
 from .checkpoints import CheckpointError, file_identity, read_safetensors_header, read_tensor_from_file
 from .constants import DEFAULT_DATE, MAX_LENGTH, PAD_ID, PREFIX_LEN, SUFFIX_LEN, VOCAB_SIZE
 
@@ -255,10 +257,14 @@ class LensTokenizer:
             if cleaned != prompt:
                 logger.info("Removed harmony control markers from the prompt (strip_markers=True).")
             prompt = cleaned
-        prefix = self.prefix_ids(date)
-        ids = prefix + self.encode_text(prompt) + self._suffix_ids
+        ids = self.prefix_ids(date) + self.encode_text(prompt) + self._suffix_ids
         if max_length is None or len(ids) <= max_length:
             return ids
+        return self._truncate(ids, max_length, mode)
+
+    def _truncate(self, ids: list[int], max_length: int, mode: str) -> list[int]:
+        """Templated ``ids`` longer than ``max_length`` cut as ``mode`` says (see :meth:`tokenize`),
+        with a warning that says what was lost."""
         n_prompt = len(ids) - PREFIX_LEN - SUFFIX_LEN
         if mode == "upstream":
             if max_length < 1:
@@ -411,13 +417,6 @@ def build_tokenizer_from_ranks(ranks: dict[bytes, int]):
     regex, isolated) + ByteLevel(use_regex=False) pre-tokenizer, ByteLevel decoder, and the 1090
     harmony special tokens at ids 199998..201087.
     """
-    try:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    except ImportError as exc:  # pragma: no cover - tokenizers is a ComfyUI dependency
-        raise ImportError(
-            "The Lens tokenizer needs the `tokenizers` package (pip install 'tokenizers>=0.19')"
-        ) from exc
-
     table = _byte_level_table()
 
     def to_str(b: bytes) -> str:
@@ -454,8 +453,6 @@ def _fallback_backend(path: str, size: int, mtime_ns: int):
 
 def _backend_from_json(text: str, where: str):
     """A ``tokenizers.Tokenizer`` from tokenizer.json text, with any stored truncation/padding off."""
-    from tokenizers import Tokenizer
-
     try:
         backend = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
