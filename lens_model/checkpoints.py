@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,6 +521,74 @@ def path_identity(path: str | os.PathLike) -> tuple:
         files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".safetensors", ".sft", ".json"))
         return file_identity(files, str(p)) if files else (str(p), 0, 0)
     return file_identity([p], str(p))
+
+
+#: ``<stem>-0000k-of-0000n.safetensors``: shard k of a set of n (the Hugging Face naming).
+_SHARD_RE = re.compile(r"^.+-(?P<index>\d{5})-of-\d{5}\.safetensors$")
+
+
+def checkpoint_identity(path: str | os.PathLike) -> tuple:
+    """Identity (path, bytes, newest mtime) of the checkpoint at ``path``, for reload checks and
+    feature caches: :func:`path_identity` of the file or folder, and for one shard of a
+    ``-0000k-of-0000n`` set that of its folder (the loaders read the whole set)."""
+    if _SHARD_RE.match(os.path.basename(path)):
+        path = os.path.dirname(path)
+    return path_identity(path)
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """Stored bytes of the weights at ``path``: a file's size (0 when it is missing), or the sum
+    over every ``.safetensors`` file below a folder."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(folder, f))
+                   for folder, _, files in os.walk(path) for f in files if f.endswith(".safetensors"))
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _is_diffusers_folder(path: str, component: str) -> bool:
+    """A diffusers pipeline root (``<sub-folder>/config.json``) or component folder (``config.json``
+    beside safetensors files)."""
+    if os.path.isfile(os.path.join(path, DIFFUSERS_SUBFOLDERS[component], "config.json")):
+        return True
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    try:
+        return any(n.endswith(".safetensors") for n in os.listdir(path))
+    except OSError:
+        return False
+
+
+def list_checkpoints(files: Iterable[str], roots: Iterable[str], component: str) -> list[str]:
+    """The entries of a model picker for ``component`` (``"dit"``, ``"te"``, ``"vae"``).
+
+    ``roots``: the model folders; ``files``: the files in them, as names relative to a root. Returns
+    one ``<folder>/`` entry per diffusers folder directly inside a root (sorted), then the sorted
+    files, leaving out GGUF and JSON files, files inside those folders and every shard after the
+    first of a ``-0000k-of-0000n`` set (the first stands for the set).
+    """
+    folders: set[str] = set()
+    for root in roots:
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if (entry.is_dir(follow_symlinks=True) and not entry.name.startswith(".")
+                    and _is_diffusers_folder(entry.path, component)):
+                folders.add(entry.name + "/")
+    kept = []
+    for name in files:
+        rel = name.replace("\\", "/")
+        if name.endswith((".gguf", ".json")) or any(rel.startswith(d) for d in folders):
+            continue
+        shard = _SHARD_RE.match(os.path.basename(rel))
+        if shard and int(shard.group("index")) > 1:
+            continue
+        kept.append(name)
+    return sorted(folders) + sorted(kept)
 
 
 def read_config(root: Path) -> dict | None:

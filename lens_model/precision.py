@@ -11,6 +11,9 @@
   convolutions slower than fp32. For the same reasons its fp16 replacement is fp32 everywhere but a
   CUDA device with bf16 (``small_model=True`` in :func:`fp16_replacement` / :func:`refuse_fp16`).
 - :func:`parse_dtype`: a dtype name (``"bf16"``, ``"fp32"``, ...) to a ``torch.dtype``.
+- :func:`choose_dtype` / :func:`choose_device`: what a loader's ``dtype`` / ``device`` choice
+  (``auto``, ``bf16``, ``gpu``, ...) means, for callers that know whether a device computes bf16
+  fast (the ComfyUI nodes ask core).
 
 Nothing here runs at import time; the CPU probe runs once, at its first call.
 """
@@ -137,8 +140,57 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+def choose_dtype(choice: str, device: torch.device | str, component: str,
+                 fast_bf16: bool) -> torch.dtype | None:
+    """The compute dtype for a loader's dtype choice; None lets the loader keep the stored dtype.
+
+    choice: ``"bf16"`` / ``"fp32"`` (taken as they are), or ``"auto"`` / ``"default"`` / ``"fp8"``
+    (fp8 is weight-only storage: its compute dtype is chosen as for ``"default"``).
+    component: ``"dit"``, ``"te"`` (text encoder) or ``"vae"``.
+    fast_bf16: whether ``device`` computes bf16 natively, as the caller decides it (ComfyUI: core's
+    ``should_use_bf16``, which honours --force-fp32 and says no for pre-Ampere cards).
+
+    The automatic choice is bf16 when ``fast_bf16``, else fp32, on any device but the CPU. On the CPU
+    each component keeps its own default: the DiT its stored dtype (None; bf16 under fp8 storage),
+    the text encoder :func:`default_compute_dtype` (bf16 only with native bf16 instructions), the
+    VAE fp32.
+    """
+    if choice in ("bf16", "fp32"):
+        return DTYPE_NAMES[choice]
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    if component == "dit":
+        return torch.bfloat16 if choice == "fp8" else None
+    if component == "te":
+        return default_compute_dtype("cpu")
+    return torch.float32
+
+
+def choose_device(choice: str, auto_device: torch.device | str,
+                  main_device: torch.device | str) -> torch.device:
+    """The device for a loader's ``auto`` / ``gpu`` / ``cpu`` choice.
+
+    ``cpu`` is the CPU; ``gpu`` is ``main_device`` (the GPU everything computes on), a RuntimeError
+    when that is the CPU; ``auto`` is ``auto_device`` (the caller's placement for this component,
+    e.g. ComfyUI's text-encoder or VAE device).
+    """
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "gpu":
+        main = torch.device(main_device)
+        if main.type == "cpu":
+            raise RuntimeError(
+                "device 'gpu' was selected but ComfyUI runs on the CPU (no GPU found or --cpu "
+                "given). Select 'auto' or 'cpu'."
+            )
+        return main
+    return torch.device(auto_device)
+
+
 __all__ = [
     "DTYPE_NAMES",
+    "choose_device",
+    "choose_dtype",
     "compute_dtype_for",
     "cpu_has_native_bf16",
     "default_compute_dtype",

@@ -107,6 +107,34 @@ def schedule_jump_warning(width: int, height: int) -> Optional[str]:
     return None
 
 
+def empty_latent(width: int, height: int, batch: int = 1, device=None) -> torch.Tensor:
+    """Zeros ``[batch, 128, height/16, width/16]`` float32: the start latent of a text-to-image run.
+
+    The size is checked by :func:`validate_size`; ``batch`` must be at least 1 (ValueError).
+    """
+    w, h = validate_size(width, height)
+    if int(batch) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch}")
+    return torch.zeros(int(batch), LATENT_CHANNELS, h // LATENT_CELL_PIXELS, w // LATENT_CELL_PIXELS,
+                       device=device)
+
+
+def crop_to_cells(images: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, H, W, C]`` centre-cropped to whole latent cells: ``[B, 16·⌊H/16⌋, 16·⌊W/16⌋, C]``
+    (a view; unchanged when both sides are multiples of 16), as core's VAEEncode crops its input.
+
+    Raises ValueError for an image smaller than 16 pixels on a side.
+    """
+    _, hh, ww, _ = images.shape
+    h, w = hh // LATENT_CELL_PIXELS * LATENT_CELL_PIXELS, ww // LATENT_CELL_PIXELS * LATENT_CELL_PIXELS
+    if h == 0 or w == 0:
+        raise ValueError(f"image {ww}x{hh} is smaller than {LATENT_CELL_PIXELS} pixels on a side.")
+    if (h, w) == (hh, ww):
+        return images
+    y0, x0 = (hh - h) // 2, (ww - w) // 2
+    return images[:, y0:y0 + h, x0:x0 + w, :]
+
+
 def latent_from_core_empty(latent: dict) -> torch.Tensor:
     """Turn a core LATENT dict into an empty Lens latent ``[B, 128, h, w]`` float32.
 

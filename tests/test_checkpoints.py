@@ -302,3 +302,53 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         writers.write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_identity_of_a_shard_covers_its_whole_set(tmp_path):
+    import os
+
+    for i in (1, 2):
+        (tmp_path / f"model-0000{i}-of-00002.safetensors").write_bytes(b"x" * i)
+    first = tmp_path / "model-00001-of-00002.safetensors"
+    before = checkpoints.checkpoint_identity(first)
+    assert before == (str(tmp_path), 3, before[2])
+    second = tmp_path / "model-00002-of-00002.safetensors"
+    second.write_bytes(b"yyyy")  # another shard replaced: the first shard's identity changes
+    st = os.stat(second)
+    os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert checkpoints.checkpoint_identity(first) != before
+    single = tmp_path / "single.safetensors"
+    single.write_bytes(b"abc")
+    assert checkpoints.checkpoint_identity(single)[:2] == (str(single), 3)
+
+
+def test_checkpoint_bytes_counts_safetensors_only(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.safetensors").write_bytes(b"x" * 5)
+    (tmp_path / "tokenizer.json").write_bytes(b"x" * 100)
+    assert checkpoints.checkpoint_bytes(tmp_path) == 15
+    assert checkpoints.checkpoint_bytes(tmp_path / "a.safetensors") == 10
+    assert checkpoints.checkpoint_bytes(tmp_path / "missing.safetensors") == 0
+
+
+def test_list_checkpoints_shows_folders_once_and_shard_sets_once(tmp_path):
+    root = tmp_path / "diffusion_models"
+    pipe = root / "Lens-Diffusers" / "transformer"
+    pipe.mkdir(parents=True)
+    (pipe / "config.json").write_text("{}")
+    component = root / "dit-folder"
+    component.mkdir()
+    (component / "config.json").write_text("{}")
+    (component / "w.safetensors").write_bytes(b"x")
+    (root / "plain").mkdir()  # a plain sub-folder: its files stay listed
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "config.json").write_text("{}")
+    files = ["Lens-Diffusers/transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "dit-folder/w.safetensors", "plain/lens.safetensors", "z.safetensors", "a.gguf",
+             "index.json", "big-00001-of-00002.safetensors", "big-00002-of-00002.safetensors"]
+    assert checkpoints.list_checkpoints(files, [str(root), str(tmp_path / "missing")], "dit") == [
+        "Lens-Diffusers/", "dit-folder/", "big-00001-of-00002.safetensors",
+        "plain/lens.safetensors", "z.safetensors"]
+    # a pipeline root counts only for the component whose sub-folder it has
+    assert checkpoints.list_checkpoints([], [str(root)], "vae") == ["dit-folder/"]

@@ -68,3 +68,35 @@ def test_vae_fp16_rule_comes_from_precision(monkeypatch, bf16_ok):
         assert vae_loading._resolve_dtype(None, torch.float16, CPU, "ae.safetensors") == torch.float32
     assert precision.fp16_replacement(CPU, small_model=True) == torch.float32
     assert precision.fp16_replacement(CPU) == torch.bfloat16
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_loader_dtype_choices_on_a_gpu_follow_the_callers_bf16_answer(fast):
+    """On a GPU every automatic choice is bf16 exactly when the caller (ComfyUI) says the device
+    computes it fast; explicit bf16 / fp32 are kept whatever the device."""
+    want = torch.bfloat16 if fast else torch.float32
+    for component, choices in (("dit", ("default", "fp8")), ("te", ("auto",)), ("vae", ("auto",))):
+        for choice in choices:
+            assert precision.choose_dtype(choice, "cuda:0", component, fast) == want, (component, choice)
+        assert precision.choose_dtype("bf16", "cuda:0", component, fast) == torch.bfloat16
+        assert precision.choose_dtype("fp32", "cuda:0", component, fast) == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_loader_dtype_choices_on_the_cpu_keep_each_components_default(monkeypatch, native):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    assert precision.choose_dtype("default", CPU, "dit", True) is None  # the stored dtype
+    assert precision.choose_dtype("fp8", CPU, "dit", False) == torch.bfloat16
+    assert precision.choose_dtype("auto", CPU, "te", False) == (torch.bfloat16 if native else torch.float32)
+    assert precision.choose_dtype("auto", CPU, "vae", True) == torch.float32
+    assert precision.choose_dtype("bf16", CPU, "vae", False) == torch.bfloat16
+
+
+def test_loader_device_choices():
+    cuda = torch.device("cuda", 1)
+    assert precision.choose_device("cpu", cuda, cuda) == CPU
+    assert precision.choose_device("gpu", CPU, cuda) == cuda
+    assert precision.choose_device("auto", CPU, cuda) == CPU  # e.g. ComfyUI's low-VRAM text encoder
+    assert precision.choose_device("auto", "cuda:0", cuda) == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="'gpu' was selected but ComfyUI runs on the CPU"):
+        precision.choose_device("gpu", CPU, CPU)

@@ -99,3 +99,29 @@ def test_core_latent_passthrough_and_rejects():
         latent_from_core_empty({"samples": torch.randn(1, 16, 8, 8)})
     # no ratio key: core EmptyLatentImage default of 8
     assert latent_from_core_empty({"samples": torch.zeros(1, 4, 181, 181)}).shape == (1, 128, 90, 90)
+
+
+def test_empty_latent_has_the_latent_grid_of_the_size():
+    from lens_model.resolution import empty_latent
+
+    z = empty_latent(1440, 1024, batch=3)
+    assert z.shape == (3, 128, 64, 90) and z.dtype == torch.float32 and not z.any()
+    assert empty_latent(16, 32).shape == (1, 128, 2, 1)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        empty_latent(40, 32)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        empty_latent(32, 32, batch=0)
+
+
+def test_crop_to_cells_centres_the_crop():
+    from lens_model.resolution import crop_to_cells
+
+    img = torch.arange(2 * 37 * 50 * 3, dtype=torch.float32).reshape(2, 37, 50, 3)
+    out = crop_to_cells(img)
+    assert out.shape == (2, 32, 48, 3)
+    # 5 spare rows: 2 above, 3 below; 2 spare columns: 1 on each side
+    assert torch.equal(out, img[:, 2:34, 1:49])
+    exact = img[:, :32, :48]
+    assert crop_to_cells(exact) is exact
+    with pytest.raises(ValueError, match="smaller than 16 pixels"):
+        crop_to_cells(img[:, :15])
