@@ -15,10 +15,11 @@ import logging
 import torch
 
 import lens_model
-from lens_model import text_encoder as lens_text_encoder
+from lens_model import checkpoints, precision
+from lens_model.text_encoder import inspect_text_encoder
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, file_identity, model_list, resolve_device, resolve_model
+from .common import CATEGORY, check_choice, identity_or_nan, model_list, resolve_model
 from .handles import DiTHandle, TextEncoderHandle, VAEHandle
 
 logger = logging.getLogger(__name__)
@@ -33,20 +34,15 @@ TE_OFFLOAD = ["auto", "device", "layers", "stream"]
 VAE_DTYPES = ["auto", "bf16", "fp32"]
 
 
-def _torch_dtype(name: str):
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
+def _device_and_dtype(device: str, auto_device, dtype: str, component: str):
+    """A loader's device and dtype choices -> (torch device, compute dtype or None), decided by
+    ``lens_model.precision`` with ComfyUI's answer to whether the device computes bf16 fast."""
+    dev = precision.choose_device(device, auto_device, comfy.torch_device())
+    return dev, precision.choose_dtype(dtype, dev, component, comfy.should_use_bf16(dev))
 
 
-def _identity_or_nan(key: str, name: str):
-    try:
-        return file_identity(resolve_model(key, name))
-    except Exception:
-        return float("nan")  # re-run: the node itself will raise the readable error
-
-
-def _compute_dtype(device):
-    """bf16 where ComfyUI says the device computes it well, else fp32 (never fp16 for Lens)."""
-    return torch.bfloat16 if comfy.should_use_bf16(device) else torch.float32
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class LensNodesDiTLoader:
@@ -104,19 +100,18 @@ class LensNodesDiTLoader:
 
     @classmethod
     def IS_CHANGED(cls, model_name, **kwargs):
-        return _identity_or_nan("diffusion_models", model_name)
+        return identity_or_nan("diffusion_models", model_name)
 
     def load(self, model_name, weight_dtype="default", device="auto", offload="auto",
              qk_norm_eps="upstream"):
-        if weight_dtype not in DIT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {DIT_DTYPES}, got {weight_dtype!r}")
-        if qk_norm_eps not in QK_EPS:
-            raise ValueError(f"qk_norm_eps must be one of {QK_EPS}, got {qk_norm_eps!r}")
-        if offload not in DIT_OFFLOAD:
-            raise ValueError(f"offload must be one of {DIT_OFFLOAD}, got {offload!r}")
+        check_choice("weight_dtype", weight_dtype, DIT_DTYPES)
+        check_choice("qk_norm_eps", qk_norm_eps, QK_EPS)
+        check_choice("offload", offload, DIT_OFFLOAD)
         path = resolve_model("diffusion_models", model_name)
-        dev = resolve_device(device, comfy.torch_device())
-        dtype = _dit_dtype(weight_dtype, dev)
+        dev, dtype = _device_and_dtype(device, comfy.torch_device(), weight_dtype, "dit")
+        if dtype == torch.float32 and weight_dtype == "default":
+            logger.info("%s has no fast bf16: the Lens DiT computes in fp32 (weight_dtype 'fp8' "
+                        "halves its memory).", dev)
         logger.info("loading Lens DiT %s (weight dtype %s, device %s)", model_name, weight_dtype, dev)
         # into host RAM; core's model management moves it when the sampler runs
         model = lens_model.load_transformer(
@@ -128,21 +123,8 @@ class LensNodesDiTLoader:
             logger.info("%s: suggested %s steps, CFG %s (variant guessed from the file name: %s)",
                         model_name, hint.get("steps"), hint.get("cfg"), hint.get("variant"))
         patcher = comfy.wrap_model(model, "dit", dev, keep_on_device=offload == "never")
-        return (DiTHandle(patcher, path, file_identity(path), weight_dtype, offload == "always"),)
-
-
-def _dit_dtype(weight_dtype: str, device):
-    """Compute dtype of the DiT: bf16/fp32 as chosen; default and fp8 follow the device (the
-    stored dtype on the CPU, bf16 for fp8 there)."""
-    if weight_dtype in ("bf16", "fp32"):
-        return _torch_dtype(weight_dtype)
-    if device.type == "cpu":
-        return torch.bfloat16 if weight_dtype == "fp8" else None
-    dtype = _compute_dtype(device)
-    if dtype == torch.float32 and weight_dtype == "default":
-        logger.info("%s has no fast bf16: the Lens DiT computes in fp32 (weight_dtype 'fp8' "
-                    "halves its memory).", device)
-    return dtype
+        return (DiTHandle(patcher, path, checkpoints.checkpoint_identity(path), weight_dtype,
+                          offload == "always"),)
 
 
 class LensNodesTextEncoderLoader:
@@ -195,31 +177,17 @@ class LensNodesTextEncoderLoader:
 
     @classmethod
     def IS_CHANGED(cls, text_encoder_name, **kwargs):
-        return _identity_or_nan("text_encoders", text_encoder_name)
+        return identity_or_nan("text_encoders", text_encoder_name)
 
     def load(self, text_encoder_name, device="auto", dtype="auto", offload="auto", keep_loaded=False):
-        if dtype not in TE_DTYPES:
-            raise ValueError(f"dtype must be one of {TE_DTYPES}, got {dtype!r}")
-        if offload not in TE_OFFLOAD:
-            raise ValueError(f"offload must be one of {TE_OFFLOAD}, got {offload!r}")
+        check_choice("dtype", dtype, TE_DTYPES)
+        check_choice("offload", offload, TE_OFFLOAD)
         path = resolve_model("text_encoders", text_encoder_name)
-        dev = resolve_device(device, comfy.text_encoder_device())
-        hidden = _check_text_encoder(path)
-        # the dtype the encoder will compute in, known now so that cached features are found
-        # without loading the encoder. auto on a GPU follows ComfyUI's bf16 policy (fp32 on
-        # pre-Ampere cards); on the CPU the encoder's own choice (bf16 only with AVX512-BF16/AMX).
-        if dtype == "auto" and dev.type != "cpu":
-            tdtype = _compute_dtype(dev)
-        else:
-            tdtype = lens_text_encoder.resolve_dtype(_torch_dtype(dtype), dev)
-        name = str(tdtype).replace("torch.", "")
-        return (TextEncoderHandle(path, file_identity(path), dev, tdtype, name, offload,
-                                  bool(keep_loaded), hidden),)
-
-
-def _check_text_encoder(path: str) -> int:
-    """Validate the text-encoder checkpoint (headers and shapes only) and return its hidden size."""
-    return lens_text_encoder.inspect_text_encoder(path).hidden_size
+        # the dtype is known now, so cached features are found without loading the encoder
+        dev, tdtype = _device_and_dtype(device, comfy.text_encoder_device(), dtype, "te")
+        hidden = inspect_text_encoder(path).hidden_size  # checks headers and shapes, loads nothing
+        return (TextEncoderHandle(path, checkpoints.checkpoint_identity(path), dev, tdtype,
+                                  _dtype_name(tdtype), offload, bool(keep_loaded), hidden),)
 
 
 class LensNodesVAELoader:
@@ -252,19 +220,14 @@ class LensNodesVAELoader:
 
     @classmethod
     def IS_CHANGED(cls, vae_name, **kwargs):
-        return _identity_or_nan("vae", vae_name)
+        return identity_or_nan("vae", vae_name)
 
     def load(self, vae_name, dtype="auto", device="auto"):
-        if dtype not in VAE_DTYPES:
-            raise ValueError(f"dtype must be one of {VAE_DTYPES}, got {dtype!r}")
+        check_choice("dtype", dtype, VAE_DTYPES)
         path = resolve_model("vae", vae_name)
-        dev = resolve_device(device, comfy.vae_device())
-        if dtype == "auto":
-            tdtype = _compute_dtype(dev) if dev.type != "cpu" else torch.float32
-        else:
-            tdtype = _torch_dtype(dtype)
+        dev, tdtype = _device_and_dtype(device, comfy.vae_device(), dtype, "vae")
         logger.info("loading FLUX.2 VAE %s (%s, device %s)", vae_name, tdtype, dev)
         vae = lens_model.load_vae(path, dtype=tdtype, device="cpu")
         vae.eval().requires_grad_(False)
         patcher = comfy.wrap_model(vae, "vae", dev)
-        return (VAEHandle(patcher, path, file_identity(path), str(tdtype).replace("torch.", "")),)
+        return (VAEHandle(patcher, path, checkpoints.checkpoint_identity(path), _dtype_name(tdtype)),)

@@ -17,12 +17,11 @@ import math
 from lens_model import lora as lens_lora
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, check_float_widgets, file_identity
+from .common import CATEGORY, NO_FILES, check_float_widgets, identity_or_nan
 
 logger = logging.getLogger(__name__)
 
 LORA_FOLDER = "loras"
-NO_FILES = "(no files found)"
 _LORA_EXTENSIONS = (".safetensors", ".sft")
 
 
@@ -105,10 +104,7 @@ class LensNodesLoRALoader:
 
     @classmethod
     def IS_CHANGED(cls, lora_name, **kwargs):
-        try:
-            return file_identity(comfy.full_path(LORA_FOLDER, lora_name))
-        except Exception:
-            return float("nan")  # re-run: the node itself raises the readable error
+        return identity_or_nan(LORA_FOLDER, lora_name)
 
     @classmethod
     def VALIDATE_INPUTS(cls, strength=1.0):
