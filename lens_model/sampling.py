@@ -38,10 +38,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from .constants import LATENT_CELL_PIXELS, LATENT_CHANNELS
 
-LATENT_CHANNELS = 128
-"""Channels of a Lens latent (32 VAE channels × 2×2 patch)."""
+logger = logging.getLogger(__name__)
 
 MU_TOKEN_THRESHOLD = 4300
 """Above this many image tokens the empirical μ no longer depends on the step count."""
@@ -64,7 +63,7 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 def image_tokens(height: int, width: int) -> int:
     """Number of image tokens N = (H/16)·(W/16) for a pixel size."""
-    return (int(height) // 16) * (int(width) // 16)
+    return (int(height) // LATENT_CELL_PIXELS) * (int(width) // LATENT_CELL_PIXELS)
 
 
 MAX_STEPS = 200
@@ -438,9 +437,6 @@ def noise_image_latents(noise: torch.Tensor, image_latents: torch.Tensor, sigma)
 MASK_MODES = ("coverage", "comfyui")
 """Pixel-mask → latent-grid downsampling modes of :func:`latent_mask`."""
 
-LATENT_CELL = 16
-"""Pixels per latent cell along one side (FLUX.2 VAE ×8, 2×2 patch)."""
-
 
 def repeat_to_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     """Tile or truncate ``t`` along dim 0 to ``batch`` rows (core's rule for masks)."""
@@ -487,10 +483,10 @@ def latent_mask(mask: torch.Tensor, h: int, w: int, batch: Optional[int] = None,
     if mode == "comfyui":
         out = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
     else:
-        ch, cw = LATENT_CELL * h, LATENT_CELL * w
-        if ch <= H < ch + LATENT_CELL and cw <= W < cw + LATENT_CELL:
+        ch, cw = LATENT_CELL_PIXELS * h, LATENT_CELL_PIXELS * w
+        if ch <= H < ch + LATENT_CELL_PIXELS and cw <= W < cw + LATENT_CELL_PIXELS:
             y0, x0 = (H - ch) // 2, (W - cw) // 2
-            out = F.avg_pool2d(m[:, :, y0:y0 + ch, x0:x0 + cw], LATENT_CELL)
+            out = F.avg_pool2d(m[:, :, y0:y0 + ch, x0:x0 + cw], LATENT_CELL_PIXELS)
         else:
             logger.warning("mask is %dx%d px but the latent is %dx%d cells (%dx%d px); the mask is "
                            "stretched over the image", W, H, w, h, cw, ch)
