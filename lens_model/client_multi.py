@@ -8,8 +8,9 @@ again on another server when its server fails or loses it. The images are saved 
 with the batch job's manifest (:class:`lens_model.batch.Manifest`), so a rerun skips the rows
 already done. Ctrl-C cancels every prompt this run queued, on every server.
 
-The single-server client (:class:`~lens_model.client.ComfyClient`, overrides, the command line)
-is :mod:`lens_model.client`; its ``main`` hands ``--prompts`` runs to :func:`main_many`.
+One server is :class:`~lens_model.client_server.ComfyClient`, the overrides are
+:mod:`lens_model.client_workflow`; the command line (:func:`lens_model.client.main`) hands
+``--prompts`` runs to :func:`main_many`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import batch as batch_rows
-from .client import (
+from .client_server import (
     DEFAULT_TIMEOUT, ClientError, ComfyClient, ExecutionFailed, ServerUnreachable, WaitTimeout,
-    apply_overrides, check_api_prompt, load_workflow,
 )
+from .client_workflow import apply_overrides, check_api_prompt, load_workflow
 
 logger = logging.getLogger(__name__)
 

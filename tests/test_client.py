@@ -24,6 +24,7 @@ import websocket
 
 from lens_model import client as lc
 from lens_model import client_multi as cm
+from lens_model import client_server, client_workflow
 
 PNG_BYTES = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00"
              b"\x00\x90wS\xde" + b"fake-image-payload-" * 3)
@@ -423,7 +424,7 @@ def test_ui_format_rejected(tmp_path):
 # against the fake server
 # ------------------------------------------------------------------------------------------------
 def test_polling_path_end_to_end(make_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lens_model.client")
+    caplog.set_level(logging.INFO, logger="lens_model")
     srv = make_server(ws=False, pending_polls=2)
     paths = lc.run_workflow(LENS_API, server=srv.url, output_dir=tmp_path / "out", timeout=10,
                             prompt_text="a lighthouse", negative="fog", seed=123, steps=4,
@@ -467,7 +468,7 @@ def test_websocket_progress_and_pong(make_server, tmp_path):
 
 
 def test_websocket_closed_early_falls_back_to_polling(make_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lens_model.client")
+    caplog.set_level(logging.INFO, logger="lens_model")
     srv = make_server(ws=True, ws_close_early=True, pending_polls=1)
     paths = lc.run_workflow(LENS_API, server=srv.url, output_dir=tmp_path, timeout=10,
                             poll_interval=0.02)
@@ -511,7 +512,7 @@ def test_cli_end_to_end(make_server, tmp_path, capsys):
 
 
 def test_cli_validation_error_400(make_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lens_model.client")
+    caplog.set_level(logging.INFO, logger="lens_model")
     srv = make_server(validation_error=True)
     rc = lc.main([str(_write(tmp_path, LENS_API)), "--server", srv.url, "--no-websocket",
                   "--output-dir", str(tmp_path / "o"), "--timeout", "10"])
@@ -759,8 +760,8 @@ def test_every_option_is_in_the_readme():
 
 
 def test_without_websocket_client_the_client_polls(make_server, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="lens_model.client")
-    monkeypatch.setattr(lc, "_wsclient", None)             # the package is not installed
+    caplog.set_level(logging.INFO, logger="lens_model")
+    monkeypatch.setattr(client_server, "_wsclient", None)  # the package is not installed
     srv = make_server(ws=True, pending_polls=1)
     paths = lc.run_workflow(LENS_API, server=srv.url, output_dir=tmp_path, timeout=10,
                             poll_interval=0.02)
@@ -781,11 +782,28 @@ def test_many_servers_a_prompt_past_its_timeout_is_cancelled_and_fails(multi_ser
         cm.run_many(LENS_API, rows, [slow.url], tmp_path / "out", per_server=0)
 
 
-def test_multi_server_names_moved_but_still_reachable_from_the_client_module():
+def test_the_client_module_re_exports_its_parts():
     assert lc.run_many is cm.run_many and lc.ServerPool is cm.ServerPool
     assert lc.load_prompt_rows is cm.load_prompt_rows
+    assert lc.ComfyClient is client_server.ComfyClient and lc.ClientError is client_server.ClientError
+    assert lc.apply_overrides is client_workflow.apply_overrides
+    assert lc.OVERRIDE_INPUTS is client_workflow.OVERRIDE_INPUTS
+    assert all(hasattr(lc, name) for name in lc.__all__)
     with pytest.raises(AttributeError):
         lc.no_such_name  # noqa: B018
+
+
+def test_client_modules_import_in_either_order():
+    """No import cycle: the multi-server module first (it needs the server and workflow modules,
+    not lens_model.client), then the client that re-exports it."""
+    import subprocess
+    import sys
+
+    code = ("import lens_model.client_multi as m, lens_model.client as c; "
+            "assert c.run_many is m.run_many and c.ComfyClient is m.ComfyClient")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_python_m_client_prompts_dry_run(tmp_path):
