@@ -10,11 +10,11 @@ and stands in core's list of loaded models while it is loaded, so core can evict
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 import lens_model
+from lens_model.checkpoints import checkpoint_bytes
 
 from . import comfy_adapter as comfy
 
@@ -143,7 +143,7 @@ class TextEncoderHandle:
     def _device_bytes(self) -> int:
         """Memory the encoder takes on its device: all weights (offload device/auto) or about one
         layer plus attention (layers/stream)."""
-        size = _path_size(self.path)
+        size = checkpoint_bytes(self.path)
         return size if self.offload_mode in ("auto", "device") else min(size, 2 << 30)
 
     def encoder(self):
@@ -170,16 +170,3 @@ class TextEncoderHandle:
     def after_encode(self):
         if not self.keep_loaded:
             self.unload()
-
-
-def _path_size(path: str) -> int:
-    if os.path.isdir(path):
-        total = 0
-        for dirpath, _, files in os.walk(path):
-            total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files
-                         if f.endswith(".safetensors"))
-        return total
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0

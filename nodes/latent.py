@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from lens_model import constants, resolution
+from lens_model.pipeline import MAX_BATCH
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY
+from .common import CATEGORY, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +54,14 @@ class LensNodesResolution:
         }
 
     def resolve(self, base="1440", ratio="1:1", width=1024, height=1024):
-        res = resolution
-        if base in ("1024", "1440"):
-            w, h = res.resolution_for(int(base), ratio)
-        elif base == "custom":
-            w, h = res.validate_size(int(width), int(height))
-        elif base in BASES:
+        check_choice("base", base, BASES)
+        if base == "custom":
+            w, h = resolution.validate_size(int(width), int(height))
+        elif "x" in base:  # a fixed WxH entry
             w, h = (int(v) for v in base.split("x"))
         else:
-            raise ValueError(f"base must be one of {BASES}, got {base!r}")
-        warning = res.schedule_jump_warning(w, h)
+            w, h = resolution.resolution_for(int(base), ratio)
+        warning = resolution.schedule_jump_warning(w, h)
         if warning:
             logger.warning("%s", warning)
         return (w, h)
@@ -87,17 +84,14 @@ class LensNodesEmptyLatent:
             "required": {
                 "width": _size_input(1024, "Image width in pixels (multiple of 16)."),
                 "height": _size_input(1024, "Image height in pixels (multiple of 16)."),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "step": 1,
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "step": 1,
                                        "tooltip": "Images per run (noise differs per image)."}),
             }
         }
 
     def generate(self, width=1024, height=1024, batch_size=1):
-        w, h = resolution.validate_size(int(width), int(height))
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        samples = torch.zeros(int(batch_size), constants.LATENT_CHANNELS, h // CELL, w // CELL,
-                              device=comfy.intermediate_device())
+        samples = resolution.empty_latent(int(width), int(height), int(batch_size),
+                                          device=comfy.intermediate_device())
         # the spatial ratio lets core's samplers recognise an empty FLUX.2 latent, as core's
         # EmptyFlux2LatentImage marks it
         return ({"samples": samples, "downscale_ratio_spacial": CELL},)

@@ -13,20 +13,20 @@ import logging
 import torch
 
 from lens_model import constants, resolution, sampling
+from lens_model.pipeline import SEED_MAX
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, check_float_widgets
+from .common import CATEGORY, check_choice, check_float_widgets
 from .lora import loras_applied
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ["upstream", "comfyui"]
-MASK_MODES = ["coverage", "comfyui"]
+SCHEDULES = list(sampling.SCHEDULES)
+MASK_MODES = list(sampling.MASK_MODES)
 NOISE_LAYOUTS = ["upstream", "comfy"]
 CFG_MODES = ["upstream", "comfyui"]
 CELL = constants.LATENT_CELL_PIXELS
 MAX_SIDE = constants.MAX_SIDE  # the library's limit (larger sizes were accepted, then refused)
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def parse_conditioning(cond, what: str):
@@ -76,8 +76,7 @@ def prepare_latent(latent, width: int, height: int):
     """-> (samples [B, 128, h, w] fp32 CPU, has_content). Core's empty latents are converted
     (``lens_model.resolution.latent_from_core_empty``); without a latent, zeros of width x height."""
     if latent is None:
-        w, h = resolution.validate_size(width, height)
-        return torch.zeros(1, constants.LATENT_CHANNELS, h // CELL, w // CELL), False
+        return resolution.empty_latent(width, height), False
     if not isinstance(latent, dict) or "samples" not in latent:
         got = sorted(latent) if isinstance(latent, dict) else type(latent).__name__
         raise ValueError(f"latent must be a LATENT dict with 'samples', got {got}. Connect Lens "
@@ -115,7 +114,7 @@ class LensNodesSampler:
                     "tooltip": "Prompt features from GPT-OSS TextEncode (or core CLIPTextEncode "
                                "with a 'lens' CLIP)."}),
                 "seed": ("INT", {
-                    "default": 0, "min": 0, "max": MAX_SEED, "step": 1, "control_after_generate": True,
+                    "default": 0, "min": 0, "max": SEED_MAX, "step": 1, "control_after_generate": True,
                     "tooltip": "Noise seed. Noise is drawn on the CPU, so a seed gives the same "
                                "image on any GPU."}),
                 "steps": ("INT", {
@@ -187,8 +186,10 @@ class LensNodesSampler:
         if not hasattr(model, "for_compute"):
             raise ValueError("model must come from the LensLoader node (LensNodesDiTLoader); got "
                              f"{type(model).__name__}. Core MODEL outputs do not work here.")
-        _check_choices(schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode,
-                       mask_mode=mask_mode)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_choice("noise_layout", noise_layout, NOISE_LAYOUTS)
+        check_choice("cfg_mode", cfg_mode, CFG_MODES)
+        check_choice("mask_mode", mask_mode, MASK_MODES)
         # NaN/Inf can arrive through the API (FLOAT widgets do not reject them): refuse up front
         names = {"guidance_scale": "cfg", "steps": "steps", "denoise": "denoise", "mu": "mu"}
         sampling.check_sampling_options(steps=steps, guidance_scale=cfg, names=names)
@@ -204,10 +205,10 @@ class LensNodesSampler:
             return ({**extra, "samples": samples.to(comfy.intermediate_device())},)
         batch, _, h, w = samples.shape
         cond = _conditioning(positive, negative, model.config)
-        warning = resolution.schedule_jump_warning(16 * w, 16 * h)
+        warning = resolution.schedule_jump_warning(CELL * w, CELL * h)
         if warning:
             logger.warning("%s", warning)
-        plan = sampling.plan_sampling(16 * h, 16 * w, int(steps), denoise=float(denoise),
+        plan = sampling.plan_sampling(CELL * h, CELL * w, int(steps), denoise=float(denoise),
                                       schedule=schedule, mu=float(mu) if mu else None,
                                       has_init=has_content)
         for note in plan.warnings:
@@ -219,17 +220,9 @@ class LensNodesSampler:
                                         mask_mode))
         x = plan.start_latents(noise, samples if plan.img2img else None)
         out = _run(model, x, plan.sigmas, inputs,
-                   f"{16 * w}x{16 * h}, batch {batch}"
+                   f"{CELL * w}x{CELL * h}, batch {batch}"
                    f"{', CFG (two passes per step)' if float(cfg) != 1.0 else ''}")
         return ({**extra, "samples": out},)
-
-
-def _check_choices(**chosen):
-    allowed = {"schedule": SCHEDULES, "noise_layout": NOISE_LAYOUTS, "cfg_mode": CFG_MODES,
-               "mask_mode": MASK_MODES}
-    for name, value in chosen.items():
-        if value not in allowed[name]:
-            raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
 
 
 def _conditioning(positive, negative, config) -> dict:

@@ -7,10 +7,10 @@ import logging
 
 import torch
 
-from lens_model import constants
+from lens_model import constants, resolution
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY
+from .common import CATEGORY, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def _tiling(tile: str, tile_size, device) -> tuple:
     "auto" tiles on the CPU (a whole 1024² image is one ≈ 145 s pass there, too long to cancel);
     on a GPU it stays untiled unless memory is short.
     """
-    if tile not in TILE_MODES:
-        raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+    check_choice("tile", tile, TILE_MODES)
     if (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size % CELL
             or not 128 <= tile_size <= MAX_TILE_PX):
         raise ValueError(f"tile_size must be a multiple of {CELL} pixels from 128 to "
@@ -123,10 +122,9 @@ class LensNodesVAEDecode:
 
     def decode(self, samples, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         handle = _vae_handle(vae)
-        if tile not in TILE_MODES:
-            raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
+        check_choice("tile", tile, TILE_MODES)
         z = samples["samples"] if isinstance(samples, dict) else samples
-        if z.ndim != 4 or z.shape[1] != 128:
+        if z.ndim != 4 or z.shape[1] != constants.LATENT_CHANNELS:
             raise ValueError(
                 f"FLUX2 VAE Decode needs Lens / FLUX.2 latents [B, 128, h, w], got "
                 f"{tuple(z.shape)}. Latents of other models need their own VAE."
@@ -135,7 +133,7 @@ class LensNodesVAEDecode:
         _check_finite(z, "FLUX2 VAE Decode: the latent")
         comfy.check_interrupt()
         work = handle.vae.estimate_decode_bytes(z.shape[-2], z.shape[-1])
-        what = f"FLUX2 VAE Decode at {16 * z.shape[-1]}x{16 * z.shape[-2]}"
+        what = f"FLUX2 VAE Decode at {CELL * z.shape[-1]}x{CELL * z.shape[-2]}"
         with _oom_advice(what):
             model = handle.for_compute(work)
             arg, cells, overlap = _tiling(tile, tile_size, comfy.weights_device(model))
@@ -177,21 +175,16 @@ class LensNodesVAEEncode:
 
     def encode(self, pixels, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         handle = _vae_handle(vae)
-        if tile not in TILE_MODES:
-            raise ValueError(f"tile must be one of {TILE_MODES}, got {tile!r}")
         _tiling(tile, tile_size, "cpu")  # options checked before any work
         if pixels.ndim != 4 or pixels.shape[-1] not in (3, 4):
             raise ValueError(f"pixels must be an IMAGE [B, H, W, 3], got {tuple(pixels.shape)}.")
         _check_finite(pixels, "FLUX2 VAE Encode: the image")
-        _, H, W, _ = pixels.shape
-        h, w = H // 16 * 16, W // 16 * 16
-        if h == 0 or w == 0:
-            raise ValueError(f"image {W}x{H} is smaller than 16 pixels on a side.")
-        if (h, w) != (H, W):
-            y0, x0 = (H - h) // 2, (W - w) // 2
+        cropped = resolution.crop_to_cells(pixels)
+        _, h, w, _ = cropped.shape
+        if cropped is not pixels:
             logger.info("FLUX2 VAE Encode: center-cropping %dx%d to %dx%d (multiples of 16).",
-                        W, H, w, h)
-            pixels = pixels[:, y0:y0 + h, x0:x0 + w, :]
+                        pixels.shape[2], pixels.shape[1], w, h)
+        pixels = cropped
         comfy.check_interrupt()
         with _oom_advice(f"FLUX2 VAE Encode at {w}x{h}"):
             model = handle.for_compute(handle.vae.estimate_encode_bytes(h, w))
