@@ -99,7 +99,7 @@ def _msg_keys(keys: Iterable[str], limit: int = 10) -> str:
 class _BankSpec:
     """Where one expert bank lives in the file."""
 
-    format: str  # nvfp4 | mxfp4 | dense_io | dense_oi
+    format: str  # one of ExpertBank.FORMATS
     keys: dict  # role -> stored key (codes, scales, global_scale, weight, bias)
 
 
@@ -282,7 +282,7 @@ class GptOssCheckpoint:
 
     def _bank_logical_shape(self, spec: _BankSpec) -> tuple[int, ...]:
         src = self.source
-        if spec.format in ("nvfp4", "mxfp4"):
+        if spec.format in quant.EXPERT_FORMATS:
             shape = src.shape(spec.keys["codes"])
             if spec.format == "mxfp4":
                 if len(shape) != 4 or shape[-1] != 16:
@@ -422,16 +422,9 @@ class GptOssCheckpoint:
             return {f"self_attn.{lin}.weight": self._read(self._plain_key(i, f"self_attn.{lin}.weight")),
                     f"self_attn.{lin}.bias": bias}
         out_f, in_f = shape
-        fmt = marker["format"]
-        scale = self._read(f"{layer}.weight_scale") if f"{layer}.weight_scale" in src else None
-        scale2 = self._read(f"{layer}.weight_scale_2", torch.float32) if f"{layer}.weight_scale_2" in src else None
-        if scale is not None and scale.dtype not in (torch.uint8,) and fmt in ("nvfp4", "mxfp8"):
-            scale = scale.view(torch.uint8)
-        weight = self._read(f"{layer}.weight")
-        if fmt == "mxfp8":  # QuantLinear keeps MXFP8 scales unswizzled, as the DiT loader stores them
-            out_p, in_p = weight.shape
-            scale = quant.unswizzle_scales(scale, out_p, in_p // quant.MX_BLOCK).contiguous()
-        return {f"self_attn.{lin}": QuantLinear(fmt, in_f, out_f, weight, scale, bias, weight_scale_2=scale2)}
+        scale2 = self._read(f"{layer}.weight_scale_2") if f"{layer}.weight_scale_2" in src else None
+        return {f"self_attn.{lin}": QuantLinear.from_stored(marker["format"], in_f, out_f, self._read(f"{layer}.weight"),
+                                                            self._read(f"{layer}.weight_scale"), bias, scale2)}
 
     def read_layer(self, i: int, config) -> LayerWeights:
         """Read decoder layer ``i`` from the file (views of the file's map, stored dtypes)."""

@@ -223,6 +223,34 @@ class QuantLinear(nn.Module):
             self.weight_scale_2 = None
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
+    @classmethod
+    def from_stored(
+        cls,
+        fmt: str,
+        in_features: int,
+        out_features: int,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_scale_2: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """A layer from its tensors as a ComfyUI file stores them (each on the device it should use).
+
+        Block scales may come as float8 / E8M0 storage dtypes and are kept as their uint8 bits;
+        MXFP8 scales are unswizzled here, once; the per-tensor fp8 scale and the NVFP4 global scale
+        become fp32 scalars. Only the scales are copied (the weight and bias are used as given).
+        """
+        if fmt in ("mxfp8", "nvfp4") and weight_scale.dtype != torch.uint8:
+            weight_scale = weight_scale.view(torch.uint8)
+        if fmt == "mxfp8":
+            out_p, in_p = weight.shape
+            weight_scale = quant.unswizzle_scales(weight_scale, out_p, in_p // quant.MX_BLOCK).contiguous()
+        elif fmt == "float8_e4m3fn":
+            weight_scale = weight_scale.to(torch.float32).reshape(())
+        if weight_scale_2 is not None:
+            weight_scale_2 = weight_scale_2.to(torch.float32).reshape(())
+        return cls(fmt, in_features, out_features, weight, weight_scale, bias, weight_scale_2)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
@@ -303,44 +331,9 @@ default_operations = Operations()
 # A gpt-oss MoE layer stores all its experts' matrices in one bank per projection; the bank keeps
 # its stored (quantised) form and computes one expert at a time, so a layer is never dequantised whole.
 
-_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
-_E4M3_TABLE = torch.where(torch.isnan(_E4M3_TABLE), torch.zeros_like(_E4M3_TABLE), _E4M3_TABLE)
-_E8M0_TABLE = quant.e8m0_to_float(torch.arange(256, dtype=torch.uint8), zero_byte_is_zero=False)
-
 #: Rows of one expert matrix dequantised at a time on the CPU (~1.5 MB of fp32 for in = 2880, so a
 #: chunk stays in the L2 cache between dequantisation and its matmul).
 CPU_CHUNK_ROWS = 128
-
-
-_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def _table_on(table: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return table
-    key = (name, str(device))
-    t = _TABLE_CACHE.get(key)
-    if t is None:
-        t = _TABLE_CACHE[key] = table.to(device)
-    return t
-
-
-def fp4_pair_table(dtype: torch.dtype, low_first: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """256-entry byte -> (value of element 2j, value of element 2j+1) table, one packed word per byte.
-
-    Returns a 1-D tensor of 256 words: int64 holding two fp32 values for ``dtype=float32``, int32
-    holding two 16-bit values for bf16. ``index_select`` with the bytes (as int32) writes the values
-    straight into a ``[rows, 2*cols]`` buffer viewed as words.
-    """
-    device = torch.device(device)
-    key = (dtype, low_first, str(device))
-    t = _TABLE_CACHE.get(key)
-    if t is None:
-        pair = quant._pair_table(torch.float32, low_first=low_first).to(dtype)  # [256, 2]
-        word = {4: torch.int64, 2: torch.int32}[pair.element_size()]
-        t = pair.contiguous().view(word).reshape(256).to(device)
-        _TABLE_CACHE[key] = t
-    return t
 
 
 def _move(t: torch.Tensor | None, device, non_blocking: bool = False) -> torch.Tensor | None:
@@ -374,6 +367,13 @@ class ExpertBank:
     weight: torch.Tensor | None = None
     name: str = ""
 
+    #: ``format`` values: the block-quantised :data:`quant.EXPERT_FORMATS`, or dense in either orientation.
+    FORMATS = quant.EXPERT_FORMATS + ("dense_io", "dense_oi")
+
+    def __post_init__(self) -> None:
+        if self.format not in self.FORMATS:
+            raise ValueError(f"ExpertBank: unknown format {self.format!r} (expected one of {', '.join(self.FORMATS)})")
+
     # -- storage -----------------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.bias, self.codes, self.scales, self.global_scale, self.weight) if t is not None]
@@ -405,12 +405,12 @@ class ExpertBank:
         dev = self.codes.device
         if self.format == "mxfp4":
             idx = self.scales[e].reshape(-1).to(torch.int32)
-            table = _table_on(_E8M0_TABLE, "e8m0", dev)
+            table = quant.e8m0_table(dev, zero_byte_is_zero=False)
         else:
             idx = quant.unswizzle_scales(self.scales[e], rows, cols).reshape(-1).to(torch.int32)
             g = self.global_scale
             g = g.reshape(-1)[e] if g.numel() > 1 else g.reshape(())
-            table = _table_on(_E4M3_TABLE, "e4m3", dev) * g.to(dev, torch.float32)  # g*b formed in fp32
+            table = quant.e4m3_table(dev) * g.to(dev, torch.float32)  # g*b formed in fp32
         return torch.index_select(table, 0, idx).view(rows, cols)
 
     def _fp4_rows(self, e: int, r0: int, r1: int, out32: torch.Tensor, scales: torch.Tensor,
@@ -422,7 +422,7 @@ class ExpertBank:
         then the block scales multiply in place. Returns the [r1 - r0, in] view.
         """
         n, k, bs = r1 - r0, self.in_features, self.block_size
-        table = fp4_pair_table(torch.float32, low_first=self.format == "mxfp4", device=out32.device)
+        table = quant.fp4_pair_table(torch.float32, low_first=self.format == "mxfp4", device=out32.device)
         codes = self.codes[e, r0:r1].reshape(-1)
         if idx is None:
             idx = codes.to(torch.int32)

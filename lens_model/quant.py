@@ -23,14 +23,43 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 #: in the text encoder's attention projections.
 LINEAR_FORMATS = ("float8_e4m3fn", "mxfp8", "nvfp4")
 
+#: Block-quantised FP4 formats a gpt-oss expert bank may be stored in (OpenAI/HF and ComfyUI).
+EXPERT_FORMATS = ("mxfp4", "nvfp4")
+
 #: Quantisation formats this package can read: the Linear formats, and MXFP4 for expert banks.
-SUPPORTED_FORMATS = LINEAR_FORMATS + ("mxfp4",)
+SUPPORTED_FORMATS = LINEAR_FORMATS + tuple(f for f in EXPERT_FORMATS if f not in LINEAR_FORMATS)
 
 #: Elements sharing one E8M0 scale in MXFP4 and MXFP8 blocks.
 MX_BLOCK = 32
 
 #: Elements sharing one E4M3 scale in NVFP4 blocks.
 NVFP4_BLOCK = 16
+
+
+# -- element and scale codes ------------------------------------------------------------------------
+# The one decoding of each 8-bit code (E4M3, E8M0) and of the FP4 E2M1 pairs in a byte. Decoders
+# that look codes up by byte use the 256-entry tables below, built from these functions and kept
+# once per device.
+
+def e4m3_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """FP8 E4M3 codes (uint8 bits or float8_e4m3fn) -> fp32, exactly; bytes 0x7F and 0xFF are NaN."""
+    if bits.dtype == torch.uint8:
+        bits = bits.contiguous().view(torch.float8_e4m3fn)
+    return bits.to(torch.float32)
+
+
+def e8m0_to_float(e: torch.Tensor, zero_byte_is_zero: bool = True) -> torch.Tensor:
+    """E8M0 exponent bytes (uint8) -> fp32 2^(e - 127), exactly; byte 255 gives +inf.
+
+    Built from the bits: e placed in the fp32 exponent field is 2^(e - 127) for e = 1..254. Byte 0 is
+    0.0 by default, the meaning ComfyUI's MXFP8 writers give it (an all-zero block); with
+    ``zero_byte_is_zero=False`` it is 2^-127 (a subnormal), as MXFP4 files from OpenAI / transformers
+    read it.
+    """
+    bits = e.to(torch.int32) << 23
+    if not zero_byte_is_zero:
+        bits = torch.where(e == 0, 1 << 22, bits)
+    return bits.view(torch.float32)
 
 
 def _pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tensor:
@@ -40,6 +69,54 @@ def _pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tenso
     lo, hi = values[b & 0xF], values[b >> 4]
     pair = torch.stack((lo, hi), dim=-1) if low_first else torch.stack((hi, lo), dim=-1)
     return pair.to(dtype)
+
+
+_CPU = torch.device("cpu")
+_BYTES = torch.arange(256, dtype=torch.uint8)
+_CPU_TABLES: dict[tuple, torch.Tensor] = {
+    ("e4m3",): e4m3_to_float(_BYTES),
+    ("e8m0", True): e8m0_to_float(_BYTES, zero_byte_is_zero=True),
+    ("e8m0", False): e8m0_to_float(_BYTES, zero_byte_is_zero=False),
+}
+_DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _table(key: tuple, device) -> torch.Tensor:
+    """The CPU table ``key`` copied once to ``device`` (and kept there)."""
+    table = _CPU_TABLES[key]
+    if device is None or device == _CPU or torch.device(device).type == "cpu":
+        return table
+    dkey = key + (str(device),)
+    t = _DEVICE_TABLES.get(dkey)
+    if t is None:
+        t = _DEVICE_TABLES[dkey] = table.to(device)
+    return t
+
+
+def e4m3_table(device=None) -> torch.Tensor:
+    """[256] fp32: :func:`e4m3_to_float` of every byte, on ``device`` (default CPU)."""
+    return _table(("e4m3",), device)
+
+
+def e8m0_table(device=None, zero_byte_is_zero: bool = True) -> torch.Tensor:
+    """[256] fp32: :func:`e8m0_to_float` of every byte, on ``device`` (default CPU)."""
+    return _table(("e8m0", zero_byte_is_zero), device)
+
+
+def fp4_pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tensor:
+    """256-entry byte -> (value of element 2j, value of element 2j+1) table, one packed word per byte.
+
+    ``low_first``: element 2j sits in the low nibble (MXFP4) or the high nibble (NVFP4). Returns a
+    1-D tensor of 256 words: int64 holding two fp32 values for ``dtype=float32``, int32 holding two
+    16-bit values for bf16. ``index_select`` with the bytes (as int32) writes the values straight
+    into a ``[rows, 2*cols]`` buffer viewed as words.
+    """
+    key = ("fp4", dtype, low_first)
+    if key not in _CPU_TABLES:
+        pair = _pair_table(torch.float32, low_first=low_first).to(dtype)  # [256, 2]
+        word = {4: torch.int64, 2: torch.int32}[pair.element_size()]
+        _CPU_TABLES[key] = pair.contiguous().view(word).reshape(256)
+    return _table(key, device)
 
 
 def padded_scale_shape(rows: int, cols: int) -> tuple[int, int]:
@@ -126,7 +203,7 @@ def dequantize_nvfp4(
         )
     bits = block_scales.view(torch.uint8) if block_scales.dtype != torch.uint8 else block_scales
     scale = unswizzle_scales(bits, out_features, in_features // 16)
-    scale = scale.contiguous().view(torch.float8_e4m3fn).to(torch.float32)  # [..., out, in/16]
+    scale = e4m3_to_float(scale)  # [..., out, in/16]
     g = global_scale.to(device=scale.device, dtype=torch.float32)
     if g.dim() == 1 and lead:
         g = g.reshape(g.shape[0], *([1] * (len(lead) - 1 + 2)))
@@ -256,22 +333,9 @@ def unsupported_format_message(name: str, layer: str, fmt: str) -> str:
     )
 
 
-def e8m0_to_float(e: torch.Tensor, zero_byte_is_zero: bool = True) -> torch.Tensor:
-    """E8M0 exponent bytes (uint8) -> fp32 2^(e - 127), exactly; byte 255 gives +inf.
-
-    Built from the bits: e placed in the fp32 exponent field is 2^(e - 127) for e = 1..254. Byte 0 is
-    0.0 by default, the meaning ComfyUI's MXFP8 writers give it (an all-zero block); with
-    ``zero_byte_is_zero=False`` it is 2^-127 (a subnormal), as MXFP4 files from OpenAI / transformers
-    read it.
-    """
-    bits = e.to(torch.int32) << 23
-    if not zero_byte_is_zero:
-        bits = torch.where(e == 0, 1 << 22, bits)
-    return bits.view(torch.float32)
-
-
 __all__ = [
     "E2M1_VALUES",
+    "EXPERT_FORMATS",
     "LINEAR_FORMATS",
     "MX_BLOCK",
     "NVFP4_BLOCK",
@@ -286,6 +350,10 @@ __all__ = [
     "quantize_float8",
     "parse_comfy_quant",
     "unsupported_format_message",
+    "e4m3_to_float",
     "e8m0_to_float",
+    "e4m3_table",
+    "e8m0_table",
+    "fp4_pair_table",
 ]
 

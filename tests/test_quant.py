@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import writers
-from lens_model import quant
+from lens_model import ops, quant
 
 try:
     import comfy_kitchen as ck
@@ -16,7 +16,7 @@ needs_ck = pytest.mark.skipif(ck is None, reason="comfy-kitchen (reference quant
 
 
 def test_swizzle_matches_flat_index_formula():
-    # text_encoder.md §8: ((r//128)*(Cp/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4
+    # logical (r, c) sits at flat ((r//128)*(Cp/4) + c//4)*512 + (r%32)*16 + ((r%128)//32)*4 + c%4
     rows, cols = 200, 7
     s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     sw = writers.swizzle_scales(s)
@@ -137,3 +137,62 @@ def test_float8_per_tensor():
     q, s = quant.quantize_float8(w)
     out = quant.dequantize_float8(q, s, torch.float32)
     assert torch.allclose(out, w, rtol=0.07, atol=1e-3)
+
+
+# -- the code tables every decoder shares --------------------------------------------------------
+
+
+def test_e4m3_codes_hand_checked():
+    # sign | 4 exponent bits (bias 7) | 3 mantissa bits; exponent 0 is subnormal; S.1111.111 is NaN
+    bits = torch.tensor([0x00, 0x01, 0x08, 0x38, 0x3C, 0x7E, 0xB8, 0xFE], dtype=torch.uint8)
+    want = [0.0, 2.0 ** -9, 2.0 ** -6, 1.0, 1.5, 448.0, -1.0, -448.0]
+    assert quant.e4m3_to_float(bits).tolist() == want
+    assert quant.e4m3_table()[bits.long()].tolist() == want
+    assert quant.e4m3_to_float(bits.view(torch.float8_e4m3fn)).tolist() == want
+    assert torch.isnan(quant.e4m3_table()[[0x7F, 0xFF]]).all()
+
+
+def test_e8m0_tables_hand_checked():
+    assert quant.e8m0_table()[[0, 1, 126, 127, 130]].tolist() == [0.0, 2.0 ** -126, 0.5, 1.0, 8.0]
+    assert quant.e8m0_table(zero_byte_is_zero=False)[0].item() == 2.0 ** -127
+
+
+@pytest.mark.parametrize("dtype,word", [(torch.float32, torch.int64), (torch.bfloat16, torch.int32)])
+def test_fp4_pair_table_packs_both_nibble_orders(dtype, word):
+    # byte 0x2F: low nibble F = -6.0, high nibble 2 = 1.0
+    for low_first, pair in ((True, [-6.0, 1.0]), (False, [1.0, -6.0])):
+        table = quant.fp4_pair_table(dtype, low_first)
+        assert table.dtype == word and table.shape == (256,)
+        assert table[0x2F:0x30].view(dtype).float().tolist() == pair
+
+
+def test_nvfp4_nan_scale_byte_decodes_alike_in_bank_and_linear():
+    """The expert bank (table lookup) and the Linear dequantiser read E4M3 scales the same way."""
+    codes = torch.full((1, 16, 8), 0x22, dtype=torch.uint8)  # every element 1.0
+    plain = torch.full((1, 16, 1), 0x38, dtype=torch.uint8)  # scale 1.0 ...
+    plain[0, 3, 0] = 0x7F  # ... but row 3's block scale is the NaN code
+    scales = writers.swizzle_scales(plain)
+    g = torch.tensor([0.5])
+    bank = ops.ExpertBank("nvfp4", 1, 16, 16, torch.zeros(1, 16), codes=codes, scales=scales, global_scale=g)
+    dense = quant.dequantize_nvfp4(codes, scales, g, 16, 16, torch.float32)[0]
+    torch.testing.assert_close(bank.dequantize(0), dense, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(dense[3]).all() and (dense[torch.arange(16) != 3] == 0.5).all()
+
+
+def test_expert_bank_rejects_an_unknown_format():
+    with pytest.raises(ValueError, match="unknown format 'fp4'"):
+        ops.ExpertBank("fp4", 1, 2, 32, torch.zeros(1, 2), codes=torch.zeros(1, 2, 16, dtype=torch.uint8))
+
+
+def test_quant_linear_from_stored_scales():
+    """Stored scales become QuantLinear's form: MXFP8 E8M0 bytes unswizzled once, fp8 scale an fp32 scalar."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 64, generator=g)
+    q, s = writers.quantize_mxfp8(w)  # swizzled uint8 scales
+    layer = ops.QuantLinear.from_stored("mxfp8", 64, 40, q, s.view(torch.float8_e8m0fnu), None)
+    assert layer.weight_scale.dtype == torch.uint8 and layer.weight_scale.shape == (64, 2)
+    assert torch.equal(layer.dequantize(torch.float32), quant.dequantize_mxfp8(q, s, 40, 64, torch.float32))
+    q8, s8 = quant.quantize_float8(w)
+    layer = ops.QuantLinear.from_stored("float8_e4m3fn", 64, 40, q8, s8.reshape(1).bfloat16(), None)
+    assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == ()
+    assert torch.equal(layer.dequantize(torch.float32), q8.float() * s8.bfloat16().float())
