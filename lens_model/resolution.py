@@ -42,8 +42,15 @@ PRESET_SIZES: frozenset[tuple[int, int]] = frozenset(
     + list(RELEASE_NOTES_PRESETS))
 """All preset sizes as (width, height)."""
 
-# The 1440 family's smallest token count; 1024-family presets stay ≤ 4232 tokens.
-_JUMP_ZONE_END = 7676
+# The 1440 family's smallest token count (7676); 1024-family presets stay at or below 4232 tokens,
+# under the μ threshold.
+_JUMP_ZONE_END = min(image_tokens(h, w) for h, w in _PRESETS_HW[1440].values())
+
+
+def default_base(device: torch.device | str) -> int:
+    """The preset family used when no size is given: 1024 (~1 MP) on the CPU, 1440 (~2 MP) on any
+    other device."""
+    return 1024 if torch.device(device).type == "cpu" else 1440
 
 
 def resolution_for(base: int, ratio: str) -> tuple[int, int]:
@@ -69,7 +76,8 @@ def presets() -> list[tuple[int, str, int, int]]:
 
 
 def validate_size(width: int, height: int) -> tuple[int, int]:
-    """Check a generation size: positive multiples of 16, at most 2080 per side.
+    """Check a generation size: multiples of :data:`SIZE_MULTIPLE` (16), at most :data:`MAX_SIDE`
+    (2080) per side.
 
     Returns (width, height) as ints; raises ValueError naming the offending value otherwise.
     """
@@ -90,9 +98,10 @@ def validate_size(width: int, height: int) -> tuple[int, int]:
 
 
 def schedule_jump_warning(width: int, height: int) -> Optional[str]:
-    """A warning for non-preset sizes with 4300 < N < 7676 image tokens, else None.
+    """A warning for non-preset sizes with N image tokens between :data:`MU_TOKEN_THRESHOLD` (4300)
+    and the 1440 family's smallest count (7676), else None.
 
-    Above 4300 tokens upstream's empirical μ drops from ≈ 2.3 to ≈ 1.2, so sizes
+    Above the threshold upstream's empirical μ drops from ≈ 2.3 to ≈ 1.2, so sizes
     between the two preset families run with a smaller shift than either family; quality there is
     unverified.
     """
@@ -100,8 +109,9 @@ def schedule_jump_warning(width: int, height: int) -> Optional[str]:
     if (int(width), int(height)) in PRESET_SIZES:
         return None
     if MU_TOKEN_THRESHOLD < n < _JUMP_ZONE_END:
-        return (f"{width}x{height} has {n} image tokens, between the 1024 presets (<= 4300) and the "
-                f"1440 presets (>= 7676): upstream's schedule shift drops sharply above 4300 tokens, "
+        return (f"{width}x{height} has {n} image tokens, between the 1024 presets "
+                f"(<= {MU_TOKEN_THRESHOLD}) and the 1440 presets (>= {_JUMP_ZONE_END}): upstream's "
+                f"schedule shift drops sharply above {MU_TOKEN_THRESHOLD} tokens, "
                 f"so this size runs with a smaller shift than either family (quality unverified). "
                 f"Consider a preset, or set a schedule mu override.")
     return None

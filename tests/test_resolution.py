@@ -1,14 +1,15 @@
-"""Resolution presets, size validation, jump warning and core empty-latent conversion (sampling.md §3, §8)."""
+"""Resolution presets, size validation, jump warning and core empty-latent conversion."""
 
 import pytest
 import torch
 
+from lens_model.constants import MAX_SIDE, RATIOS
 from lens_model.resolution import (
-    PRESET_SIZES, RELEASE_NOTES_PRESETS, latent_from_core_empty, presets, resolution_for,
-    schedule_jump_warning, validate_size,
+    PRESET_SIZES, RELEASE_NOTES_PRESETS, default_base, latent_from_core_empty, presets,
+    resolution_for, schedule_jump_warning, validate_size,
 )
 
-# sampling.md §8, verbatim: ratio W:H -> (H x W, N) for base 1024 and base 1440.
+# Upstream's preset table, verbatim: ratio W:H -> (H x W, N image tokens) for base 1024 and 1440.
 TABLE = {
     "1:2": ((1472, 736), 4232, (2080, 1040), 8450),
     "9:16": ((1376, 768), 4128, (1936, 1088), 8228),
@@ -42,6 +43,18 @@ def test_preset_listing():
     assert len(PRESET_SIZES) == 20
     assert set(RELEASE_NOTES_PRESETS) == {(1248, 1664), (1664, 1248)}
     assert (1248, 1664) in PRESET_SIZES
+
+
+def test_shared_constants_agree_with_the_upstream_table():
+    assert list(RATIOS) == list(TABLE)  # same ratios, portrait to landscape
+    for base in (1024, 1440):
+        assert [r for b, r, _, _ in presets() if b == base] == list(TABLE)
+    assert MAX_SIDE == max(side for row in TABLE.values() for side in row[0] + row[2])
+
+
+def test_default_base_is_1024_on_the_cpu_and_1440_elsewhere():
+    assert default_base("cpu") == default_base(torch.device("cpu")) == 1024
+    assert default_base("cuda") == default_base("meta") == 1440
 
 
 def test_resolution_for_errors():

@@ -1,4 +1,4 @@
-"""Tokenizer and harmony template (spec text_encoder.md §4-§6, checkpoints.md §4).
+"""Tokenizer and harmony template: ids, template lengths, truncation and tokenizer sources.
 
 Every golden `tokenizer_cases.json` case must match exactly with each tokenizer source: the built-in
 o200k_base fallback, a tokenizer.json file, and a `tokenizer_json` tensor embedded in a safetensors
@@ -20,7 +20,7 @@ from lens_model import tokenizer as tk
 
 CASES = json.loads((GOLDEN / "tokenizer_cases.json").read_text(encoding="utf-8"))
 LONG_CASE = max(CASES["cases"], key=lambda c: len(c["full_ids"]))
-GOLDEN_DATE_IDS = [1323, 21, 12, 2922, 12, 1860]  # "2026-05-23" (spec §4)
+GOLDEN_DATE_IDS = [1323, 21, 12, 2922, 12, 1860]  # the ids of "2026-05-23" in o200k_harmony
 
 
 def _write_embedded(path, json_text: str, extra: dict | None = None):
