@@ -17,6 +17,7 @@ ComfyUI is GPL-3.0: we call it at run time, we never copy its code.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -352,6 +353,18 @@ def out_of_memory(error: BaseException, message: str) -> BaseException:
     except Exception:  # an error type that does not take a message
         error.add_note(message)
         return error
+
+
+@contextlib.contextmanager
+def oom_advice(message: str):
+    """Inside: an out-of-memory error becomes :func:`out_of_memory`'s (every model unloaded, the
+    same error type, ``message`` in front); any other error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        raise out_of_memory(e, message) from e
 
 
 # --------------------------------------------------------------------------------------------

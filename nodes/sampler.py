@@ -258,34 +258,30 @@ def _run(model, x, sigmas, inputs: dict, what: str):
     """
     pbar = comfy.progress_bar(len(sigmas) - 1)
     comfy.check_interrupt()
+    advice = (f"MMDiT Sampler ran out of memory at {what}. Try: LensLoader weight_dtype 'fp8' or "
+              f"offload 'always', a smaller size (base 1024 in Lens Resolution), batch 1, or close "
+              f"other GPU programs.")
     try:
-        transformer = model.for_compute()
-        dev = torch.device(transformer.device)  # where the weights are: host RAM under --novram
-        preview = comfy.make_previewer(dev)  # None: the user's preview method is "none"
+        with comfy.oom_advice(advice):
+            transformer = model.for_compute()
+            dev = torch.device(transformer.device)  # where the weights are: host RAM under --novram
+            preview = comfy.make_previewer(dev)  # None: the user's preview method is "none"
 
-        def callback(step, n, x_next, denoised):
-            # denoised = x_k - sigma_k * v, the x0 estimate [B, 128, h, w] on `dev`
-            pbar.update_absolute(step + 1, n, preview(denoised) if preview is not None else None)
-            comfy.check_interrupt()
+            def callback(step, n, x_next, denoised):
+                # denoised = x_k - sigma_k * v, the x0 estimate [B, 128, h, w] on `dev`
+                pbar.update_absolute(step + 1, n, preview(denoised) if preview is not None else None)
+                comfy.check_interrupt()
 
-        args = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        with torch.no_grad(), loras_applied(model, transformer), cancel_inside_forward(transformer):
-            out = sampling.sample(transformer, x.to(dev), sigmas.to(dev), args.pop("context"),
-                                  args.pop("mask"), callback=callback, **args)
-        return out.detach().to(comfy.intermediate_device(), torch.float32)
+            args = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            with torch.no_grad(), loras_applied(model, transformer), cancel_inside_forward(transformer):
+                out = sampling.sample(transformer, x.to(dev), sigmas.to(dev), args.pop("context"),
+                                      args.pop("mask"), callback=callback, **args)
+            return out.detach().to(comfy.intermediate_device(), torch.float32)
     except sampling.NonFiniteError as e:
         hint = (" In LensLoader try weight_dtype 'default' or 'fp32', or re-download the DiT."
                 if e.where == "model output" else "")
         raise sampling.NonFiniteError(f"MMDiT Sampler: {e}{hint}", e.step, e.total,
                                       e.where) from None
-    except Exception as e:
-        if not comfy.is_oom(e):
-            raise
-        # the same exception type, so core still sees an OOM; every model was unloaded first
-        raise comfy.out_of_memory(
-            e, f"MMDiT Sampler ran out of memory at {what}. Try: LensLoader weight_dtype 'fp8' "
-               f"or offload 'always', a smaller size (base 1024 in Lens Resolution), batch 1, or "
-               f"close other GPU programs.") from e
     finally:
         model.after_use()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -69,17 +68,11 @@ def _check_finite(t, what: str) -> None:
                          f"extreme guidance).")
 
 
-@contextlib.contextmanager
 def _oom_advice(what: str):
     """An out-of-memory error inside stays one (core recognises it) after every model, ours
     included, was unloaded, with our advice in front."""
-    try:
-        yield
-    except Exception as e:
-        if not comfy.is_oom(e):
-            raise
-        raise comfy.out_of_memory(e, f"{what} ran out of memory. Set tile to 'on', or FLUX2 VAE "
-                                     f"Loader device to 'cpu'.") from e
+    return comfy.oom_advice(f"{what} ran out of memory. Set tile to 'on', or FLUX2 VAE Loader "
+                            f"device to 'cpu'.")
 
 
 def _vae_handle(vae):
