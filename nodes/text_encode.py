@@ -4,24 +4,20 @@ Output: ``[[ctx, {"pooled_output": None, "attention_mask": mask, "num_layers_sta
 ``ctx`` float32 [1, S, 4·E] layer-major (layers 5|11|17|23) after the 97-token template crop and
 ``mask`` int64 [1, S]; an empty prompt gives S = 0 without running (or loading) the encoder.
 
-Features are cached in memory per (prompt, date, strip flag, encoder identity), and optionally on
-disk, so an unchanged prompt never loads the 13 GB encoder.
+Features are cached (:mod:`lens_model.feature_cache`) in memory per prompt, date, strip flag,
+encoder file, dtype and device, and optionally on disk, so an unchanged prompt never loads the
+13 GB encoder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import threading
-from collections import OrderedDict
 
 import torch
 from lens_model import constants
 from lens_model.constants import DEFAULT_DATE
-from lens_model.text_encoder import encode_prompt_cache_key
-from safetensors import safe_open
-from safetensors.torch import save_file
+from lens_model.feature_cache import FeatureFolder, FeatureMemory, PromptFeatures
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY
@@ -31,98 +27,18 @@ logger = logging.getLogger(__name__)
 NUM_LAYERS_STACKED = len(constants.CAPTURED_LAYERS)
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
-
-class FeatureCache:
-    """LRU of (ctx [1, S, 4E] fp32 CPU, mask [1, S] bool CPU) per key string.
-
-    Bounded by entry count and by bytes (a 415-token prompt is ≈ 19 MB of fp32 features); the
-    newest entry is always kept, even when it alone exceeds the byte budget.
-    """
-
-    def __init__(self, capacity: int = 64, max_bytes: int = 512 * 1024 * 1024):
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self._data: OrderedDict[str, tuple] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _size(value: tuple) -> int:
-        return sum(t.numel() * t.element_size() for t in value if hasattr(t, "element_size"))
-
-    def get(self, key: str):
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-            return hit
-
-    def put(self, key: str, value: tuple) -> None:
-        with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._bytes -= self._size(old)
-            self._data[key] = value
-            self._bytes += self._size(value)
-            while len(self._data) > 1 and (len(self._data) > self.capacity or self._bytes > self.max_bytes):
-                _, evicted = self._data.popitem(last=False)
-                self._bytes -= self._size(evicted)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._bytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self):
-        return len(self._data)
+FEATURES = FeatureMemory()
+"""Features of recent prompts, shared by every TextEncode node of this ComfyUI process."""
 
 
-FEATURES = FeatureCache()
-
-
-def cache_key(text: str, date: str, strip_markers: bool, handle) -> str:
-    """The library's prompt-feature key (text, date, file identity, dtype, options) plus the
-    device kind the features were computed on."""
-    return encode_prompt_cache_key(text, date, handle.identity, handle.dtype,
-                                   strip_markers=bool(strip_markers), device=handle.device.type)
-
-
-def _disk_path(key: str):
-    return comfy.cache_dir() / "text_features" / f"{key}.safetensors"
-
-
-def _disk_get(key: str):
-    path = _disk_path(key)
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
-            ctx = f.get_tensor("context")
-            mask = f.get_tensor("mask").to(bool)
-    except Exception as e:  # a damaged cache file is not an error: re-encode
-        logger.warning("ignoring unreadable text-feature cache file %s: %s", path, e)
-        return None
-    return ctx, mask
-
-
-def _disk_put(key: str, ctx, mask) -> None:
-    path = _disk_path(key)
-    tmp = path.with_suffix(".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"context": ctx.contiguous(), "mask": mask.to(dtype=torch.uint8)},
-                  str(tmp), metadata={"key": key})
-        tmp.replace(path)
-    except OSError as e:
-        logger.warning("could not write the text-feature cache %s: %s", path, e)
-        with contextlib.suppress(OSError):  # no half-written file left behind
-            tmp.unlink(missing_ok=True)
+def feature_cache(handle, date: str, strip_markers: bool, cache_to_disk: bool) -> PromptFeatures:
+    """The prompt-feature cache for ``handle``'s file, dtype and device: :data:`FEATURES`, and with
+    ``cache_to_disk`` the ``text_features`` folder of the pack's cache folder (a failed write is
+    logged, never an error)."""
+    folder = FeatureFolder(comfy.cache_dir() / "text_features", best_effort=True) \
+        if cache_to_disk else None
+    return PromptFeatures(handle.identity, handle.dtype, handle.device, date, strip_markers,
+                          memory=FEATURES, folder=folder)
 
 
 def to_conditioning(ctx, mask):
@@ -193,12 +109,8 @@ class LensNodesTextEncode:
             mask = torch.zeros(1, 0, dtype=torch.bool)
             return (to_conditioning(ctx, mask),)
 
-        key = cache_key(text, date, strip_markers, handle)
-        hit = FEATURES.get(key)
-        if hit is None and cache_to_disk:
-            hit = _disk_get(key)
-            if hit is not None:
-                FEATURES.put(key, hit)
+        cache = feature_cache(handle, date, strip_markers, cache_to_disk)
+        hit = cache.get(text)
         if hit is not None:
             logger.debug("text features from cache")
             return (to_conditioning(*hit),)
@@ -228,9 +140,7 @@ class LensNodesTextEncode:
         finally:
             handle.after_encode()
         _check_layout(ctx, mask)
-        FEATURES.put(key, (ctx, mask))
-        if cache_to_disk:
-            _disk_put(key, ctx, mask)
+        cache.put(text, ctx, mask)
         return (to_conditioning(ctx, mask),)
 
 

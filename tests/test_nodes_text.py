@@ -130,20 +130,39 @@ def test_disk_cache_survives_a_restart(te_env):
     assert fresh.loads == 1
 
 
-def test_failed_disk_cache_write_leaves_no_partial_file(te_env, monkeypatch, caplog):
-    from nodes import text_encode
-
-    def half_written(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(text_encode, "save_file", half_written)
+def test_unwritable_disk_cache_is_a_warning_not_an_error(te_env, caplog):
+    """The cache folder cannot be made (a file stands where it should be): the encode succeeds,
+    a warning names the problem, no file is left, and the features are still cached in memory."""
+    cache = te_env.root / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "text_features").write_bytes(b"not a folder")
     handle = load_te()
-    out = encode(handle, "a green frog", cache_to_disk=True)  # the encode itself succeeds
-    assert out[0][0].shape[1] > 0
+    out = encode(handle, "a green frog", cache_to_disk=True)
+    assert out[0][0].shape[1] > 0 and handle.loads == 1
     assert "could not write the text-feature cache" in caplog.text
-    assert [p for p in (te_env.root / "cache").rglob("*") if p.is_file()] == []
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == ["text_features"]
+    again = encode(handle, "a green frog", cache_to_disk=True)
+    assert handle.loads == 1 and torch.equal(again[0][0], out[0][0])
+
+
+def test_disk_cache_files_of_earlier_versions_are_found(te_env):
+    """The file name and format the node wrote before the cache moved into lens_model
+    (``text_features/<key>.safetensors``, key over the device kind and the strip flag, uint8
+    mask, the key in the metadata) are still read: no encoder load."""
+    from lens_model.text_encoder import encode_prompt_cache_key
+    from safetensors.torch import save_file
+
+    handle = load_te()
+    key = encode_prompt_cache_key("a white horse", "2026-05-23", handle.identity, handle.dtype,
+                                  strip_markers=True, device="cpu")
+    folder = te_env.root / "cache" / "text_features"
+    folder.mkdir(parents=True)
+    ctx = torch.arange(3 * 4 * E, dtype=torch.float32).reshape(1, 3, 4 * E)
+    save_file({"context": ctx, "mask": torch.tensor([[1, 1, 0]], dtype=torch.uint8)},
+              str(folder / f"{key}.safetensors"), metadata={"key": key})
+    got, extra = encode(handle, "a white horse", cache_to_disk=True)[0]
+    assert handle.loads == 0
+    assert torch.equal(got, ctx) and extra["attention_mask"].tolist() == [[1, 1, 0]]
 
 
 def test_keep_loaded(te_env):
@@ -236,30 +255,3 @@ def test_auto_dtype_on_a_gpu_follows_core_bf16_policy(te_env, monkeypatch):
     assert load_te(dtype="auto").dtype == torch.bfloat16
     te_env.bf16 = False
     assert load_te(dtype="bf16").dtype == torch.bfloat16  # an explicit choice is kept
-
-
-def test_feature_cache_is_bounded_by_count_and_bytes():
-    import torch
-
-    from nodes.text_encode import FeatureCache
-
-    def entry(tokens):  # fp32 features [1, S, 11520] + bool mask [1, S]
-        return (torch.zeros(1, tokens, 11520), torch.ones(1, tokens, dtype=torch.bool))
-
-    one = 100 * 11520 * 4 + 100  # bytes of a 100-token entry
-    cache = FeatureCache(capacity=3, max_bytes=2 * one)
-    cache.put("a", entry(100))
-    cache.put("b", entry(100))
-    assert len(cache) == 2 and cache.nbytes == 2 * one
-    cache.put("c", entry(100))  # over the byte budget: the oldest goes
-    assert cache.get("a") is None and cache.get("b") is not None and len(cache) == 2
-    cache.put("b", entry(100))  # replacing a key does not double-count it
-    assert cache.nbytes == 2 * one
-    cache.put("huge", entry(1000))  # larger than the whole budget: kept alone
-    assert len(cache) == 1 and cache.get("huge") is not None
-    small = FeatureCache(capacity=2, max_bytes=10**12)
-    for k in "xyz":
-        small.put(k, entry(1))
-    assert len(small) == 2 and small.get("x") is None
-    small.clear()
-    assert len(small) == 0 and small.nbytes == 0
