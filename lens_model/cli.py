@@ -28,10 +28,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
 from .checkpoints import CheckpointError, detect_component, read_safetensors_header
-from .constants import VARIANT_DEFAULTS
+from .constants import DEFAULT_DATE, MAX_SIDE, RATIOS, SIZE_MULTIPLE, VARIANT_DEFAULTS
 from .dit_loading import variant_defaults_for
 from .lora import load_lora, parse_lora_arg
-from .resolution import resolution_for, validate_size
+from .precision import DTYPE_NAMES
+from .resolution import BASES, default_base, resolution_for, validate_size
 from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE
 
 logger = logging.getLogger("lens_model.cli")
@@ -45,7 +46,8 @@ HF_FILES = {
 }
 """Files of huggingface.co/Comfy-Org/Lens, laid out like ComfyUI's ``models/`` folder."""
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {name: DTYPE_NAMES[name] for name in ("bf16", "fp32")}
+"""``--dtype`` choices (fp16 is never offered: Lens produces NaNs in it)."""
 
 FLAGS = {"transformer": "--transformer", "text_encoder": "--text-encoder", "vae": "--vae"}
 COMPONENTS = {"transformer": "dit", "text_encoder": "te", "vae": "vae"}
@@ -96,6 +98,14 @@ def program_name(argv0: Optional[str] = None) -> str:
     return name
 
 
+def _variant_defaults_text(key: str) -> str:
+    """The per-variant defaults of ``key`` for help texts: ``"turbo 1, lens/base 5"``."""
+    by_value: dict = {}
+    for variant, defaults in VARIANT_DEFAULTS.items():
+        by_value.setdefault(defaults[key], []).append(variant)
+    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in by_value.items())
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or program_name(),
@@ -115,17 +125,19 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "download (default: from the DiT file name: 'turbo' in it -> turbo, "
                         "'base' -> base, any other name -> lens; without a DiT file: turbo)")
     p.add_argument("--negative", default="", help="negative prompt (ignored at CFG 1)")
-    size = p.add_argument_group("size (default: 1:1 at base 1024 on CPU, 1440 on CUDA)")
-    size.add_argument("--width", type=int, help="width in pixels (multiple of 16, 16..2080)")
-    size.add_argument("--height", type=int, help="height in pixels (multiple of 16, 16..2080)")
+    size = p.add_argument_group(f"size (default: 1:1 at base {default_base('cpu')} on CPU, "
+                                f"{default_base('cuda')} on CUDA)")
+    sides = f"multiple of {SIZE_MULTIPLE}, {SIZE_MULTIPLE}..{MAX_SIDE}"
+    size.add_argument("--width", type=int, help=f"width in pixels ({sides})")
+    size.add_argument("--height", type=int, help=f"height in pixels ({sides})")
     size.add_argument("--ratio", type=_parse_ratio, default=None,
-                      help="preset aspect ratio W:H: 1:2 9:16 2:3 3:4 1:1 4:3 3:2 16:9 2:1")
-    size.add_argument("--base", type=int, choices=(1024, 1440), default=None,
+                      help="preset aspect ratio W:H: " + " ".join(RATIOS))
+    size.add_argument("--base", type=int, choices=BASES, default=None,
                       help="preset family (1024 ~1 MP, 1440 ~2 MP)")
     p.add_argument("--steps", type=int,
-                   help=f"sampling steps, 1..{MAX_STEPS} (default turbo 4, lens 20, base 50)")
+                   help=f"sampling steps, 1..{MAX_STEPS} (default {_variant_defaults_text('steps')})")
     p.add_argument("--cfg", type=float,
-                   help=f"guidance scale, 0..{MAX_GUIDANCE:g} (default turbo 1, lens/base 5)")
+                   help=f"guidance scale, 0..{MAX_GUIDANCE:g} (default {_variant_defaults_text('cfg')})")
     p.add_argument("--seed", type=int, default=0,
                    help="noise seed, 0..18446744073709551615 (2^64-1, ComfyUI's seed range; "
                         "default 0)")
@@ -146,7 +158,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="apply a Lens LoRA (.safetensors, any published layout) with a strength "
                         "(default 1; negative allowed); repeat to stack several. Read and "
                         "checked against the DiT before any model runs")
-    p.add_argument("--date", default=None, help="template date (default 2026-05-23)")
+    p.add_argument("--date", default=None, help=f"template date (default {DEFAULT_DATE})")
     files = p.add_argument_group("model files")
     files.add_argument("--transformer", help="DiT checkpoint: .safetensors file or diffusers folder")
     files.add_argument("--text-encoder", help="gpt-oss-20b checkpoint: file, shard set or folder")
@@ -592,8 +604,8 @@ def _run(args: argparse.Namespace, progress: ProgressReporter) -> int:
 
 
 def output_size(args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
-    """(width, height) from --width/--height, else --ratio/--base (base 1024 on the CPU, 1440 on
-    CUDA), checked (multiples of 16, 16..2080); CliError naming the option."""
+    """(width, height) from --width/--height, else --ratio/--base (base :func:`default_base` of
+    the device), checked by :func:`validate_size`; CliError naming the option."""
     if (args.width is None) != (args.height is None):
         raise CliError("give both --width and --height, or neither")
     if args.width is not None:
@@ -601,7 +613,7 @@ def output_size(args: argparse.Namespace, device: torch.device) -> tuple[int, in
             raise CliError("--width/--height and --ratio/--base are exclusive")
         width, height = args.width, args.height
     else:
-        base = args.base or (1024 if device.type == "cpu" else 1440)
+        base = args.base or default_base(device)
         try:
             width, height = resolution_for(base, args.ratio or "1:1")
         except ValueError as e:

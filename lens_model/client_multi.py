@@ -32,6 +32,7 @@ from .client_server import (
     DEFAULT_TIMEOUT, ClientError, ComfyClient, ExecutionFailed, ServerUnreachable, WaitTimeout,
 )
 from .client_workflow import apply_overrides, check_api_prompt, load_workflow
+from .constants import SIZE_MULTIPLE
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def parse_prompt_row(raw: Any, line: int) -> PromptRow:
         raise ValueError(f"cfg must be a number, got {cfg!r}")
     values = dict(prompt=prompt, negative=batch_rows.str_field(raw, "negative", None),
                   seed=batch_rows.int_field(raw, "seed", None, 0),
-                  width=batch_rows.int_field(raw, "width", None, 16),
-                  height=batch_rows.int_field(raw, "height", None, 16),
+                  width=batch_rows.int_field(raw, "width", None, SIZE_MULTIPLE),
+                  height=batch_rows.int_field(raw, "height", None, SIZE_MULTIPLE),
                   steps=batch_rows.int_field(raw, "steps", None, 1),
                   cfg=None if cfg is None else float(cfg))
     return PromptRow(id=batch_rows.row_id(raw.get("id"), values), line=line, **values)
