@@ -31,13 +31,15 @@ from PIL import Image
 
 from . import dit_loading, ops, text_encoder as text_encoder_module, vae_loading
 from .checkpoints import CheckpointError, WrongComponentError
+from .constants import LATENT_CELL_PIXELS, LATENT_CHANNELS
 from .dit_loading import inspect_transformer, variant_defaults_for
 from .text_encoder import DEFAULT_SELECTED_LAYERS, inspect_text_encoder
 from .vae_loading import inspect_vae
 from .lora import applied as lora_applied, as_lora_list
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import (
-    StepCallback, check_sampling_options, latent_mask, make_noise, plan_sampling, sample,
+    SamplingPlan, StepCallback, check_sampling_options, latent_mask, make_noise, plan_sampling,
+    sample,
 )
 
 logger = logging.getLogger(__name__)
@@ -300,35 +302,15 @@ def load_init_image(image, mask, width: int, height: int):
 
 
 def generate_from_features(
-    context: torch.Tensor,
-    context_mask: torch.Tensor,
-    transformer,
-    vae,
-    width: int,
-    height: int,
-    steps: Optional[int] = None,
-    guidance: Optional[float] = None,
-    negative_context: Optional[torch.Tensor] = None,
-    negative_mask: Optional[torch.Tensor] = None,
-    seed: int = 0,
-    batch: int = 1,
-    noise: Optional[torch.Tensor] = None,
-    sigmas: Optional[torch.Tensor] = None,
-    mu: Optional[float] = None,
-    schedule: str = "upstream",
-    noise_layout: str = "upstream",
-    cfg_mode: str = "upstream",
-    image=None,
-    denoise: float = 1.0,
-    device=None,
-    dtype: Optional[torch.dtype] = None,
-    vae_dtype: Optional[torch.dtype] = None,
-    vae_tile="auto",
-    callback: Optional[StepCallback] = None,
-    output_type: str = "pil",
-    progress: Optional[ProgressCallback] = None,
-    lora=None,
-    mask=None,
+    context: torch.Tensor, context_mask: torch.Tensor, transformer, vae, width: int, height: int,
+    steps: Optional[int] = None, guidance: Optional[float] = None,
+    negative_context: Optional[torch.Tensor] = None, negative_mask: Optional[torch.Tensor] = None,
+    seed: int = 0, batch: int = 1, noise: Optional[torch.Tensor] = None,
+    sigmas: Optional[torch.Tensor] = None, mu: Optional[float] = None, schedule: str = "upstream",
+    noise_layout: str = "upstream", cfg_mode: str = "upstream", image=None, denoise: float = 1.0,
+    device=None, dtype: Optional[torch.dtype] = None, vae_dtype: Optional[torch.dtype] = None,
+    vae_tile="auto", callback: Optional[StepCallback] = None, output_type: str = "pil",
+    progress: Optional[ProgressCallback] = None, lora=None, mask=None,
 ):
     """Sample and decode from precomputed text features (no text encoder needed).
 
@@ -373,29 +355,18 @@ def generate_from_features(
     image, mask = load_init_image(image, mask, width, height)
     device = torch.device(device) if device is not None else default_device()
     models = _Models(transformer, vae, device, dtype, vae_dtype, vae_tile)
-    files = check_model_files(transformer if models.own_dit else None, None,
-                              vae if models.own_vae else None)
-    loras = check_loras(lora, files.transformer if models.own_dit else transformer)
+    loras = models.checked_loras(lora)
     if output_type not in ("pil", "pt", "latent"):
         raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
     warn = schedule_jump_warning(width, height)
     if warn:
         logger.warning(warn)
     steps, guidance = _steps_and_guidance(transformer, steps, guidance)
+    options = _SamplingOptions(width, height, steps, guidance, seed, int(batch), noise, sigmas, mu,
+                               schedule, noise_layout, cfg_mode, denoise)
     prompts = _Prompts(context, context_mask, negative_context, negative_mask)
-    total = prompts.rows * int(batch)
-    noise = _initial_noise(noise, seed, total, height, width, noise_layout)
-    plan = plan_sampling(height, width, steps, denoise=denoise, schedule=schedule, mu=mu,
-                         has_init=image is not None, sigmas=sigmas)
-    for message in plan.warnings:
-        logger.warning("%s", message)
-
-    x, inpaint, vae_model = _start_latents(plan, noise, image, mask, models, progress)
-    t0 = time.perf_counter()
-    latents = _sample_stage(models, loras, plan, x, prompts, guidance, cfg_mode, inpaint,
-                            _step_callback(callback, progress))
-    logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, width, height,
-                guidance, time.perf_counter() - t0)
+    latents, vae_model = _sample_latents(models, loras, prompts, options, image, mask, callback,
+                                         progress)
     if output_type == "latent":
         return latents.cpu()
     images = _decode_stage(models, vae_model, latents, progress)
@@ -421,6 +392,13 @@ class _Models:
     @property
     def own_vae(self) -> bool:
         return isinstance(self.vae, (str, os.PathLike))
+
+    def checked_loras(self, lora) -> list:
+        """Check the DiT and the VAE given as paths from their headers (:func:`check_model_files`)
+        and the LoRAs against the DiT (:func:`check_loras`); returns the LoRAs."""
+        files = check_model_files(self.transformer if self.own_dit else None, None,
+                                  self.vae if self.own_vae else None)
+        return check_loras(lora, files.transformer if self.own_dit else self.transformer)
 
     def dit(self):
         if not self.own_dit:
@@ -457,15 +435,64 @@ def _steps_and_guidance(transformer, steps, guidance) -> tuple[int, float]:
             float(guidance if guidance is not None else defaults["cfg"]))
 
 
-def _initial_noise(noise, seed: int, total: int, height: int, width: int,
-                   layout: str) -> torch.Tensor:
-    """The seeded draw ``[total, 128, h, w]`` (:func:`make_noise`), or the given noise, checked."""
-    h, w = height // 16, width // 16
-    if noise is None:
-        return make_noise(seed, total, h, w, layout=layout)
-    if tuple(noise.shape) != (total, 128, h, w):
-        raise ValueError(f"noise must be [{total}, 128, {h}, {w}], got {tuple(noise.shape)}")
-    return noise
+@dataclass(frozen=True, eq=False)
+class _SamplingOptions:
+    """What one :func:`generate_from_features` run samples, gathered once after the checks: the
+    validated size, the steps and CFG with the variant's defaults filled in, the noise (a seeded
+    draw of ``batch`` images per prompt, or ``noise`` as given) and the schedule options that
+    :func:`~lens_model.sampling.plan_sampling` turns into the run's plan."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    batch: int
+    noise: Optional[torch.Tensor]
+    sigmas: Optional[torch.Tensor]
+    mu: Optional[float]
+    schedule: str
+    noise_layout: str
+    cfg_mode: str
+    denoise: float
+
+    def initial_noise(self, rows: int) -> torch.Tensor:
+        """The seeded draw ``[rows·batch, 128, h, w]`` (:func:`make_noise`), or the given noise,
+        checked."""
+        total = rows * self.batch
+        h, w = self.height // LATENT_CELL_PIXELS, self.width // LATENT_CELL_PIXELS
+        if self.noise is None:
+            return make_noise(self.seed, total, h, w, layout=self.noise_layout)
+        if tuple(self.noise.shape) != (total, LATENT_CHANNELS, h, w):
+            raise ValueError(f"noise must be [{total}, {LATENT_CHANNELS}, {h}, {w}], got "
+                             f"{tuple(self.noise.shape)}")
+        return self.noise
+
+    def plan(self, has_init: bool) -> SamplingPlan:
+        """The run's schedule and start, decided by :func:`~lens_model.sampling.plan_sampling` (the
+        rule the sampler node uses too); its warnings are logged."""
+        plan = plan_sampling(self.height, self.width, self.steps, denoise=self.denoise,
+                             schedule=self.schedule, mu=self.mu, has_init=has_init,
+                             sigmas=self.sigmas)
+        for message in plan.warnings:
+            logger.warning("%s", message)
+        return plan
+
+
+def _sample_latents(models: _Models, loras: list, prompts: _Prompts, options: _SamplingOptions,
+                    image, mask, callback: Optional[StepCallback],
+                    progress: Optional[ProgressCallback]):
+    """Draw the noise, plan the run, build the start latent (encoding the init image if needed) and
+    sample: returns the latents ``[B, 128, h, w]`` and the VAE if the init image loaded it."""
+    noise = options.initial_noise(prompts.rows)
+    plan = options.plan(has_init=image is not None)
+    x, inpaint, vae_model = _start_latents(plan, noise, image, mask, models, progress)
+    t0 = time.perf_counter()
+    latents = _sample_stage(models, loras, plan, x, prompts, options, inpaint,
+                            _step_callback(callback, progress))
+    logger.info("sampled %d step(s) at %dx%d, cfg %.2f in %.1f s", plan.steps, options.width,
+                options.height, options.guidance, time.perf_counter() - t0)
+    return latents, vae_model
 
 
 def _start_latents(plan, noise, image, mask, models: _Models, progress):
@@ -505,16 +532,18 @@ def _step_callback(callback: Optional[StepCallback],
     return step_callback
 
 
-def _sample_stage(models: _Models, loras: list, plan, x: torch.Tensor, prompts: _Prompts,
-                  guidance: float, cfg_mode: str, inpaint: dict, callback) -> torch.Tensor:
+def _sample_stage(models: _Models, loras: list, plan: SamplingPlan, x: torch.Tensor,
+                  prompts: _Prompts, options: _SamplingOptions, inpaint: dict,
+                  callback) -> torch.Tensor:
     """Run the sampler with the LoRAs attached (and always detached); a DiT loaded here is
     released afterwards."""
     dit = models.dit()
     try:
         with lora_applied(dit, loras) if loras else contextlib.nullcontext():
             return sample(dit, x, plan.sigmas, prompts.context, prompts.mask,
-                          prompts.negative_context, prompts.negative_mask, guidance_scale=guidance,
-                          callback=callback, cfg_mode=cfg_mode, **inpaint)
+                          prompts.negative_context, prompts.negative_mask,
+                          guidance_scale=options.guidance, callback=callback,
+                          cfg_mode=options.cfg_mode, **inpaint)
     finally:
         if models.own_dit:
             del dit
@@ -563,34 +592,16 @@ def encode_prompts(text_encoder, prompts: Sequence[str], negative: str = "",
 
 
 def generate(
-    prompt: Union[str, Sequence[str]],
-    negative: str = "",
-    transformer_path: Optional[PathLike] = None,
-    text_encoder_path: Optional[PathLike] = None,
-    vae_path: Optional[PathLike] = None,
-    width: int = 1024,
-    height: int = 1024,
-    steps: Optional[int] = None,
-    guidance: Optional[float] = None,
-    seed: int = 0,
-    batch: int = 1,
-    device=None,
-    dtype: Optional[torch.dtype] = None,
-    text_encoder_dtype: Optional[torch.dtype] = None,
-    vae_dtype: Optional[torch.dtype] = None,
-    date: Optional[str] = None,
-    mu: Optional[float] = None,
-    schedule: str = "upstream",
-    noise_layout: str = "upstream",
-    cfg_mode: str = "upstream",
-    image=None,
-    denoise: float = 1.0,
-    vae_tile="auto",
-    callback: Optional[StepCallback] = None,
-    output_type: str = "pil",
-    progress: Optional[ProgressCallback] = None,
-    lora=None,
-    mask=None,
+    prompt: Union[str, Sequence[str]], negative: str = "",
+    transformer_path: Optional[PathLike] = None, text_encoder_path: Optional[PathLike] = None,
+    vae_path: Optional[PathLike] = None, width: int = 1024, height: int = 1024,
+    steps: Optional[int] = None, guidance: Optional[float] = None, seed: int = 0, batch: int = 1,
+    device=None, dtype: Optional[torch.dtype] = None,
+    text_encoder_dtype: Optional[torch.dtype] = None, vae_dtype: Optional[torch.dtype] = None,
+    date: Optional[str] = None, mu: Optional[float] = None, schedule: str = "upstream",
+    noise_layout: str = "upstream", cfg_mode: str = "upstream", image=None, denoise: float = 1.0,
+    vae_tile="auto", callback: Optional[StepCallback] = None, output_type: str = "pil",
+    progress: Optional[ProgressCallback] = None, lora=None, mask=None,
 ):
     """Text-to-image (or img2img, or inpainting) from checkpoint paths; returns a list of ``PIL.Image``.
 
@@ -608,15 +619,8 @@ def generate(
     against the DiT's header too (:func:`check_loras`), and the init image and ``mask`` are read and
     checked (a mask without an image or of another size than its image is a ValueError).
     """
-    for name, p in (("transformer", transformer_path), ("text encoder", text_encoder_path),
-                    ("VAE", vae_path)):
-        if p is None:
-            raise ValueError(f"generate() needs the {name} path")
-        if not Path(p).exists():
-            raise FileNotFoundError(f"{name} checkpoint {str(p)!r} does not exist")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ValueError("generate() needs at least one prompt")
+    _check_model_paths(transformer_path, text_encoder_path, vae_path)
+    prompts = _prompt_list(prompt)
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
     width, height = validate_size(width, height)
@@ -624,14 +628,44 @@ def generate(
     files = check_model_files(transformer_path, text_encoder_path, vae_path)
     loras = check_loras(lora, files.transformer)
     device = torch.device(device) if device is not None else default_device()
-    defaults = variant_defaults(transformer_path)
-    steps = int(steps if steps is not None else defaults["steps"])
-    guidance = float(guidance if guidance is not None else defaults["cfg"])
+    steps, guidance = _steps_and_guidance(transformer_path, steps, guidance)
+    ctx, mask, nctx, nmask = _encode_from_file(text_encoder_path, text_encoder_dtype, device,
+                                               prompts, negative, guidance != 1.0, date, progress)
+    return generate_from_features(
+        ctx, mask, transformer_path, vae_path, width, height, steps=steps, guidance=guidance,
+        negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
+        schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
+        denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
+        callback=callback, output_type=output_type, progress=progress, lora=loras, mask=paint_mask)
 
+
+def _check_model_paths(transformer_path, text_encoder_path, vae_path) -> None:
+    """:func:`generate` needs all three files: each path must be given and exist."""
+    for name, p in (("transformer", transformer_path), ("text encoder", text_encoder_path),
+                    ("VAE", vae_path)):
+        if p is None:
+            raise ValueError(f"generate() needs the {name} path")
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{name} checkpoint {str(p)!r} does not exist")
+
+
+def _prompt_list(prompt: Union[str, Sequence[str]]) -> list:
+    """One prompt or a sequence of prompts as a non-empty list."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    return prompts
+
+
+def _encode_from_file(path: PathLike, dtype: Optional[torch.dtype], device: torch.device,
+                      prompts: list, negative: str, need_negative: bool, date: Optional[str],
+                      progress: Optional[ProgressCallback]):
+    """Load the text encoder at ``path``, encode the prompts and the negative
+    (:func:`encode_prompts`) and release the encoder; the features are returned on the CPU."""
     t0 = time.perf_counter()
-    te = text_encoder_module.load_text_encoder(text_encoder_path, dtype=text_encoder_dtype, device=device)
+    te = text_encoder_module.load_text_encoder(path, dtype=dtype, device=device)
     try:
-        ctx, mask, nctx, nmask = encode_prompts(te, prompts, negative, need_negative=guidance != 1.0,
+        ctx, mask, nctx, nmask = encode_prompts(te, prompts, negative, need_negative=need_negative,
                                                 date=date, progress=progress)
     finally:
         del te
@@ -641,10 +675,4 @@ def generate(
     ctx, mask = ctx.cpu(), mask.cpu()
     if nctx is not None:
         nctx, nmask = nctx.cpu(), nmask.cpu()
-
-    return generate_from_features(
-        ctx, mask, transformer_path, vae_path, width, height, steps=steps, guidance=guidance,
-        negative_context=nctx, negative_mask=nmask, seed=seed, batch=batch, mu=mu,
-        schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
-        denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
-        callback=callback, output_type=output_type, progress=progress, lora=loras, mask=paint_mask)
+    return ctx, mask, nctx, nmask
