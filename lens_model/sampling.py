@@ -38,7 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .constants import LATENT_CELL_PIXELS, LATENT_CHANNELS
+from .constants import CAPTURED_LAYERS, LATENT_CELL_PIXELS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _finite_float(value, label: str) -> float:
         raise ValueError(f"{label} must be a number, got {value!r}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{label} must be a number, got {value!r}") from None
     if not math.isfinite(out):
         raise ValueError(f"{label} must be a finite number, got {out!r}")
@@ -145,6 +145,15 @@ def check_sampling_options(steps=None, guidance_scale=None, denoise=None, mu=Non
         if not MU_RANGE[0] <= m <= MU_RANGE[1]:
             raise ValueError(f"{label('mu')} (schedule shift override) must be in "
                              f"[{MU_RANGE[0]:g}, {MU_RANGE[1]:g}], got {m!r}")
+
+
+def check_number(value, label: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a finite float in [low, high] (the whole finite range by default); otherwise a
+    ValueError naming ``label``: not a number, NaN / ±Inf, or out of the range."""
+    v = _finite_float(value, label)
+    if not low <= v <= high:
+        raise ValueError(f"{label} must be from {low:g} to {high:g}, got {v:g}")
+    return v
 
 
 def _check_steps(steps) -> int:
@@ -595,6 +604,47 @@ def expand_batch(context: torch.Tensor, mask: torch.Tensor, batch: int,
                          f"{batch} (need a divisor of {batch})")
     k = batch // rows
     return context.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+
+
+def check_text_features(context, mask=None, *, layers: Optional[int] = None,
+                        width: Optional[int] = None,
+                        what: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt features made elsewhere (a ComfyUI CONDITIONING) checked before :func:`sample`.
+
+    ``context``: ``[B, S, K·E]`` layer-major features of K = 4 text-encoder layers
+    (:data:`~lens_model.constants.CAPTURED_LAYERS`); ``mask``: ``[B, S]``, nonzero = a token, None =
+    every token; ``layers``: K as the producer records it (None: not recorded); ``width``: the E the
+    DiT takes (its ``enc_hidden_dim``; None skips that check). Zero tokens (the empty prompt) carry
+    no width to check.
+
+    Returns ``(context float32, mask bool on the CPU)``. Raises ValueError starting with ``what``
+    for a context that is not ``[B, S, F]``, another layer count, NaN / Inf features (an encoder
+    that overflowed), a mask of another shape, or features of another width.
+    """
+    k = len(CAPTURED_LAYERS)
+    if not torch.is_tensor(context) or context.ndim != 3:
+        shape = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
+        raise ValueError(f"{what}: expected Lens text features [B, S, {k}×{TEXT_HIDDEN_SIZE}], "
+                         f"got {shape}.")
+    if layers is not None and layers != k:
+        raise ValueError(f"{what}: conditioning stacks {layers} text-encoder layers; Lens needs {k} "
+                         f"(was it encoded for another model?).")
+    if not bool(torch.isfinite(context).all()):
+        raise ValueError(f"{what}: the conditioning contains NaN or Inf text features (a text "
+                         f"encoder that overflowed, e.g. in fp16, or broken weights); re-encode "
+                         f"the prompt in bf16 or fp32.")
+    if mask is None:
+        mask = torch.ones(context.shape[:2], dtype=torch.bool)
+    elif tuple(mask.shape) != tuple(context.shape[:2]):
+        raise ValueError(f"{what}: attention_mask {tuple(mask.shape)} does not match the "
+                         f"features {tuple(context.shape)}.")
+    if width is not None and context.shape[1] > 0 and context.shape[-1] != k * width:
+        raise ValueError(
+            f"{what}: text features have {context.shape[-1]} channels per token, but this Lens DiT "
+            f"expects {k}×{width} = {k * width}. Encode the prompt with GPT-OSS TextEncode (or a "
+            f"core CLIPLoader of type 'lens')."
+        )
+    return context.to(torch.float32), mask.to(torch.bool).cpu()
 
 
 # --------------------------------------------------------------------------------------------------

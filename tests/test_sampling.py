@@ -1,6 +1,7 @@
 """Schedule, noise, CFG, img2img, inpainting and sampler-loop tests."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -707,3 +708,40 @@ def test_batch_index_matches_core_prepare_noise():
         make_noise(9, 3, 2, 3, batch_index=[0, 1])
     with pytest.raises(ValueError, match="non-negative integers"):
         make_noise(9, 2, 2, 3, batch_index=[0, -1])
+
+
+def test_check_number_names_the_value_and_its_range():
+    from lens_model.sampling import check_number
+
+    assert check_number("2.5", "cfg", 0, 30) == 2.5
+    assert check_number(-1e30, "strength") == -1e30  # no range: any finite number
+    for bad, words in ((float("nan"), "cfg must be a finite number, got nan"),
+                       (float("-inf"), "cfg must be a finite number, got -inf"),
+                       ("x", "cfg must be a number, got 'x'"), (None, "cfg must be a number"),
+                       (10**400, "cfg must be a number"), (True, "cfg must be a number"),
+                       (31, "cfg must be from 0 to 30, got 31")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            check_number(bad, "cfg", 0, 30)
+
+
+def test_check_text_features_converts_and_refuses_what_the_dit_cannot_take():
+    from lens_model.sampling import check_text_features
+
+    ctx = torch.randn(1, 3, 4 * 8, dtype=torch.float16)
+    out, mask = check_text_features(ctx, torch.tensor([[1, 1, 0]]), layers=4, width=8)
+    assert out.dtype == torch.float32 and torch.equal(out, ctx.float())
+    assert mask.dtype == torch.bool and mask.tolist() == [[True, True, False]]
+    assert check_text_features(ctx)[1].all()  # no mask: every token counts
+    # the empty prompt (zero tokens) has no width to check
+    assert check_text_features(torch.zeros(1, 0, 5), width=8)[0].shape == (1, 0, 5)
+    cases = [
+        (dict(context=torch.zeros(3, 32)), r"neg: expected Lens text features \[B, S, 4×2880\], got \(3, 32\)"),
+        (dict(context="text"), "got str"),
+        (dict(context=ctx, layers=2), "stacks 2 text-encoder layers; Lens needs 4"),
+        (dict(context=ctx.clone().index_fill_(1, torch.tensor([1]), float("nan"))), "NaN or Inf"),
+        (dict(context=ctx, mask=torch.ones(1, 4)), r"attention_mask \(1, 4\) does not match"),
+        (dict(context=ctx, width=16), "32 channels per token, but this Lens DiT expects 4×16 = 64"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ValueError, match=words):
+            check_text_features(what="neg", **kwargs)
