@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 
-from lens_model import checkpoints
+from lens_model import checkpoints, sampling
 
 from . import comfy_adapter as comfy
 
@@ -79,12 +78,7 @@ def check_float_widgets(node_cls, **values):
     for name, value in values.items():
         opts = spec[name][1]
         try:
-            v = float(value)
-        except (TypeError, ValueError, OverflowError):
-            problems.append(f"{name} must be a number, got {value!r}")
-            continue
-        if not math.isfinite(v):
-            problems.append(f"{name} must be a finite number, got {v}")
-        elif not opts["min"] <= v <= opts["max"]:
-            problems.append(f"{name} must be from {opts['min']:g} to {opts['max']:g}, got {v:g}")
+            sampling.check_number(value, name, opts["min"], opts["max"])
+        except ValueError as e:
+            problems.append(str(e))
     return "; ".join(problems) or True

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 from lens_model import lora as lens_lora
+from lens_model import sampling
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, NO_FILES, check_float_widgets, identity_or_nan
@@ -115,9 +115,7 @@ class LensNodesLoRALoader:
         if not hasattr(model, "for_compute") or getattr(model, "config", None) is None:
             raise ValueError("model must come from the LensLoader node (or another Lens LoRA Loader); "
                              f"got {type(model).__name__}. Core MODEL outputs do not work here.")
-        strength = float(strength)
-        if not math.isfinite(strength):
-            raise ValueError(f"strength must be a finite number, got {strength}")
+        strength = sampling.check_number(strength, "strength")
         if lora_name == NO_FILES:
             raise FileNotFoundError(
                 f"No LoRA files in the {LORA_FOLDER!r} folders "

@@ -29,8 +29,9 @@ CELL = constants.LATENT_CELL_PIXELS
 MAX_SIDE = constants.MAX_SIDE  # the library's limit (larger sizes were accepted, then refused)
 
 
-def parse_conditioning(cond, what: str):
-    """CONDITIONING -> (ctx [B, S, F] float32, mask [B, S] bool). Uses the first entry."""
+def parse_conditioning(cond, what: str, config):
+    """CONDITIONING (its first entry) -> (ctx [B, S, F] float32, mask [B, S] bool), checked against
+    the DiT's ``config`` by ``lens_model.sampling.check_text_features``."""
     if not isinstance(cond, (list, tuple)) or len(cond) == 0:
         raise ValueError(f"{what}: the CONDITIONING is empty; connect a GPT-OSS TextEncode "
                          f"(or core CLIPTextEncode with a CLIPLoader of type 'lens').")
@@ -38,38 +39,10 @@ def parse_conditioning(cond, what: str):
         logger.warning("%s: CONDITIONING has %d entries (combined?); Lens uses only the first.",
                        what, len(cond))
     entry = cond[0]
-    ctx = entry[0]
     extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-    if not torch.is_tensor(ctx) or ctx.ndim != 3:
-        shape = tuple(ctx.shape) if torch.is_tensor(ctx) else type(ctx).__name__
-        raise ValueError(f"{what}: expected Lens text features [B, S, 4×2880], got {shape}.")
-    stacked = extra.get("num_layers_stacked", 4)
-    if stacked != 4:
-        raise ValueError(f"{what}: conditioning stacks {stacked} text-encoder layers; Lens needs 4 "
-                         f"(was it encoded for another model?).")
-    if not bool(torch.isfinite(ctx).all()):
-        raise ValueError(f"{what}: the conditioning contains NaN or Inf text features (a text "
-                         f"encoder that overflowed, e.g. in fp16, or broken weights); re-encode "
-                         f"the prompt in bf16 or fp32.")
-    mask = extra.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(ctx.shape[:2], dtype=torch.bool)
-    else:
-        if tuple(mask.shape) != tuple(ctx.shape[:2]):
-            raise ValueError(f"{what}: attention_mask {tuple(mask.shape)} does not match the "
-                             f"features {tuple(ctx.shape)}.")
-        mask = mask.to(torch.bool)
-    return ctx.to(torch.float32), mask.cpu()
-
-
-def _check_features(ctx, cfg, what: str):
-    e = getattr(cfg, "enc_hidden_dim", None)
-    if e is not None and ctx.shape[-1] != 4 * e:
-        raise ValueError(
-            f"{what}: text features have {ctx.shape[-1]} channels per token, but this Lens DiT "
-            f"expects 4×{e} = {4 * e}. Encode the prompt with GPT-OSS TextEncode (or a core "
-            f"CLIPLoader of type 'lens')."
-        )
+    return sampling.check_text_features(entry[0], extra.get("attention_mask"),
+                                        layers=extra.get("num_layers_stacked"),
+                                        width=getattr(config, "enc_hidden_dim", None), what=what)
 
 
 def prepare_latent(latent, width: int, height: int):
@@ -227,13 +200,11 @@ class LensNodesSampler:
 
 def _conditioning(positive, negative, config) -> dict:
     """CONDITIONING inputs -> the context arguments of ``lens_model.sampling.sample`` (CPU)."""
-    ctx, mask = parse_conditioning(positive, "positive")
-    _check_features(ctx, config, "positive")
+    ctx, mask = parse_conditioning(positive, "positive", config)
     out = {"context": ctx, "mask": mask, "negative_context": None, "negative_mask": None}
     if negative is not None:
-        nctx, nmask = parse_conditioning(negative, "negative")
+        nctx, nmask = parse_conditioning(negative, "negative", config)
         if nctx.shape[1] > 0:  # an empty negative is zero tokens: the one Lens was trained with
-            _check_features(nctx, config, "negative")
             out.update(negative_context=nctx, negative_mask=nmask)
     return out
 
