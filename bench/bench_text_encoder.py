@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
 import time
@@ -33,6 +34,15 @@ for _path in (ROOT, ROOT / "tests"):  # the package, and tests/writers.py (file 
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
+from writers import comfy_quant_tensor, swizzle_scales  # noqa: E402
+
+from lens_model import quant  # noqa: E402
+from lens_model.gpt_oss import (GptOssAttention, GptOssConfig, GptOssMLP, assign_weights, attention_bias,  # noqa: E402
+                                rms_norm, rope_cos_sin)
+from lens_model.ops import CastWorkspace, ExpertBank  # noqa: E402
+from lens_model.text_encoder import (DEFAULT_SELECTED_LAYERS, ExpertPool, default_dtype, load_text_encoder,  # noqa: E402
+                                     resolve_dtype)
+from lens_model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT = "a red fox in the snow"
 DEFAULT_PATH = Path("/tmp/lens_bench/gpt_oss_20b_nvfp4_random.safetensors")
@@ -89,10 +99,6 @@ def _e4m3_scale_bits(n: int, gen) -> torch.Tensor:
 
 def layer_tensors(i: int, pool: RandomPool, gen, fmt: str = "nvfp4"):
     """Yield (bare key, tensor) for decoder layer ``i`` in the ComfyUI layout (or HF MXFP4 names)."""
-    from writers import comfy_quant_tensor, swizzle_scales
-
-    from lens_model import quant
-
     p = f"layers.{i}."
     yield p + "input_layernorm.weight", (1 + _bf16((E,), 0.1, gen).float()).bfloat16()
     yield p + "post_attention_layernorm.weight", (1 + _bf16((E,), 0.1, gen).float()).bfloat16()
@@ -133,8 +139,6 @@ def synthesize(path: Path, layers: int, seed: int = 0) -> Path:
     Two passes over deterministic generators: the first computes the header (shapes only), the second
     writes tensors one by one. Peak memory ~ the random pool + one tensor.
     """
-    import struct
-
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def tensors(shapes_only: bool):
@@ -154,8 +158,6 @@ def synthesize(path: Path, layers: int, seed: int = 0) -> Path:
             yield "norm.weight", ((E,), "BF16")
         else:
             yield "norm.weight", torch.ones(E, dtype=torch.bfloat16)
-
-    from lens_model.tokenizer import load_tokenizer
 
     tok_json = torch.frombuffer(bytearray(load_tokenizer(None).to_json().encode("utf-8")), dtype=torch.uint8)
     header, off = {}, 0
@@ -192,8 +194,6 @@ def synthesize(path: Path, layers: int, seed: int = 0) -> Path:
 
 
 def _layer_shapes(i: int):
-    from lens_model import quant
-
     p = f"layers.{i}."
     yield p + "input_layernorm.weight", (E,), "BF16"
     yield p + "post_attention_layernorm.weight", (E,), "BF16"
@@ -218,12 +218,19 @@ def _layer_shapes(i: int):
 # Single layer in memory
 
 
-def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
-    from lens_model.gpt_oss_checkpoints import LayerWeights
-    from lens_model.ops import CastWorkspace, ExpertBank
-    from lens_model.text_encoder import (ExpertPool, GptOssConfig, attention_bias, attention_block, moe_block,
-                                         rope_cos_sin, rms_norm)
+def _layer_modules(weights: dict, cfg: GptOssConfig, workspace: CastWorkspace,
+                   pool: ExpertPool | None) -> tuple[GptOssAttention, GptOssMLP]:
+    """The attention and MoE modules of one decoder layer, built on the meta device with ``weights``
+    (names relative to ``layers.{i}.``) assigned into them, as the encoder runs them."""
+    attn = GptOssAttention(cfg, device="meta")
+    assign_weights(attn, weights, "self_attn.")
+    mlp = GptOssMLP(cfg, device="meta")
+    assign_weights(mlp, weights, "mlp.")
+    mlp.experts.cast_workspace, mlp.experts.expert_pool = workspace, pool
+    return attn, mlp
 
+
+def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     pool = RandomPool(seed=0)
     raw = dict(layer_tensors(1, pool, gen, fmt))
@@ -237,7 +244,6 @@ def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
         else:
             t[f"mlp.experts.{bank}"] = ExpertBank("mxfp4", X, rows, cols, raw[b + "_bias"],
                                                   codes=raw[b + "_blocks"].reshape(X, rows, cols // 2), scales=raw[b + "_scales"])
-    lw = LayerWeights(1, t)
     del pool, raw
     cfg = GptOssConfig()
     x = torch.randn(1, tokens, E, generator=gen).to(dtype)
@@ -245,22 +251,23 @@ def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     bias = attention_bias(torch.ones(1, tokens, dtype=torch.long), None)
     ws = CastWorkspace()
     pool = ExpertPool(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
+    attn, mlp = _layer_modules(t, cfg, ws, pool)
     res = {"format": fmt, "tokens": tokens, "dtype": str(dtype), "threads": torch.get_num_threads()}
     with torch.inference_mode():
-        h = rms_norm(x, lw["post_attention_layernorm.weight"].to(dtype), cfg.rms_norm_eps).reshape(tokens, E)
-        moe_block(h, lw, cfg, ws, pool)  # warm-up
+        h = rms_norm(x, t["post_attention_layernorm.weight"].to(dtype), cfg.rms_norm_eps).reshape(tokens, E)
+        mlp(h)  # warm-up
         attn_t, moe_t, moe_cpu = [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            attention_block(x, lw, cfg, cos, sin, bias)
+            attn(x, cos, sin, bias)
             t1 = time.perf_counter()
             c1 = time.process_time()
-            moe_block(h, lw, cfg, ws, pool)
+            mlp(h)
             t2 = time.perf_counter()
             moe_cpu.append(time.process_time() - c1)
             attn_t.append(t1 - t0)
             moe_t.append(t2 - t1)
-        logits = torch.nn.functional.linear(h.float(), lw["mlp.router.weight"].float())
+        logits = torch.nn.functional.linear(h.float(), t["mlp.router.weight"].float())
         hit = torch.topk(logits, cfg.num_experts_per_tok, dim=-1).indices.unique().numel()
     res.update(attention_s=min(attn_t), moe_s=min(moe_t), moe_cpu_s=min(moe_cpu), experts_hit=hit,
                layer_s=min(attn_t) + min(moe_t), extrapolated_24_layers_s=24 * (min(attn_t) + min(moe_t)),
@@ -273,8 +280,6 @@ def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
 
 
 def child(path: str, dtype: str | None, prompt: str, offload: str | None, runs: int, layers: int) -> dict:
-    from lens_model.text_encoder import DEFAULT_SELECTED_LAYERS, load_text_encoder
-
     out = {"rss_start_mb": _rss_mb()}
     selected = tuple(sorted({min(n, layers - 1) for n in DEFAULT_SELECTED_LAYERS}))
     t0 = time.perf_counter()
@@ -325,8 +330,6 @@ def main() -> None:
         print("RESULT " + json.dumps(child(str(args.path), args.dtype, PROMPT, args.offload, args.runs, args.layers)), flush=True)
         return
     if args.layer_only:
-        from lens_model.text_encoder import default_dtype, resolve_dtype
-
         dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else default_dtype(torch.device("cpu"))
         print(json.dumps(layer_only(args.format, args.tokens, dtype, args.repeats), indent=1))
         return

@@ -19,7 +19,9 @@ dense) that compute one expert's ``x @ W_e^T + b_e`` at a time, dequantising onl
 The layers are built on the meta device and hold no weights of their own: the owner assigns one
 layer's stored tensors with :meth:`GptOssDecoderLayer.assign` just before the layer runs and
 :meth:`GptOssDecoderLayer.release` s them after (every placement mode of the text encoder, from
-all-resident to streamed from the file, goes through this).
+all-resident to streamed from the file, goes through this). The token embedding
+(:class:`GptOssEmbedding`) likewise holds no table: it asks a row reader the owner assigns for the
+rows of the ids it embeds.
 """
 
 from __future__ import annotations
@@ -477,16 +479,46 @@ def restore_weights(module: nn.Module, replaced: Mapping[str, object]) -> None:
         setattr(module.get_submodule(parent_name), attr, previous)
 
 
-class GptOssModel(nn.Module):
-    """The decoder stack without embedding, final norm and ``lm_head`` (Lens never uses them).
+class GptOssEmbedding(nn.Module):
+    """Token embedding ``[vocab_size, hidden_size]`` whose rows come from a row reader.
 
-    ``layers``: :class:`GptOssDecoderLayer` 0..num_hidden_layers-1 on the meta device. The token
-    embedding is read from the file row by row by the owner and passed in as ``h``.
+    The table is 1.2 GB in bf16 and a prompt needs a few hundred of its rows, so the module holds
+    no weight: the owner sets ``row_reader`` (ids of any shape -> ``ids.shape + (hidden_size,)``,
+    e.g. rows read from the file) when it loads the model. forward: ids [B, S] -> [B, S, E] as
+    the reader returns them (stored dtype, or fp32 for an fp8 table).
+    """
+
+    row_reader: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __init__(self, config: "GptOssConfig") -> None:
+        super().__init__()
+        self.num_embeddings = config.vocab_size
+        self.embedding_dim = config.hidden_size
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.row_reader is None:
+            raise RuntimeError("GptOssEmbedding has no row_reader: the owner assigns one when it loads the model")
+        rows = self.row_reader(input_ids)
+        if tuple(rows.shape) != (*input_ids.shape, self.embedding_dim):
+            raise ValueError(f"embedding rows have shape {tuple(rows.shape)}, expected "
+                             f"{(*input_ids.shape, self.embedding_dim)}")
+        return rows
+
+
+class GptOssModel(nn.Module):
+    """The token embedding and the decoder stack, without final norm and ``lm_head`` (Lens never uses them).
+
+    ``embed_tokens``: :class:`GptOssEmbedding` (rows from the owner's ``row_reader``);
+    ``layers``: :class:`GptOssDecoderLayer` 0..num_hidden_layers-1 on the meta device.
     """
 
     def __init__(self, config: "GptOssConfig", operations=ops.default_operations) -> None:
         super().__init__()
         self.config = config
+        self.embed_tokens = GptOssEmbedding(config)
         self.layers = nn.ModuleList(
             GptOssDecoderLayer(config, i, operations) for i in range(config.num_hidden_layers)
         )
@@ -504,18 +536,21 @@ class GptOssModel(nn.Module):
             "sliding_attention": attention_bias(attention_mask, self.config.sliding_window),
         }
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, layer_weights: Iterable[Mapping[str, object]],
-                capture: Sequence[int], callback: Callable[[int, int], None] | None = None,
-                num_layers: int | None = None) -> list[torch.Tensor]:
-        """Run layers 0..n-1 and return the residual stream after each layer in ``capture``.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                layer_weights: Iterable[Mapping[str, object]], capture: Sequence[int],
+                callback: Callable[[int, int], None] | None = None, num_layers: int | None = None, *,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+        """Embed ``input_ids``, run layers 0..n-1 and return the residual stream after each layer in ``capture``.
 
-        h: [B, S, E] embedded tokens (compute dtype); attention_mask: [B, S] (1 = real token, right
-        padded); ``layer_weights`` yields the weights of layers 0..n-1 (each assigned just before
-        its layer runs and released after); ``num_layers`` (n) is the number of layers to run
-        (default max(capture) + 1). Returns a list of [B, S, E], in the order of ``capture``.
+        input_ids: [B, S] (on the device the row reader reads from); attention_mask: [B, S] on the
+        compute device (1 = real token, right padded); ``dtype``: the compute dtype.
+        ``layer_weights`` yields the weights of layers 0..n-1 (each assigned just before its layer
+        runs and released after); ``num_layers`` (n) is the number of layers to run (default
+        max(capture) + 1). Returns a list of [B, S, E] in ``dtype``, in the order of ``capture``.
         ``callback(layers_done, n)`` runs after each layer (it may raise to abort).
         """
         n = max(capture) + 1 if num_layers is None else num_layers
+        h = self.embed_tokens(input_ids).to(device=attention_mask.device, dtype=dtype)
         cos, sin = rope_cos_sin(self.config, h.shape[1], h.dtype, h.device)
         biases = self.attention_biases(attention_mask)
         wanted = set(capture)
@@ -542,6 +577,7 @@ class GptOssModel(nn.Module):
 __all__ = [
     "GptOssConfig",
     "GptOssModel",
+    "GptOssEmbedding",
     "GptOssDecoderLayer",
     "GptOssAttention",
     "GptOssMLP",

@@ -16,7 +16,8 @@ come from:
       (the next layer is mapped on a thread meanwhile) and unmapped after. Peak RAM ~
       two layers (~1 GB) + activations. The default on the CPU, and on a GPU without room for the
       whole model.
-The token embedding is always read row by row from the file (only the rows a prompt needs).
+In every mode the token embedding (:class:`lens_model.gpt_oss.GptOssEmbedding`) reads only the rows a
+prompt needs from the file; the 1.2 GB table is never loaded.
 Every mode computes the same numbers for the same dtype and device.
 
 On the CPU the experts of a layer run on worker threads, one expert per thread (see
@@ -37,8 +38,7 @@ import torch
 from . import tokenizer as lens_tokenizer
 from .checkpoints import open_checkpoint
 from .constants import CAPTURED_LAYERS, PAD_ID, PREFIX_LEN
-from .gpt_oss import (GptOssAttention, GptOssConfig, GptOssDecoderLayer, GptOssMLP, GptOssModel, apply_rope,
-                      assign_weights, attention_bias, rms_norm, rope_cos_sin, sink_attention, yarn_inv_freq)
+from .gpt_oss import GptOssConfig, GptOssModel
 from .gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights, find_gpt_oss_config_json
 from .ops import CastWorkspace
 from .precision import default_compute_dtype as default_dtype  # public name of the text encoder's default
@@ -52,7 +52,7 @@ OFFLOAD_MODES = ("device", "layers", "stream")
 
 
 # --------------------------------------------------------------------------------------------------
-# CPU expert threads, and one block run on a layer's weights (for benchmarks and tests)
+# CPU expert threads
 
 
 class ExpertPool:
@@ -94,37 +94,6 @@ class ExpertPool:
         self._pool.shutdown(wait=True)
 
 
-def attention_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
-                    bias: torch.Tensor) -> torch.Tensor:
-    """Self-attention of one layer's weights ``lw`` (its ``self_attn.*`` entries) through
-    :class:`~lens_model.gpt_oss.GptOssAttention`. x: [B, S, E] (normed, compute dtype) -> [B, S, E]."""
-    attn = GptOssAttention(config, device="meta")
-    assign_weights(attn, lw, "self_attn.")
-    return attn(x, cos, sin, bias)
-
-
-def moe_block(x: torch.Tensor, lw: LayerWeights, config: GptOssConfig, workspace: CastWorkspace | None = None,
-              pool: ExpertPool | None = None) -> torch.Tensor:
-    """Mixture of experts of one layer's weights ``lw`` (its ``mlp.*`` entries) through
-    :class:`~lens_model.gpt_oss.GptOssMLP`. x: [T, E] (normed, compute dtype) -> [T, E]."""
-    mlp = GptOssMLP(config, device="meta")
-    assign_weights(mlp, lw, "mlp.")
-    mlp.experts.cast_workspace, mlp.experts.expert_pool = workspace, pool
-    return mlp(x)
-
-
-def decoder_layer(h: torch.Tensor, lw: LayerWeights, config: GptOssConfig, cos: torch.Tensor, sin: torch.Tensor,
-                  bias: torch.Tensor, workspace: CastWorkspace | None = None, pool: ExpertPool | None = None) -> torch.Tensor:
-    """One decoder layer (:class:`~lens_model.gpt_oss.GptOssDecoderLayer`) on ``lw``. h: [B, S, E] -> [B, S, E]."""
-    layer = GptOssDecoderLayer(config, min(lw.index, config.num_hidden_layers - 1))
-    layer.mlp.experts.cast_workspace, layer.mlp.experts.expert_pool = workspace, pool
-    layer.assign(lw)
-    try:
-        return layer(h, cos, sin, bias)
-    finally:
-        layer.release()
-
-
 # --------------------------------------------------------------------------------------------------
 # The encoder
 
@@ -160,6 +129,7 @@ class LensTextEncoder:
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
         self.model = GptOssModel(config)  # meta-device layers; weights are assigned per layer as it runs
+        self.model.embed_tokens.row_reader = checkpoint.embed  # only the rows a prompt needs, from the file
         self._resident: list[LayerWeights] | None = None
         self._workspace = CastWorkspace()
         self._pool: ExpertPool | None = None
@@ -333,13 +303,12 @@ class LensTextEncoder:
         bsz, s = ids.shape
         t0 = time.perf_counter()
         dev, dtype = self.device, self.dtype
-        h = self.checkpoint.embed(ids).to(device=dev, dtype=dtype)
         n = self.num_layers_run
         if dev.type == "cpu":
             self.model.set_expert_runtime(self._workspace, self._expert_pool())
         else:
             self.model.set_expert_runtime(None, None)
-        feats = self.model(h, mask.to(dev), self._layers(n), self.selected_layers, callback, num_layers=n)
+        feats = self.model(ids, mask.to(dev), self._layers(n), self.selected_layers, callback, num_layers=n, dtype=dtype)
         self.last_timings = {"encode_s": time.perf_counter() - t0, "tokens": float(bsz * s)}
         logger.info("gpt-oss encode: %d x %d tokens, %d layers in %.2f s", bsz, s, n, self.last_timings["encode_s"])
         return feats
@@ -478,15 +447,6 @@ __all__ = [
     "load_text_encoder",
     "inspect_text_encoder",
     "encode_prompt_cache_key",
-    "yarn_inv_freq",
-    "rope_cos_sin",
-    "apply_rope",
-    "rms_norm",
-    "attention_bias",
-    "sink_attention",
-    "attention_block",
-    "moe_block",
-    "decoder_layer",
     "ExpertPool",
     "resolve_dtype",
     "default_dtype",

@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN
 import writers
-from lens_model import quant
-from lens_model.ops import ExpertBank
-from lens_model.ops import CastWorkspace
-from lens_model.text_encoder import (
-    GptOssConfig,
-    attention_bias,
-    load_text_encoder,
-    resolve_dtype,
-    sink_attention,
-    yarn_inv_freq,
-)
+from lens_model import ops, quant
+from lens_model.gpt_oss import GptOssConfig, GptOssEmbedding, attention_bias, sink_attention, yarn_inv_freq
+from lens_model.gpt_oss_checkpoints import GptOssCheckpoint, LayerWeights
+from lens_model.ops import CastWorkspace, ExpertBank
+from lens_model.text_encoder import ExpertPool, load_text_encoder, resolve_dtype
 
 TE_DIR = GOLDEN / "text_encoder"
 
 
 def save_st(tensors, path, metadata=None):
     """safetensors.save_file with optional metadata."""
-    from safetensors.torch import save_file
-
     save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
 
 
@@ -80,8 +74,6 @@ def test_offload_modes_give_identical_numbers(cases):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_stream_mode_copies_layers_on_the_callers_cuda_stream(cases, monkeypatch):
     """The reader thread of offload="stream" must move weights on the stream the forward runs on."""
-    from lens_model.gpt_oss_checkpoints import LayerWeights
-
     seen = []
     to = LayerWeights.to
 
@@ -110,8 +102,6 @@ def test_padded_row_is_finite_and_matches_row_alone(cases, golden_te):
 
 
 def test_never_reads_lm_head_or_final_norm(golden_te, cases, monkeypatch):
-    from lens_model.gpt_oss_checkpoints import GptOssCheckpoint
-
     read, rows = [], []
     src = golden_te.checkpoint.source
     orig_read, orig_rows, orig_map = type(src).read, type(src).read_rows, GptOssCheckpoint._read
@@ -121,6 +111,21 @@ def test_never_reads_lm_head_or_final_norm(golden_te, cases, monkeypatch):
     golden_te.encode_ids(cases["input_ids"][:1, :4], cases["attention_mask"][:1, :4])
     assert read and not any(k.startswith(("lm_head", "norm.")) for k in read)
     assert "embed_tokens.weight" not in read and rows == ["embed_tokens.weight"]  # rows only
+
+
+def test_token_embedding_is_a_module_without_a_table(golden_te):
+    """model.embed_tokens holds no weight; its rows come from the file through the row reader."""
+    emb = golden_te.model.embed_tokens
+    assert isinstance(emb, GptOssEmbedding) and not list(emb.parameters()) and not list(emb.buffers())
+    table = load_file(str(TE_DIR / "model.safetensors"))["model.embed_tokens.weight"]
+    ids = torch.tensor([[5, 0, 511], [7, 7, 2]])
+    assert torch.equal(emb(ids), table[ids])
+    bare = GptOssEmbedding(golden_te.config)
+    with pytest.raises(RuntimeError, match="no row_reader"):
+        bare(ids)
+    bare.row_reader = lambda i: torch.zeros(*i.shape, 3)
+    with pytest.raises(ValueError, match="expected"):
+        bare(ids)
 
 
 def test_stops_after_last_selected_layer(cases):
@@ -247,7 +252,6 @@ def test_yarn_values_from_spec():
 
 
 def test_config_from_4x_rope_scaling_equals_rope_parameters():
-    import json
 
     d = json.loads((TE_DIR / "config.json").read_text())
     old = dict(d)
@@ -345,8 +349,6 @@ def test_nvfp4_expert_dequant_matches_comfy_kitchen(rows, g_shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expert_linear_equals_dense_reference(fmt, dtype, monkeypatch):
     """The chunked CPU kernel (reused buffers, chunks that do not divide the rows) equals dequant + linear."""
-    from lens_model import ops
-
     monkeypatch.setattr(ops, "CPU_CHUNK_ROWS", 128)
     gen = torch.Generator().manual_seed(3)
     e, rows, cols = 2, 300, 64
@@ -410,6 +412,7 @@ def test_encode_empty_with_template_option():
 
 def test_expert_worker_threads_give_identical_numbers(cases, tmp_path):
     """The CPU expert pool (one expert per worker) sums in expert order: same numbers as serial."""
+    # imported here: test_text_encoder_layouts imports this module's fixture and save_st at its top
     from test_text_encoder_layouts import build_comfy_nvfp4, _write_folder, golden_sd_dict
 
     path = _write_folder(tmp_path / "c", build_comfy_nvfp4(golden_sd_dict())[0], name="te.safetensors")
@@ -436,10 +439,6 @@ def test_selected_layers_can_grow_after_a_resident_load(cases):
 def test_expert_pool_leaves_the_thread_count_of_other_threads_alone():
     """Workers run with one intra-op thread each, but torch.set_num_threads also sets the count
     that threads initialising torch later inherit: creating the pool must not leave that at 1."""
-    import threading
-
-    from lens_model.text_encoder import ExpertPool
-
     torch.set_num_threads(2)  # the autouse fixture restores the original count
     pool = ExpertPool(2)
     try:

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN
 import writers
-from lens_model import quant
+from lens_model import ops, quant
+from lens_model import tokenizer as tok
 from lens_model.checkpoints import CheckpointError, open_checkpoint
+from lens_model.gpt_oss import GptOssConfig, GptOssDecoderLayer
 from lens_model.gpt_oss_checkpoints import GptOssCheckpoint
-from lens_model.text_encoder import GptOssConfig, load_text_encoder
+from lens_model.text_encoder import inspect_text_encoder, load_text_encoder
 from test_text_encoder import _one_thread, save_st  # noqa: F401  (_one_thread: autouse fixture)
 
 TE_DIR = GOLDEN / "text_encoder"
@@ -150,9 +153,6 @@ def test_layers_run_as_modules_with_ops_linears_and_hold_no_weights_after(tmp_pa
     """Each layer runs as an nn.Module whose projections are the ops seam's layers (a QuantLinear for a
     quantised projection, ops.Linear for a plain one); its weights are assigned just before it runs
     and released after, in every offload mode (the module is back on the meta device)."""
-    from lens_model import ops
-    from lens_model.gpt_oss import GptOssDecoderLayer
-
     tensors, metadata, _, _ = build_comfy_nvfp4(golden_sd, marker="metadata", quant_attn=True)
     path = _write_folder(tmp_path / "comfy", tensors, name="te.safetensors", metadata=metadata)
     seen = {}
@@ -363,8 +363,6 @@ def test_shapes_are_checked_against_the_config(tmp_path, comfy_tensors):
 
 
 def test_no_tokenizer_anywhere(tmp_path, comfy_tensors, monkeypatch):
-    import lens_model.tokenizer as tok
-
     path = _write_folder(tmp_path / "nt", comfy_tensors, name="te.safetensors")
     monkeypatch.setattr(tok, "FALLBACK_RANKS_PATH", tmp_path / "missing" / "o200k_base.tiktoken.gz")
     with pytest.raises(FileNotFoundError, match="No tokenizer found"):
@@ -376,8 +374,6 @@ def test_no_tokenizer_anywhere(tmp_path, comfy_tensors, monkeypatch):
 
 def _sparse_safetensors(path, specs: dict[str, tuple[str, tuple[int, ...]]], metadata=None):
     """A safetensors file with the given header whose data is a hole (no disk space, zeros)."""
-    import struct
-
     sizes = {"BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
     header, off = ({"__metadata__": metadata} if metadata else {}), 0
     for k, (dt, shape) in specs.items():
@@ -424,12 +420,8 @@ def test_full_size_config_is_inferred_from_a_comfy_file(tmp_path):
 
 
 def test_inspect_text_encoder_reads_headers_and_checks_shapes(tmp_path):
-    from lens_model.text_encoder import inspect_text_encoder
-
     cfg = inspect_text_encoder(GOLDEN / "text_encoder")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_local_experts) == (64, 24, 4)
-    from safetensors.torch import load_file, save_file
-
     sd = load_file(str(GOLDEN / "text_encoder" / "model.safetensors"))
     sd["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(60, 64)
     bad = tmp_path / "te"

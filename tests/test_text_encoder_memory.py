@@ -1,4 +1,4 @@
-"""Per-expert dequantisation keeps memory bounded on a full-size MoE layer (GptOssMLP through moe_block).
+"""Per-expert dequantisation keeps memory bounded on a full-size MoE layer (GptOssMLP).
 
 A subprocess builds ONE full-size gpt-oss-20b MoE layer with MXFP4 experts (32 experts, gate_up
 5760x2880 and down 2880x2880, random codes: ~420 MB), then runs the layer's MoE on 16 tokens and
@@ -22,10 +22,15 @@ import json, threading, time, sys
 import torch
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)
-from lens_model.gpt_oss_checkpoints import LayerWeights
-from lens_model.ops import ExpertBank
-from lens_model.ops import CastWorkspace
-from lens_model.text_encoder import GptOssConfig, moe_block
+from lens_model.gpt_oss import GptOssConfig, GptOssMLP, assign_weights
+from lens_model.ops import CastWorkspace, ExpertBank
+
+def moe(x, weights, cfg, ws):
+    # the MoE of one layer: GptOssMLP built on the meta device with `weights` assigned into it
+    mlp = GptOssMLP(cfg, device="meta")
+    assign_weights(mlp, weights, "mlp.")
+    mlp.experts.cast_workspace = ws
+    return mlp(x)
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -52,15 +57,15 @@ def bank(rows, cols):
 
 cfg = GptOssConfig()
 def layer(gate_up, down):
-    return LayerWeights(0, {"mlp.router.weight": torch.randn(X, E, generator=g), "mlp.router.bias": torch.zeros(X),
-                            "mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down})
+    return {"mlp.router.weight": torch.randn(X, E, generator=g), "mlp.router.bias": torch.zeros(X),
+            "mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
 
 # warm-up on a small bank so code pages and allocator pools exist before the baseline
 small = GptOssConfig(hidden_size=64, intermediate_size=64, num_local_experts=X)
-small_layer = LayerWeights(0, {"mlp.router.weight": torch.randn(X, 64), "mlp.router.bias": torch.zeros(X),
+small_layer = {"mlp.router.weight": torch.randn(X, 64), "mlp.router.bias": torch.zeros(X),
     "mlp.experts.gate_up_proj": ExpertBank("mxfp4", X, 128, 64, torch.zeros(X, 128), codes=torch.zeros(X, 128, 32, dtype=torch.uint8), scales=torch.full((X, 128, 2), 127, dtype=torch.uint8)),
-    "mlp.experts.down_proj": ExpertBank("mxfp4", X, 64, 64, torch.zeros(X, 64), codes=torch.zeros(X, 64, 32, dtype=torch.uint8), scales=torch.full((X, 64, 2), 127, dtype=torch.uint8))})
-moe_block(torch.randn(16, 64), small_layer, small, CastWorkspace())
+    "mlp.experts.down_proj": ExpertBank("mxfp4", X, 64, 64, torch.zeros(X, 64), codes=torch.zeros(X, 64, 32, dtype=torch.uint8), scales=torch.full((X, 64, 2), 127, dtype=torch.uint8))}
+moe(torch.randn(16, 64), small_layer, small, CastWorkspace())
 
 lw = layer(bank(2 * I, E), bank(E, I))
 quantised = sum(b.nbytes for b in (lw["mlp.experts.gate_up_proj"], lw["mlp.experts.down_proj"]))
@@ -78,7 +83,7 @@ if not reset_peak():
 logits = torch.nn.functional.linear(x, lw["mlp.router.weight"])
 hit = torch.topk(logits, 4, dim=-1).indices.unique().numel()
 t0 = time.perf_counter()
-out = moe_block(x, lw, cfg, ws)
+out = moe(x, lw, cfg, ws)
 elapsed = time.perf_counter() - t0
 sampler_stop.set()
 peak = max(peak_box[0], status("VmHWM"))
