@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("dit", "te", "vae")
 
+#: File suffixes read as safetensors.
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
 #: Display names used in messages.
 COMPONENT_NAMES = {
     "dit": "Lens diffusion model (DiT)",
@@ -222,13 +225,13 @@ def _resolve_files(path: Path, component: str) -> tuple[list[Path], Path]:
         raise FileNotFoundError(f"{_display(path)}: no such file or folder.")
     if path.is_dir():
         sub = path / DIFFUSERS_SUBFOLDERS[component]
-        has_own_weights = any(p.suffix in (".safetensors", ".sft") for p in path.iterdir())
+        has_own_weights = any(p.suffix in SAFETENSORS_SUFFIXES for p in path.iterdir())
         if sub.is_dir() and not has_own_weights:
             path = sub  # a diffusers pipeline root: use the component's sub-folder
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
             return _files_from_index(indexes[0]), path
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".sft"))
+        files = sorted(p for p in path.iterdir() if p.suffix in SAFETENSORS_SUFFIXES)
         if not files:
             raise FileNotFoundError(
                 f"{_display(path)}: folder holds no .safetensors files (expected a diffusers "
@@ -518,7 +521,7 @@ def path_identity(path: str | os.PathLike) -> tuple:
     """Identity of a file or folder (every safetensors/json file below it) for ``IS_CHANGED``."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".safetensors", ".sft", ".json"))
+        files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (*SAFETENSORS_SUFFIXES, ".json"))
         return file_identity(files, str(p)) if files else (str(p), 0, 0)
     return file_identity([p], str(p))
 

@@ -82,6 +82,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoints import SAFETENSORS_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 
@@ -331,7 +333,7 @@ def load_lora(path: str | os.PathLike, *, alpha: float | None = None) -> LensLoR
     name = path.name
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    if path.suffix.lower() not in (".safetensors", ".sft"):
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise LoRAError(f"LoRA `{name}`: only .safetensors files are read (no pickle); got `{path.suffix}`.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

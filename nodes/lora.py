@@ -15,6 +15,7 @@ import logging
 
 from lens_model import lora as lens_lora
 from lens_model import sampling
+from lens_model.checkpoints import SAFETENSORS_SUFFIXES
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, NO_FILES, check_float_widgets, identity_or_nan
@@ -22,7 +23,6 @@ from .common import CATEGORY, NO_FILES, check_float_widgets, identity_or_nan
 logger = logging.getLogger(__name__)
 
 LORA_FOLDER = "loras"
-_LORA_EXTENSIONS = (".safetensors", ".sft")
 
 
 class LoRAModel:
@@ -61,7 +61,7 @@ class LoRAModel:
 
 
 def lora_list() -> list[str]:
-    names = [f for f in comfy.filename_list(LORA_FOLDER) if f.lower().endswith(_LORA_EXTENSIONS)]
+    names = [f for f in comfy.filename_list(LORA_FOLDER) if f.lower().endswith(SAFETENSORS_SUFFIXES)]
     return sorted(names) or [NO_FILES]
 
 
