@@ -163,12 +163,23 @@ def inspect_transformer(path: str | Path) -> LensDiTConfig:
     """The configuration of the Lens DiT at ``path``, after checking every key, shape and
     quantisation marker (headers only: no tensor is read; the model is built on the meta device to
     list its Linear layers). Raises the same errors as :func:`load_transformer`, in milliseconds."""
-    source = open_checkpoint(path, "dit")
+    cfg, _, _ = _checked_meta_model(open_checkpoint(path, "dit"))
+    return cfg
+
+
+def _checked_meta_model(source, qk_norm_eps: float | None = None):
+    """The configuration of the DiT in ``source``, its per-layer quantisation markers and the
+    :class:`LensTransformer` built from them on the meta device, after every key, shape and marker of
+    the file was checked against that module (:func:`_validate`). ``qk_norm_eps`` overrides the
+    configuration's q/k RMSNorm eps. Returns ``(cfg, qlayers, model)``."""
     cfg = _config_for(source)
+    if qk_norm_eps is not None:
+        cfg.qk_norm_eps = float(qk_norm_eps)
+    qlayers = quant_layers(source)
     with torch.device("meta"):
         model = LensTransformer(cfg)
-    _validate(source, cfg, quant_layers(source), model)
-    return cfg
+    _validate(source, cfg, qlayers, model)
+    return cfg, qlayers, model
 
 
 def load_transformer(
@@ -215,32 +226,41 @@ def load_transformer(
         raise ValueError(f"weight_dtype must be None or 'fp8', got {weight_dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     source = open_checkpoint(path, "dit")
-    cfg = _config_for(source)
-    if qk_norm_eps is not None:
-        cfg.qk_norm_eps = float(qk_norm_eps)
-    qlayers = quant_layers(source)
-
-    with torch.device("meta"):
-        model = LensTransformer(cfg)
-    _validate(source, cfg, qlayers, model)
-    linear_names = _linear_names(model)
-
-    stored = _FLOAT_ST.get(source.dtype("txt_norm.0.weight"), torch.float32)
-    if stored == torch.float64:
-        stored = torch.float32
+    cfg, qlayers, model = _checked_meta_model(source, qk_norm_eps)
+    stored = _stored_dtype(source)
     target = _pick_dtype(dtype, stored, device, source.name)
     fp8_mode = weight_dtype is not None
+    _fill_weights(model, source, qlayers, target, device, fp8_mode,
+                  keep_views=device.type == "cpu" and target == stored and not fp8_mode)
+    _finish_loaded(model, source, cfg, target, device)
+    return model
 
-    expected = _module_shapes(model)
+
+def _stored_dtype(source) -> torch.dtype:
+    """The float dtype the file stores its plain tensors in (read from ``txt_norm.0.weight``, which is
+    never quantised); float64 files count as float32."""
+    stored = _FLOAT_ST.get(source.dtype("txt_norm.0.weight"), torch.float32)
+    return torch.float32 if stored == torch.float64 else stored
+
+
+def _fill_weights(model: LensTransformer, source, qlayers: dict[str, dict], target: torch.dtype,
+                  device: torch.device, fp8_mode: bool, keep_views: bool) -> None:
+    """Fill ``model`` (built on the meta device) from ``source`` (:func:`_read_weights`); on any
+    error every tensor read so far is dropped before the error propagates."""
     try:
-        _read_weights(model, source, qlayers, expected, linear_names, target, device, fp8_mode,
-                      keep_views=device.type == "cpu" and target == stored and not fp8_mode)
+        _read_weights(model, source, qlayers, _module_shapes(model), _linear_names(model), target,
+                      device, fp8_mode, keep_views=keep_views)
     except BaseException:
         model.to("meta")  # drop every tensor read so far before the traceback can keep it alive
         ops.release_free_memory()
         raise
     ops.release_free_memory()
 
+
+def _finish_loaded(model: LensTransformer, source, cfg: LensDiTConfig, target: torch.dtype,
+                   device: torch.device) -> None:
+    """Make a filled model ready to run (cast workspace, eval mode), record the variant defaults
+    guessed from the file name and the file's identity on it, and log what was loaded."""
     model.attach_cast_workspace()  # quantised layers were installed after construction
     model.eval()
     model.variant_defaults = variant_defaults_for(source.name)
@@ -251,7 +271,6 @@ def load_transformer(
         source.name, cfg.num_layers, cfg.inner_dim, str(target).replace("torch.", ""), device,
         f", {nq} quantised layers" if nq else "", model.variant_defaults,
     )
-    return model
 
 
 def _block_of(name: str) -> str:
