@@ -616,24 +616,8 @@ class LensTransformer(nn.Module):
         cdt = self.resolved_compute_dtype()
         out_dtype = hidden_states.dtype
 
-        feats = self._stack_text(encoder_hidden_states, bsz)  # [B, S, K, E]
+        feats, encoder_mask, txt_index = self._text_tokens(encoder_hidden_states, encoder_mask, bsz)
         s = feats.shape[1]
-        if encoder_mask is not None:
-            if tuple(encoder_mask.shape) != (bsz, s):
-                raise ValueError(f"encoder_mask must have shape {(bsz, s)}, got {tuple(encoder_mask.shape)}")
-            encoder_mask = encoder_mask.to(device=device).bool()
-        txt_index = None
-        if encoder_mask is not None and not bool(encoder_mask.all()):
-            if bsz == 1:
-                # Masked text tokens cannot influence anything that is kept (image keys are always
-                # valid, masked keys get weight exp(-inf) = 0): drop them and keep the positions
-                # of the remaining ones.
-                txt_index = encoder_mask[0].nonzero().squeeze(-1)
-                feats = feats[:, txt_index.to(feats.device)]
-                s = feats.shape[1]
-                encoder_mask = None
-        else:
-            encoder_mask = None
 
         x = self.img_in(hidden_states.to(device=device, dtype=cdt))
         sigma = torch.as_tensor(timestep).to(device=device).reshape(-1)
@@ -667,6 +651,31 @@ class LensTransformer(nn.Module):
         del c
         x = self.norm_out(x, temb)
         return self.proj_out(x).to(out_dtype)
+
+    def _text_tokens(
+        self, encoder_hidden_states: torch.Tensor | Sequence[torch.Tensor], encoder_mask: torch.Tensor | None, bsz: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The text stream of :meth:`forward_tokens`: ``(feats [B, S, K, E], mask [B, S] bool or None,
+        txt_index [S] or None)``.
+
+        A mask that keeps every token is dropped (None). With one sample, masked text tokens are
+        removed instead: they cannot influence anything that is kept (image keys are always valid,
+        masked keys get weight exp(-inf) = 0), and ``txt_index`` holds the original positions of the
+        remaining ones (their RoPE positions).
+        """
+        feats = self._stack_text(encoder_hidden_states, bsz)
+        s = feats.shape[1]
+        if encoder_mask is None:
+            return feats, None, None
+        if tuple(encoder_mask.shape) != (bsz, s):
+            raise ValueError(f"encoder_mask must have shape {(bsz, s)}, got {tuple(encoder_mask.shape)}")
+        encoder_mask = encoder_mask.to(device=self.device).bool()
+        if bool(encoder_mask.all()):
+            return feats, None, None
+        if bsz != 1:
+            return feats, encoder_mask, None
+        txt_index = encoder_mask[0].nonzero().squeeze(-1)
+        return feats[:, txt_index.to(feats.device)], None, txt_index
 
     def _stack_text(self, feats: torch.Tensor | Sequence[torch.Tensor], bsz: int) -> torch.Tensor:
         """-> [B, S, K, E] from a list of K [B, S, E] or a [B, S, K*E] layer-major tensor."""
