@@ -12,9 +12,9 @@ other rows still run.
 Stages (each model is loaded once per process or Ray actor, never per image):
 
 1. **encode** every unique text (prompts, and negatives where CFG ≠ 1) once. Features are stored as
-   safetensors files in a feature cache keyed by the text encoder file's identity, the dtype, the
-   template date and the text (:class:`FeatureCache`), so a rerun or another job over the same
-   prompts does not encode again;
+   safetensors files in a feature cache keyed by the text encoder file's identity, its dtype and
+   device, the template date and the text (:mod:`lens_model.feature_cache`), so a rerun or another
+   job over the same prompts does not encode again;
 2. **sample** with the DiT, rows grouped by (size, steps, CFG) into batches of ``--dit-batch``
    (each image sampled on its own, see :class:`DiTStage`);
 3. **decode** with the VAE and write ``<id>.png`` plus one manifest record per image
@@ -51,15 +51,19 @@ import torch
 from . import cli
 from .batch_store import OutputStore
 from .checkpoints import path_identity
-from .constants import VARIANT_DEFAULTS
+from .constants import LATENT_CELL_PIXELS, VARIANT_DEFAULTS
 from .dit_loading import load_transformer
+from .feature_cache import FeatureFolder, PromptFeatures
 from .lora import parse_lora_arg
 from .ops import release_free_memory
 from .pipeline import (
     check_generation_options, default_device, encode_prompts, generate_from_features, to_pil,
+    variant_defaults,
 )
 from .resolution import resolution_for, validate_size
 from .sampling import make_noise
+from .text_encoder import load_text_encoder, resolve_dtype
+from .vae_loading import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +262,7 @@ def parse_row(raw: Any, line: int, defaults: RowDefaults) -> BatchRow:
 def read_raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, decoded row or a ValueError) for every non-blank line / Parquet row."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        try:
+        try:  # pyarrow is an optional extra: imported only when a Parquet file is read
             import pyarrow.parquet as pq
         except ImportError as e:
             raise BatchError(f"{path} is Parquet: install pyarrow (pip install pyarrow), or give "
@@ -323,56 +327,7 @@ def load_rows(path: str | os.PathLike, defaults: RowDefaults) -> tuple[list[Batc
     return rows, errors
 
 
-# ----------------------------------------------------------------------------- feature cache
-
-class FeatureCache:
-    """Text-encoder features in a folder: one safetensors file per (text encoder, dtype, date, text).
-
-    The key is :func:`lens_model.text_encoder.encode_prompt_cache_key` over the text encoder's file
-    identity (path, size, mtime), so replacing the file invalidates its entries. The folder is an
-    :class:`~lens_model.batch_store.OutputStore` (a local path or any URI pyarrow opens), written
-    atomically, so a killed writer leaves no half entry and several processes (Ray workers on
-    several nodes) may share one.
-    """
-
-    def __init__(self, root: "str | os.PathLike | OutputStore", text_encoder_path,
-                 dtype: torch.dtype, date: Optional[str] = None):
-        from .text_encoder import encode_prompt_cache_key
-        from .tokenizer import resolve_date
-
-        self.store = root if isinstance(root, OutputStore) else OutputStore(root)
-        self.date = date
-        identity = path_identity(text_encoder_path)
-        resolved = resolve_date(date)
-        self._key = lambda text: encode_prompt_cache_key(text, resolved, identity, dtype)
-
-    def key(self, text: str) -> str:
-        return self._key(text)
-
-    def name(self, text: str) -> str:
-        """The entry's file name in the cache folder."""
-        k = self.key(text)
-        return f"{k[:2]}/{k}.safetensors"
-
-    def __contains__(self, text: str) -> bool:
-        return self.store.size(self.name(text)) is not None
-
-    def get(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(context [1, S, 4E], mask [1, S] bool)`` of ``text``; KeyError when not cached."""
-        from safetensors.torch import load
-
-        data = self.store.read(self.name(text))
-        if data is None:
-            raise KeyError(f"no cached features for {text!r} in {self.store}")
-        t = load(data)
-        return t["context"], t["mask"]
-
-    def put(self, text: str, context: torch.Tensor, mask: torch.Tensor) -> None:
-        from safetensors.torch import save
-
-        self.store.write(self.name(text), save({"context": context.detach().cpu().contiguous(),
-                                                "mask": mask.detach().cpu().contiguous()}))
-
+# ----------------------------------------------------------------------------- texts
 
 def texts_to_encode(rows: Iterable[BatchRow]) -> list[str]:
     """Unique texts the rows need, in first-use order: every prompt, and every non-empty negative of
@@ -414,13 +369,15 @@ class JobSettings:
     def out_store(self) -> OutputStore:
         return OutputStore(self.out_dir, self.filesystem)
 
-    def feature_cache(self) -> FeatureCache:
-        from .text_encoder import resolve_dtype
-
-        te_dtype = resolve_dtype(None, torch.device(self.device))
+    def feature_cache(self) -> PromptFeatures:
+        """The job's text-feature cache: a folder only (``cache_dir``, else ``OUT/.lens_features``),
+        which every stage and Ray worker reads; features the text encoder computes with its
+        default dtype on the job's device."""
+        device = torch.device(self.device)
         store = OutputStore(self.cache_dir) if self.cache_dir else \
             self.out_store().child(FEATURE_FOLDER)
-        return FeatureCache(store, self.text_encoder, te_dtype, self.date)
+        return PromptFeatures(path_identity(self.text_encoder), resolve_dtype(None, device), device,
+                              self.date, folder=FeatureFolder(store))
 
 
 class EncodeStage:
@@ -433,8 +390,6 @@ class EncodeStage:
 
     def __call__(self, texts: Sequence[str]) -> dict[str, float]:
         """Encode and cache each text not cached yet; returns seconds spent per text encoded."""
-        from .text_encoder import load_text_encoder
-
         spent: dict[str, float] = {}
         for text in texts:
             if text in self.cache:
@@ -487,11 +442,12 @@ class DiTStage:
 
     def sample_row(self, row: BatchRow) -> torch.Tensor:
         """Latents ``[1, 128, h, w]`` float32 on the CPU for one row, from cached features."""
-        ctx, mask = self.cache.get(row.prompt)
+        ctx, mask = self.cache[row.prompt]
         nctx = nmask = None
         if row.cfg != 1.0 and row.negative.strip():
-            nctx, nmask = self.cache.get(row.negative)
-        noise = make_noise(row.seed, 1, row.height // 16, row.width // 16,
+            nctx, nmask = self.cache[row.negative]
+        noise = make_noise(row.seed, 1, row.height // LATENT_CELL_PIXELS,
+                           row.width // LATENT_CELL_PIXELS,
                            layout=self.job.noise_layout)
         return generate_from_features(
             ctx, mask, self.transformer, None, row.width, row.height, steps=row.steps,
@@ -531,8 +487,6 @@ class DecodeStage:
     folder (an :class:`~lens_model.batch_store.OutputStore`: local or any pyarrow filesystem)."""
 
     def __init__(self, job: JobSettings):
-        from .vae_loading import load_vae
-
         self.job = job
         self.store = job.out_store()
         self.vae = load_vae(job.vae, device=torch.device(job.device))
@@ -650,7 +604,7 @@ class Manifest:
         recs = sorted(self.records.values(), key=lambda r: (index.get(r["id"], len(index)), r["id"]))
         if recs or self.store.size(MANIFEST_JSONL) is not None:
             self._write_jsonl(recs)
-        try:
+        try:  # pyarrow is an optional extra: without it there is no Parquet twin
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
@@ -769,7 +723,7 @@ def run_in_process(rows: Sequence[BatchRow], job: JobSettings, dit_batch: int = 
         for group in group_rows(todo, dit_batch):
             latents, dit_seconds = dit(group)
             for row, dit_s, rec in zip(group, dit_seconds, decoder(group, latents)):
-                rec.update(encode_s=_encode_seconds(row, spent), dit_s=dit_s)
+                rec.update(encode_s=encode_seconds(row, spent), dit_s=dit_s)
                 manifest.add(rec)
                 result.written.append(row.id)
                 progress.add(rec)
@@ -778,7 +732,7 @@ def run_in_process(rows: Sequence[BatchRow], job: JobSettings, dit_batch: int = 
     return result
 
 
-def _encode_seconds(row: BatchRow, unbilled: dict[str, float]) -> float:
+def encode_seconds(row: BatchRow, unbilled: dict[str, float]) -> float:
     """Encode seconds charged to ``row``: those of its texts not charged to an earlier row yet
     (removed from ``unbilled``), so summing a manifest's ``encode_s`` gives the encode time."""
     seconds = unbilled.pop(row.prompt, 0.0)
@@ -850,8 +804,6 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults, A
     """Resolve files, device and defaults as ``python -m lens_model.cli`` does (same file search,
     header checks before anything loads, variant from ``--variant`` or the DiT's file name).
     Returns the job, the row defaults and the DiT configuration read from its header."""
-    from .pipeline import variant_defaults
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BatchError("--device cuda was requested but CUDA is not available")
     device = torch.device(args.device) if args.device else default_device()
@@ -901,7 +853,7 @@ def _location(text: str, option: str) -> str:
 def _ray_available(address: str) -> bool:
     """Whether ray can be imported. Without it, ``--ray auto`` / ``--ray local`` run the same job
     in-process (same files) with a warning; a cluster address is an error."""
-    try:
+    try:  # ray is an optional extra: this import only asks whether it is installed
         import ray  # noqa: F401
     except ImportError:
         if address in ("auto", "local"):
@@ -926,6 +878,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for err in errors:
             print(f"lens-batch: {args.prompts}: {err}", file=sys.stderr)
         if args.ray and _ray_available(args.ray):
+            # batch_ray builds on this module's stages (it imports this module): a cycle at the top
             from .batch_ray import RayOptions, run_on_ray
 
             result = run_on_ray(rows, job, RayOptions.from_args(args), dit_batch=args.dit_batch,

@@ -29,8 +29,9 @@ import torch
 
 from .batch import (
     BatchResult, BatchRow, DecodeStage, DiTStage, EncodeStage, JobSettings, Progress,
-    _encode_seconds, group_rows, plan, texts_to_encode,
+    encode_seconds, group_rows, plan, texts_to_encode,
 )
+from .constants import LATENT_CELL_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RayOptions:
 
 def connect(address: str) -> None:
     """Start or join Ray unless this process is connected already."""
-    import ray
+    import ray  # an optional extra: imported only when a job runs on Ray
 
     if ray.is_initialized():
         return
@@ -142,7 +143,7 @@ class DecodeActor:
         records = []
         for row, blob, dit_s in zip(rows, batch["latents"], batch["dit_s"]):
             lat = torch.frombuffer(bytearray(blob), dtype=torch.float32)
-            lat = lat.view(1, -1, row.height // 16, row.width // 16)
+            lat = lat.view(1, -1, row.height // LATENT_CELL_PIXELS, row.width // LATENT_CELL_PIXELS)
             rec = self.stage.write(row, lat)
             rec["dit_s"] = float(dit_s)
             records.append(json.dumps(rec))
@@ -150,7 +151,7 @@ class DecodeActor:
 
 
 def _encode_on_ray(texts: Sequence[str], job: JobSettings, opts: RayOptions, cuda: bool) -> dict:
-    import ray
+    import ray  # an optional extra: imported only when a job runs on Ray
 
     if not texts:
         return {}
@@ -166,7 +167,7 @@ def run_on_ray(rows: Sequence[BatchRow], job: JobSettings, opts: RayOptions,
     """Run the job's three stages on Ray Data; writes the same files as :func:`run_in_process`.
     Progress lines (:class:`lens_model.batch.Progress`) come from the stage seconds the actors
     report in each record, over the actors of each stage."""
-    import ray
+    import ray  # an optional extra: imported only when a job runs on Ray
 
     connect(opts.address)
     manifest, todo, done = plan(rows, job)
@@ -193,7 +194,7 @@ def run_on_ray(rows: Sequence[BatchRow], job: JobSettings, opts: RayOptions,
                             **opts.vae.remote_args(cuda, 0.25))
         for item in ds.iter_rows():
             rec = json.loads(item["record"])
-            rec["encode_s"] = _encode_seconds(by_id[rec["id"]], spent)
+            rec["encode_s"] = encode_seconds(by_id[rec["id"]], spent)
             manifest.add(rec)
             result.written.append(rec["id"])
             progress.add(rec)

@@ -140,13 +140,11 @@ def _run(tmp_path, tiny_te, out, *extra):  # noqa: F811
 
 def test_batch_in_process_matches_cli_and_resumes(tmp_path, tiny_te, cli_pngs, monkeypatch,  # noqa: F811
                                                   capsys, caplog):
-    import lens_model.text_encoder as te_mod
-
     caplog.set_level("INFO", logger="lens_model.batch")
 
     loads = []
-    real_load = te_mod.load_text_encoder
-    monkeypatch.setattr(te_mod, "load_text_encoder",
+    real_load = batch.load_text_encoder
+    monkeypatch.setattr(batch, "load_text_encoder",
                         lambda *a, **k: loads.append(a) or real_load(*a, **k))
     out = tmp_path / "out"
     assert _run(tmp_path, tiny_te, out, "--variant", "lens") == 1      # one bad row
