@@ -30,6 +30,8 @@ _FSSPEC_OBJECT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az", "a
 
 
 def _pyarrow_fs():
+    """``pyarrow.fs``, or None without pyarrow (an optional extra, so it is imported on first use
+    and a local folder works without it)."""
     try:
         import pyarrow.fs as pafs
     except ImportError:
@@ -114,10 +116,8 @@ class OutputStore:
         if self.fs is None:
             p = Path(self.path(name))
             return p.stat().st_size if p.is_file() else None
-        from pyarrow.fs import FileType
-
         info = self.fs.get_file_info(self.path(name))
-        return info.size if info.type == FileType.File else None
+        return info.size if info.type == _pyarrow_fs().FileType.File else None
 
     def sizes(self) -> dict[str, int]:
         """``{name: size}`` of the files directly in the folder (one listing call)."""
@@ -125,10 +125,9 @@ class OutputStore:
             root = Path(self.root)
             return {p.name: p.stat().st_size for p in root.iterdir() if p.is_file()} \
                 if root.is_dir() else {}
-        from pyarrow.fs import FileSelector, FileType
-
-        infos = self.fs.get_file_info(FileSelector(self.root, allow_not_found=True))
-        return {info.base_name: info.size for info in infos if info.type == FileType.File}
+        pafs = _pyarrow_fs()
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
     def read(self, name: str) -> Optional[bytes]:
         """The bytes of file ``name``, None when there is none."""
@@ -191,9 +190,7 @@ class OutputStore:
             if os.path.lexists(path):
                 os.unlink(path)
             return
-        from pyarrow.fs import FileType
-
-        if self.fs.get_file_info(path).type == FileType.File:
+        if self.fs.get_file_info(path).type == _pyarrow_fs().FileType.File:
             self.fs.delete_file(path)
 
     def append(self, name: str, text: str) -> bool:
