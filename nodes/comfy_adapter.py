@@ -381,6 +381,28 @@ def check_interrupt() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+@contextlib.contextmanager
+def cancel_inside_forward(transformer):
+    """Check ComfyUI's Cancel before every transformer block and every module inside it
+    (attention, each MLP linear, ...) while sampling: a CPU step of the full DiT takes minutes and
+    one block's MLP alone several seconds, so checks between steps or blocks are too coarse.
+    Forward pre-hooks (a flag check each, no device sync), removed on exit; a model without
+    ``transformer_blocks`` gets none."""
+    blocks = getattr(transformer, "transformer_blocks", None) or []
+    handles = []
+
+    def check(module, args):
+        check_interrupt()
+
+    try:
+        for block in blocks:
+            handles += [m.register_forward_pre_hook(check) for m in block.modules()]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _NoProgress:
     def update(self, value):
         pass

@@ -7,7 +7,6 @@ from our Empty Latent / VAE Encode, core's EmptyFlux2LatentImage / VAEEncode (FL
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -244,7 +243,7 @@ def _run(model, x, sigmas, inputs: dict, what: str):
                 comfy.check_interrupt()
 
             args = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            with torch.no_grad(), loras_applied(model, transformer), cancel_inside_forward(transformer):
+            with torch.no_grad(), loras_applied(model, transformer), comfy.cancel_inside_forward(transformer):
                 out = sampling.sample(transformer, x.to(dev), sigmas.to(dev), args.pop("context"),
                                       args.pop("mask"), callback=callback, **args)
             return out.detach().to(comfy.intermediate_device(), torch.float32)
@@ -255,28 +254,6 @@ def _run(model, x, sigmas, inputs: dict, what: str):
                                       e.where) from None
     finally:
         model.after_use()
-
-
-@contextlib.contextmanager
-def cancel_inside_forward(transformer):
-    """Check ComfyUI's Cancel before every transformer block and every module inside it
-    (attention, each MLP linear, ...) while sampling: a CPU step of the full DiT takes minutes and
-    one block's MLP alone several seconds, so checks between steps or blocks are too coarse.
-    Forward pre-hooks (a flag check each, no device sync), removed on exit; a model without
-    ``transformer_blocks`` gets none."""
-    blocks = getattr(transformer, "transformer_blocks", None) or []
-    handles = []
-
-    def check(module, args):
-        comfy.check_interrupt()
-
-    try:
-        for block in blocks:
-            handles += [m.register_forward_pre_hook(check) for m in block.modules()]
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _passed_through(latent) -> dict:
