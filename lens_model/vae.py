@@ -1,27 +1,23 @@
-"""FLUX.2 VAE (BFL "ae", diffusers ``AutoencoderKLFlux2``) in plain PyTorch.
+"""FLUX.2 VAE (BFL "ae", diffusers ``AutoencoderKLFlux2``) in plain PyTorch: config, modules, forward.
 
 A standard LDM/SD-style KL autoencoder with 32 latent channels and x8 down/up-sampling, plus a
 non-affine BatchNorm over the 2x2-patchified latent (128 channels, x16 overall). Lens works in the
-BN-normalised, patchified space (spec vae.md).
+BN-normalised, patchified space.
 
-- Internal key layout: **BFL** (``encoder.down.{i}.block.{j}``, nested ``encoder.quant_conv`` /
+- Key layout: **BFL** (``encoder.down.{i}.block.{j}``, nested ``encoder.quant_conv`` /
   ``decoder.post_quant_conv``, attention projections as 1x1 convs ``[C, C, 1, 1]``). The submodule
-  names equal these key names, so a BFL file loads without renaming.
-- LDM top-level (``quant_conv.*`` at the top) and diffusers layouts are converted by
-  :func:`to_bfl_key` / :func:`to_diffusers_key` (the bijective mapping of vae.md §3.2, including the
-  ``[C, C, 1, 1]`` <-> ``[C, C]`` attention weight reshape).
+  names equal these key names, so a BFL file loads without renaming; other layouts are converted,
+  and files checked and loaded, in :mod:`lens_model.vae_loading`.
 - :class:`Flux2VAE` ``.encode(images [B, H, W, 3] in 0..1) -> [B, 128, H/16, W/16]`` (posterior mean,
   BN-normalised) and ``.decode(latents [B, 128, h, w]) -> [B, 16h, 16w, 3]`` float32 in [0, 1] on the
-  CPU, both optionally tiled with feathered blending (see :meth:`Flux2VAE.decode`) and with a
-  ``callback(done, total)`` after every tile / sample (progress, cancellation).
-- Loading (:func:`load_vae`, :func:`inspect_vae`, the key-layout converters) is in
-  :mod:`lens_model.vae_loading`; those names are re-exported here for existing callers.
+  CPU. Both run the untiled passes (:meth:`Flux2VAE.encode_pass` / :meth:`Flux2VAE.decode_pass`)
+  through :mod:`lens_model.vae_tiling`, which tiles with feathered blending, reports
+  ``callback(done, total)`` after every tile / sample or block, and retries in tiles after a CUDA
+  out-of-memory error.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -31,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .vae_tiling import ProgressCallback, TileArg, Tiling, passes_per_unit
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "Flux2VAEConfig",
@@ -119,7 +115,7 @@ class Flux2VAEConfig:
 
     @classmethod
     def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], batch_norm_eps: float = 1e-4) -> "Flux2VAEConfig":
-        """Infer the configuration from tensor shapes in the internal (BFL) layout (checkpoints.md §5).
+        """Infer the configuration from tensor shapes in the internal (BFL) layout.
 
         ``norm_num_groups`` is assumed to be 32.
         """
@@ -170,7 +166,7 @@ def patchify(z: torch.Tensor, patch_size: tuple[int, int] = (2, 2)) -> torch.Ten
     """``z: [B, C, p*h, q*w] -> [B, C*p*q, h, w]`` with ``out[b, C_idx*p*q + a*q + d, i, j] = z[b, C_idx, p*i + a, q*j + d]``.
 
     For FLUX.2 (C=32, p=q=2) channel ``4c + 2a + d`` holds latent channel c at row offset a and column
-    offset d (vae.md §4).
+    offset d.
     """
     p, q = patch_size
     b, c, hh, ww = z.shape
@@ -194,7 +190,7 @@ class LatentBatchNorm(nn.Module):
     """The non-affine BatchNorm statistics of the patchified latent (buffers only, always fp32).
 
     Never runs BatchNorm itself: :meth:`normalize` / :meth:`denormalize` apply the formula to the
-    running statistics in fp32 and never modify the buffers (vae.md §5).
+    running statistics in fp32 and never modify the buffers.
     """
 
     def __init__(self, channels: int, eps: float = 1e-4) -> None:
@@ -481,57 +477,6 @@ class Decoder(nn.Module):
 # The VAE
 # ------------------------------------------------------------------------------------------------
 
-TileArg = bool | str
-#: ``callback(done, total)``: units finished so far, of ``total``. Units are tiles (samples when
-#: untiled) with ``progress_unit="tile"``, or encoder / decoder blocks of every tile and sample with
-#: ``progress_unit="block"``.
-ProgressCallback = Callable[[int, int], None]
-PROGRESS_UNITS = ("tile", "block")
-
-
-def _check_progress_unit(unit: str) -> None:
-    if unit not in PROGRESS_UNITS:
-        raise ValueError(f"progress_unit must be one of {PROGRESS_UNITS}, got {unit!r}.")
-
-
-def _check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:
-    if tile not in (True, False, "auto"):
-        raise ValueError(f"tile must be True, False or 'auto', got {tile!r}.")
-    if tile_size < 1 or overlap < 0 or overlap >= tile_size:
-        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={tile_size}, overlap={overlap}.")
-
-
-class _Progress:
-    """Counts finished units and reports them to an optional callback.
-
-    ``total`` counts passes (tiles / samples). With ``blocks_per_pass`` 1 a unit is a pass
-    (:meth:`step`); with more, a unit is one encoder / decoder block (:meth:`block`, handed to the
-    network as ``on_block``) and :meth:`step` reports nothing.
-    """
-
-    def __init__(self, callback: ProgressCallback | None, total: int, blocks_per_pass: int = 1) -> None:
-        self.callback = callback
-        self.per_pass = max(1, blocks_per_pass)
-        self.total = total * self.per_pass
-        self.done = 0
-
-    def grow(self, extra: int) -> None:
-        self.total += max(0, extra) * self.per_pass
-
-    def block(self) -> None:
-        if self.per_pass > 1:
-            self._tick()
-
-    def step(self) -> None:
-        if self.per_pass == 1:
-            self._tick()
-
-    def _tick(self) -> None:
-        self.done += 1
-        if self.callback is not None:
-            self.callback(self.done, max(self.total, self.done))
-
-
 class Flux2VAE(nn.Module):
     """FLUX.2 VAE with Lens' latent convention (BN-normalised, 2x2-patchified, 128 channels).
 
@@ -569,7 +514,41 @@ class Flux2VAE(nn.Module):
         """``latents: [B, 128, h, w]`` Lens latent -> ``[B, 32, 2h, 2w]`` raw latent (fp32)."""
         return unpatchify(self.bn.denormalize(latents), self.config.patch_size)
 
-    # -- encode -------------------------------------------------------------------------------
+    # -- untiled passes -----------------------------------------------------------------------
+    def encode_pass(self, images: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+        """One untiled encoder pass: ``images: [B, H, W, 3]`` in [0, 1] -> ``[B, 128, H/16, W/16]``
+        Lens latent (posterior mean, BN-normalised), float32 on the CPU. ``on_block`` as in
+        :meth:`Encoder.forward`."""
+        x = images[..., :3].to(device=self.device, dtype=torch.float32)
+        x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
+        moments = self.encoder(x, on_block)
+        mean = moments[:, :self.config.latent_channels]
+        return self.normalize(mean).float().cpu()
+
+    def decode_pass(self, latents: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+        """One untiled decoder pass: ``latents: [B, 128, h, w]`` -> ``[B, 3, 16h, 16w]`` decoder
+        output (about [-1, 1]), float32 on the model's device. ``on_block`` as in :meth:`Decoder.forward`."""
+        z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
+        return self.decoder(z, on_block).float()
+
+    def estimate_encode_bytes(self, height: int, width: int) -> int:
+        """Rough peak activation bytes of an untiled encode of one ``height x width`` px image: a few
+        full-resolution maps of the first level's width, plus 30 % slack and the attention budget."""
+        ch0 = self.config.block_out_channels[0]
+        elt = torch.finfo(self.dtype).bits // 8
+        return int(1.3 * (4 * height * width * ch0 * elt) + AttnBlock.score_budget_bytes)
+
+    def estimate_decode_bytes(self, h: int, w: int) -> int:
+        """Rough peak activation bytes of an untiled decode of one ``[1, 128, h, w]`` latent (about
+        1.25 GiB at 1024^2 in bf16 for the full model): 2.5 maps of the top level's input width at
+        full resolution, plus 30 % slack and the attention budget."""
+        ch = self.config.decoder_channels
+        c_in_top = ch[1] if len(ch) > 1 else ch[0]
+        px = (h * self.downscale) * (w * self.downscale)
+        elt = torch.finfo(self.dtype).bits // 8
+        return int(1.3 * (2.5 * px * c_in_top * elt) + AttnBlock.score_budget_bytes)
+
+    # -- public encode / decode (tiling, progress and the out-of-memory retry: vae_tiling) ----
     @torch.no_grad()
     def encode(
         self,
@@ -583,28 +562,18 @@ class Flux2VAE(nn.Module):
         """``images: [B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE; an alpha channel is dropped) ->
         ``[B, 128, H/16, W/16]`` float32 on the CPU: BN-normalised patchified posterior mean.
 
-        H and W must be multiples of 16 (ValueError otherwise).
+        H and W must be multiples of 16 (ValueError otherwise). Each sample is encoded separately.
 
-        Tiling uses the same geometry as :meth:`decode`, in latent cells (1 cell = 16 px): pixel tiles
-        of ``tile_size`` x ``tile_size`` cells start every ``tile_size - overlap`` cells, each is
-        encoded on its own, and the ``[1, 128, th, tw]`` results are blended in the 128-channel /16
-        latent grid with weights that ramp linearly across ``overlap`` cells (the BN normalisation is
-        affine per channel, so blending before or after it is the same). Tiled latents are close to,
-        never equal to, untiled ones (GroupNorm statistics and mid-block attention become per tile).
-
-        ``tile``: False (default) = never tile; True = tile when the image exceeds ``tile_size``
-        cells; "auto" = untiled, but tiled when on CUDA the estimated peak exceeds free memory or the
-        untiled encode runs out of memory (the CPU never tiles under "auto").
-        ``callback(done, total)`` is called after every tile (untiled: after every sample); it may
-        raise to abort. ``total`` grows if "auto" switches a sample to tiles. With
-        ``progress_unit="block"`` it is called after every encoder block of every tile / sample
-        instead (``encoder.num_blocks`` per pass: finer progress, and an abort between blocks).
-        Each sample of the batch is encoded separately.
+        ``tile`` (default False), ``tile_size`` and ``overlap`` (latent cells) as in :meth:`decode`;
+        pixel tiles are encoded on their own and blended in the latent grid (the BN normalisation
+        is affine per channel, so blending before or after it is the same). Tiled latents are close
+        to, never equal to, untiled ones. ``callback(done, total)`` and ``progress_unit`` as in
+        :meth:`decode`, with ``encoder.num_blocks`` blocks per pass.
         """
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise ValueError(f"encode expects images [B, H, W, 3] in 0..1, got shape {tuple(images.shape)}.")
-        _check_tile_args(tile, tile_size, overlap)
-        _check_progress_unit(progress_unit)
+        tiling = Tiling(tile, tile_size, overlap)
+        blocks = passes_per_unit(progress_unit, self.encoder.num_blocks)
         b, hh, ww, _ = images.shape
         f = self.downscale
         if hh % f or ww % f:
@@ -612,83 +581,15 @@ class Flux2VAE(nn.Module):
                 f"encode: image size {ww}x{hh} (WxH) is not a multiple of {f}; crop or resize it to "
                 f"{ww // f * f}x{hh // f * f} (multiples of {f} pixels)."
             )
-        h, w = hh // f, ww // f
-        n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
-        progress = _Progress(callback, b * (n_tiles if tile is True else 1),
-                             self.encoder.num_blocks if progress_unit == "block" else 1)
-        out = []
-        for i in range(b):  # one sample at a time: activations dominate memory, not weights
-            x = images[i:i + 1, :, :, :3]
-            use_tiles = tile is True
-            if tile == "auto" and self._exceeds_free_memory(self.estimate_encode_bytes(hh, ww)):
-                logger.info("VAE encode: estimated memory exceeds free memory; encoding in tiles.")
-                use_tiles = True
-                progress.grow(n_tiles - 1)
-            if use_tiles:
-                out.append(self._encode_tiled(x, tile_size, overlap, progress))
-                continue
-            z = self._try_untiled(lambda t: self._raw(self._encode_raw, t, progress), x, tile == "auto")
-            if z is None:
-                logger.warning("VAE encode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
-                progress.grow(n_tiles - 1)
-                out.append(self._encode_tiled(x, tile_size, overlap, progress))
-                continue
-            out.append(z)
-            progress.step()
-        return torch.cat(out)
 
-    @staticmethod
-    def _raw(run, x: torch.Tensor, progress: "_Progress") -> torch.Tensor:
-        """``run(x)`` (``_encode_raw`` / ``_decode_raw``), with ``progress.block`` as ``on_block``
-        when progress counts blocks."""
-        return run(x, progress.block) if progress.per_pass > 1 else run(x)
+        def run_tile(i: int, rows: slice, cols: slice, on_block: Callable[[], None] | None) -> torch.Tensor:
+            crop = images[i:i + 1, rows.start * f:rows.stop * f, cols.start * f:cols.stop * f, :3]
+            return self.encode_pass(crop, on_block)
 
-    def _encode_raw(self, images: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
-        """``images: [1, H, W, 3]`` in [0, 1] -> ``[1, 128, H/16, W/16]`` Lens latent, float32 CPU."""
-        x = images[..., :3].to(device=self.device, dtype=torch.float32)
-        x = (x.permute(0, 3, 1, 2) * 2.0 - 1.0).to(self.dtype)
-        moments = self.encoder(x, on_block)
-        mean = moments[:, :self.config.latent_channels]
-        return self.normalize(mean).float().cpu()
-
-    def _encode_tiled(self, images: torch.Tensor, tile_size: int, overlap: int,
-                      progress: "_Progress") -> torch.Tensor:
-        """``images: [1, H, W, 3]`` -> ``[1, 128, H/16, W/16]`` float32 CPU, blended in the latent grid."""
-        f = self.downscale
-        h, w = images.shape[1] // f, images.shape[2] // f
-        ys = self._tile_starts(h, tile_size, overlap)
-        xs = self._tile_starts(w, tile_size, overlap)
-        if len(ys) == 1 and len(xs) == 1:
-            z = self._raw(self._encode_raw, images, progress)
-            progress.step()
-            return z
-        out = torch.zeros(1, self.config.bn_channels, h, w, dtype=torch.float32)
-        wsum = torch.zeros(1, 1, h, w, dtype=torch.float32)
-        for y0 in ys:
-            th = min(tile_size, h - y0)
-            wy = self._ramp(th, overlap, y0 > 0, y0 + th < h)
-            for x0 in xs:
-                tw = min(tile_size, w - x0)
-                wx = self._ramp(tw, overlap, x0 > 0, x0 + tw < w)
-                z = self._raw(self._encode_raw, images[:, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f], progress)
-                mask = wy[:, None] * wx[None, :]
-                out[:, :, y0:y0 + th, x0:x0 + tw].addcmul_(z, mask)
-                wsum[:, :, y0:y0 + th, x0:x0 + tw].add_(mask)
-                progress.step()
-        return out.div_(wsum)
-
-    def estimate_encode_bytes(self, height: int, width: int) -> int:
-        """Rough peak activation bytes of an untiled encode of one ``height x width`` px image: a few
-        full-resolution maps of the first level's width, plus 30 % slack and the attention budget."""
-        ch0 = self.config.block_out_channels[0]
-        elt = torch.finfo(self.dtype).bits // 8
-        return int(1.3 * (4 * height * width * ch0 * elt) + AttnBlock.score_budget_bytes)
-
-    # -- decode -------------------------------------------------------------------------------
-    def _decode_raw(self, latents: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
-        """``latents: [B, 128, h, w]`` -> ``[B, 3, 16h, 16w]`` decoder output (about [-1, 1]), float32."""
-        z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
-        return self.decoder(z, on_block).float()
+        samples = tiling.run(run_tile, b, (hh // f, ww // f), channels=self.config.bn_channels, scale=1,
+                             callback=callback, blocks_per_pass=blocks, device=self.device,
+                             need_bytes=self.estimate_encode_bytes(hh, ww), what="encode")
+        return torch.cat(list(samples))
 
     @torch.no_grad()
     def decode(
@@ -701,14 +602,14 @@ class Flux2VAE(nn.Module):
         progress_unit: str = "tile",
     ) -> torch.Tensor:
         """``latents: [B, 128, h, w]`` (Lens / ComfyUI LATENT samples) -> ``[B, 16h, 16w, 3]`` float32 on
-        the CPU in [0, 1], = clamp((x + 1) / 2, 0, 1).
+        the CPU in [0, 1], = clamp((x + 1) / 2, 0, 1). Each sample is decoded separately.
 
-        Tiling (ComfyUI style, in the 128-channel /16 latent grid): ``tile_size`` and ``overlap`` are in
-        latent cells (1 cell = 16 px). Tiles of ``tile_size`` x ``tile_size`` cells start every
-        ``tile_size - overlap`` cells (the last tile is aligned to the far edge), each is decoded on its
-        own and blended with weights that ramp linearly across ``overlap`` cells on every side that
-        touches another tile. Tiled output is close to, never equal to, the untiled one (GroupNorm and
-        mid-block attention become per tile).
+        Tiling (ComfyUI style, in the 128-channel /16 latent grid; :class:`~lens_model.vae_tiling.Tiling`):
+        ``tile_size`` and ``overlap`` are in latent cells (1 cell = 16 px). Tiles of ``tile_size`` x
+        ``tile_size`` cells start every ``tile_size - overlap`` cells (the last tile is aligned to the
+        far edge), each is decoded on its own and blended with weights that ramp linearly across
+        ``overlap`` cells on every side that touches another tile. Tiled output is close to, never
+        equal to, the untiled one (GroupNorm and mid-block attention become per tile).
 
         ``tile``: False = never tile; True = tile when the latent exceeds ``tile_size``; "auto" = decode
         untiled, but tile when on CUDA the estimated peak exceeds free memory or when it runs out of
@@ -718,120 +619,20 @@ class Flux2VAE(nn.Module):
         With ``progress_unit="block"`` it is called after every decoder block of every tile / sample
         instead (``decoder.num_blocks`` per pass, 18 for the FLUX.2 VAE): progress and aborts between
         blocks, not only between tiles.
-        Each sample of the batch is decoded separately.
         """
         if latents.ndim != 4 or latents.shape[1] != self.config.bn_channels:
             raise ValueError(
                 f"decode expects latents [B, {self.config.bn_channels}, h, w] (Lens / FLUX.2 latent), "
                 f"got shape {tuple(latents.shape)}."
             )
-        _check_tile_args(tile, tile_size, overlap)
-        _check_progress_unit(progress_unit)
+        tiling = Tiling(tile, tile_size, overlap)
+        blocks = passes_per_unit(progress_unit, self.decoder.num_blocks)
         b, _, h, w = latents.shape
-        n_tiles = len(self._tile_starts(h, tile_size, overlap)) * len(self._tile_starts(w, tile_size, overlap))
-        progress = _Progress(callback, b * (n_tiles if tile is True else 1),
-                             self.decoder.num_blocks if progress_unit == "block" else 1)
-        out = []
-        for i in range(b):
-            z = latents[i:i + 1]
-            use_tiles = tile is True
-            if tile == "auto" and self._exceeds_free_memory(self.estimate_decode_bytes(h, w)):
-                logger.info("VAE decode: estimated memory exceeds free memory; decoding in tiles.")
-                use_tiles = True
-                progress.grow(n_tiles - 1)
-            if use_tiles:
-                x = self._decode_tiled(z, tile_size, overlap, progress)
-            else:
-                x = self._try_untiled(lambda t: self._raw(self._decode_raw, t, progress).cpu(), z, tile == "auto")
-                if x is None:
-                    logger.warning("VAE decode ran out of GPU memory; retrying in %d-cell tiles.", tile_size)
-                    progress.grow(n_tiles - 1)
-                    x = self._decode_tiled(z, tile_size, overlap, progress)
-                else:
-                    progress.step()
-            out.append(((x + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1))
-        return torch.cat(out).contiguous()
 
-    def estimate_decode_bytes(self, h: int, w: int) -> int:
-        """Rough peak activation bytes of an untiled decode of one ``[1, 128, h, w]`` latent (vae.md §7:
-        ~1.25 GiB at 1024^2 in bf16 for the full model), plus 30 % slack."""
-        ch = self.config.decoder_channels
-        c_in_top = ch[1] if len(ch) > 1 else ch[0]
-        px = (h * self.downscale) * (w * self.downscale)
-        elt = torch.finfo(self.dtype).bits // 8
-        attn = 0  # chunked: bounded by AttnBlock.score_budget_bytes
-        return int(1.3 * (2.5 * px * c_in_top * elt + attn) + AttnBlock.score_budget_bytes)
+        def run_tile(i: int, rows: slice, cols: slice, on_block: Callable[[], None] | None) -> torch.Tensor:
+            return self.decode_pass(latents[i:i + 1, :, rows, cols], on_block).cpu()
 
-    def _try_untiled(self, run, x: torch.Tensor, retry_on_oom: bool) -> torch.Tensor | None:
-        """``run(x)``, or None when ``retry_on_oom`` and CUDA ran out of memory (the caller then tiles).
-
-        The retry happens after this returns: inside the ``except`` block the exception's traceback
-        would keep the failed attempt's activations alive (and unfreeable by ``empty_cache``).
-        """
-        if not (retry_on_oom and self.device.type == "cuda"):
-            return run(x)
-        try:
-            return run(x)
-        except torch.cuda.OutOfMemoryError:
-            pass
-        torch.cuda.empty_cache()
-        return None
-
-    def _exceeds_free_memory(self, need: int) -> bool:
-        if self.device.type != "cuda":
-            return False
-        try:
-            free, _ = torch.cuda.mem_get_info(self.device)
-        except Exception:  # pragma: no cover - exotic backends
-            return False
-        return need > free
-
-    @staticmethod
-    def _tile_starts(n: int, size: int, overlap: int) -> list[int]:
-        if n <= size:
-            return [0]
-        stride = size - overlap
-        starts = list(range(0, n - size, stride))
-        starts.append(n - size)
-        return starts
-
-    @staticmethod
-    def _ramp(length: int, ramp: int, start: bool, end: bool) -> torch.Tensor:
-        """1-D blend weights: rises over ``ramp`` samples at the start / falls at the end (never 0)."""
-        wgt = torch.ones(length, dtype=torch.float32)
-        r = min(ramp, length // 2)
-        if r > 0:
-            up = torch.arange(1, r + 1, dtype=torch.float32) / (r + 1)
-            if start:
-                wgt[:r] *= up
-            if end:
-                wgt[length - r:] *= up.flip(0)
-        return wgt
-
-    def _decode_tiled(self, z: torch.Tensor, tile_size: int, overlap: int,
-                      progress: "_Progress | None" = None) -> torch.Tensor:
-        """``z: [1, 128, h, w]`` -> ``[1, 3, 16h, 16w]`` float32 CPU (before the [0, 1] mapping)."""
-        progress = progress or _Progress(None, 0)
-        _, _, h, w = z.shape
-        f = self.downscale
-        ys = self._tile_starts(h, tile_size, overlap)
-        xs = self._tile_starts(w, tile_size, overlap)
-        if len(ys) == 1 and len(xs) == 1:
-            x = self._raw(self._decode_raw, z, progress).cpu()
-            progress.step()
-            return x
-        out = torch.zeros(1, self.config.out_channels, h * f, w * f, dtype=torch.float32)
-        wsum = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32)
-        ramp = overlap * f
-        for y0 in ys:
-            th = min(tile_size, h - y0)
-            wy = self._ramp(th * f, ramp, y0 > 0, y0 + th < h)
-            for x0 in xs:
-                tw = min(tile_size, w - x0)
-                wx = self._ramp(tw * f, ramp, x0 > 0, x0 + tw < w)
-                img = self._raw(self._decode_raw, z[:, :, y0:y0 + th, x0:x0 + tw], progress).cpu()
-                mask = wy[:, None] * wx[None, :]
-                out[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].addcmul_(img, mask)
-                wsum[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f].add_(mask)
-                progress.step()
-        return out.div_(wsum)
+        samples = tiling.run(run_tile, b, (h, w), channels=self.config.out_channels, scale=self.downscale,
+                             callback=callback, blocks_per_pass=blocks, device=self.device,
+                             need_bytes=self.estimate_decode_bytes(h, w), what="decode")
+        return torch.cat([((x + 1.0) * 0.5).clamp_(0.0, 1.0).permute(0, 2, 3, 1) for x in samples]).contiguous()

@@ -1,4 +1,4 @@
-"""Tests for lens_model/vae.py (spec vae.md §9).
+"""Tests for lens_model/vae.py, vae_loading.py and vae_tiling.py.
 
 Reference values come from the golden fixtures (upstream Lens pipeline) and from diffusers'
 ``AutoencoderKLFlux2`` (test-only dependency); layout conversions used to build test files are
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lens_model.vae import AttnBlock, Flux2VAE, Flux2VAEConfig, patchify, unpatchify
+from lens_model.vae_tiling import Progress, Tiling, blend_weights, tile_starts
 from lens_model.vae_loading import (
     bfl_to_diffusers,
     detect_vae_layout,
@@ -31,14 +32,14 @@ GOLDEN_VAE = GOLDEN / "vae"
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers written from the spec (vae.md §3.2, §4, §5), independent of lens_model.vae
+# helpers written from the published layouts (diffusers / BFL key names, 2x2 patchify, BN), independent of lens_model.vae
 # ------------------------------------------------------------------------------------------------
 
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
 
 
 def spec_bfl_name(dkey: str, levels: int) -> str:
-    """diffusers key -> BFL key, from the table in vae.md §3.2."""
+    """diffusers key -> BFL key, written out part by part from the two layouts."""
     parts = dkey.split(".")
     if parts[0] == "quant_conv":
         return "encoder." + dkey
@@ -167,7 +168,7 @@ def test_mapping_full_size_round_trip():
     assert "encoder.quant_conv.weight" in bfl and "decoder.post_quant_conv.weight" in bfl
     assert bfl["encoder.mid.attn_1.q.weight"] == (512, 512, 1, 1)
     assert sum(torch.Size(s).numel() for k, s in bfl.items() if not k.startswith("bn.")) == 84_046_115
-    # spec §3.2 distinctive shapes
+    # shapes that tell the layout apart
     assert bfl["encoder.conv_in.weight"] == (128, 3, 3, 3)
     assert bfl["encoder.conv_out.weight"] == (64, 512, 3, 3)
     assert bfl["decoder.conv_in.weight"] == (512, 32, 3, 3)
@@ -404,8 +405,9 @@ def test_tile_modes_without_tiling(random_vae):
     full = random_vae.decode(z, tile=False)
     assert torch.equal(random_vae.decode(z, tile="auto"), full)  # CPU: "auto" never tiles
     assert torch.equal(random_vae.decode(z, tile=True, tile_size=8, overlap=2), full)  # fits one tile
-    assert random_vae._tile_starts(32, 16, 8) == [0, 8, 16]
-    assert random_vae._tile_starts(28, 16, 8) == [0, 8, 12]
+    assert tile_starts(32, 16, 8) == [0, 8, 16]
+    assert tile_starts(28, 16, 8) == [0, 8, 12]
+    assert tile_starts(16, 16, 8) == [0]
 
 
 def test_tiled_decode(random_vae):
@@ -562,27 +564,57 @@ def test_cuda_oom_retry_runs_after_failed_attempt_is_released(random_vae, monkey
 
     attempts: list[weakref.ref] = []
     released_at_retry: list[bool] = []
+    f = random_vae.downscale
 
-    def failing_raw(x):
-        activations = torch.empty(64)
-        attempts.append(weakref.ref(activations))
-        raise torch.cuda.OutOfMemoryError("fake CUDA out of memory")
-
-    def tiled(x, tile_size, overlap, progress):
-        released_at_retry.append(attempts[-1]() is None)
-        progress.step()
-        f = random_vae.downscale
+    def fake_pass(x, on_block=None):
+        if not attempts:  # the untiled attempt
+            activations = torch.empty(64)
+            attempts.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("fake CUDA out of memory")
+        released_at_retry.append(attempts[0]() is None)
         if direction == "decode":
             return torch.zeros(1, 3, x.shape[2] * f, x.shape[3] * f)
         return torch.zeros(1, 128, x.shape[1] // f, x.shape[2] // f)
 
     monkeypatch.setattr(type(random_vae), "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(random_vae, f"_{direction}_raw", failing_raw)
-    monkeypatch.setattr(random_vae, f"_{direction}_tiled", tiled)
-    if direction == "decode":
-        out = random_vae.decode(torch.zeros(1, 128, 4, 4), tile="auto")
-        assert out.shape == (1, 16, 16, 3)
+    monkeypatch.setattr(random_vae, f"{direction}_pass", fake_pass)
+    calls = []
+    if direction == "decode":  # 8 x 8 cells in 4-cell tiles, overlap 2: 3 x 3 tiles
+        out = random_vae.decode(torch.zeros(1, 128, 8, 8), tile="auto", tile_size=4, overlap=2,
+                                callback=lambda d, t: calls.append((d, t)))
+        assert out.shape == (1, 32, 32, 3)
     else:
-        out = random_vae.encode(torch.zeros(1, 16, 16, 3), tile="auto")
-        assert out.shape == (1, 128, 4, 4)
-    assert released_at_retry == [True]
+        out = random_vae.encode(torch.zeros(1, 32, 32, 3), tile="auto", tile_size=4, overlap=2,
+                                callback=lambda d, t: calls.append((d, t)))
+        assert out.shape == (1, 128, 8, 8)
+    assert released_at_retry == [True] * 9
+    assert calls == [(i, 9) for i in range(1, 10)]  # the total grew from 1 pass to 9 tiles
+
+
+def test_blend_weights_and_tile_plan():
+    """Weights ramp up over the overlap on sides that touch another tile and are 1 elsewhere."""
+    r = 3
+    assert torch.equal(blend_weights(8, r, False, False), torch.ones(8))
+    up = torch.tensor([0.25, 0.5, 0.75])
+    assert torch.equal(blend_weights(8, r, True, False)[:3], up)
+    assert torch.equal(blend_weights(8, r, True, True)[-3:], up.flip(0))
+    torch.testing.assert_close(blend_weights(4, 3, True, True), torch.tensor([1 / 3, 2 / 3, 2 / 3, 1 / 3]))  # ramp <= half
+    tiling = Tiling(True, 4, 2)
+    assert tiling.count(8, 5) == 3 * 2
+    with pytest.raises(ValueError, match="tile must be"):
+        Tiling("sometimes")
+
+
+def test_tiles_cover_the_grid_and_blend_exactly(random_vae):
+    """With a constant per-tile output the blended result is that constant everywhere (weights are
+    normalised), and every tile is asked for exactly the cells of the plan."""
+    seen = []
+
+    def run_tile(rows, cols):
+        seen.append((rows.start, rows.stop, cols.start, cols.stop))
+        return torch.full((1, 2, 3 * (rows.stop - rows.start), 3 * (cols.stop - cols.start)), 0.5)
+
+    out = Tiling(True, 4, 1).blend(run_tile, 7, 4, channels=2, scale=3, progress=Progress(None, 0))
+    assert out.shape == (1, 2, 21, 12)
+    torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=1e-6)
+    assert seen == [(0, 4, 0, 4), (3, 7, 0, 4)]

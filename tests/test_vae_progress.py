@@ -22,7 +22,7 @@ def vae() -> Flux2VAE:
     return model
 
 
-# Counted from the architecture (vae.md): decoder = mid (resnet, attention, resnet) + per level
+# Counted from the architecture: decoder = mid (resnet, attention, resnet) + per level
 # (layers_per_block + 1) resnets + an upsampler on every level but the last; encoder = per level
 # layers_per_block resnets + a downsampler on every level but the last + the mid block.
 DECODER_BLOCKS = 3 + 2 * 2 + 1
