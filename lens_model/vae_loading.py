@@ -33,7 +33,7 @@ _VAE_FIX = "Lens needs the FLUX.2 VAE (flux2-vae.safetensors, from Comfy-Org or 
 
 
 # ------------------------------------------------------------------------------------------------
-# Key layouts (vae.md §3.2)
+# Key layouts
 # ------------------------------------------------------------------------------------------------
 
 #: The one BFL <-> diffusers key table for the part after ``encoder.`` / ``decoder.``: matching prefixes,
@@ -52,6 +52,13 @@ _KEY_SEGMENTS = (
     ("mid.attn_1.v.", "mid_block.attentions.0.to_v."),
     ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0."),
 )
+#: Whole-key prefixes: the quant convs sit inside encoder / decoder in BFL, at the top in diffusers and LDM.
+_TOP_LEVEL_PREFIXES = (
+    ("encoder.quant_conv.", "quant_conv."),
+    ("decoder.post_quant_conv.", "post_quant_conv."),
+)
+#: The resnet shortcut conv, anywhere in an ``encoder.`` / ``decoder.`` key.
+_SHORTCUT = (".nin_shortcut.", ".conv_shortcut.")
 
 
 def _segment_regex(template: str) -> re.Pattern:
@@ -59,18 +66,25 @@ def _segment_regex(template: str) -> re.Pattern:
         i=r"(?P<i>\d+)", j=r"(?P<j>\d+)", u=r"(?P<u>\d+)"))
 
 
-_TO_DIFFUSERS = [(_segment_regex(bfl), diff) for bfl, diff in _KEY_SEGMENTS]
-_TO_BFL = [(_segment_regex(diff), bfl) for bfl, diff in _KEY_SEGMENTS]
+#: ``_SEGMENT_RULES[d]``: (pattern, template) pairs from column ``1 - d`` of :data:`_KEY_SEGMENTS` to
+#: column ``d`` (d = 0: to BFL, d = 1: to diffusers).
+_SEGMENT_RULES = tuple(
+    [(_segment_regex(pair[1 - d]), pair[d]) for pair in _KEY_SEGMENTS] for d in (0, 1)
+)
 
 
-def _rename(key: str, num_levels: int, rules, shortcut: tuple[str, str]) -> str:
-    """``encoder.`` / ``decoder.`` keys renamed by the first matching rule of ``rules`` (and the
-    resnet shortcut name); other keys unchanged."""
+def _rename(key: str, num_levels: int, to_diffusers: bool) -> str:
+    """``key`` renamed by the tables above towards diffusers (``to_diffusers``) or BFL names; keys
+    already in the target layout, and unknown keys, come back unchanged."""
+    src, dst = (0, 1) if to_diffusers else (1, 0)
+    for names in _TOP_LEVEL_PREFIXES:
+        if key.startswith(names[src]):
+            return names[dst] + key[len(names[src]):]
     m = re.match(r"^(encoder|decoder)\.(.*)$", key)
     if not m:
         return key  # bn.*, top-level quant_conv.* / post_quant_conv.* (LDM) are the same in diffusers
     part, rest = m.groups()
-    for pattern, template in rules:
+    for pattern, template in _SEGMENT_RULES[dst]:
         mm = pattern.match(rest)
         if mm:
             groups = mm.groupdict()
@@ -78,8 +92,9 @@ def _rename(key: str, num_levels: int, rules, shortcut: tuple[str, str]) -> str:
                 groups["u"] = str(num_levels - 1 - int(groups["u"]))
             rest = template.format(**groups) + rest[mm.end():]
             break
-    rest = rest.replace(*shortcut)
+    rest = rest.replace(_SHORTCUT[src], _SHORTCUT[dst])
     return f"{part}.{rest}"
+
 
 def _levels(keys: Iterable[str], pattern: str) -> int:
     idx = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
@@ -98,20 +113,12 @@ def detect_vae_layout(keys: Iterable[str]) -> str:
 
 def to_diffusers_key(key: str, num_levels: int) -> str:
     """BFL or LDM key -> diffusers key. Unknown keys come back unchanged."""
-    if key.startswith("encoder.quant_conv."):
-        return key[len("encoder."):]
-    if key.startswith("decoder.post_quant_conv."):
-        return key[len("decoder."):]
-    return _rename(key, num_levels, _TO_DIFFUSERS, (".nin_shortcut.", ".conv_shortcut."))
+    return _rename(key, num_levels, to_diffusers=True)
 
 
 def to_bfl_key(key: str, num_levels: int) -> str:
     """diffusers, LDM or BFL key -> BFL key (the internal layout). Unknown keys come back unchanged."""
-    if key.startswith("quant_conv."):
-        return "encoder." + key
-    if key.startswith("post_quant_conv."):
-        return "decoder." + key
-    return _rename(key, num_levels, _TO_BFL, (".conv_shortcut.", ".nin_shortcut."))
+    return _rename(key, num_levels, to_diffusers=False)
 
 
 def _num_levels(keys: Iterable[str]) -> int:
@@ -158,7 +165,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 # ------------------------------------------------------------------------------------------------
 
 class _DictSource:
-    """Minimal TensorSource-like view of an in-memory state dict (for :meth:`Flux2VAE.from_state_dict`)."""
+    """Minimal TensorSource-like view of an in-memory state dict (for :func:`vae_from_state_dict`)."""
 
     def __init__(self, sd: Mapping[str, torch.Tensor], name: str) -> None:
         prefix = _vae_prefix(list(sd))
@@ -189,7 +196,7 @@ def _vae_prefix(keys: list[str]) -> str:
 
 
 def check_vae_keys(shapes: Mapping[str, tuple[int, ...]], name: str) -> None:
-    """Refuse what is not a FLUX.2 VAE, naming what was found (checkpoints.md §7, vae.md §3.2).
+    """Refuse what is not a FLUX.2 VAE, naming what was found.
 
     ``shapes``: key -> shape, after prefix stripping, in any layout.
     """
