@@ -14,7 +14,7 @@ from conftest import GOLDEN
 from writers import write_safetensors
 import writers
 from lens_model import ops, quant
-from lens_model.checkpoints import CheckpointError
+from lens_model.checkpoints import CheckpointError, TensorSource, open_checkpoint
 from lens_model.dit import LensTransformer
 from lens_model.dit_loading import load_transformer, variant_defaults_for
 
@@ -84,7 +84,7 @@ def test_comfy_bf16_file_strips_prefix_and_equals_rounded_fp32():
     for k, v in as_fp32.state_dict().items():
         assert torch.equal(v, FP32[k].to(torch.bfloat16).float()), k
     out, expected = run_case(as_fp32, 0)
-    assert (out - expected).abs().max().item() < 5e-2  # README: ~9e-3, a sanity bound only
+    assert (out - expected).abs().max().item() < 5e-2  # sanity bound on the bf16 rounding only
 
 
 @pytest.mark.parametrize("prefix", ["", PREFIX, "diffusion_model.", "transformer."])
@@ -386,8 +386,6 @@ def test_truncated_file(tmp_path):
 
 def test_failed_load_keeps_nothing(monkeypatch):
     """An error in the middle of reading leaves no real tensor in the half-built model."""
-    from lens_model.checkpoints import TensorSource
-
     calls = {"n": 0}
     real_read = TensorSource.read
 
@@ -431,8 +429,6 @@ def test_chunked_fp8_quantiser_matches_reference():
 
 def _load_without_mapping(monkeypatch, *args, **kw) -> LensTransformer:
     """load_transformer with every tensor copied out of the file's map into private memory."""
-    from lens_model.checkpoints import TensorSource
-
     real_read = TensorSource.read
 
     def copied(self, key, *args, **kwargs):
@@ -530,8 +526,6 @@ def test_misaligned_tensors_are_read_correctly(tmp_path):
     sd = {"aaa_odd": torch.arange(3, dtype=torch.uint8)}  # written first: shifts every later tensor by 3
     sd.update({k: v.to(torch.bfloat16) for k, v in FP32.items()})
     write_safetensors(path, sd)
-    from lens_model.checkpoints import open_checkpoint
-
     data = path.read_bytes()
     src = open_checkpoint(path, "dit")
     odd = [k for k in src.keys() if k != "aaa_odd" and sd[k].numel() > 8

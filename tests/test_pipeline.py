@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import lens_model.pipeline as pipeline
+from lens_model import dit_loading, text_encoder
 from lens_model.checkpoints import CheckpointError
 from lens_model.pipeline import images_to_uint8, to_pil, variant_defaults
 from lens_tiny_files import write_broken_transformer, write_flux1_vae, write_tiny_text_encoder
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
-dit_loading = pytest.importorskip("lens_model.dit_loading")
-text_encoder = pytest.importorskip("lens_model.text_encoder")
 
 
 class FakeTE:
@@ -141,8 +141,6 @@ def test_bad_schedule_and_denoise_rejected():
 
 
 def test_img2img_from_a_path_depends_on_the_image(tmp_path):
-    from PIL import Image
-
     paths = []
     for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
         p = tmp_path / f"init{i}.png"

@@ -11,6 +11,7 @@ from PIL import Image
 
 import lens_model.pipeline as pipeline
 from lens_model import cli, dit_loading, text_encoder, vae_loading
+from lens_tiny_files import write_tiny_text_encoder
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
 W, H = 32, 48          # latent grid 2 x 3
@@ -149,8 +150,6 @@ class FakeTE:
 
 
 def test_generate_with_image_and_mask_paths(models, tmp_path, monkeypatch):
-    from lens_tiny_files import write_tiny_text_encoder
-
     te = write_tiny_text_encoder(tmp_path / "te", vocab_size=512)
     monkeypatch.setattr(text_encoder, "load_text_encoder", lambda *a, **kw: FakeTE())
     Image.fromarray((_image()[0].numpy() * 255).astype(np.uint8)).save(tmp_path / "in.png")

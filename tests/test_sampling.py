@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lens_model.sampling import (
-    align_text, cfg_combine, comfyui_mu, comfyui_sigmas, empirical_mu, empty_text, expand_batch,
-    img2img_sigmas, lens_sigmas, make_noise, noise_image_latents, pad_text, plan_sampling, sample,
-    sample_to_tokens, tokens_to_latents,
+    align_text, cfg_combine, check_number, check_text_features, comfyui_mu, comfyui_sigmas,
+    empirical_mu, empty_text, expand_batch, img2img_sigmas, lens_sigmas, make_noise,
+    noise_image_latents, pad_text, plan_sampling, sample, sample_to_tokens, tokens_to_latents,
 )
 
 GOLDEN = Path(__file__).parent / "fixtures/golden/lens_tiny"
@@ -711,8 +711,6 @@ def test_batch_index_matches_core_prepare_noise():
 
 
 def test_check_number_names_the_value_and_its_range():
-    from lens_model.sampling import check_number
-
     assert check_number("2.5", "cfg", 0, 30) == 2.5
     assert check_number(-1e30, "strength") == -1e30  # no range: any finite number
     for bad, words in ((float("nan"), "cfg must be a finite number, got nan"),
@@ -725,8 +723,6 @@ def test_check_number_names_the_value_and_its_range():
 
 
 def test_check_text_features_converts_and_refuses_what_the_dit_cannot_take():
-    from lens_model.sampling import check_text_features
-
     ctx = torch.randn(1, 3, 4 * 8, dtype=torch.float16)
     out, mask = check_text_features(ctx, torch.tensor([[1, 1, 0]]), layers=4, width=8)
     assert out.dtype == torch.float32 and torch.equal(out, ctx.float())
