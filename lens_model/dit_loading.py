@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import ops
 from . import quant
-from .checkpoints import CheckpointError, open_checkpoint, quant_layers, quantised_linear_problems
+from .checkpoints import SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, quant_layers, quantised_linear_problems
 from .constants import VARIANT_DEFAULTS
 from .dit import LensDiTConfig, LensTransformer
 from .precision import refuse_fp16
@@ -35,7 +35,8 @@ FP8_CANDIDATES = re.compile(
 
 _QUANT_EXTRA_SUFFIXES = (".weight_scale", ".weight_scale_2", ".comfy_quant", ".input_scale")
 
-_FLOAT_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+#: Safetensors dtype names a plain (unquantised) DiT tensor may have, with their torch dtypes.
+_FLOAT_ST = {name: SAFETENSORS_DTYPES[name][0] for name in ("F32", "BF16", "F16", "F64")}
 
 
 
@@ -325,29 +326,14 @@ def _load_fp8_layer(model, source, layer, expected, target, device) -> None:
 
 
 def _load_quant_layer(model, source, layer, fmt, shape, target, device) -> None:
-    """Read one quantised Linear (weight, scale, bias) and install an :class:`ops.QuantLinear`."""
-    read = source.read
+    """Read one quantised Linear (weight, scales, bias) and install an :class:`ops.QuantLinear`."""
     out_f, in_f = shape
-    bias = read(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
-    weight = read(layer + ".weight", device=device)
-    scale2 = None
-    if fmt == "mxfp8":
-        bits = read(layer + ".weight_scale")
-        if bits.dtype != torch.uint8:
-            bits = bits.view(torch.uint8)
-        out_p, in_p = weight.shape
-        scale = quant.unswizzle_scales(bits, out_p, in_p // quant.MX_BLOCK).contiguous()
-    elif fmt == "float8_e4m3fn":
-        scale = read(layer + ".weight_scale", dtype=torch.float32).reshape(())
-    else:  # nvfp4
-        scale = read(layer + ".weight_scale")
-        if scale.dtype != torch.uint8:
-            scale = scale.view(torch.uint8)
-        scale2 = read(layer + ".weight_scale_2", dtype=torch.float32).reshape(())
-        scale2 = scale2.to(device)
-    model.set_submodule(
-        layer, ops.QuantLinear(fmt, in_f, out_f, weight.to(device), scale.to(device), bias, weight_scale_2=scale2)
-    )
+    bias = source.read(layer + ".bias", dtype=target, device=device) if layer + ".bias" in source else None
+    scale2 = source.read(layer + ".weight_scale_2", device=device) if fmt == "nvfp4" else None
+    model.set_submodule(layer, ops.QuantLinear.from_stored(
+        fmt, in_f, out_f, source.read(layer + ".weight", device=device),
+        source.read(layer + ".weight_scale", device=device), bias, weight_scale_2=scale2,
+    ))
 
 
 __all__ = [

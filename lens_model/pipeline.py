@@ -38,8 +38,8 @@ from .vae_loading import inspect_vae
 from .lora import applied as lora_applied, as_lora_list
 from .resolution import schedule_jump_warning, validate_size
 from .sampling import (
-    SamplingPlan, StepCallback, check_sampling_options, latent_mask, make_noise, plan_sampling,
-    sample,
+    CFG_MODES, NOISE_LAYOUTS, SCHEDULES, SamplingPlan, StepCallback, check_sampling_options, latent_mask,
+    make_noise, plan_sampling, sample,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ and of ``torch.Generator.manual_seed``."""
 
 MAX_BATCH = 64
 """Largest ``batch`` (images per prompt) :func:`generate` accepts."""
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+"""What :func:`generate` / :func:`generate_from_features` can return: PIL images, an image tensor
+``[B, H, W, 3]`` in 0..1, or the latents ``[B, 128, h, w]``."""
 
 PYTHON_NAMES = {"steps": "steps", "guidance_scale": "guidance", "denoise": "denoise", "mu": "mu",
                 "seed": "seed", "batch": "batch"}
@@ -351,13 +355,12 @@ def generate_from_features(
     """
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
+    _check_choices(output_type, schedule, noise_layout, cfg_mode)
     width, height = validate_size(width, height)
     image, mask = load_init_image(image, mask, width, height)
     device = torch.device(device) if device is not None else default_device()
     models = _Models(transformer, vae, device, dtype, vae_dtype, vae_tile)
     loras = models.checked_loras(lora)
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
     warn = schedule_jump_warning(width, height)
     if warn:
         logger.warning(warn)
@@ -623,6 +626,7 @@ def generate(
     prompts = _prompt_list(prompt)
     check_generation_options(steps=steps, guidance=guidance, mu=mu, denoise=denoise, seed=seed,
                              batch=batch)
+    _check_choices(output_type, schedule, noise_layout, cfg_mode)
     width, height = validate_size(width, height)
     image, paint_mask = load_init_image(image, mask, width, height)
     files = check_model_files(transformer_path, text_encoder_path, vae_path)
@@ -637,6 +641,15 @@ def generate(
         schedule=schedule, noise_layout=noise_layout, cfg_mode=cfg_mode, image=image,
         denoise=denoise, device=device, dtype=dtype, vae_dtype=vae_dtype, vae_tile=vae_tile,
         callback=callback, output_type=output_type, progress=progress, lora=loras, mask=paint_mask)
+
+
+def _check_choices(output_type: str, schedule: str, noise_layout: str, cfg_mode: str) -> None:
+    """Refuse an unknown ``output_type`` / ``schedule`` / ``noise_layout`` / ``cfg_mode`` before the
+    text encoder or the DiT runs (ValueError naming the argument and the accepted values)."""
+    for name, value, allowed in (("output_type", output_type, OUTPUT_TYPES), ("schedule", schedule, SCHEDULES),
+                                 ("noise_layout", noise_layout, NOISE_LAYOUTS), ("cfg_mode", cfg_mode, CFG_MODES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _check_model_paths(transformer_path, text_encoder_path, vae_path) -> None:

@@ -269,6 +269,9 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
 
 
 SCHEDULES = ("upstream", "comfyui")
+#: Noise layouts of :func:`make_noise` and CFG modes of :func:`sample`.
+NOISE_LAYOUTS = ("upstream", "comfy")
+CFG_MODES = ("upstream", "comfyui")
 """Schedule modes: "upstream" (:func:`lens_sigmas`, empirical μ) and "comfyui" (:func:`comfyui_sigmas`)."""
 
 
@@ -390,7 +393,7 @@ def make_noise(seed: int, batch: int, h: int, w: int, layout: str = "upstream",
     """
     if batch < 1 or h < 1 or w < 1:
         raise ValueError(f"make_noise needs batch, h, w >= 1, got {batch}, {h}, {w}")
-    if layout not in ("upstream", "comfy"):
+    if layout not in NOISE_LAYOUTS:
         raise ValueError(f"noise layout must be 'upstream' or 'comfy', got {layout!r}")
     gen = torch.Generator("cpu").manual_seed(int(seed))
 
@@ -752,7 +755,7 @@ def _checked_sigmas(noise: torch.Tensor, sigmas, cfg_mode: str, guidance_scale) 
     sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
     if sig.numel() < 2:
         raise ValueError(f"sigmas needs at least 2 values (n + 1 for n steps), got {sig.numel()}")
-    if cfg_mode not in ("upstream", "comfyui"):
+    if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be 'upstream' or 'comfyui', got {cfg_mode!r}")
     check_sampling_options(guidance_scale=guidance_scale)
     if not bool(torch.isfinite(sig).all()):
@@ -955,7 +958,7 @@ def tokens_to_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 __all__: Sequence[str] = (
-    "check_sampling_options", "NonFiniteError", "SamplingPlan", "plan_sampling", "SCHEDULES", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
+    "check_sampling_options", "NonFiniteError", "SamplingPlan", "plan_sampling", "SCHEDULES", "NOISE_LAYOUTS", "CFG_MODES", "MAX_STEPS", "empirical_mu", "lens_sigmas", "comfyui_mu", "comfyui_sigmas", "img2img_sigmas",
     "make_noise", "noise_image_latents", "latent_mask", "repeat_to_batch", "MASK_MODES", "cfg_combine", "empty_text", "pad_text", "align_text",
     "expand_batch", "sample", "image_tokens", "sample_to_tokens", "tokens_to_latents",
 )

@@ -208,3 +208,20 @@ def test_generate_reports_progress_per_stage(ladder):
 
     with pytest.raises(Stop):
         _gen(prompt="x", guidance=1.0, progress=stop_in_decode)
+
+
+@pytest.mark.parametrize("bad", [{"output_type": "png"}, {"schedule": "karras"}, {"noise_layout": "cuda"},
+                                 {"cfg_mode": "apg"}])
+def test_generate_refuses_unknown_choices_before_the_text_encoder(tmp_path, monkeypatch, bad):
+    """An unknown output_type / schedule / noise_layout / cfg_mode is a ValueError naming it, raised
+    before any model file is read (the files here are empty)."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model file was read before the option check")
+
+    monkeypatch.setattr(pipeline, "check_model_files", never)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        pipeline.generate("a fox", transformer_path=empty, text_encoder_path=empty, vae_path=empty, **bad)
