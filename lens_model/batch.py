@@ -51,7 +51,7 @@ import torch
 from . import cli
 from .batch_store import OutputStore
 from .checkpoints import path_identity
-from .constants import LATENT_CELL_PIXELS, VARIANT_DEFAULTS
+from .constants import DEFAULT_DATE, LATENT_CELL_PIXELS, VARIANT_DEFAULTS
 from .dit_loading import load_transformer
 from .feature_cache import FeatureFolder, PromptFeatures
 from .lora import parse_lora_arg
@@ -60,8 +60,8 @@ from .pipeline import (
     check_generation_options, default_device, encode_prompts, generate_from_features, to_pil,
     variant_defaults,
 )
-from .resolution import resolution_for, validate_size
-from .sampling import make_noise
+from .resolution import BASES, default_base, resolution_for, validate_size
+from .sampling import NOISE_LAYOUTS, make_noise
 from .text_encoder import load_text_encoder, resolve_dtype
 from .vae_loading import load_vae
 
@@ -757,13 +757,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=tuple(VARIANT_DEFAULTS),
                    help="default variant of rows without one (default: from the --transformer "
                         "file name, else turbo)")
-    p.add_argument("--base", type=int, choices=(1024, 1440), default=None,
+    p.add_argument("--base", type=int, choices=BASES, default=None,
                    help="default 1:1 size of rows without width/height (default 1024 on CPU, "
                         "1440 on CUDA)")
     p.add_argument("--mu", type=float, default=None, help="override the schedule shift mu")
-    p.add_argument("--noise-layout", choices=("upstream", "comfy"), default="upstream",
+    p.add_argument("--noise-layout", choices=NOISE_LAYOUTS, default="upstream",
                    help="noise draw layout (as in the command-line tool)")
-    p.add_argument("--date", default=None, help="template date (default 2026-05-23)")
+    p.add_argument("--date", default=None, help=f"template date (default {DEFAULT_DATE})")
     p.add_argument("--feature-cache", default=None,
                    help="text-feature cache folder, a local path or a URI (default "
                         "OUT/.lens_features); share it between jobs to encode a prompt only once")
@@ -815,7 +815,7 @@ def job_from_args(args: argparse.Namespace) -> tuple[JobSettings, RowDefaults, A
         check_generation_options(mu=args.mu, names={"mu": "--mu"})
     except ValueError as e:
         raise BatchError(str(e)) from None
-    width, height = resolution_for(args.base or (1024 if device.type == "cpu" else 1440), "1:1")
+    width, height = resolution_for(args.base or default_base(device), "1:1")
     try:
         local = cli.find_local_files(args)
         found = cli.check_files(local)  # headers only: wrong files are reported before any run

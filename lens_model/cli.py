@@ -33,7 +33,7 @@ from .dit_loading import variant_defaults_for
 from .lora import load_lora, parse_lora_arg
 from .precision import DTYPE_NAMES
 from .resolution import BASES, default_base, resolution_for, validate_size
-from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE
+from .sampling import MAX_GUIDANCE, MAX_STEPS, MU_RANGE, NOISE_LAYOUTS
 
 logger = logging.getLogger("lens_model.cli")
 
@@ -139,13 +139,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float,
                    help=f"guidance scale, 0..{MAX_GUIDANCE:g} (default {_variant_defaults_text('cfg')})")
     p.add_argument("--seed", type=int, default=0,
-                   help="noise seed, 0..18446744073709551615 (2^64-1, ComfyUI's seed range; "
+                   help=f"noise seed, 0..{pipeline.SEED_MAX} (2^64-1, ComfyUI's seed range; "
                         "default 0)")
     p.add_argument("--batch", type=int, default=1,
                    help=f"images to generate, 1..{pipeline.MAX_BATCH} (default 1)")
     p.add_argument("--mu", type=float, default=None,
                    help=f"override the schedule shift mu ({MU_RANGE[0]:g}..{MU_RANGE[1]:g})")
-    p.add_argument("--noise-layout", choices=("upstream", "comfy"), default="upstream",
+    p.add_argument("--noise-layout", choices=NOISE_LAYOUTS, default="upstream",
                    help="noise draw layout (upstream [B,N,128] or ComfyUI [B,128,h,w]; with "
                         "'comfy' a seed gives the noise ComfyUI's samplers draw for it)")
     p.add_argument("--image", help="init image for img2img (resized to the output size)")
