@@ -71,6 +71,8 @@ for _path in (ROOT, ROOT / "tests"):  # the package, and tests/writers.py (file 
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from lens_model.constants import VOCAB_SIZE  # noqa: E402  (after the path set-up above)
+
 GOLDEN = ROOT / "tests" / "fixtures" / "golden" / "lens_tiny"
 WORKFLOWS_API = ROOT / "workflows" / "api"
 
@@ -104,7 +106,7 @@ TE_KV_HEADS = 1
 TE_HEAD_DIM = 64
 TE_EXPERTS = 8
 TE_INTERMEDIATE = 64
-TE_VOCAB = 201088
+TE_VOCAB = VOCAB_SIZE  # the real vocabulary, so the template ids work
 
 
 # --------------------------------------------------------------------------------------------------
