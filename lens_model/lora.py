@@ -1,7 +1,7 @@
 """LoRAs for the Lens DiT: read every published Lens LoRA layout and run it as a low-rank side path.
 
 Reading (:func:`load_lora`). One file, one :class:`LensLoRA`: per target module of the DiT a
-down matrix A [r, in], an up matrix B [out, r] and a scale. Accepted layouts (spec ecosystem.md §1):
+down matrix A [r, in], an up matrix B [out, r] and a scale. Accepted layouts:
 
 =================================  =============================================================  ==========================
 layout                             keys (block i)                                                 alpha

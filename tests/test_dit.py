@@ -209,7 +209,7 @@ def test_timestep_embedding_is_cos_first_with_x1000():
 # -- configuration -----------------------------------------------------------------------------------
 
 def full_size_shapes() -> dict[str, tuple[int, ...]]:
-    """The full Lens key set of spec dit.md §2, written out independently of the code under test."""
+    """The full Lens key set (as the upstream checkpoints store it), written out independently of the code under test."""
     s = {
         "img_in.weight": (1536, 128), "img_in.bias": (1536,),
         "txt_in.weight": (1536, 11520), "txt_in.bias": (1536,),

@@ -460,7 +460,7 @@ def test_bf16_model(tmp_path, compute):
     bf_weights = load_file(str(GOLDEN / "lens_tiny_comfy_bf16.safetensors"))
     bf_weights = {k.split("diffusion_model.", 1)[-1]: v.float() for k, v in bf_weights.items()}
     merged = merged_model((fac, 1.0, scale), base=bf_weights)
-    for norm in merged.txt_norm:  # a bf16 DiT rounds sigma to bf16 (dit.md §4.3): do the same
+    for norm in merged.txt_norm:  # the bf16 DiT normalises the text features with bf16 norm weights: do the same
         norm.weight.data = norm.weight.data.to(torch.bfloat16)
     merged.compute_dtype = torch.float32
     expected = run(merged)
