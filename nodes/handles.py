@@ -21,33 +21,48 @@ from . import comfy_adapter as comfy
 logger = logging.getLogger(__name__)
 
 
-class DiTHandle:
-    """LENS_DIT: a LensTransformer wrapped for core's model management, plus what the loader knew.
+class _PlacedModel:
+    """A model wrapped for core's model management (``patcher``) plus what its loader knew: the
+    file ``path``, its ``identity`` and the dtype name it was loaded with."""
 
-    ``loras`` is empty here; the LoRA loader returns a view with its own (nodes/lora.py).
-    """
+    _label = "Lens"
 
-    loras = ()
-
-    def __init__(self, patcher, path: str, identity: str, dtype_name: str, always_unload: bool):
+    def __init__(self, patcher, path: str, identity: tuple, dtype_name: str):
         self.patcher = patcher
         self.path = path
         self.identity = identity
         self.dtype_name = dtype_name
-        self.always_unload = always_unload
 
     def __repr__(self):
-        return f"LensDiT({self.path}, {self.dtype_name}, {self.patcher.load_device})"
-
-    @property
-    def model(self):
-        """The LensTransformer wherever it is now."""
-        return self.patcher.model.inner
+        return f"{self._label}({self.path}, {self.dtype_name}, {self.patcher.load_device})"
 
     @property
     def device(self):
         """Where it computes when core places it (it may wait elsewhere)."""
         return self.patcher.load_device
+
+    def for_compute(self, memory_required: int = 0):
+        """The model on its compute device, placed by core (which frees room for it first)."""
+        return comfy.place(self.patcher, memory_required)
+
+
+class DiTHandle(_PlacedModel):
+    """LENS_DIT: a LensTransformer wrapped for core's model management.
+
+    ``loras`` is empty here; the LoRA loader returns a view with its own (nodes/lora.py).
+    """
+
+    _label = "LensDiT"
+    loras = ()
+
+    def __init__(self, patcher, path: str, identity: tuple, dtype_name: str, always_unload: bool):
+        super().__init__(patcher, path, identity, dtype_name)
+        self.always_unload = always_unload
+
+    @property
+    def model(self):
+        """The LensTransformer wherever it is now."""
+        return self.patcher.model.inner
 
     @property
     def config(self):
@@ -57,39 +72,20 @@ class DiTHandle:
     def variant_defaults(self) -> dict:
         return dict(getattr(self.model, "variant_defaults", {}) or {})
 
-    def for_compute(self, memory_required: int = 0):
-        """The model on its compute device, placed by core (which frees room for it first)."""
-        return comfy.place(self.patcher, memory_required)
-
     def after_use(self):
         if self.always_unload:
             comfy.unload(self.patcher)
 
 
-class VAEHandle:
+class VAEHandle(_PlacedModel):
     """LENS_VAE: a Flux2VAE wrapped for core's model management."""
 
-    def __init__(self, patcher, path: str, identity: str, dtype_name: str):
-        self.patcher = patcher
-        self.path = path
-        self.identity = identity
-        self.dtype_name = dtype_name
-
-    def __repr__(self):
-        return f"LensVAE({self.path}, {self.dtype_name}, {self.patcher.load_device})"
+    _label = "LensVAE"
 
     @property
     def vae(self):
         """The Flux2VAE wherever it is now."""
         return self.patcher.model.inner
-
-    @property
-    def device(self):
-        """Where it computes when core places it (it may wait elsewhere)."""
-        return self.patcher.load_device
-
-    def for_compute(self, memory_required: int = 0):
-        return comfy.place(self.patcher, memory_required)
 
 
 class TextEncoderHandle:
@@ -100,7 +96,7 @@ class TextEncoderHandle:
     room, on ``/free`` and on ``unload_all_models``.
     """
 
-    def __init__(self, path: str, identity: str, device, dtype, dtype_name: str, offload: str,
+    def __init__(self, path: str, identity: tuple, device, dtype, dtype_name: str, offload: str,
                  keep_loaded: bool, hidden_size: int):
         self.path = path
         self.identity = identity
