@@ -2,23 +2,30 @@
 
 Full-width blocks (D 1536, 24 heads of 64, E 2880, MLP 4096), 4 blocks instead of 48, a 64x64 latent
 grid (N = 4096, a 1024x1024 image) and 128 text tokens, random weights. For fp32 and bf16 weights it
-times one forward of ``lens_model.dit.LensTransformer`` and of a naive reference forward written
+times one forward of ``lens_model.LensTransformer`` and of a naive reference forward written
 below (same math, unchunked attention with an explicit [B, H, L, L] score matrix, per-op code,
 everything in the weight dtype), each in its own subprocess so peak RSS is clean, and prints the
-ratios. Run on a quiet machine:
+ratios (``--only`` also reports the process's CPU seconds per forward, all threads, which a
+busy machine moves less than wall time). Run on a quiet machine:
 
     python bench/bench_dit.py                 # all four runs, summary table
     python bench/bench_dit.py --only ours --dtype bf16 --blocks 1   # one run, JSON line
     python bench/bench_dit.py --load FILE.safetensors   # time load_transformer(FILE) in a fresh process
 
-``--load`` reports the load's wall time, the process's peak RSS (VmHWM, file-backed pages
-included), anonymous / file-backed RSS after the load and the bytes read from storage
-(/proc/self/io). Warm the page cache first (``cat FILE > /dev/null``) to time the cached case.
+The ``--only ours`` and ``--load`` children use only the package's public API (``lens_model``'s
+exports and calling the model), so ``bench/compare_revisions.py`` can run them against an older
+checkout put first on ``PYTHONPATH``.
+
+``--load`` reports the load's wall and CPU time, the process's peak RSS (VmHWM, file-backed pages
+included), anonymous / file-backed RSS after the load, then the time to read every weight byte
+once (memory-mapped weights fault their pages in on first use, so load + read is the comparable
+cost) with the RSS after it, and the bytes read from storage (/proc/self/io). Warm the page cache first (``cat FILE > /dev/null``) to time the cached case.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -28,12 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # a checkout already on PYTHONPATH (compare_revisions.py) stays first
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lens_model.dit import LensDiTConfig, LensTransformer, rope_frequencies, rope_positions
+import lens_model  # noqa: E402
+from lens_model import LensDiTConfig, LensTransformer, load_transformer  # noqa: E402
 from procstats import read_bytes, status_bytes  # noqa: E402  (bench/ is the script folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -95,6 +104,22 @@ def inputs(cfg: LensDiTConfig, h: int, w: int, s: int, seed: int = 1):
 
 # -- the naive baseline -----------------------------------------------------------------------------------
 
+def naive_rope_frequencies(h: int, w: int, s: int, axes_dims, theta: float):
+    """Complex RoPE rotations [L, sum(axes_dims) / 2] of the image grid (frame 0, rows and columns
+    centred on 0) and of the text tokens (max(h//2, w//2) + k on all three axes)."""
+    ys = torch.arange(h) - (h - h // 2)
+    xs = torch.arange(w) - (w - w // 2)
+    img = torch.stack((torch.zeros(h * w, dtype=torch.int64), ys.repeat_interleave(w), xs.repeat(h)), -1)
+    txt = (max(h // 2, w // 2) + torch.arange(s)).unsqueeze(-1).expand(s, 3)
+
+    def freqs(pos):
+        ang = torch.cat([torch.outer(pos[:, a].float(), 1.0 / theta ** (torch.arange(0, d, 2).float() / d))
+                         for a, d in enumerate(axes_dims)], dim=1)
+        return torch.polar(torch.ones_like(ang), ang)
+
+    return freqs(img), freqs(txt)
+
+
 def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: bool = False):
     """Straightforward eager port of the upstream forward: weight dtype everywhere except the fp32
     norm statistics / RoPE / sinusoid, explicit softmax(QK^T / 8 + A) V over the joint sequence.
@@ -134,9 +159,7 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: boo
     emb = torch.cat([torch.cos(args), torch.sin(args)], -1).to(dt)
     temb = lin(F.silu(lin(emb, "time_text_embed.timestep_embedder.linear_1")), "time_text_embed.timestep_embedder.linear_2")
 
-    img_pos, txt_pos = rope_positions(h, w, s)
-    img_f = rope_frequencies(img_pos, cfg.axes_dims_rope, cfg.rope_theta)
-    txt_f = rope_frequencies(txt_pos, cfg.axes_dims_rope, cfg.rope_theta)
+    img_f, txt_f = naive_rope_frequencies(h, w, s, cfg.axes_dims_rope, cfg.rope_theta)
 
     for i in range(cfg.num_layers):
         p = f"transformer_blocks.{i}."
@@ -181,25 +204,40 @@ def naive_forward(model: LensTransformer, x, sigma, feats, mask, h, w, sdpa: boo
 
 def run_load(path: str, dtype_name: str | None) -> dict:
     """Time ``load_transformer(path)`` once in this (fresh) process."""
-    from lens_model.dit_loading import load_transformer
-
     before_read = read_bytes()
     rss_before = rss_bytes()
-    t0 = time.perf_counter()
+    gc.collect()  # else a collection of the import's garbage may land in the timed load
+    t0, c0 = time.perf_counter(), time.process_time()
     model = load_transformer(path, dtype=DTYPES[dtype_name] if dtype_name else None)
-    elapsed = time.perf_counter() - t0
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    load_peak = peak_rss_bytes()
+    load_status = status_bytes()
+    tensors = list(model.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for t in tensors:  # read every weight byte once, as a first forward does (maps fault in lazily)
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).max()
+    touch, touch_cpu = time.perf_counter() - t0, time.process_time() - c0
     return {
         "load": str(path),
         "dtype": str(model.dtype).replace("torch.", ""),
         "seconds": round(elapsed, 3),
+        "cpu_seconds": round(cpu, 3),
         "weights_gb": round(nbytes / 1e9, 3),
         "gb_per_s": round(nbytes / 1e9 / elapsed, 2),
         "rss_before_gb": round(rss_before / 1e9, 3),
-        "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),
-        "rss_anon_gb": round(status_bytes()["RssAnon"] / 1e9, 3),
-        "rss_file_gb": round(status_bytes()["RssFile"] / 1e9, 3),
+        "peak_rss_gb": round(load_peak / 1e9, 3),
+        "rss_anon_gb": round(load_status["RssAnon"] / 1e9, 3),
+        "rss_file_gb": round(load_status["RssFile"] / 1e9, 3),
+        "touch_seconds": round(touch, 3),
+        "load_touch_seconds": round(elapsed + touch, 3),
+        "load_touch_cpu_seconds": round(cpu + touch_cpu, 3),
+        "peak_rss_after_touch_gb": round(peak_rss_bytes() / 1e9, 3),
+        "rss_anon_after_touch_gb": round(status_bytes()["RssAnon"] / 1e9, 3),
+        "rss_file_after_touch_gb": round(status_bytes()["RssFile"] / 1e9, 3),
         "read_from_storage_gb": round((read_bytes() - before_read) / 1e9, 3),
+        "lens_model": str(Path(lens_model.__file__).parent),
     }
 
 
@@ -218,8 +256,11 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
             if hasattr(m, "cast_workspace"):
                 m.cast_workspace = None
     x, sigma, feats, mask = inputs(cfg, grid, grid, text)
-    if impl == "ours":
-        fwd = lambda *a: model.forward_tokens(a[0], a[1], a[2], a[3], (a[4], a[5]))  # noqa: E731
+    if impl == "ours":  # the documented call: latents [B, 128, h, w] in, velocity [B, 128, h, w] out
+        def fwd(tokens, sigma, feats, mask, h, w):
+            bsz, n, ch = tokens.shape
+            out = model(tokens.transpose(1, 2).reshape(bsz, ch, h, w), sigma, feats, mask)
+            return out.reshape(bsz, -1, n).transpose(1, 2)
     else:
         fwd = lambda *a: naive_forward(model, *a, sdpa=impl == "upstream")  # noqa: E731
     with torch.no_grad():
@@ -228,12 +269,14 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         fwd(xs, ss, fs, ms, 8, 8)
         before = rss_bytes()
         reset_peak_rss()
-        times, faults = [], []
+        gc.collect()
+        times, cpus, faults = [], [], []
         for _ in range(max(1, repeat)):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fwd(x, sigma, feats, mask, grid, grid)
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         elapsed = times[0]
         peak = peak_rss_bytes()
@@ -242,13 +285,14 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
     return {
         "impl": impl,
         "dtype": dtype_name,
-        "compute": str(model.resolved_compute_dtype()).replace("torch.", "") if impl == "ours" else dtype_name,
+        "compute": _compute_dtype_name(model) if impl == "ours" else dtype_name,
         "sdpa_backend": "explicit softmax" if impl == "naive" else "sdpa",
         "blocks": blocks,
         "grid": grid,
         "text": text,
         "seconds": round(elapsed, 3),
         **({"seconds_each": [round(t, 3) for t in times]} if len(times) > 1 else {}),
+        "cpu_seconds_each": [round(c, 3) for c in cpus],
         "minor_page_faults_each": faults,
         "cast_workspace": cast_workspace,
         "rss_before_gb": round(before / 1e9, 3),
@@ -256,7 +300,14 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         "peak_delta_gb": round((peak - before) / 1e9, 3),
         "finite": bool(torch.isfinite(out).all()),
         "threads": torch.get_num_threads(),
+        "lens_model": str(Path(lens_model.__file__).parent),
     }
+
+
+def _compute_dtype_name(model: LensTransformer) -> str:
+    """The compute dtype the model reports (``resolved_compute_dtype``), or "?" where it has none."""
+    resolve = getattr(model, "resolved_compute_dtype", None)
+    return str(resolve()).replace("torch.", "") if resolve else "?"
 
 
 def main() -> None:

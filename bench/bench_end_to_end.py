@@ -1,4 +1,4 @@
-"""End-to-end CPU anchor (performance.md §4): Lens-Turbo text-to-image with full-size random weights.
+"""End-to-end CPU benchmark: Lens-Turbo text-to-image with full-size random weights.
 
 Runs ``lens_model.pipeline.generate(...)`` (the path the ``lens`` CLI takes) in a fresh child process
 on the CPU: 256x256, 4 steps, CFG 1, seed 42, prompt "a red fox in the snow", with
@@ -12,11 +12,16 @@ on the CPU: 256x256, 4 steps, CFG 1, seed 42, prompt "a red fox in the snow", wi
 all random. Missing files are synthesised once under /tmp/lens_bench/ (the DiT is written tensor by
 tensor in bf16, never holding the model) and reused afterwards.
 
-Reported per run: wall seconds per stage (TE load + encode + release, DiT load, every sampling step,
-DiT release, VAE load, VAE decode, PNG encode), the total, the child's peak RSS (VmHWM = ru_maxrss,
-file-backed pages included) with per-stage peaks of anonymous / file-backed RSS sampled every 20 ms,
-bytes the child read from storage per stage (/proc/self/io), whether the output is finite and the
-PNG size. The spec's target for the pack: <= 50 s and <= 12 GB peak RSS (ComfyUI core on the Zen 5
+The child uses only the package's public API: ``lens_model.pipeline.generate`` / ``to_pil``, and
+stage boundaries taken from the exported classes (``LensTextEncoder``, ``LensTransformer``,
+``Flux2VAE``: construction, ``encode``, ``forward``, ``decode``) and the step callback, so
+``bench/compare_revisions.py`` can run it against an older checkout put first on ``PYTHONPATH``.
+
+Reported per run: wall and process CPU seconds per stage (file checks, TE load + encode + release,
+DiT load, every sampling step, DiT release, VAE load, VAE decode, PNG encode), the total, the
+child's peak RSS (VmHWM = ru_maxrss, file-backed pages included) with per-stage peaks of anonymous /
+file-backed RSS sampled every 20 ms, bytes the child read from storage per stage (/proc/self/io),
+whether the output is finite and the PNG size and hash. The spec's target for the pack: <= 50 s and <= 12 GB peak RSS (ComfyUI core on the Zen 5
 avx512_bf16 anchor machine: 100-105 s, 24.3 GB).
 
     python bench/bench_end_to_end.py                 # synthesise if needed, one run
@@ -27,6 +32,7 @@ avx512_bf16 anchor machine: 100-105 s, 24.3 GB).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -40,10 +46,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # a checkout already on PYTHONPATH (compare_revisions.py) stays first
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+import lens_model  # noqa: E402
+from lens_model import Flux2VAE, LensDiTConfig, LensTextEncoder, LensTransformer  # noqa: E402
+from lens_model.pipeline import generate, to_pil  # noqa: E402
 from procstats import read_bytes, status_bytes  # noqa: E402  (bench/ is the script folder)
 
 PROMPT = "a red fox in the snow"
@@ -88,13 +98,11 @@ def _write_streamed(path: Path, entries: list[tuple[str, tuple[int, ...], str]],
           f"{time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def synthesize_dit(path: Path, seed: int = 0) -> Path:
-    """Full-size Lens DiT (48 blocks) in bf16, ComfyUI single-file layout, random weights with the
-    scales of ``bench_dit.randomize_`` (bias N(0, 0.01), norm weights N(1, 0.05), matrices
-    N(0, 1/sqrt(fan_in))), drawn per tensor in fp32 and cast to bf16."""
-    from lens_model.dit import LensDiTConfig
-
-    shapes = LensDiTConfig().expected_shapes()
+def synthesize_dit(path: Path, seed: int = 0, blocks: int = 48) -> Path:
+    """Full-width Lens DiT (48 blocks unless ``blocks`` says fewer) in bf16, ComfyUI single-file
+    layout, random weights with the scales of ``bench_dit.randomize_`` (bias N(0, 0.01), norm
+    weights N(1, 0.05), matrices N(0, 1/sqrt(fan_in))), drawn per tensor in fp32 and cast to bf16."""
+    shapes = LensDiTConfig(num_layers=blocks).expected_shapes()
     keys = list(shapes)
 
     def make(i, key, shape):
@@ -117,8 +125,6 @@ def synthesize_vae(path: Path, seed: int = 0) -> Path:
     """Full-size FLUX.2 VAE (default config) with PyTorch's default init, fp32, BFL key layout
     (the module's own state-dict names), latent BN statistics mean N(0, 0.5), var U(0.1, 2.1)."""
     from safetensors.torch import save_file
-
-    from lens_model.vae import Flux2VAE
 
     torch.manual_seed(seed)
     vae = Flux2VAE().eval()
@@ -173,18 +179,24 @@ class Timeline:
                 for k in ("VmRSS", "RssAnon", "RssFile"):
                     cur["max_" + k] = max(cur.get("max_" + k, 0), s.get(k, 0))
 
+    @property
+    def current(self) -> str | None:
+        """Name of the stage running now."""
+        return self._cur["stage"] if self._cur is not None else None
+
     def begin(self, name: str) -> None:
-        now, rb, s = time.perf_counter(), read_bytes(), status_bytes()
+        now, cpu, rb, s = time.perf_counter(), time.process_time(), read_bytes(), status_bytes()
         with self._lock:
             if self._cur is not None:
                 c = self._cur
                 c["s"] = now - c.pop("_t")
+                c["cpu_s"] = cpu - c.pop("_cpu")
                 c["read_gb"] = (rb - c.pop("_rb")) / GB
                 c["rss_end_gb"] = s["VmRSS"] / GB
                 for k in ("VmRSS", "RssAnon", "RssFile"):
                     c["max_" + k] = max(c.get("max_" + k, 0), s.get(k, 0))
                 self.stages.append(c)
-            self._cur = None if name is None else {"stage": name, "_t": now, "_rb": rb,
+            self._cur = None if name is None else {"stage": name, "_t": now, "_cpu": cpu, "_rb": rb,
                                                     "start_s": now - self.t0}
 
     def end(self) -> list[dict]:
@@ -194,76 +206,89 @@ class Timeline:
         for c in self.stages:
             for k in ("VmRSS", "RssAnon", "RssFile"):
                 c["max_" + k] = round(c["max_" + k] / GB, 3)
-            for k in ("s", "start_s", "read_gb", "rss_end_gb"):
+            for k in ("s", "cpu_s", "start_s", "read_gb", "rss_end_gb"):
                 c[k] = round(c[k], 3)
         return self.stages
 
 
-def child(args) -> dict:
-    import lens_model.dit_loading as dit_mod
-    import lens_model.pipeline as pipeline
-    import lens_model.text_encoder as te_mod
-    import lens_model.vae as vae_mod
-    import lens_model.vae_loading as vae_loading
+class Stages:
+    """Stage boundaries of one ``generate()`` call, read off the exported classes.
 
-    tl = Timeline()
-    res: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "rss_start_gb": status_bytes()["VmRSS"] / GB}
+    Each hook wraps a method of a public class and calls the original. Construction of a class
+    starts its load stage only at its place in the sequence (``inspect_*`` may build models on the
+    meta device while the files are checked); the sequence is checks -> te_load -> te_encode ->
+    te_release -> dit_load -> step_1 .. step_n -> dit_release -> vae_load -> vae_decode ->
+    vae_release.
+    """
 
-    # Record stage boundaries around the functions generate() calls; each wrapper calls the original.
-    def wrap(mod, name, before=None, after=None):
-        orig = getattr(mod, name)
+    def __init__(self, timeline: "Timeline") -> None:
+        self.tl = timeline
+        self.finite_steps: list[bool] = []
+        self._originals: list[tuple[type, str, object]] = []
 
-        def w(*a, **k):
-            if before:
+    def _hook(self, cls: type, name: str, before: str | None = None, after: str | None = None,
+              during: tuple[str, ...] = ()) -> None:
+        orig = getattr(cls, name)
+        tl = self.tl
+
+        @functools.wraps(orig)
+        def hooked(*a, **k):
+            if before and tl.current in during:
                 tl.begin(before)
             out = orig(*a, **k)
             if after:
                 tl.begin(after)
             return out
 
-        setattr(mod, name, w)
-        return orig
+        self._originals.append((cls, name, orig))
+        setattr(cls, name, hooked)
 
-    wrap(te_mod, "load_text_encoder", before="te_load", after="te_encode")
-    wrap(pipeline, "encode_prompts", after="te_release")
-    wrap(dit_mod, "load_transformer", before="dit_load", after="step_1")
-    wrap(vae_loading, "load_vae", before="vae_load", after="vae_decode")
-    orig_decode = vae_mod.Flux2VAE.decode
+    def install(self) -> None:
+        self._hook(LensTextEncoder, "__init__", before="te_load", during=("checks",))
+        self._hook(LensTextEncoder, "encode", before="te_encode", after="te_release", during=("checks", "te_load"))
+        self._hook(LensTransformer, "__init__", before="dit_load", during=("te_release",))
+        self._hook(LensTransformer, "forward", before="step_1", during=("dit_load",))
+        self._hook(Flux2VAE, "__init__", before="vae_load", during=("dit_release",))
+        self._hook(Flux2VAE, "decode", before="vae_decode", after="vae_release", during=("dit_release", "vae_load"))
 
-    def decode(self, *a, **k):
-        out = orig_decode(self, *a, **k)
-        tl.begin("vae_release")
-        return out
+    def uninstall(self) -> None:
+        for cls, name, orig in reversed(self._originals):
+            setattr(cls, name, orig)
 
-    vae_mod.Flux2VAE.decode = decode
-    finite_steps = []
+    def step_callback(self, step, total, x, denoised) -> None:
+        self.finite_steps.append(bool(torch.isfinite(x).all()))
+        self.tl.begin(f"step_{step + 2}" if step + 1 < total else "dit_release")
 
-    def callback(step, total, x, denoised):
-        finite_steps.append(bool(torch.isfinite(x).all()))
-        tl.begin(f"step_{step + 2}" if step + 1 < total else "dit_release")
 
-    tl.begin("import")
+def child(args) -> dict:
+    tl = Timeline()
+    res: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "lens_model": str(Path(lens_model.__file__).parent),
+                 "rss_start_gb": status_bytes()["VmRSS"] / GB}
+    stages = Stages(tl)
+    stages.install()
+    tl.begin("checks")
     t_start = time.perf_counter()
-    images = pipeline.generate(
+    images = generate(
         PROMPT, transformer_path=args.dit, text_encoder_path=args.te, vae_path=args.vae,
         width=args.size, height=args.size, steps=args.steps, guidance=args.cfg, seed=args.seed,
-        device="cpu", callback=callback, output_type="pt")
+        device="cpu", callback=stages.step_callback, output_type="pt")
     t_gen = time.perf_counter() - t_start
+    stages.uninstall()
     tl.begin("png")
-    img = pipeline.to_pil(images)[0]
+    img = to_pil(images)[0]
     img.save(args.out, format="PNG")
-    stages = tl.end()
+    stage_list = tl.end()
     res.update(
-        generate_s=round(t_gen, 3), stages=stages,
+        generate_s=round(t_gen, 3), stages=stage_list,
         peak_rss_gb=round(status_bytes()["VmHWM"] / GB, 3),
         ru_maxrss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3),
         image_shape=list(images.shape), finite=bool(torch.isfinite(images).all()),
-        latents_finite_per_step=finite_steps,
+        latents_finite_per_step=stages.finite_steps,
         image_mean=round(float(images.mean()), 4), image_std=round(float(images.std()), 4),
         png=str(args.out), png_bytes=Path(args.out).stat().st_size,
         png_sha256=hashlib.sha256(Path(args.out).read_bytes()).hexdigest(),
-        read_total_gb=round(sum(s["read_gb"] for s in stages), 3))
+        read_total_gb=round(sum(s["read_gb"] for s in stage_list), 3))
     return res
 
 
@@ -275,9 +300,12 @@ def summarize(res: dict) -> dict:
     st = {s["stage"]: s for s in res["stages"]}
     steps = [st[k]["s"] for k in sorted((k for k in st if k.startswith("step_")), key=lambda k: int(k[5:]))]
     g = lambda *names: round(sum(st[n]["s"] for n in names if n in st), 2)  # noqa: E731
+    cpu = lambda *names: round(sum(st[n]["cpu_s"] for n in names if n in st), 2)  # noqa: E731
+    step_names = [k for k in st if k.startswith("step_")]
     peak = lambda *names: max(st[n]["max_VmRSS"] for n in names if n in st)  # noqa: E731
     return {
         "total_generate_s": round(res["generate_s"], 2),
+        "checks_s": g("checks"),
         "te_load_encode_s": g("te_load", "te_encode", "te_release"),
         "te_load_s": g("te_load"), "te_encode_s": g("te_encode"), "te_release_s": g("te_release"),
         "dit_load_s": g("dit_load"),
@@ -292,6 +320,9 @@ def summarize(res: dict) -> dict:
         "read_from_storage_gb": res["read_total_gb"],
         "finite": res["finite"] and all(res["latents_finite_per_step"]),
         "png_bytes": res["png_bytes"], "png_sha256": res["png_sha256"][:16],
+        "cpu_s": {"generate": cpu(*(s["stage"] for s in res["stages"] if s["stage"] not in ("startup", "png"))),
+                  "te": cpu("te_load", "te_encode", "te_release"), "dit_load": cpu("dit_load"),
+                  "sampling": cpu(*step_names), "vae": cpu("vae_load", "vae_decode", "vae_release")},
     }
 
 

@@ -88,7 +88,7 @@ def _mmap(path: Path, dtype, shape, start, end) -> torch.Tensor:
 # -- files --------------------------------------------------------------------------------------------
 
 def dit_file(folder: Path, blocks: int) -> Path:
-    from lens_model.dit import LensDiTConfig, LensTransformer
+    from lens_model import LensDiTConfig, LensTransformer
 
     path = folder / f"lens_dit_{blocks}blocks_bf16.safetensors"
     if not path.exists():
