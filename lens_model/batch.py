@@ -50,7 +50,7 @@ import torch
 
 from . import cli
 from .batch_store import OutputStore
-from .checkpoints import path_identity
+from .checkpoints import checkpoint_identity
 from .constants import DEFAULT_DATE, LATENT_CELL_PIXELS, VARIANT_DEFAULTS
 from .dit_loading import load_transformer
 from .feature_cache import FeatureFolder, PromptFeatures
@@ -376,7 +376,7 @@ class JobSettings:
         device = torch.device(self.device)
         store = OutputStore(self.cache_dir) if self.cache_dir else \
             self.out_store().child(FEATURE_FOLDER)
-        return PromptFeatures(path_identity(self.text_encoder), resolve_dtype(None, device), device,
+        return PromptFeatures(checkpoint_identity(self.text_encoder), resolve_dtype(None, device), device,
                               self.date, folder=FeatureFolder(store))
 
 

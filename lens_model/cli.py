@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
-from .checkpoints import CheckpointError, detect_component, read_safetensors_header
+from .checkpoints import SAFETENSORS_SUFFIXES, CheckpointError, detect_component, read_safetensors_header
 from .constants import DEFAULT_DATE, MAX_SIDE, RATIOS, SIZE_MULTIPLE, VARIANT_DEFAULTS
 from .dit_loading import variant_defaults_for
 from .lora import load_lora, parse_lora_arg
@@ -224,9 +224,9 @@ def _candidates(root: Path, key: str) -> list[Path]:
     for sub in MODELS_SUBFOLDERS[key]:
         d = root / sub
         if d.is_dir():
-            out += sorted((p for p in d.rglob("*") if p.suffix in (".safetensors", ".sft")
+            out += sorted((p for p in d.rglob("*") if p.suffix in SAFETENSORS_SUFFIXES
                            and p.is_file()), key=lambda p: p.relative_to(d).as_posix())
-    out += sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".sft") and p.is_file())
+    out += sorted(p for p in root.iterdir() if p.suffix in SAFETENSORS_SUFFIXES and p.is_file())
     return out
 
 

@@ -53,6 +53,12 @@ PAD_ID = 199999
 #: mflux pin this value, so a fixed date keeps results reproducible).
 DEFAULT_DATE = "2026-05-23"
 
+# -- DiT -------------------------------------------------------------------------------------------
+
+#: eps of the DiT's q/k RMSNorms, by convention: upstream's checkpoints were trained with 1e-6;
+#: ComfyUI core's Lens model uses 1e-5 (offered only for parity checks against core).
+QK_NORM_EPS = {"upstream": 1e-6, "comfyui": 1e-5}
+
 # -- variants --------------------------------------------------------------------------------------
 
 VARIANT_DEFAULTS: dict[str, dict] = {
@@ -73,6 +79,7 @@ __all__ = [
     "MAX_SIDE",
     "PAD_ID",
     "PREFIX_LEN",
+    "QK_NORM_EPS",
     "RATIOS",
     "SIZE_MULTIPLE",
     "SUFFIX_LEN",

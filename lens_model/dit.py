@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 from . import ops
 from . import quant
-from .constants import CAPTURED_LAYERS, LATENT_CHANNELS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS, VARIANT_DEFAULTS
+from .constants import (
+    CAPTURED_LAYERS, LATENT_CHANNELS, QK_NORM_EPS, TEXT_HIDDEN_SIZE, VAE_LATENT_CHANNELS, VARIANT_DEFAULTS,
+)
 from .precision import compute_dtype_for
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class LensDiTConfig:
     mlp_hidden: int | None = None  # None -> int(inner_dim / 3 * 8), upstream's GateMLP width
     axes_dims_rope: tuple[int, int, int] = (8, 28, 28)
     rope_theta: float = 10000.0
-    qk_norm_eps: float = 1e-6  # upstream's value; ComfyUI core's Lens model uses 1e-5
+    qk_norm_eps: float = QK_NORM_EPS["upstream"]
     time_embed_dim: int = 256
     patch_size: int = 2
     selected_layer_index: tuple[int, ...] = field(default=CAPTURED_LAYERS)

@@ -201,7 +201,8 @@ def load_transformer(
     device: where the weights live (default CPU).
     weight_dtype: None (as stored) or ``"fp8"``: store the attention and MLP Linears of every block
         as float8_e4m3fn with a per-tensor scale (weight-only), everything else in ``dtype``.
-    qk_norm_eps: override the q/k RMSNorm eps (1e-6 upstream, 1e-5 in ComfyUI core).
+    qk_norm_eps: override the q/k RMSNorm eps (None: the configuration's, upstream 1e-6;
+        :data:`lens_model.constants.QK_NORM_EPS` has ComfyUI core's 1e-5).
 
     The model is built on the meta device and filled one tensor at a time (cast per tensor), so
     peak host memory is the final size plus one tensor. Quantised layers stay quantised

@@ -152,7 +152,8 @@ class FeatureFolder:
 class PromptFeatures:
     """The feature cache of one text-encoder setting, keyed by the prompt text.
 
-    ``identity``: the text encoder file's identity (:func:`lens_model.checkpoints.path_identity`);
+    ``identity``: the text encoder file's identity (:func:`lens_model.checkpoints.checkpoint_identity`,
+    as the loader nodes and the batch job compute it);
     ``dtype`` / ``device``: where it computes; ``date``: template date (None: the default date).
     Lookups go to ``memory`` first, then to ``folder``; a folder hit is kept in ``memory``. Either
     may be None. Stored features are moved to the CPU.

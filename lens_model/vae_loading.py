@@ -20,7 +20,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .checkpoints import PREFIXES, SAFETENSORS_DTYPES, CheckpointError, open_checkpoint, read_safetensors_header, safetensors_dtype_name
+from .checkpoints import (
+    PREFIXES, SAFETENSORS_DTYPES, SAFETENSORS_SUFFIXES, CheckpointError, open_checkpoint, read_safetensors_header,
+    safetensors_dtype_name,
+)
 from .precision import refuse_fp16
 from .vae import Flux2VAE, Flux2VAEConfig
 
@@ -377,7 +380,7 @@ def _diagnose_foreign_file(path: Any) -> str | None:
     """A specific message for a single file that open_checkpoint refused as a VAE (or None)."""
 
     p = Path(path)
-    if not p.is_file() or p.suffix not in (".safetensors", ".sft"):
+    if not p.is_file() or p.suffix not in SAFETENSORS_SUFFIXES:
         return None
     try:
         infos, _ = read_safetensors_header(p)

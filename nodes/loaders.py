@@ -16,6 +16,7 @@ import torch
 
 import lens_model
 from lens_model import checkpoints, precision
+from lens_model.constants import QK_NORM_EPS
 from lens_model.text_encoder import inspect_text_encoder
 
 from . import comfy_adapter as comfy
@@ -27,8 +28,7 @@ logger = logging.getLogger(__name__)
 DIT_DTYPES = ["default", "bf16", "fp32", "fp8"]
 DEVICES = ["auto", "gpu", "cpu"]
 DIT_OFFLOAD = ["auto", "always", "never"]
-QK_EPS = ["upstream", "comfyui"]
-_QK_EPS_VALUE = {"upstream": None, "comfyui": 1e-5}
+QK_EPS = list(QK_NORM_EPS)
 TE_DTYPES = ["auto", "bf16", "fp32"]
 TE_OFFLOAD = ["auto", "device", "layers", "stream"]
 VAE_DTYPES = ["auto", "bf16", "fp32"]
@@ -115,7 +115,7 @@ class LensNodesDiTLoader:
         logger.info("loading Lens DiT %s (weight dtype %s, device %s)", model_name, weight_dtype, dev)
         # into host RAM; core's model management moves it when the sampler runs
         model = lens_model.load_transformer(
-            path, dtype=dtype, device="cpu", qk_norm_eps=_QK_EPS_VALUE[qk_norm_eps],
+            path, dtype=dtype, device="cpu", qk_norm_eps=None if qk_norm_eps == "upstream" else QK_NORM_EPS[qk_norm_eps],
             weight_dtype="fp8" if weight_dtype == "fp8" else None)
         model.eval().requires_grad_(False)
         hint = getattr(model, "variant_defaults", None) or {}
