@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .constants import LATENT_CELL_PIXELS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "check_tile_args",
     "passes_per_unit",
     "tile_starts",
+    "tiling_from_pixels",
 ]
 
 #: ``tile`` argument of encode / decode: False (never), True (when larger than a tile) or "auto".
@@ -46,6 +49,35 @@ OnBlock = Callable[[], None]
 #: ``run_tile(i, rows, cols, on_block)`` -> ``[1, C, rows * scale, cols * scale]`` float32 on the
 #: CPU: one untiled pass over sample ``i`` cropped to the latent cells ``rows`` x ``cols``.
 RunTile = Callable[[int, slice, slice, "OnBlock | None"], torch.Tensor]
+
+#: Tile modes offered to users: "auto", "on" (tile when larger than a tile), "off" (never), with
+#: the ``tile`` argument of encode / decode each stands for.
+TILE_MODES: dict[str, TileArg] = {"auto": "auto", "on": True, "off": False}
+#: Tile sides a user may ask for, in pixels.
+TILE_PX_RANGE = (128, 4096)
+
+
+def tiling_from_pixels(mode: str, tile_px: int, device: torch.device | str) -> tuple[TileArg, int, int]:
+    """Encode / decode tiling for a tile side given in pixels, for callers that must be able to stop
+    a pass quickly (ComfyUI's Cancel): ``-> (tile, tile_size, overlap)`` with the sizes in latent
+    cells and a quarter of the tile (at least one cell) as overlap.
+
+    ``mode`` is a key of :data:`TILE_MODES`; "auto" tiles on the CPU, where a whole 1024² image is
+    one pass of minutes, and keeps the library's "auto" elsewhere (untiled unless memory is short).
+    ``tile_px`` must be a multiple of 16 in :data:`TILE_PX_RANGE`; ValueError otherwise.
+    """
+    if mode not in TILE_MODES:
+        raise ValueError(f"tile must be one of {', '.join(map(repr, TILE_MODES))}, got {mode!r}")
+    lo, hi = TILE_PX_RANGE
+    if (isinstance(tile_px, bool) or not isinstance(tile_px, int) or tile_px % LATENT_CELL_PIXELS
+            or not lo <= tile_px <= hi):
+        raise ValueError(f"tile_size must be a multiple of {LATENT_CELL_PIXELS} pixels from {lo} to {hi}, "
+                         f"got {tile_px!r}")
+    tile = TILE_MODES[mode]
+    if tile == "auto" and torch.device(device).type == "cpu":
+        tile = True
+    cells = tile_px // LATENT_CELL_PIXELS
+    return tile, cells, max(1, cells // 4)
 
 
 def check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:

@@ -6,47 +6,28 @@ import logging
 
 import torch
 
-from lens_model import constants, resolution
+from lens_model import constants, resolution, vae_tiling
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, check_choice
 
 logger = logging.getLogger(__name__)
 
-TILE_MODES = ["auto", "on", "off"]
-_TILE_ARG = {"auto": "auto", "on": True, "off": False}
+TILE_MODES = list(vae_tiling.TILE_MODES)
 CELL = constants.LATENT_CELL_PIXELS
 DEFAULT_TILE_PX = 256
 """Default tile side. On a CPU the FLUX.2 VAE needs ≈ 9 s per 256² px (≈ 145 s for 1024²) and its
 slowest block ≈ 13 % of a pass, so 256-px tiles with a Cancel check after every block stop within
 about 1-2 s; 512-px tiles would take ≈ 5 s."""
-MAX_TILE_PX = 4096
 
 
 def _tile_size_input(what: str):
+    lo, hi = vae_tiling.TILE_PX_RANGE
     return ("INT", {
-        "default": DEFAULT_TILE_PX, "min": 128, "max": MAX_TILE_PX, "step": 64,
+        "default": DEFAULT_TILE_PX, "min": lo, "max": hi, "step": 64,
         "tooltip": f"Tile side in pixels (multiple of 16) when {what} in tiles, with a quarter of "
                    f"it as blended overlap. Smaller tiles: less memory and a quicker Cancel on the "
                    f"CPU, more seams to blend; larger: closer to the untiled result."})
-
-
-def _tiling(tile: str, tile_size, device) -> tuple:
-    """-> (tile argument of lens_model's encode/decode, tile size in cells, overlap in cells).
-
-    "auto" tiles on the CPU (a whole 1024² image is one ≈ 145 s pass there, too long to cancel);
-    on a GPU it stays untiled unless memory is short.
-    """
-    check_choice("tile", tile, TILE_MODES)
-    if (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size % CELL
-            or not 128 <= tile_size <= MAX_TILE_PX):
-        raise ValueError(f"tile_size must be a multiple of {CELL} pixels from 128 to "
-                         f"{MAX_TILE_PX}, got {tile_size!r}")
-    arg = _TILE_ARG[tile]
-    if arg == "auto" and torch.device(device).type == "cpu":
-        arg = True
-    cells = tile_size // CELL
-    return arg, cells, max(1, cells // 4)
 
 
 def _progress(total: int):
@@ -122,14 +103,14 @@ class LensNodesVAEDecode:
                 f"FLUX2 VAE Decode needs Lens / FLUX.2 latents [B, 128, h, w], got "
                 f"{tuple(z.shape)}. Latents of other models need their own VAE."
             )
-        _tiling(tile, tile_size, "cpu")  # options checked before any work
+        vae_tiling.tiling_from_pixels(tile, tile_size, "cpu")  # options checked before any work
         _check_finite(z, "FLUX2 VAE Decode: the latent")
         comfy.check_interrupt()
         work = handle.vae.estimate_decode_bytes(z.shape[-2], z.shape[-1])
         what = f"FLUX2 VAE Decode at {CELL * z.shape[-1]}x{CELL * z.shape[-2]}"
         with _oom_advice(what):
             model = handle.for_compute(work)
-            arg, cells, overlap = _tiling(tile, tile_size, comfy.weights_device(model))
+            arg, cells, overlap = vae_tiling.tiling_from_pixels(tile, tile_size, comfy.weights_device(model))
             # one image (or tile) at a time inside; progress and Cancel after every decoder block
             images = model.decode(z.to(torch.float32), tile=arg, tile_size=cells, overlap=overlap,
                                   callback=_progress(z.shape[0]), progress_unit="block")
@@ -168,7 +149,7 @@ class LensNodesVAEEncode:
 
     def encode(self, pixels, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         handle = _vae_handle(vae)
-        _tiling(tile, tile_size, "cpu")  # options checked before any work
+        vae_tiling.tiling_from_pixels(tile, tile_size, "cpu")  # options checked before any work
         if pixels.ndim != 4 or pixels.shape[-1] not in (3, 4):
             raise ValueError(f"pixels must be an IMAGE [B, H, W, 3], got {tuple(pixels.shape)}.")
         _check_finite(pixels, "FLUX2 VAE Encode: the image")
@@ -181,7 +162,7 @@ class LensNodesVAEEncode:
         comfy.check_interrupt()
         with _oom_advice(f"FLUX2 VAE Encode at {w}x{h}"):
             model = handle.for_compute(handle.vae.estimate_encode_bytes(h, w))
-            arg, cells, overlap = _tiling(tile, tile_size, comfy.weights_device(model))
+            arg, cells, overlap = vae_tiling.tiling_from_pixels(tile, tile_size, comfy.weights_device(model))
             z = model.encode(pixels[..., :3].to(torch.float32), tile=arg, tile_size=cells,
                              overlap=overlap, callback=_progress(pixels.shape[0]),
                              progress_unit="block")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lens_model.vae import AttnBlock, Flux2VAE, Flux2VAEConfig, patchify, unpatchify
-from lens_model.vae_tiling import Progress, Tiling, blend_weights, tile_starts
+from lens_model.vae_tiling import Progress, Tiling, blend_weights, tile_starts, tiling_from_pixels
 from lens_model.vae_loading import (
     bfl_to_diffusers,
     detect_vae_layout,
@@ -618,3 +618,24 @@ def test_tiles_cover_the_grid_and_blend_exactly(random_vae):
     assert out.shape == (1, 2, 21, 12)
     torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=1e-6)
     assert seen == [(0, 4, 0, 4), (3, 7, 0, 4)]
+
+
+@pytest.mark.parametrize("mode, device, expected", [
+    ("auto", "cpu", (True, 16, 4)),        # the CPU tiles so Cancel stays quick
+    ("auto", "cuda", ("auto", 16, 4)),     # elsewhere the library's own "auto"
+    ("on", "cuda", (True, 16, 4)),
+    ("off", "cpu", (False, 16, 4)),
+])
+def test_tiling_from_pixels(mode, device, expected):
+    assert tiling_from_pixels(mode, 256, device) == expected
+
+
+def test_tiling_from_pixels_sizes():
+    assert tiling_from_pixels("on", 128, "cpu") == (True, 8, 2)
+    assert tiling_from_pixels("on", 4096, "cpu") == (True, 256, 64)
+    assert tiling_from_pixels("on", 144, "cpu") == (True, 9, 2)
+    for bad in (120, 136, 4112, 256.0, True, "256"):
+        with pytest.raises(ValueError, match="tile_size must be a multiple of 16 pixels from 128 to 4096"):
+            tiling_from_pixels("on", bad, "cpu")
+    with pytest.raises(ValueError, match="tile must be one of"):
+        tiling_from_pixels("sometimes", 256, "cpu")
