@@ -1,4 +1,4 @@
-"""One short GPU check for a lent H100/H200 (performance.md §6). Run through bench/gpu_check.sh.
+"""One short GPU check for a lent H100 / H200. Run through bench/gpu_check.sh.
 
 Sections (each guarded: a failure prints its error and the script goes on):
 
@@ -7,9 +7,8 @@ Sections (each guarded: a failure prints its error and the script goes on):
 3. full-size 48-block Lens DiT in bf16 with random weights built directly on the GPU:
    Lens-Turbo, 4 Euler steps, CFG 1, 120 text tokens at 1024^2 and 1440^2: seconds per step,
    ``torch.cuda.max_memory_allocated``, SDPA backend;
-4. the same with the optional fp8 weight-only storage (checkpoints.md §6 candidates);
-5. VAE decode (1024^2, 1440^2): ``lens_model.vae``'s optional ``gpu_check_section(device) -> dict``
-   hook, else a random-weight ``Flux2VAE`` decode;
+4. the same with the optional fp8 weight-only storage (the layers ``dit_loading.FP8_CANDIDATES`` names);
+5. VAE decode (1024^2, 1440^2): a random-weight ``Flux2VAE`` decode;
 6. two full-size text-encoder layers (NVFP4, random codes) resident and streamed: seconds per layer,
    peak VRAM, 24-layer estimates.
 
@@ -19,7 +18,6 @@ well under 4 minutes on an H100 (model build ~10 s, each timed step well under a
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -218,28 +216,14 @@ def dit_fp8() -> None:
     del model
 
 
-def hook(module: str):
-    try:
-        mod = importlib.import_module(f"lens_model.{module}")
-    except Exception as e:
-        return None, f"skipped: lens_model.{module} not importable ({type(e).__name__}: {e})"
-    return getattr(mod, "gpu_check_section", None), None
-
-
 @section("VAE decode")
 def vae_check() -> None:
-    fn, why = hook("vae")
-    if why:
-        result(section="vae", status=why)
-        return
-    if fn is not None:
-        result(section="vae", **fn(DEV))
-        return
+    from lens_model.constants import LATENT_CELL_PIXELS, LATENT_CHANNELS
     from lens_model.vae import Flux2VAE, Flux2VAEConfig
 
     vae = Flux2VAE(Flux2VAEConfig()).to(device=DEV, dtype=torch.bfloat16 if DEV.type == "cuda" else torch.float32).eval()
     for size in SIZES:
-        lat = torch.randn(1, 128, size // 16, size // 16)
+        lat = torch.randn(1, LATENT_CHANNELS, size // LATENT_CELL_PIXELS, size // LATENT_CELL_PIXELS)
         vae.decode(lat, tile=False)  # warm-up
         sync()
         reset_peak()
@@ -248,7 +232,7 @@ def vae_check() -> None:
         sync()
         result(section="vae_decode", dtype=str(vae.dtype), size=f"{size}x{size}", seconds=round(time.perf_counter() - t, 3),
                max_memory_allocated_gib=peak_gib(),
-               out_shape=list(img.shape), note="random weights; mid-attention kernel: not probed by the fallback")
+               out_shape=list(img.shape), note="random weights")
 
 
 @section("TE layers")

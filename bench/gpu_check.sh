@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check (performance.md §6): golden parity on the GPU, full-size Lens DiT bf16 and fp8
-# weight-only at 1024^2 / 1440^2 (Turbo, 4 steps, CFG 1, 120 text tokens), VAE decode, TE layer hook.
+# One short GPU check: golden parity on the GPU, full-size Lens DiT bf16 and fp8
+# weight-only at 1024^2 / 1440^2 (Turbo, 4 steps, CFG 1, 120 text tokens), VAE decode, two text-encoder layers.
 # Usage (repository root): bash bench/gpu_check.sh        Must finish in < 4 minutes on an H100.
 set -u
 export PYTHONUNBUFFERED=1
