@@ -12,9 +12,9 @@ Per round, every selected measurement runs once for *before* and once for *after
 (before, after, before, after, ...), each in a fresh process. Printed per metric: the median over
 rounds of each revision and, as the headline, the median over rounds of the ratio after / before
 (each pair measured back to back; on a shared machine these move less than the times), with its
-range and the ratio of the two medians. Times
-come as wall seconds (``_s``) and as the child's CPU seconds over all its threads (``_cpu_s``),
-which other jobs on a busy machine move far less than wall time.
+range and the ratio of the two medians. Times come as wall seconds (``_s``) and as the child's CPU
+seconds over all its threads (``_cpu_s``), which other jobs on a busy machine move far less than
+wall time.
 
 Measurements (``--only`` picks some; default ``dit,te``; ``e2e`` only when asked; ``dit`` is
 ``dit_forward`` and ``dit_load``, which may also be picked alone):
@@ -32,12 +32,13 @@ Measurements (``--only`` picks some; default ``dit,te``; ``e2e`` only when asked
          CPU defaults (streamed layers); peak RSS with file pages.
 ``e2e``  ``bench_end_to_end.py --child``: ``pipeline.generate`` with full-size random weights (bf16
          DiT 8.2 GB, NVFP4 TE 13.2 GB, fp32 VAE), 256x256, Lens-Turbo 4 steps, CFG 1, seed 42:
-         wall time per stage, peak RSS, PNG hash (both revisions must give the same image).
+         wall and CPU seconds per stage, peak RSS, PNG hash (both revisions must give the same
+         image). Use ``--warmup 1``: the first children meet whatever page cache other work left.
 
 Files are synthesised once under /tmp/lens_bench by this checkout's scripts. Examples:
 
     python bench/compare_revisions.py                                  # dit + te, 3 rounds
-    python bench/compare_revisions.py --only e2e --rounds 2            # ~4 min per child here
+    python bench/compare_revisions.py --only e2e --warmup 1 --rounds 3 # ~2 min per child here
     python bench/compare_revisions.py --only dit --rounds 1 --dit-blocks 1 --load-blocks 1  # smoke
 """
 
@@ -61,7 +62,10 @@ BENCH = ROOT / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+import torch  # noqa: E402
+
 import bench_end_to_end as e2e  # noqa: E402  (this checkout's scripts: synthesis and the e2e summary)
+import lens_model  # noqa: E402  (in a child: the revision's package, first on PYTHONPATH)
 from procstats import status_bytes  # noqa: E402
 
 BEFORE_DEFAULT = "d5ba5ff"  # the code before the issue-8 reshaping
@@ -73,8 +77,6 @@ GB = 1e9
 
 def machine() -> dict:
     """CPU model, cores, RAM, kernel, Python, torch and its threads, load average."""
-    import torch
-
     model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -83,7 +85,7 @@ def machine() -> dict:
                 break
     with open("/proc/meminfo") as f:
         ram = int(next(ln for ln in f if ln.startswith("MemTotal:")).split()[1]) * 1024
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gb": round(ram / GB, 1),
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(ram / 2**30, 1),
             "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -171,9 +173,6 @@ def te_child(path: str, layers: int, runs: int) -> dict:
     """In a fresh process: ``load_text_encoder`` (CPU, its default dtype and offload) of a
     ``layers``-layer file capturing its last four layers (every layer runs), then ``runs`` encodes
     of the e2e prompt. Public API only (``selected_layers`` is a keyword of both revisions)."""
-    import lens_model
-    import torch
-
     selected = tuple(sorted({max(0, layers - 4 + i) for i in range(4)}))
     gc.collect()  # else a collection of the import's garbage may land in the timed load (~0.2 s here)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -285,6 +284,8 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="dit,te", help="comma-separated: dit (= dit_forward + dit_load), te, e2e "
                     "(default %(default)s)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=0, help="rounds run first and not counted (e2e: the first "
+                    "children find the page cache as other work left it and read up to 20 GB from disk)")
     ap.add_argument("--dit-blocks", type=int, default=4)
     ap.add_argument("--dit-grid", type=int, default=16, help="latent grid side (16 = the e2e 256x256 image)")
     ap.add_argument("--dit-text", type=int, default=28, help="text tokens (28 = the e2e prompt)")
@@ -306,7 +307,7 @@ def parse_args(argv=None):
     return a
 
 
-def measure_round(trees: dict[str, Path], a, rnd: int) -> dict[str, dict]:
+def measure_round(trees: dict[str, Path], a, name: str) -> dict[str, dict]:
     """One round: each selected measurement for before, then after; returns {label: metrics}."""
     out: dict[str, dict] = {"before": {}, "after": {}}
     for what in a.only:
@@ -319,7 +320,7 @@ def measure_round(trees: dict[str, Path], a, rnd: int) -> dict[str, dict]:
                     raise RuntimeError(f"{label}: the child imported {folder}, not {trees[label] / 'lens_model'}")
                 out[label].update(m)
                 shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}
-                print(f"round {rnd + 1} {label:6s} {fn.__name__:12s} {time.perf_counter() - t0:6.1f} s  "
+                print(f"{name} {label:6s} {fn.__name__:12s} {time.perf_counter() - t0:6.1f} s  "
                       f"load {os.getloadavg()[0]:.2f}  {json.dumps(shown)}", flush=True)
     return out
 
@@ -349,7 +350,9 @@ def main(argv=None) -> None:
                 raise SystemExit(f"{label}: lens_model does not resolve to {tree}")
         prepare_files(a)
         t0 = time.perf_counter()
-        rounds = [measure_round(trees, a, r) for r in range(a.rounds)]
+        for r in range(a.warmup):
+            measure_round(trees, a, f"warm-up {r + 1} (not counted)")
+        rounds = [measure_round(trees, a, f"round {r + 1}") for r in range(a.rounds)]
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         rows = report(rounds)
         print(f"\n{a.rounds} rounds in {time.perf_counter() - t0:.0f} s; load average at the end "
