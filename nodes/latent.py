@@ -48,8 +48,10 @@ class LensNodesResolution:
                 "ratio": (RATIOS, {
                     "default": "1:1",
                     "tooltip": "Aspect ratio as width:height, for the 1024 and 1440 families."}),
-                "width": _size_input(1024, "Width for base = custom (multiple of 16, up to 2080)."),
-                "height": _size_input(1024, "Height for base = custom (multiple of 16, up to 2080)."),
+                "width": _size_input(1024, f"Width for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
+                                            f"up to {constants.MAX_SIDE})."),
+                "height": _size_input(1024, f"Height for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
+                                             f"up to {constants.MAX_SIDE})."),
             }
         }
 

@@ -70,12 +70,13 @@ class LensNodesTextEncode:
                 "text_encoder": ("LENS_TE", {"tooltip": "From GPT-OSS Loader."}),
                 "text": ("STRING", {
                     "multiline": True, "dynamicPrompts": True, "default": "",
-                    "tooltip": "The prompt. At most about 415 tokens reach the model (the "
-                               "template takes 97 of the 512); longer text is cut."}),
+                    "tooltip": f"The prompt. At most about {constants.MAX_LENGTH - constants.PREFIX_LEN} tokens "
+                               f"reach the model (the template takes {constants.PREFIX_LEN} of the "
+                               f"{constants.MAX_LENGTH}); longer text is cut."}),
                 "date": ("STRING", {
                     "default": DEFAULT_DATE,
                     "tooltip": "Date written into the GPT-OSS chat template (YYYY-MM-DD). "
-                               "2026-05-23 matches ComfyUI core; changing it changes the image "
+                               f"{DEFAULT_DATE} matches ComfyUI core; changing it changes the image "
                                "slightly."}),
                 "strip_markers": ("BOOLEAN", {
                     "default": True,
