@@ -269,10 +269,11 @@ def img2img_sigmas(height: int, width: int, steps: int, denoise: float,
 
 
 SCHEDULES = ("upstream", "comfyui")
-#: Noise layouts of :func:`make_noise` and CFG modes of :func:`sample`.
-NOISE_LAYOUTS = ("upstream", "comfy")
-CFG_MODES = ("upstream", "comfyui")
 """Schedule modes: "upstream" (:func:`lens_sigmas`, empirical μ) and "comfyui" (:func:`comfyui_sigmas`)."""
+NOISE_LAYOUTS = ("upstream", "comfy")
+"""Noise layouts of :func:`make_noise`: upstream's token order or ComfyUI's ``[B, 128, h, w]`` draw."""
+CFG_MODES = ("upstream", "comfyui")
+"""CFG combinations of :func:`sample` (:func:`cfg_combine`)."""
 
 
 @dataclass(frozen=True, eq=False)
