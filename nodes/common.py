@@ -27,15 +27,15 @@ def model_list(key: str) -> list[str]:
 
 def resolve_model(key: str, name: str) -> str:
     """Absolute path of a combo entry: a file, or a folder for the synthetic ``<folder>/`` entries."""
-    roots = comfy.folder_roots(key)
     if name == NO_FILES:
         raise FileNotFoundError(
-            f"No model files found in the {key!r} folders ({', '.join(roots)}). "
+            f"No model files found in the {key!r} folders ({', '.join(comfy.folder_roots(key))}). "
             f"Download the Lens files (https://huggingface.co/Comfy-Org/Lens) into models/{key}, "
             f"then refresh the browser."
         )
     if not name.endswith("/"):
         return comfy.full_path(key, name)
+    roots = comfy.folder_roots(key)
     for root in roots:
         path = os.path.join(root, name.rstrip("/"))
         if os.path.isdir(path):
