@@ -1,4 +1,5 @@
-"""Resolution presets, size validation and conversion of core's empty LATENT into a Lens latent.
+"""Resolution presets, size validation, empty and cropped inputs at the latent grid, and conversion
+of core's empty LATENT into a Lens latent.
 
 Upstream presets (``resolution.py`` of Microsoft Lens): ratio strings are **W:H**, and the upstream
 table lists **height × width**; the functions here return ``(width, height)``. Every side is a
@@ -7,15 +8,12 @@ multiple of 16. The 1440 family is round16(1024 value × 1440/1024).
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
 from .constants import LATENT_CELL_PIXELS, LATENT_CHANNELS, MAX_SIDE, RATIOS, SIZE_MULTIPLE
 from .sampling import MU_TOKEN_THRESHOLD, image_tokens
-
-logger = logging.getLogger(__name__)
 
 # base -> ratio (W:H) -> (height, width), exactly as the upstream table lists them.
 _PRESETS_HW: dict[int, dict[str, tuple[int, int]]] = {
