@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import GOLDEN
-from lens_model import precision
+from lens_model import precision, vae_loading
 from lens_model.dit_loading import load_transformer
 from lens_model.text_encoder import resolve_dtype
 
@@ -58,8 +58,6 @@ def test_dtype_names():
 def test_vae_fp16_rule_comes_from_precision(monkeypatch, bf16_ok):
     """The VAE refuses fp16 through lens_model.precision like the other models, with its own
     replacement: fp32 on the CPU, bf16 only on a CUDA device with bf16."""
-    from lens_model import vae_loading
-
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
     with pytest.warns(UserWarning, match="VAE in fp16.*requested"):
         got = vae_loading._resolve_dtype(torch.float16, torch.float32, torch.device("cuda"), "ae.safetensors")

@@ -5,8 +5,8 @@ import torch
 
 from lens_model.constants import MAX_SIDE, RATIOS
 from lens_model.resolution import (
-    PRESET_SIZES, RELEASE_NOTES_PRESETS, default_base, latent_from_core_empty, presets,
-    resolution_for, schedule_jump_warning, validate_size,
+    PRESET_SIZES, RELEASE_NOTES_PRESETS, crop_to_cells, default_base, empty_latent,
+    latent_from_core_empty, presets, resolution_for, schedule_jump_warning, validate_size,
 )
 
 # Upstream's preset table, verbatim: ratio W:H -> (H x W, N image tokens) for base 1024 and 1440.
@@ -115,8 +115,6 @@ def test_core_latent_passthrough_and_rejects():
 
 
 def test_empty_latent_has_the_latent_grid_of_the_size():
-    from lens_model.resolution import empty_latent
-
     z = empty_latent(1440, 1024, batch=3)
     assert z.shape == (3, 128, 64, 90) and z.dtype == torch.float32 and not z.any()
     assert empty_latent(16, 32).shape == (1, 128, 2, 1)
@@ -127,8 +125,6 @@ def test_empty_latent_has_the_latent_grid_of_the_size():
 
 
 def test_crop_to_cells_centres_the_crop():
-    from lens_model.resolution import crop_to_cells
-
     img = torch.arange(2 * 37 * 50 * 3, dtype=torch.float32).reshape(2, 37, 50, 3)
     out = crop_to_cells(img)
     assert out.shape == (2, 32, 48, 3)
