@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,7 +31,6 @@ __all__ = [
     "TileArg",
     "Tiling",
     "blend_weights",
-    "check_tile_args",
     "passes_per_unit",
     "tile_starts",
     "tiling_from_pixels",
@@ -78,13 +77,6 @@ def tiling_from_pixels(mode: str, tile_px: int, device: torch.device | str) -> t
         tile = True
     cells = tile_px // LATENT_CELL_PIXELS
     return tile, cells, max(1, cells // 4)
-
-
-def check_tile_args(tile: Any, tile_size: int, overlap: int) -> None:
-    if tile not in (True, False, "auto"):
-        raise ValueError(f"tile must be True, False or 'auto', got {tile!r}.")
-    if tile_size < 1 or overlap < 0 or overlap >= tile_size:
-        raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={tile_size}, overlap={overlap}.")
 
 
 def passes_per_unit(progress_unit: str, blocks_per_pass: int) -> int:
@@ -196,7 +188,11 @@ class Tiling:
     overlap: int = 16
 
     def __post_init__(self) -> None:
-        check_tile_args(self.tile, self.size, self.overlap)
+        if self.tile not in (True, False, "auto"):
+            raise ValueError(f"tile must be True, False or 'auto', got {self.tile!r}.")
+        if self.size < 1 or self.overlap < 0 or self.overlap >= self.size:
+            raise ValueError(f"need tile_size >= 1 and 0 <= overlap < tile_size, got tile_size={self.size}, "
+                             f"overlap={self.overlap}.")
 
     def count(self, h: int, w: int) -> int:
         """Tiles covering an ``h x w`` cell grid."""
