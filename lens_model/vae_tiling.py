@@ -25,9 +25,12 @@ from .constants import LATENT_CELL_PIXELS
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "OnBlock",
     "PROGRESS_UNITS",
     "Progress",
     "ProgressCallback",
+    "TILE_MODES",
+    "TILE_PX_RANGE",
     "TileArg",
     "Tiling",
     "blend_weights",
