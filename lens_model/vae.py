@@ -21,13 +21,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae_tiling import ProgressCallback, TileArg, Tiling, passes_per_unit
+from .vae_tiling import OnBlock, ProgressCallback, TileArg, Tiling, passes_per_unit
 
 
 __all__ = [
@@ -318,7 +318,7 @@ class _Ticker:
     """Calls ``on_block()`` for the first ``n - 1`` units; :meth:`finish` reports the last one, so the
     final call comes when the pass's output exists."""
 
-    def __init__(self, on_block: Callable[[], None] | None, n: int) -> None:
+    def __init__(self, on_block: OnBlock | None, n: int) -> None:
         self.on_block, self.left = on_block, n
 
     def __call__(self) -> None:
@@ -345,7 +345,7 @@ class MidBlock(nn.Module):
         """Progress units of :meth:`forward`: the resnets and the attention block."""
         return 2 + (self.attn_1 is not None)
 
-    def forward(self, x: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, on_block: OnBlock | None = None) -> torch.Tensor:
         """``on_block()`` is called after each resnet / attention block (it may raise to abort)."""
         tick = on_block or _no_op
         x = self.block_1(x)
@@ -400,7 +400,7 @@ class Encoder(nn.Module):
         """Progress units of one :meth:`forward`: every resnet and downsampler, then the mid block's."""
         return sum(len(lv.block) + (lv.downsample is not None) for lv in self.down) + self.mid.num_blocks
 
-    def forward(self, x: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, on_block: OnBlock | None = None) -> torch.Tensor:
         """``on_block()`` is called after each of the :attr:`num_blocks` units (the last one once the
         output is ready); it may raise to abort between blocks."""
         tick = _Ticker(on_block, self.num_blocks)
@@ -451,7 +451,7 @@ class Decoder(nn.Module):
         """Progress units of one :meth:`forward`: the mid block's, then every resnet and upsampler."""
         return self.mid.num_blocks + sum(len(lv.block) + (lv.upsample is not None) for lv in self.up)
 
-    def forward(self, z: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, on_block: OnBlock | None = None) -> torch.Tensor:
         """``on_block()`` is called after each of the :attr:`num_blocks` units (the last one once the
         output is ready); it may raise to abort between blocks."""
         tick = _Ticker(on_block, self.num_blocks)
@@ -515,7 +515,7 @@ class Flux2VAE(nn.Module):
         return unpatchify(self.bn.denormalize(latents), self.config.patch_size)
 
     # -- untiled passes -----------------------------------------------------------------------
-    def encode_pass(self, images: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+    def encode_pass(self, images: torch.Tensor, on_block: OnBlock | None = None) -> torch.Tensor:
         """One untiled encoder pass: ``images: [B, H, W, 3]`` in [0, 1] -> ``[B, 128, H/16, W/16]``
         Lens latent (posterior mean, BN-normalised), float32 on the CPU. ``on_block`` as in
         :meth:`Encoder.forward`."""
@@ -525,7 +525,7 @@ class Flux2VAE(nn.Module):
         mean = moments[:, :self.config.latent_channels]
         return self.normalize(mean).float().cpu()
 
-    def decode_pass(self, latents: torch.Tensor, on_block: Callable[[], None] | None = None) -> torch.Tensor:
+    def decode_pass(self, latents: torch.Tensor, on_block: OnBlock | None = None) -> torch.Tensor:
         """One untiled decoder pass: ``latents: [B, 128, h, w]`` -> ``[B, 3, 16h, 16w]`` decoder
         output (about [-1, 1]), float32 on the model's device. ``on_block`` as in :meth:`Decoder.forward`."""
         z = self.denormalize(latents.to(device=self.device, dtype=torch.float32)).to(self.dtype)
@@ -582,7 +582,7 @@ class Flux2VAE(nn.Module):
                 f"{ww // f * f}x{hh // f * f} (multiples of {f} pixels)."
             )
 
-        def run_tile(i: int, rows: slice, cols: slice, on_block: Callable[[], None] | None) -> torch.Tensor:
+        def run_tile(i: int, rows: slice, cols: slice, on_block: OnBlock | None) -> torch.Tensor:
             crop = images[i:i + 1, rows.start * f:rows.stop * f, cols.start * f:cols.stop * f, :3]
             return self.encode_pass(crop, on_block)
 
@@ -629,7 +629,7 @@ class Flux2VAE(nn.Module):
         blocks = passes_per_unit(progress_unit, self.decoder.num_blocks)
         b, _, h, w = latents.shape
 
-        def run_tile(i: int, rows: slice, cols: slice, on_block: Callable[[], None] | None) -> torch.Tensor:
+        def run_tile(i: int, rows: slice, cols: slice, on_block: OnBlock | None) -> torch.Tensor:
             return self.decode_pass(latents[i:i + 1, :, rows, cols], on_block).cpu()
 
         samples = tiling.run(run_tile, b, (h, w), channels=self.config.out_channels, scale=self.downscale,
