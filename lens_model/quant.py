@@ -71,7 +71,6 @@ def _pair_table(dtype: torch.dtype, low_first: bool, device=None) -> torch.Tenso
     return pair.to(dtype)
 
 
-_CPU = torch.device("cpu")
 _BYTES = torch.arange(256, dtype=torch.uint8)
 _CPU_TABLES: dict[tuple, torch.Tensor] = {
     ("e4m3",): e4m3_to_float(_BYTES),
@@ -84,7 +83,7 @@ _DEVICE_TABLES: dict[tuple, torch.Tensor] = {}
 def _table(key: tuple, device) -> torch.Tensor:
     """The CPU table ``key`` copied once to ``device`` (and kept there)."""
     table = _CPU_TABLES[key]
-    if device is None or device == _CPU or torch.device(device).type == "cpu":
+    if device is None or torch.device(device).type == "cpu":
         return table
     dkey = key + (str(device),)
     t = _DEVICE_TABLES.get(dkey)
