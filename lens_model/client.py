@@ -81,8 +81,8 @@ def run_workflow(workflow: str | os.PathLike | Mapping, *, server: str = DEFAULT
 
     ``timeout`` bounds the whole run in seconds (None: no limit). Returns the saved image paths.
     """
-    prompt = load_workflow(workflow) if not isinstance(workflow, Mapping) \
-        else check_api_prompt(dict(workflow))
+    # apply_overrides checks the prompt (check_api_prompt) on the copy it returns
+    prompt = workflow if isinstance(workflow, Mapping) else load_workflow(workflow)
     prompt = apply_overrides(prompt, prompt_text=prompt_text, negative=negative, seed=seed,
                              width=width, height=height, steps=steps, cfg=cfg, sets=sets)
     deadline = None if timeout is None else time.monotonic() + timeout
