@@ -77,7 +77,6 @@ class WebSocketError(OSError):
     """Websocket handshake refused or protocol error (the client then falls back to polling)."""
 
 
-
 # --------------------------------------------------------------------------------------------
 # Websocket (websocket-client; without it the client polls /history)
 # --------------------------------------------------------------------------------------------
