@@ -285,7 +285,7 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
     return {
         "impl": impl,
         "dtype": dtype_name,
-        "compute": _compute_dtype_name(model) if impl == "ours" else dtype_name,
+        "compute": str(model.resolved_compute_dtype()).replace("torch.", "") if impl == "ours" else dtype_name,
         "sdpa_backend": "explicit softmax" if impl == "naive" else "sdpa",
         "blocks": blocks,
         "grid": grid,
@@ -302,12 +302,6 @@ def run_one(impl: str, dtype_name: str, blocks: int, grid: int, text: int, compu
         "threads": torch.get_num_threads(),
         "lens_model": str(Path(lens_model.__file__).parent),
     }
-
-
-def _compute_dtype_name(model: LensTransformer) -> str:
-    """The compute dtype the model reports (``resolved_compute_dtype``), or "?" where it has none."""
-    resolve = getattr(model, "resolved_compute_dtype", None)
-    return str(resolve()).replace("torch.", "") if resolve else "?"
 
 
 def main() -> None:
