@@ -298,10 +298,10 @@ def child(args) -> dict:
 
 def summarize(res: dict) -> dict:
     st = {s["stage"]: s for s in res["stages"]}
-    steps = [st[k]["s"] for k in sorted((k for k in st if k.startswith("step_")), key=lambda k: int(k[5:]))]
+    step_names = sorted((k for k in st if k.startswith("step_")), key=lambda k: int(k[5:]))
+    steps = [st[k]["s"] for k in step_names]
     g = lambda *names: round(sum(st[n]["s"] for n in names if n in st), 2)  # noqa: E731
     cpu = lambda *names: round(sum(st[n]["cpu_s"] for n in names if n in st), 2)  # noqa: E731
-    step_names = [k for k in st if k.startswith("step_")]
     peak = lambda *names: max(st[n]["max_VmRSS"] for n in names if n in st)  # noqa: E731
     return {
         "total_generate_s": round(res["generate_s"], 2),
@@ -315,7 +315,7 @@ def summarize(res: dict) -> dict:
         "vae_load_s": g("vae_load"), "vae_decode_s": g("vae_decode"),
         "peak_rss_gb": res["peak_rss_gb"],
         "peak_rss_by_stage_gb": {"te": peak("te_load", "te_encode", "te_release"),
-                                 "dit": peak("dit_load", *(f"step_{i + 1}" for i in range(len(steps))), "dit_release"),
+                                 "dit": peak("dit_load", *step_names, "dit_release"),
                                  "vae": peak("vae_load", "vae_decode", "vae_release")},
         "read_from_storage_gb": res["read_total_gb"],
         "finite": res["finite"] and all(res["latents_finite_per_step"]),
