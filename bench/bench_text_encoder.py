@@ -37,8 +37,7 @@ import torch  # noqa: E402
 from writers import comfy_quant_tensor, swizzle_scales  # noqa: E402
 
 from lens_model import quant  # noqa: E402
-from lens_model.gpt_oss import (GptOssAttention, GptOssConfig, GptOssMLP, assign_weights, attention_bias,  # noqa: E402
-                                rms_norm, rope_cos_sin)
+from lens_model.gpt_oss import GptOssConfig, GptOssDecoderLayer, attention_bias, rms_norm, rope_cos_sin  # noqa: E402
 from lens_model.ops import CastWorkspace, ExpertBank  # noqa: E402
 from lens_model.text_encoder import (DEFAULT_SELECTED_LAYERS, ExpertPool, default_dtype, load_text_encoder,  # noqa: E402
                                      resolve_dtype)
@@ -218,18 +217,6 @@ def _layer_shapes(i: int):
 # Single layer in memory
 
 
-def _layer_modules(weights: dict, cfg: GptOssConfig, workspace: CastWorkspace,
-                   pool: ExpertPool | None) -> tuple[GptOssAttention, GptOssMLP]:
-    """The attention and MoE modules of one decoder layer, built on the meta device with ``weights``
-    (names relative to ``layers.{i}.``) assigned into them, as the encoder runs them."""
-    attn = GptOssAttention(cfg, device="meta")
-    assign_weights(attn, weights, "self_attn.")
-    mlp = GptOssMLP(cfg, device="meta")
-    assign_weights(mlp, weights, "mlp.")
-    mlp.experts.cast_workspace, mlp.experts.expert_pool = workspace, pool
-    return attn, mlp
-
-
 def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     pool = RandomPool(seed=0)
@@ -251,7 +238,10 @@ def layer_only(fmt: str, tokens: int, dtype: torch.dtype, repeats: int) -> dict:
     bias = attention_bias(torch.ones(1, tokens, dtype=torch.long), None)
     ws = CastWorkspace()
     pool = ExpertPool(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
-    attn, mlp = _layer_modules(t, cfg, ws, pool)
+    layer = GptOssDecoderLayer(cfg, 1)  # meta device; the weights go in as the encoder puts them in
+    layer.assign(t)
+    layer.mlp.experts.cast_workspace, layer.mlp.experts.expert_pool = ws, pool
+    attn, mlp = layer.self_attn, layer.mlp
     res = {"format": fmt, "tokens": tokens, "dtype": str(dtype), "threads": torch.get_num_threads()}
     with torch.inference_mode():
         h = rms_norm(x, t["post_attention_layernorm.weight"].to(dtype), cfg.rms_norm_eps).reshape(tokens, E)
