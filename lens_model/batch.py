@@ -51,7 +51,7 @@ import torch
 from . import cli
 from .batch_store import OutputStore
 from .checkpoints import checkpoint_identity
-from .constants import DEFAULT_DATE, LATENT_CELL_PIXELS, VARIANT_DEFAULTS
+from .constants import DEFAULT_DATE, VARIANT_DEFAULTS
 from .dit_loading import load_transformer
 from .feature_cache import FeatureFolder, PromptFeatures
 from .lora import parse_lora_arg
@@ -61,7 +61,7 @@ from .pipeline import (
     variant_defaults,
 )
 from .resolution import BASES, default_base, resolution_for, validate_size
-from .sampling import NOISE_LAYOUTS, make_noise
+from .sampling import NOISE_LAYOUTS
 from .text_encoder import load_text_encoder, resolve_dtype
 from .vae_loading import load_vae
 
@@ -446,12 +446,9 @@ class DiTStage:
         nctx = nmask = None
         if row.cfg != 1.0 and row.negative.strip():
             nctx, nmask = self.cache[row.negative]
-        noise = make_noise(row.seed, 1, row.height // LATENT_CELL_PIXELS,
-                           row.width // LATENT_CELL_PIXELS,
-                           layout=self.job.noise_layout)
         return generate_from_features(
             ctx, mask, self.transformer, None, row.width, row.height, steps=row.steps,
-            guidance=row.cfg, negative_context=nctx, negative_mask=nmask, noise=noise,
+            guidance=row.cfg, negative_context=nctx, negative_mask=nmask, seed=row.seed,
             mu=self.job.mu, noise_layout=self.job.noise_layout,
             device=torch.device(self.job.device), output_type="latent", lora=self.loras(row))
 
