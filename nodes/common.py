@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lens_model import checkpoints, sampling
+from lens_model import checkpoints, constants, sampling
 
 from . import comfy_adapter as comfy
 
@@ -55,6 +55,12 @@ def identity_or_nan(key: str, name: str):
         return checkpoints.checkpoint_identity(resolve_model(key, name))
     except Exception:
         return float("nan")
+
+
+def size_input(default: int, tooltip: str):
+    """The INT widget of an image side in pixels: a multiple of ``SIZE_MULTIPLE`` up to ``MAX_SIDE``."""
+    return ("INT", {"default": default, "min": constants.SIZE_MULTIPLE, "max": constants.MAX_SIDE,
+                    "step": constants.SIZE_MULTIPLE, "tooltip": tooltip})
 
 
 def check_choice(name: str, value, options) -> None:

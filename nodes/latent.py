@@ -8,7 +8,7 @@ from lens_model import constants, resolution
 from lens_model.pipeline import MAX_BATCH
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, check_choice
+from .common import CATEGORY, check_choice, size_input
 
 logger = logging.getLogger(__name__)
 
@@ -16,10 +16,6 @@ CELL = constants.LATENT_CELL_PIXELS
 # Frozen UI values (saved in workflows); the sizes come from lens_model.resolution.
 BASES = ["1024", "1440", "1248x1664", "1664x1248", "custom"]
 RATIOS = list(constants.RATIOS)
-
-
-def _size_input(default: int, what: str):
-    return ("INT", {"default": default, "min": CELL, "max": constants.MAX_SIDE, "step": CELL, "tooltip": what})
 
 
 class LensNodesResolution:
@@ -48,10 +44,10 @@ class LensNodesResolution:
                 "ratio": (RATIOS, {
                     "default": "1:1",
                     "tooltip": "Aspect ratio as width:height, for the 1024 and 1440 families."}),
-                "width": _size_input(1024, f"Width for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
+                "width": size_input(1024, f"Width for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
+                                           f"up to {constants.MAX_SIDE})."),
+                "height": size_input(1024, f"Height for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
                                             f"up to {constants.MAX_SIDE})."),
-                "height": _size_input(1024, f"Height for base = custom (multiple of {constants.SIZE_MULTIPLE}, "
-                                             f"up to {constants.MAX_SIDE})."),
             }
         }
 
@@ -84,8 +80,8 @@ class LensNodesEmptyLatent:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "width": _size_input(1024, "Image width in pixels (multiple of 16)."),
-                "height": _size_input(1024, "Image height in pixels (multiple of 16)."),
+                "width": size_input(1024, "Image width in pixels (multiple of 16)."),
+                "height": size_input(1024, "Image height in pixels (multiple of 16)."),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "step": 1,
                                        "tooltip": "Images per run (noise differs per image)."}),
             }

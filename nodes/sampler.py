@@ -15,7 +15,7 @@ from lens_model import constants, resolution, sampling
 from lens_model.pipeline import SEED_MAX
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, check_choice, check_float_widgets
+from .common import CATEGORY, check_choice, check_float_widgets, size_input
 from .lora import loras_applied
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ MASK_MODES = list(sampling.MASK_MODES)
 NOISE_LAYOUTS = ["upstream", "comfy"]
 CFG_MODES = ["upstream", "comfyui"]
 CELL = constants.LATENT_CELL_PIXELS
-MAX_SIDE = constants.MAX_SIDE  # the library's limit (larger sizes were accepted, then refused)
 
 
 def parse_conditioning(cond, what: str, config):
@@ -111,14 +110,10 @@ class LensNodesSampler:
                     "tooltip": "upstream: noise drawn in token order like the reference code. "
                                "comfy: drawn as [B, 128, h, w] like core samplers. The same seed "
                                "gives different images in the two layouts."}),
-                "width": ("INT", {
-                    "default": 1024, "min": 16, "max": MAX_SIDE, "step": 16,
-                    "tooltip": "Image width in pixels (multiple of 16), used when no latent is "
-                               "connected."}),
-                "height": ("INT", {
-                    "default": 1024, "min": 16, "max": MAX_SIDE, "step": 16,
-                    "tooltip": "Image height in pixels (multiple of 16), used when no latent is "
-                               "connected."}),
+                "width": size_input(1024, "Image width in pixels (multiple of 16), used when no "
+                                          "latent is connected."),
+                "height": size_input(1024, "Image height in pixels (multiple of 16), used when no "
+                                           "latent is connected."),
             },
             "optional": {
                 "negative": ("CONDITIONING", {
