@@ -252,7 +252,6 @@ def test_yarn_values_from_spec():
 
 
 def test_config_from_4x_rope_scaling_equals_rope_parameters():
-
     d = json.loads((TE_DIR / "config.json").read_text())
     old = dict(d)
     rope = dict(old.pop("rope_parameters"))
