@@ -575,7 +575,7 @@ def list_checkpoints(files: Iterable[str], roots: Iterable[str], component: str)
     folders: set[str] = set()
     for root in roots:
         try:
-            entries = sorted(os.scandir(root), key=lambda e: e.name)
+            entries = list(os.scandir(root))  # the folder set is sorted at the end
         except OSError:
             continue
         for entry in entries:
