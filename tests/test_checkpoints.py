@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -189,7 +190,6 @@ def test_identity_changes_when_the_file_changes(tmp_path):
     f = tmp_path / "x.safetensors"
     shutil.copy(DIT_FILE, f)
     before = checkpoints.path_identity(f)
-    import os
     os.utime(f, ns=(1, 1))
     assert checkpoints.path_identity(f) != before
 
@@ -305,8 +305,6 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_checkpoint_identity_of_a_shard_covers_its_whole_set(tmp_path):
-    import os
-
     for i in (1, 2):
         (tmp_path / f"model-0000{i}-of-00002.safetensors").write_bytes(b"x" * i)
     first = tmp_path / "model-00001-of-00002.safetensors"
