@@ -9,7 +9,7 @@ import torch
 from lens_model import constants, resolution, vae_tiling
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, check_choice
+from .common import CATEGORY
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +96,13 @@ class LensNodesVAEDecode:
 
     def decode(self, samples, vae, tile="auto", tile_size=DEFAULT_TILE_PX):
         handle = _vae_handle(vae)
-        check_choice("tile", tile, TILE_MODES)
+        vae_tiling.tiling_from_pixels(tile, tile_size, "cpu")  # options checked before any work
         z = samples["samples"] if isinstance(samples, dict) else samples
         if z.ndim != 4 or z.shape[1] != constants.LATENT_CHANNELS:
             raise ValueError(
                 f"FLUX2 VAE Decode needs Lens / FLUX.2 latents [B, 128, h, w], got "
                 f"{tuple(z.shape)}. Latents of other models need their own VAE."
             )
-        vae_tiling.tiling_from_pixels(tile, tile_size, "cpu")  # options checked before any work
         _check_finite(z, "FLUX2 VAE Decode: the latent")
         comfy.check_interrupt()
         work = handle.vae.estimate_decode_bytes(z.shape[-2], z.shape[-1])
