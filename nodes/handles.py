@@ -25,8 +25,6 @@ class _PlacedModel:
     """A model wrapped for core's model management (``patcher``) plus what its loader knew: the
     file ``path``, its ``identity`` and the dtype name it was loaded with."""
 
-    _label = "Lens"
-
     def __init__(self, patcher, path: str, identity: tuple, dtype_name: str):
         self.patcher = patcher
         self.path = path
@@ -34,7 +32,8 @@ class _PlacedModel:
         self.dtype_name = dtype_name
 
     def __repr__(self):
-        return f"{self._label}({self.path}, {self.dtype_name}, {self.patcher.load_device})"
+        # the holder's class names the kind, as in core's log ("LensDiT", "LensVAE")
+        return f"{type(self.patcher.model).__name__}({self.path}, {self.dtype_name}, {self.patcher.load_device})"
 
     @property
     def device(self):
@@ -52,7 +51,6 @@ class DiTHandle(_PlacedModel):
     ``loras`` is empty here; the LoRA loader returns a view with its own (nodes/lora.py).
     """
 
-    _label = "LensDiT"
     loras = ()
 
     def __init__(self, patcher, path: str, identity: tuple, dtype_name: str, always_unload: bool):
@@ -79,8 +77,6 @@ class DiTHandle(_PlacedModel):
 
 class VAEHandle(_PlacedModel):
     """LENS_VAE: a Flux2VAE wrapped for core's model management."""
-
-    _label = "LensVAE"
 
     @property
     def vae(self):
