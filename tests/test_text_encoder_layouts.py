@@ -5,7 +5,6 @@ dequantised weights (written as a plain fp32 file); lossless layouts must match 
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import pytest
